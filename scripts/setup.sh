@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs libtorch 2.11.0 (from the PyPI wheel torch==2.11.0) into a project venv and links it
+# at .libtorch, which .cargo/config.toml points tch at. Idempotent; about 2 minutes on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import torch, numpy; assert torch.__version__.split("+")[0] == "2.11.0"' 2>/dev/null; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q torch==2.11.0 numpy
+fi
+TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
+ln -sfn "$TORCH_DIR" .libtorch
+echo "libtorch: $(readlink .libtorch)"

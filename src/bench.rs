@@ -1,0 +1,1 @@
+//! `crossclr bench`: time one pre-training step.

@@ -1,0 +1,1 @@
+//! Augmentations: temporal crop with mirrored padding, then shear (seeded).

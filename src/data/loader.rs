@@ -1,0 +1,1 @@
+//! Shuffled, drop_last batches with augmentation on worker threads.

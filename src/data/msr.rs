@@ -1,0 +1,1 @@
+//! MSR Action3D text reader.

@@ -1,0 +1,1 @@
+//! NumPy .npy / .npz reading (memory-mapped) and writing (atomic).

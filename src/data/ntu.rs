@@ -1,0 +1,1 @@
+//! Raw NTU RGB+D .skeleton parser.

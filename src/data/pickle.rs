@@ -1,0 +1,1 @@
+//! The (names, labels) label.pkl format.

@@ -1,0 +1,1 @@
+//! The official 50-frame preprocessing: centring, OpenCV linear resize, y-rotation.

@@ -1,0 +1,1 @@
+//! Procedural, licence-free synthetic skeleton action dataset.

@@ -1,0 +1,1 @@
+//! Views: joint, motion, bone, bone-motion (generic over the layout).

@@ -1,0 +1,9 @@
+//! Evaluation protocols: linear, KNN, semi-supervised, fine-tune, ensemble; metrics and plots.
+pub mod ensemble;
+pub mod features;
+pub mod finetune;
+pub mod knn;
+pub mod linear;
+pub mod metrics;
+pub mod semi;
+pub mod tsne;

@@ -1,0 +1,61 @@
+//! `crossclr`: the command-line tool. Each subcommand's arguments and handler live in `src/cli/`.
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+#[derive(Parser)]
+#[command(name = "crossclr", version, about = "CrosSCLR / SkeletonCLR skeleton action representation learning")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the official NTU RGB+D files (npy + pkl, 50-frame position.npy) from raw .skeleton files.
+    Prepare(cli::prepare::Args),
+    /// Print shape, dtype, label counts and value ranges of any dataset file the tool reads.
+    Inspect(cli::inspect::Args),
+    /// Generate the embedded procedural synthetic dataset.
+    Synth(cli::synth::Args),
+    /// Self-supervised pre-training (SkeletonCLR, CrosSCLR 2s/3s).
+    Pretrain(cli::pretrain::Args),
+    /// Write pooled encoder features (or projection-head outputs) of a dataset to .npy.
+    Embed(cli::embed::Args),
+    /// Linear evaluation on frozen, cached features.
+    Linear(cli::linear::Args),
+    /// k-nearest-neighbour evaluation (k=1 and weighted k=20) on pooled features.
+    Knn(cli::knn::Args),
+    /// Semi-supervised evaluation: fine-tune on a class-balanced 1% / 10% labelled subset.
+    Semi(cli::semi::Args),
+    /// Supervised fine-tuning of the whole encoder.
+    Finetune(cli::finetune::Args),
+    /// Fuse per-stream score files with weights.
+    Ensemble(cli::ensemble::Args),
+    /// Time one pre-training step.
+    Bench(cli::bench::Args),
+    /// The demo: synthetic data -> CrosSCLR pre-training -> linear evaluation.
+    Demo(cli::demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Prepare(a) => cli::prepare::run(a),
+        Command::Inspect(a) => cli::inspect::run(a),
+        Command::Synth(a) => cli::synth::run(a),
+        Command::Pretrain(a) => cli::pretrain::run(a),
+        Command::Embed(a) => cli::embed::run(a),
+        Command::Linear(a) => cli::linear::run(a),
+        Command::Knn(a) => cli::knn::run(a),
+        Command::Semi(a) => cli::semi::run(a),
+        Command::Finetune(a) => cli::finetune::run(a),
+        Command::Ensemble(a) => cli::ensemble::run(a),
+        Command::Bench(a) => cli::bench::run(a),
+        Command::Demo(a) => cli::demo::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

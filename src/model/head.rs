@@ -1,0 +1,1 @@
+//! Projection / classification heads.

@@ -1,0 +1,1 @@
+//! The 1/4-width ST-GCN encoder.

@@ -1,0 +1,1 @@
+//! Official PyTorch .pt state-dict import and safetensors checkpoints.

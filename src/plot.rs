@@ -1,0 +1,1 @@
+//! PNG plots: line curves, confusion matrix heatmap, scatter (t-SNE).

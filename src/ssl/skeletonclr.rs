@@ -1,0 +1,1 @@
+//! SkeletonCLR: single-view MoCo v2.

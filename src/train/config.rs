@@ -1,0 +1,1 @@
+//! Configs mirroring the official YAML keys, with key=value overrides.

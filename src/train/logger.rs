@@ -1,0 +1,1 @@
+//! work_dir log and metrics files.

@@ -1,0 +1,1 @@
+//! Step learning-rate schedule.
