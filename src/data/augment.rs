@@ -1,1 +1,329 @@
-//! Augmentations: temporal crop with mirrored padding, then shear (seeded).
+//! Pre-training augmentations (reference §3): temporal crop with mirrored padding, then shear.
+//!
+//! One augmentation of a sample `x` (`C x T x V x M`, C = 3) is, in this order:
+//! 1. **temporal crop**: with `P = floor(T / temporal_padding_ratio)`, the sequence is padded
+//!    symmetrically (`x[P-1], .., x[0], x[0], .., x[T-1], x[T-1], .., x[T-P]`: mirrored, edge frame
+//!    duplicated) to `T + 2P` frames and the window `[start, start + T)` is kept, with
+//!    `start ~ UniformInt[0, 2P]`;
+//! 2. **shear**: six uniforms `a1, a2, a3, b1, b2, b3` in `[-amplitude, amplitude]` (drawn in that
+//!    order) build `S = [[1, a1, b1], [a2, 1, b2], [a3, b3, 1]]`, and every 3-vector `p` (every
+//!    joint, frame and body, zeros included) becomes `S p` (computed in f64, stored as f32).
+//!
+//! All randomness comes from the `rng` passed in, so a seeded rng (e.g. `rand_chacha`) gives
+//! reproducible augmentations.
+use crate::error::{Error, Result};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Official defaults (`Feeder_dual`): shear amplitude 0.5, temporal padding ratio 6.
+const OFFICIAL_SHEAR_AMPLITUDE: f64 = 0.5;
+const OFFICIAL_PADDING_RATIO: usize = 6;
+
+/// Augmentation settings. A non-positive `shear_amplitude` or a `temporal_padding_ratio` of 0
+/// disables that step (the official feeder tests `> 0` for both).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AugmentConfig {
+    pub shear_amplitude: f64,
+    pub temporal_padding_ratio: usize,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            shear_amplitude: OFFICIAL_SHEAR_AMPLITUDE,
+            temporal_padding_ratio: OFFICIAL_PADDING_RATIO,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// No augmentation at all (the official evaluation setting, both values -1).
+    pub fn none() -> Self {
+        AugmentConfig { shear_amplitude: -1.0, temporal_padding_ratio: 0 }
+    }
+
+    /// Whether the shear step runs.
+    pub fn shear_enabled(&self) -> bool {
+        self.shear_amplitude > 0.0
+    }
+
+    /// Whether the temporal crop runs.
+    pub fn crop_enabled(&self) -> bool {
+        self.temporal_padding_ratio > 0
+    }
+
+    /// Checks the settings against a sample shape `[C, T, V, M]`: the shear needs C == 3 and a
+    /// finite amplitude.
+    pub fn validate(&self, sample_shape: [usize; 4]) -> Result<()> {
+        if !self.shear_amplitude.is_finite() {
+            return Err(Error::config(format!(
+                "shear amplitude must be finite, got {}",
+                self.shear_amplitude
+            )));
+        }
+        if self.shear_enabled() && sample_shape[0] != 3 {
+            return Err(Error::config(format!(
+                "shear needs 3 coordinates per joint, the data has C = {} (shape {:?})",
+                sample_shape[0], sample_shape
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The random draws of one augmentation: crop start (in padded frames) and shear matrix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AugmentDraw {
+    /// Padding `P` on each side; the window starts at padded frame `start` (`0..=2P`).
+    pub padding: usize,
+    pub start: usize,
+    /// Row-major `S`, or `None` when the shear is disabled.
+    pub shear: Option<[[f64; 3]; 3]>,
+}
+
+impl AugmentDraw {
+    /// Draws crop start then shear (the official order) for a sequence of `frames` frames.
+    pub fn sample(frames: usize, cfg: &AugmentConfig, rng: &mut impl Rng) -> Self {
+        let (padding, start) = if cfg.crop_enabled() {
+            let p = frames / cfg.temporal_padding_ratio;
+            (p, rng.gen_range(0..=2 * p))
+        } else {
+            (0, 0)
+        };
+        let shear = if cfg.shear_enabled() {
+            let r = cfg.shear_amplitude;
+            // Python's random.uniform(-r, r) = -r + 2r * U[0, 1).
+            let mut u = || -r + 2.0 * r * rng.gen::<f64>();
+            let (a1, a2, a3) = (u(), u(), u());
+            let (b1, b2, b3) = (u(), u(), u());
+            Some([[1.0, a1, b1], [a2, 1.0, b2], [a3, b3, 1.0]])
+        } else {
+            None
+        };
+        AugmentDraw { padding, start, shear }
+    }
+
+    /// Source frame of output frame `t` (`0..frames`) in the original sequence.
+    pub fn source_frame(&self, t: usize, frames: usize) -> usize {
+        padded_to_source(self.start + t, self.padding, frames)
+    }
+}
+
+/// Maps frame `j` of the symmetrically padded sequence (`T + 2P` frames) to its source frame.
+pub fn padded_to_source(j: usize, padding: usize, frames: usize) -> usize {
+    if j < padding {
+        padding - 1 - j
+    } else if j < padding + frames {
+        j - padding
+    } else {
+        // Mirrored tail: padded frame P + T + k is x[T - 1 - k].
+        2 * frames + padding - 1 - j
+    }
+}
+
+/// One augmentation of sample `x` (`C x T x V x M`, flat) with draws from `rng`; returns a new
+/// `C x T x V x M` sample. Panics if the shear is enabled and C != 3 (check the config with
+/// [`AugmentConfig::validate`] first).
+pub fn augment(
+    x: &[f32],
+    shape: [usize; 4],
+    cfg: &AugmentConfig,
+    rng: &mut impl Rng,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    augment_into(x, shape, cfg, rng, &mut out);
+    out
+}
+
+/// As [`augment`], writing into `out` (same length as `x`).
+pub fn augment_into(
+    x: &[f32],
+    shape: [usize; 4],
+    cfg: &AugmentConfig,
+    rng: &mut impl Rng,
+    out: &mut [f32],
+) {
+    let draw = AugmentDraw::sample(shape[1], cfg, rng);
+    apply_draw(x, shape, &draw, out);
+}
+
+/// Applies a fixed draw: crop then shear, fused in one pass over the data.
+pub fn apply_draw(x: &[f32], shape: [usize; 4], draw: &AugmentDraw, out: &mut [f32]) {
+    let [c, t, v, m] = shape;
+    let block = v * m; // one (coordinate, frame) slab
+    let plane = t * block; // one coordinate
+    assert_eq!(x.len(), c * plane, "sample length does not match shape {shape:?}");
+    assert_eq!(out.len(), x.len(), "output length does not match shape {shape:?}");
+    for frame in 0..t {
+        let src = draw.source_frame(frame, t);
+        match draw.shear {
+            None => {
+                for ch in 0..c {
+                    let from = ch * plane + src * block;
+                    let to = ch * plane + frame * block;
+                    out[to..to + block].copy_from_slice(&x[from..from + block]);
+                }
+            }
+            Some(s) => {
+                assert_eq!(c, 3, "shear needs C == 3, got shape {shape:?}");
+                let (from, to) = (src * block, frame * block);
+                for k in 0..block {
+                    let p = [
+                        x[from + k] as f64,
+                        x[plane + from + k] as f64,
+                        x[2 * plane + from + k] as f64,
+                    ];
+                    for (row, sr) in s.iter().enumerate() {
+                        out[row * plane + to + k] =
+                            (sr[0] * p[0] + sr[1] * p[1] + sr[2] * p[2]) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    const SHAPE: [usize; 4] = [3, 12, 4, 2];
+
+    fn sample() -> Vec<f32> {
+        let n: usize = SHAPE.iter().product();
+        (0..n).map(|i| ((i * 37) % 101) as f32 * 0.1 - 5.0).collect()
+    }
+
+    fn at(x: &[f32], c: usize, t: usize, v: usize, m: usize) -> f32 {
+        let [_, tt, vv, mm] = SHAPE;
+        x[((c * tt + t) * vv + v) * mm + m]
+    }
+
+    #[test]
+    fn crop_is_a_window_of_the_symmetric_padding() {
+        let x = sample();
+        let cfg = AugmentConfig { shear_amplitude: -1.0, temporal_padding_ratio: 6 };
+        let [c, t, v, m] = SHAPE;
+        let p = t / 6;
+        // Build the padded sequence explicitly (frame list): reversed head, x, reversed tail.
+        let mut frames: Vec<usize> = (0..p).rev().collect();
+        frames.extend(0..t);
+        frames.extend((t - p..t).rev());
+        assert_eq!(frames.len(), t + 2 * p);
+        let mut starts = std::collections::BTreeSet::new();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..200 {
+            let y = augment(&x, SHAPE, &cfg, &mut rng);
+            let start = (0..=2 * p)
+                .find(|&s| {
+                    (0..c).all(|ci| {
+                        (0..t).all(|ti| {
+                            (0..v).all(|vi| {
+                                (0..m).all(|mi| {
+                                    at(&y, ci, ti, vi, mi) == at(&x, ci, frames[s + ti], vi, mi)
+                                })
+                            })
+                        })
+                    })
+                })
+                .expect("output is a contiguous window of the padded sequence");
+            starts.insert(start);
+        }
+        // Every start in 0..=2P occurs.
+        assert_eq!(starts.len(), 2 * p + 1);
+    }
+
+    #[test]
+    fn zero_amplitude_shear_is_identity_and_zeros_stay_zero() {
+        let x = sample();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let id = AugmentConfig { shear_amplitude: 0.0, temporal_padding_ratio: 0 };
+        assert_eq!(augment(&x, SHAPE, &id, &mut rng), x);
+        // An explicit zero shear matrix is also the identity.
+        let draw = AugmentDraw {
+            padding: 0,
+            start: 0,
+            shear: Some([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
+        };
+        let mut out = vec![0.0; x.len()];
+        apply_draw(&x, SHAPE, &draw, &mut out);
+        assert_eq!(out, x);
+
+        // Body 1 all zero, a zero joint of body 0: both stay zero after crop + shear.
+        let mut z = sample();
+        let [c, t, v, m] = SHAPE;
+        for ci in 0..c {
+            for ti in 0..t {
+                for vi in 0..v {
+                    z[((ci * t + ti) * v + vi) * m + 1] = 0.0;
+                }
+                z[((ci * t + ti) * v + 2) * m] = 0.0;
+            }
+        }
+        let y = augment(&z, SHAPE, &AugmentConfig::default(), &mut rng);
+        for ci in 0..c {
+            for ti in 0..t {
+                for vi in 0..v {
+                    assert_eq!(y[((ci * t + ti) * v + vi) * m + 1], 0.0);
+                }
+                assert_eq!(y[((ci * t + ti) * v + 2) * m], 0.0);
+            }
+        }
+        assert_ne!(y, z, "the default augmentation changes non-zero data");
+    }
+
+    #[test]
+    fn shear_matches_matrix_product() {
+        let x = sample();
+        let cfg = AugmentConfig { shear_amplitude: 0.5, temporal_padding_ratio: 0 };
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let draw = AugmentDraw::sample(SHAPE[1], &cfg, &mut rng.clone());
+        let y = augment(&x, SHAPE, &cfg, &mut rng);
+        let s = draw.shear.unwrap();
+        for (i, row) in s.iter().enumerate() {
+            for (j, &e) in row.iter().enumerate() {
+                if i == j {
+                    assert_eq!(e, 1.0);
+                } else {
+                    assert!(e.abs() <= 0.5);
+                }
+            }
+        }
+        let p = [at(&x, 0, 5, 1, 0), at(&x, 1, 5, 1, 0), at(&x, 2, 5, 1, 0)];
+        for (c, sr) in s.iter().enumerate() {
+            let want = (sr[0] * p[0] as f64 + sr[1] * p[1] as f64 + sr[2] * p[2] as f64) as f32;
+            assert_eq!(at(&y, c, 5, 1, 0), want);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_output() {
+        let x = sample();
+        let cfg = AugmentConfig::default();
+        let a = augment(&x, SHAPE, &cfg, &mut ChaCha8Rng::seed_from_u64(42));
+        let b = augment(&x, SHAPE, &cfg, &mut ChaCha8Rng::seed_from_u64(42));
+        let c = augment(&x, SHAPE, &cfg, &mut ChaCha8Rng::seed_from_u64(43));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn validate_rejects_non_xyz_data() {
+        let cfg = AugmentConfig::default();
+        assert!(cfg.validate([3, 50, 25, 2]).is_ok());
+        let e = cfg.validate([2, 50, 25, 2]).unwrap_err().to_string();
+        assert!(e.contains("C = 2"), "{e}");
+        // Without shear any C is fine.
+        let crop_only = AugmentConfig { shear_amplitude: -1.0, temporal_padding_ratio: 6 };
+        assert!(crop_only.validate([2, 50, 25, 2]).is_ok());
+    }
+
+    #[test]
+    fn padded_index_map() {
+        // T = 6, P = 2: padded = [x1, x0, x0..x5, x5, x4].
+        let src: Vec<usize> = (0..10).map(|j| padded_to_source(j, 2, 6)).collect();
+        assert_eq!(src, vec![1, 0, 0, 1, 2, 3, 4, 5, 5, 4]);
+    }
+}
