@@ -10,6 +10,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod gpu;
 pub mod model;
 pub mod plot;
 pub mod ssl;

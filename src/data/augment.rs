@@ -39,7 +39,10 @@ impl Default for AugmentConfig {
 impl AugmentConfig {
     /// No augmentation at all (the official evaluation setting, both values -1).
     pub fn none() -> Self {
-        AugmentConfig { shear_amplitude: -1.0, temporal_padding_ratio: 0 }
+        AugmentConfig {
+            shear_amplitude: -1.0,
+            temporal_padding_ratio: 0,
+        }
     }
 
     /// Whether the shear step runs.
@@ -100,7 +103,11 @@ impl AugmentDraw {
         } else {
             None
         };
-        AugmentDraw { padding, start, shear }
+        AugmentDraw {
+            padding,
+            start,
+            shear,
+        }
     }
 
     /// Source frame of output frame `t` (`0..frames`) in the original sequence.
@@ -124,12 +131,7 @@ pub fn padded_to_source(j: usize, padding: usize, frames: usize) -> usize {
 /// One augmentation of sample `x` (`C x T x V x M`, flat) with draws from `rng`; returns a new
 /// `C x T x V x M` sample. Panics if the shear is enabled and C != 3 (check the config with
 /// [`AugmentConfig::validate`] first).
-pub fn augment(
-    x: &[f32],
-    shape: [usize; 4],
-    cfg: &AugmentConfig,
-    rng: &mut impl Rng,
-) -> Vec<f32> {
+pub fn augment(x: &[f32], shape: [usize; 4], cfg: &AugmentConfig, rng: &mut impl Rng) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     augment_into(x, shape, cfg, rng, &mut out);
     out
@@ -152,8 +154,16 @@ pub fn apply_draw(x: &[f32], shape: [usize; 4], draw: &AugmentDraw, out: &mut [f
     let [c, t, v, m] = shape;
     let block = v * m; // one (coordinate, frame) slab
     let plane = t * block; // one coordinate
-    assert_eq!(x.len(), c * plane, "sample length does not match shape {shape:?}");
-    assert_eq!(out.len(), x.len(), "output length does not match shape {shape:?}");
+    assert_eq!(
+        x.len(),
+        c * plane,
+        "sample length does not match shape {shape:?}"
+    );
+    assert_eq!(
+        out.len(),
+        x.len(),
+        "output length does not match shape {shape:?}"
+    );
     for frame in 0..t {
         let src = draw.source_frame(frame, t);
         match draw.shear {
@@ -167,16 +177,21 @@ pub fn apply_draw(x: &[f32], shape: [usize; 4], draw: &AugmentDraw, out: &mut [f
             Some(s) => {
                 assert_eq!(c, 3, "shear needs C == 3, got shape {shape:?}");
                 let (from, to) = (src * block, frame * block);
+                let px = &x[from..from + block];
+                let py = &x[plane + from..plane + from + block];
+                let pz = &x[2 * plane + from..2 * plane + from + block];
+                let (o0, rest) = out.split_at_mut(plane);
+                let (o1, o2) = rest.split_at_mut(plane);
+                let (qx, qy, qz) = (
+                    &mut o0[to..to + block],
+                    &mut o1[to..to + block],
+                    &mut o2[to..to + block],
+                );
                 for k in 0..block {
-                    let p = [
-                        x[from + k] as f64,
-                        x[plane + from + k] as f64,
-                        x[2 * plane + from + k] as f64,
-                    ];
-                    for (row, sr) in s.iter().enumerate() {
-                        out[row * plane + to + k] =
-                            (sr[0] * p[0] + sr[1] * p[1] + sr[2] * p[2]) as f32;
-                    }
+                    let p = [px[k] as f64, py[k] as f64, pz[k] as f64];
+                    qx[k] = (s[0][0] * p[0] + s[0][1] * p[1] + s[0][2] * p[2]) as f32;
+                    qy[k] = (s[1][0] * p[0] + s[1][1] * p[1] + s[1][2] * p[2]) as f32;
+                    qz[k] = (s[2][0] * p[0] + s[2][1] * p[1] + s[2][2] * p[2]) as f32;
                 }
             }
         }
@@ -193,7 +208,9 @@ mod tests {
 
     fn sample() -> Vec<f32> {
         let n: usize = SHAPE.iter().product();
-        (0..n).map(|i| ((i * 37) % 101) as f32 * 0.1 - 5.0).collect()
+        (0..n)
+            .map(|i| ((i * 37) % 101) as f32 * 0.1 - 5.0)
+            .collect()
     }
 
     fn at(x: &[f32], c: usize, t: usize, v: usize, m: usize) -> f32 {
@@ -204,7 +221,10 @@ mod tests {
     #[test]
     fn crop_is_a_window_of_the_symmetric_padding() {
         let x = sample();
-        let cfg = AugmentConfig { shear_amplitude: -1.0, temporal_padding_ratio: 6 };
+        let cfg = AugmentConfig {
+            shear_amplitude: -1.0,
+            temporal_padding_ratio: 6,
+        };
         let [c, t, v, m] = SHAPE;
         let p = t / 6;
         // Build the padded sequence explicitly (frame list): reversed head, x, reversed tail.
@@ -239,7 +259,10 @@ mod tests {
     fn zero_amplitude_shear_is_identity_and_zeros_stay_zero() {
         let x = sample();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let id = AugmentConfig { shear_amplitude: 0.0, temporal_padding_ratio: 0 };
+        let id = AugmentConfig {
+            shear_amplitude: 0.0,
+            temporal_padding_ratio: 0,
+        };
         assert_eq!(augment(&x, SHAPE, &id, &mut rng), x);
         // An explicit zero shear matrix is also the identity.
         let draw = AugmentDraw {
@@ -277,7 +300,10 @@ mod tests {
     #[test]
     fn shear_matches_matrix_product() {
         let x = sample();
-        let cfg = AugmentConfig { shear_amplitude: 0.5, temporal_padding_ratio: 0 };
+        let cfg = AugmentConfig {
+            shear_amplitude: 0.5,
+            temporal_padding_ratio: 0,
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let draw = AugmentDraw::sample(SHAPE[1], &cfg, &mut rng.clone());
         let y = augment(&x, SHAPE, &cfg, &mut rng);
@@ -316,8 +342,26 @@ mod tests {
         let e = cfg.validate([2, 50, 25, 2]).unwrap_err().to_string();
         assert!(e.contains("C = 2"), "{e}");
         // Without shear any C is fine.
-        let crop_only = AugmentConfig { shear_amplitude: -1.0, temporal_padding_ratio: 6 };
+        let crop_only = AugmentConfig {
+            shear_amplitude: -1.0,
+            temporal_padding_ratio: 6,
+        };
         assert!(crop_only.validate([2, 50, 25, 2]).is_ok());
+    }
+
+    #[test]
+    fn short_sequences_have_no_padding() {
+        // T = 5 < ratio 6: P = 0, the crop keeps the sequence (as numpy's start = randint(0, 1)).
+        let shape = [3, 5, 2, 1];
+        let x: Vec<f32> = (0..30).map(|i| i as f32).collect();
+        let cfg = AugmentConfig {
+            shear_amplitude: -1.0,
+            temporal_padding_ratio: 6,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for _ in 0..10 {
+            assert_eq!(augment(&x, shape, &cfg, &mut rng), x);
+        }
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //!
 //! Threads: worker `w` of `W` builds batches `w, w + W, w + 2W, ...` and hands them over through
 //! its own bounded channel; the consumer reads the channels round-robin, so at most about
-//! `prefetch` finished batches wait in memory. Each batch is one contiguous `Vec<f32>` per view,
-//! turned into a CPU tensor `(B, C, T, V, M)` on the worker.
+//! `prefetch` finished batches wait in memory. Each view of a batch is one contiguous buffer: the
+//! samples are written straight into the storage of a fresh CPU tensor `(B, C, T, V, M)` on the
+//! worker (no zero-fill, no extra copy, unlike `Tensor::from_slice`).
 use crate::data::augment::{augment_into, AugmentConfig};
 use crate::data::dataset::SkeletonDataset;
 use crate::error::{Error, Result};
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Domain tags that separate the shuffle stream from the augmentation streams.
 const SHUFFLE_DOMAIN: u64 = 0x5348_5546_464c_4531; // "SHUFFLE1"
@@ -93,7 +94,11 @@ impl LoaderConfig {
             return Err(Error::input(
                 &dataset.source,
                 "labels",
-                format!("{} labels for {} samples", dataset.labels.len(), dataset.len()),
+                format!(
+                    "{} labels for {} samples",
+                    dataset.labels.len(),
+                    dataset.len()
+                ),
             ));
         }
         Ok(())
@@ -157,6 +162,26 @@ pub fn sample_rng(seed: u64, epoch: usize, position: usize) -> ChaCha8Rng {
     rng
 }
 
+/// The storage of a freshly created, contiguous CPU f32 tensor of `numel` elements as a slice.
+/// Only for tensors fresh from `Tensor::empty` that share their storage with nothing.
+///
+/// This skips `Tensor::from_slice`, which zero-fills a new tensor (an intra-op parallel fill) and
+/// then copies the data in: writing the batch straight into the tensor is several times faster.
+fn storage_mut(t: &mut Tensor, numel: usize) -> &mut [f32] {
+    assert!(
+        t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous(),
+        "storage_mut needs a contiguous CPU f32 tensor"
+    );
+    assert_eq!(t.numel(), numel);
+    if numel == 0 {
+        return &mut [];
+    }
+    // SAFETY: `t` was just created by `Tensor::empty` in `Plan::build` and is not shared: its
+    // storage holds `numel` contiguous, properly aligned f32 values that nothing else reads or
+    // writes while the slice lives (the slices are dropped before the tensors leave `build`).
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) }
+}
+
 /// What every worker shares.
 struct Plan {
     dataset: Arc<SkeletonDataset>,
@@ -166,7 +191,8 @@ struct Plan {
 }
 
 impl Plan {
-    /// Builds batch `b` (positions `b*B .. min((b+1)*B, n)` of the epoch order).
+    /// Builds batch `b` (positions `b*B .. min((b+1)*B, n)` of the epoch order), writing the
+    /// samples straight into the storage of fresh CPU tensors (one contiguous buffer per view).
     fn build(&self, b: usize) -> Batch {
         let bs = self.cfg.batch_size;
         let start = b * bs;
@@ -175,25 +201,6 @@ impl Plan {
         let shape = self.dataset.sample_shape();
         let len = self.dataset.sample_len();
         let rows = indices.len();
-        let mut bufs: Vec<Vec<f32>> =
-            (0..self.cfg.num_views).map(|_| vec![0.0f32; rows * len]).collect();
-        for (row, &i) in indices.iter().enumerate() {
-            let x = self.dataset.sample(i);
-            let span = row * len..(row + 1) * len;
-            match &self.cfg.augment {
-                None => {
-                    for buf in bufs.iter_mut() {
-                        buf[span.clone()].copy_from_slice(x);
-                    }
-                }
-                Some(aug) => {
-                    let mut rng = sample_rng(self.cfg.seed, self.epoch, start + row);
-                    for buf in bufs.iter_mut() {
-                        augment_into(x, shape, aug, &mut rng, &mut buf[span.clone()]);
-                    }
-                }
-            }
-        }
         let dims = [
             rows as i64,
             shape[0] as i64,
@@ -201,9 +208,38 @@ impl Plan {
             shape[2] as i64,
             shape[3] as i64,
         ];
-        let views = bufs.iter().map(|buf| Tensor::from_slice(buf).view(dims)).collect();
+        let mut views: Vec<Tensor> = (0..self.cfg.num_views)
+            .map(|_| Tensor::empty(dims, (Kind::Float, Device::Cpu)))
+            .collect();
+        {
+            let mut bufs: Vec<&mut [f32]> = views
+                .iter_mut()
+                .map(|t| storage_mut(t, rows * len))
+                .collect();
+            for (row, &i) in indices.iter().enumerate() {
+                let x = self.dataset.sample(i);
+                let span = row * len..(row + 1) * len;
+                match &self.cfg.augment {
+                    None => {
+                        for buf in bufs.iter_mut() {
+                            buf[span.clone()].copy_from_slice(x);
+                        }
+                    }
+                    Some(aug) => {
+                        let mut rng = sample_rng(self.cfg.seed, self.epoch, start + row);
+                        for buf in bufs.iter_mut() {
+                            augment_into(x, shape, aug, &mut rng, &mut buf[span.clone()]);
+                        }
+                    }
+                }
+            }
+        }
         let labels: Vec<i64> = indices.iter().map(|&i| self.dataset.labels[i]).collect();
-        Batch { views, labels: Tensor::from_slice(&labels), indices }
+        Batch {
+            views,
+            labels: Tensor::from_slice(&labels),
+            indices,
+        }
     }
 }
 
@@ -247,7 +283,12 @@ pub fn epoch_batches_from(
     }
     let end = batches_per_epoch(dataset.len(), cfg);
     let order = epoch_order(dataset.len(), cfg, epoch);
-    let plan = Arc::new(Plan { dataset, cfg: cfg.clone(), epoch, order });
+    let plan = Arc::new(Plan {
+        dataset,
+        cfg: cfg.clone(),
+        epoch,
+        order,
+    });
     let first = first_batch.min(end);
     let workers = cfg.workers.min(end - first);
     let mut receivers = Vec::with_capacity(workers);
@@ -272,7 +313,14 @@ pub fn epoch_batches_from(
         receivers.push(rx);
         handles.push(handle);
     }
-    Loader { plan, start: first, next: first, end, receivers, handles }
+    Loader {
+        plan,
+        start: first,
+        next: first,
+        end,
+        receivers,
+        handles,
+    }
 }
 
 impl Loader {

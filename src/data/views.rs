@@ -110,7 +110,9 @@ mod tests {
     /// A (N, C, T, V, M) tensor with distinct, non-linear values.
     fn sample(n: i64, t: i64, v: i64, m: i64) -> (Vec<f32>, Tensor) {
         let len = (n * 3 * t * v * m) as usize;
-        let data: Vec<f32> = (0..len).map(|i| ((i * 7919) % 1013) as f32 * 0.01).collect();
+        let data: Vec<f32> = (0..len)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01)
+            .collect();
         let x = Tensor::from_slice(&data).view([n, 3, t, v, m]);
         (data, x)
     }

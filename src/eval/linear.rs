@@ -1,1 +1,338 @@
-//! Evaluation: linear.
+//! Linear evaluation on cached frozen features (reference §7.2). Because the official protocol uses
+//! eval-mode encoders and no augmentation, training Linear heads on features computed once is exact
+//! and turns 100 epochs into seconds. With several streams each has its own `Linear(D, classes)` and
+//! the heads are trained jointly on the mean of their logits (the official `view: all` mode).
+//!
+//! Reported: the last epoch; the best test evaluation (test-set selection, as the official code
+//! prints it: optimistic); and, with a validation set held out of the training set, the test accuracy
+//! at the epoch with the best validation accuracy (honest model selection).
+use crate::error::{Error, Result};
+use crate::eval::features::FeatureSet;
+use crate::eval::metrics::{self, Metrics};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// Standard deviation of the official head initialisation (`weights_init`: N(0, 0.02), bias 0).
+pub const HEAD_INIT_STD: f64 = 0.02;
+/// Rows per forward pass when scoring a whole split.
+const SCORE_CHUNK: i64 = 16384;
+
+/// Optimisation recipe; `Default` is the official linear-evaluation recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearConfig {
+    pub epochs: usize,
+    pub lr: f64,
+    /// 0-based epochs at which the lr is multiplied by `gamma` (official `step: [80]`).
+    pub steps: Vec<usize>,
+    pub gamma: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub batch_size: usize,
+    /// Evaluate every this many epochs and at the last one (official: 5).
+    pub eval_interval: usize,
+    /// Seeds the head initialisation and the per-epoch shuffles.
+    pub seed: u64,
+}
+
+impl Default for LinearConfig {
+    fn default() -> Self {
+        LinearConfig {
+            epochs: 100,
+            lr: 3.0,
+            steps: vec![80],
+            gamma: 0.1,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            batch_size: 128,
+            eval_interval: 5,
+            seed: 0,
+        }
+    }
+}
+
+/// The learning rate of 0-based `epoch` under a step schedule (official `adjust_lr`:
+/// `base * gamma^(number of steps <= epoch)`).
+pub fn step_lr(base: f64, steps: &[usize], gamma: f64, epoch: usize) -> f64 {
+    base * gamma.powi(steps.iter().filter(|&&s| epoch >= s).count() as i32)
+}
+
+/// Whether 1-based `epoch` is evaluated: every `interval` epochs and the last one (as official).
+pub fn is_eval_epoch(epoch: usize, interval: usize, epochs: usize) -> bool {
+    epoch == epochs || (interval > 0 && epoch % interval == 0)
+}
+
+/// One epoch of the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    /// Mean training cross-entropy over the epoch's batches.
+    pub loss: f64,
+    /// Training-batch top-1, percent.
+    pub train_top1: f64,
+    /// Validation metrics (when a validation set exists and the epoch is evaluated).
+    pub val: Option<Metrics>,
+    /// Test metrics (when the epoch is evaluated).
+    pub test: Option<Metrics>,
+}
+
+/// The model chosen by some rule, and its test metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Selection {
+    /// 1-based epoch.
+    pub epoch: usize,
+    pub test: Metrics,
+    pub val: Option<Metrics>,
+}
+
+/// Everything a linear evaluation produced.
+pub struct LinearOutcome {
+    /// Test metrics after the last epoch.
+    pub last: Metrics,
+    /// Best test top-1 over the test evaluations (test-set selection, as the official code).
+    pub best_test: Selection,
+    /// Test metrics at the best validation top-1 (first such epoch), when validation exists.
+    pub val_selected: Option<Selection>,
+    pub history: Vec<EpochRecord>,
+    /// Mean logits `(N_test, classes)` of the last epoch, CPU f32, test-set order.
+    pub test_scores: Tensor,
+    /// Per-stream head weights `(classes, D)` and biases `(classes,)` after the last epoch.
+    pub heads: Vec<(Tensor, Tensor)>,
+    /// Wall-clock seconds of the training loop (evaluations included).
+    pub seconds: f64,
+}
+
+/// Per-stream linear heads whose logits are averaged.
+pub struct LinearHeads {
+    pub weights: Vec<Tensor>,
+    pub biases: Vec<Tensor>,
+}
+
+impl LinearHeads {
+    /// Heads `Linear(dims[s], classes)` with weights N(0, 0.02) drawn from a seeded ChaCha8 stream
+    /// (reproducible whatever else uses the torch generator) and zero biases, on `device`.
+    pub fn new(dims: &[i64], classes: i64, seed: u64, device: tch::Device) -> Result<Self> {
+        let normal = Normal::new(0.0f32, HEAD_INIT_STD as f32).map_err(|e| Error::Other(e.to_string()))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        for &d in dims {
+            let w: Vec<f32> = (0..classes * d).map(|_| normal.sample(&mut rng)).collect();
+            weights.push(Tensor::from_slice(&w).view([classes, d]).to_device(device).set_requires_grad(true));
+            biases.push(Tensor::zeros([classes], (Kind::Float, device)).set_requires_grad(true));
+        }
+        Ok(LinearHeads { weights, biases })
+    }
+
+    /// Mean over streams of `x_s W_s^T + b_s`: `(B, classes)`. `xs[s]` is `(B, D_s)`.
+    pub fn forward(&self, xs: &[Tensor]) -> Tensor {
+        let mut sum: Option<Tensor> = None;
+        for ((x, w), b) in xs.iter().zip(&self.weights).zip(&self.biases) {
+            let l = x.matmul(&w.tr()) + b;
+            sum = Some(match sum {
+                None => l,
+                Some(s) => s + l,
+            });
+        }
+        sum.expect("at least one stream") / xs.len() as f64
+    }
+
+    /// Mean logits of a whole feature set, CPU `(N, classes)`, computed in chunks without grad.
+    pub fn scores(&self, set: &FeatureSet) -> Tensor {
+        tch::no_grad(|| {
+            let n = set.len() as i64;
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < n {
+                let len = SCORE_CHUNK.min(n - start);
+                let xs: Vec<Tensor> = set.features.iter().map(|f| f.narrow(0, start, len)).collect();
+                parts.push(self.forward(&xs).to_device(tch::Device::Cpu));
+                start += len;
+            }
+            if parts.is_empty() {
+                Tensor::zeros([0, self.weights[0].size()[0]], (Kind::Float, tch::Device::Cpu))
+            } else {
+                Tensor::cat(&parts, 0)
+            }
+        })
+    }
+
+    fn parameters(&mut self) -> impl Iterator<Item = &mut Tensor> + '_ {
+        self.weights.iter_mut().chain(self.biases.iter_mut())
+    }
+}
+
+/// SGD with momentum and weight decay with PyTorch's semantics (dampening 0, no Nesterov): the
+/// buffer starts as the first gradient, `buf = m * buf + (g + wd * p)`, `p -= lr * buf`.
+struct Sgd {
+    momentum: f64,
+    weight_decay: f64,
+    buffers: Vec<Option<Tensor>>,
+}
+
+impl Sgd {
+    fn step<'a>(&mut self, params: impl Iterator<Item = &'a mut Tensor>, lr: f64) {
+        tch::no_grad(|| {
+            for (i, p) in params.enumerate() {
+                if self.buffers.len() <= i {
+                    self.buffers.push(None);
+                }
+                let grad = p.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let d_p = if self.weight_decay != 0.0 { &grad + &*p * self.weight_decay } else { grad };
+                let buf = match self.buffers[i].take() {
+                    Some(b) if self.momentum != 0.0 => b * self.momentum + d_p,
+                    _ => d_p.copy(),
+                };
+                let _ = p.f_sub_(&(&buf * lr));
+                self.buffers[i] = Some(buf);
+                let mut g = p.grad();
+                let _ = g.zero_();
+            }
+        })
+    }
+}
+
+fn check_compatible(train: &FeatureSet, other: &FeatureSet, what: &str) -> Result<()> {
+    if train.streams != other.streams || train.dims() != other.dims() {
+        return Err(Error::config(format!(
+            "{what} features have streams {:?} dims {:?}, training has {:?} {:?}",
+            other.streams,
+            other.dims(),
+            train.streams,
+            train.dims()
+        )));
+    }
+    if train.num_classes != other.num_classes {
+        return Err(Error::config(format!(
+            "{what} set has {} classes, training set {}",
+            other.num_classes, train.num_classes
+        )));
+    }
+    Ok(())
+}
+
+/// Trains per-stream linear heads on `train` features (averaged logits, cross-entropy) and
+/// evaluates on `test` (and `val`, when given, for validation-based selection). All sets must be on
+/// the same device and have the same streams, dims and number of classes. The loop runs entirely on
+/// tensors: per epoch one seeded permutation, `index_select` batches, `drop_last` as official.
+pub fn train_linear(
+    train: &FeatureSet,
+    val: Option<&FeatureSet>,
+    test: &FeatureSet,
+    cfg: &LinearConfig,
+) -> Result<LinearOutcome> {
+    check_compatible(train, test, "test")?;
+    if let Some(v) = val {
+        check_compatible(train, v, "validation")?;
+    }
+    if cfg.epochs == 0 || cfg.batch_size == 0 {
+        return Err(Error::config("linear: epochs and batch size must be positive"));
+    }
+    let n = train.len();
+    let batch = cfg.batch_size.min(n);
+    if batch == 0 {
+        return Err(Error::config("linear: the training set is empty"));
+    }
+    let device = train.device();
+    let classes = train.num_classes as i64;
+    let mut heads = LinearHeads::new(&train.dims(), classes, cfg.seed, device)?;
+    let mut sgd = Sgd { momentum: cfg.momentum, weight_decay: cfg.weight_decay, buffers: Vec::new() };
+    let labels = Tensor::from_slice(&train.labels).to_device(device);
+    let mut order: Vec<i64> = (0..n as i64).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
+    let batches = n / batch;
+    let start = std::time::Instant::now();
+    let bar = ProgressBar::new(cfg.epochs as u64);
+    if let Ok(style) = ProgressStyle::with_template("linear {bar:30} {pos}/{len} epochs {msg}") {
+        bar.set_style(style);
+    }
+    let mut history = Vec::with_capacity(cfg.epochs);
+    let mut last_scores = None;
+    for epoch in 0..cfg.epochs {
+        let lr = step_lr(cfg.lr, &cfg.steps, cfg.gamma, epoch);
+        order.shuffle(&mut rng);
+        let perm = Tensor::from_slice(&order).to_device(device);
+        let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+        let mut correct = Tensor::zeros([], (Kind::Int64, device));
+        for b in 0..batches {
+            let idx = perm.narrow(0, (b * batch) as i64, batch as i64);
+            let xs: Vec<Tensor> = train.features.iter().map(|f| f.index_select(0, &idx)).collect();
+            let y = labels.index_select(0, &idx);
+            let logits = heads.forward(&xs);
+            let loss = logits.cross_entropy_for_logits(&y);
+            loss.backward();
+            sgd.step(heads.parameters(), lr);
+            loss_sum += loss.detach();
+            correct += logits.detach().argmax(1, false).eq_tensor(&y).sum(Kind::Int64);
+        }
+        let loss = loss_sum.double_value(&[]) / batches as f64;
+        let train_top1 = 100.0 * correct.int64_value(&[]) as f64 / (batches * batch) as f64;
+        if !loss.is_finite() {
+            return Err(Error::Other(format!(
+                "linear: the training loss became {loss} at epoch {} (lr {lr} too high?)",
+                epoch + 1
+            )));
+        }
+        let e1 = epoch + 1;
+        let (mut val_m, mut test_m) = (None, None);
+        if is_eval_epoch(e1, cfg.eval_interval, cfg.epochs) {
+            let scores = heads.scores(test);
+            test_m = Some(metrics::evaluate(&scores, &test.labels)?);
+            if let Some(v) = val {
+                val_m = Some(metrics::evaluate(&heads.scores(v), &v.labels)?);
+            }
+            last_scores = Some(scores);
+        }
+        bar.set_message(format!(
+            "loss {loss:.4} train {train_top1:.1}%{}",
+            test_m.map(|m| format!(" test {:.2}%", m.top1)).unwrap_or_default()
+        ));
+        bar.inc(1);
+        history.push(EpochRecord { epoch: e1, lr, loss, train_top1, val: val_m, test: test_m });
+    }
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let (best_test, val_selected) = select(&history);
+    let best_test = best_test.ok_or_else(|| Error::Other("linear: no evaluation happened".into()))?;
+    let test_scores = last_scores.ok_or_else(|| Error::Other("linear: no evaluation happened".into()))?;
+    let last = history.last().and_then(|r| r.test).expect("the last epoch is always evaluated");
+    let LinearHeads { weights, biases } = heads;
+    Ok(LinearOutcome {
+        last,
+        best_test,
+        val_selected,
+        history,
+        test_scores,
+        heads: weights.into_iter().map(|w| w.detach()).zip(biases.into_iter().map(|b| b.detach())).collect(),
+        seconds,
+    })
+}
+
+/// From an epoch log: (the best test top-1 evaluation, the test at the best validation top-1).
+/// Ties go to the earliest epoch.
+pub fn select(history: &[EpochRecord]) -> (Option<Selection>, Option<Selection>) {
+    let mut best_test: Option<Selection> = None;
+    let mut by_val: Option<Selection> = None;
+    for r in history {
+        if let Some(t) = r.test {
+            if best_test.as_ref().is_none_or(|b| t.top1 > b.test.top1) {
+                best_test = Some(Selection { epoch: r.epoch, test: t, val: r.val });
+            }
+            if let Some(v) = r.val {
+                if by_val.as_ref().is_none_or(|b| v.top1 > b.val.map_or(f64::NEG_INFINITY, |m| m.top1)) {
+                    by_val = Some(Selection { epoch: r.epoch, test: t, val: Some(v) });
+                }
+            }
+        }
+    }
+    (best_test, by_val)
+}

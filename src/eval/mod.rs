@@ -6,4 +6,5 @@ pub mod knn;
 pub mod linear;
 pub mod metrics;
 pub mod semi;
+pub mod split;
 pub mod tsne;

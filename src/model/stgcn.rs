@@ -1,1 +1,469 @@
-//! The 1/4-width ST-GCN encoder.
+//! The 1/4-width ST-GCN encoder (official `net/st_gcn.py` `Model` without its `fc`).
+//!
+//! Variables carry the official names under the given [`tch::nn::Path`], so an official state
+//! dict maps 1:1: `A` (buffer), `data_bn.*`, `st_gcn_networks.{i}.gcn.conv.*`,
+//! `st_gcn_networks.{i}.tcn.{0,2,3}.*`, `st_gcn_networks.{i}.residual.{0,1}.*`,
+//! `edge_importance.{i}`; batch-norm running statistics and `num_batches_tracked` are
+//! non-trainable variables (saved and loaded, never optimised).
+//!
+//! Two formulations compute the same function (to float rounding):
+//! - [`Formulation::Reference`]: the official data layout `(N·M, C, T, V)`, 1×1 convolution then
+//!   `einsum("nkctv,kvw->nctw")`, `(9,1)` convolutions.
+//! - [`Formulation::ChannelMajor`] (default, faster on the CPU): activations are kept as
+//!   `(1, C, N·M, T, V)`. Every 1×1 convolution is then one matrix product `(C_out, C_in) @
+//!   (C_in, N·M·T·V)` without any permute, batch norm works on the same tensor, and the temporal
+//!   convolution is a `(1, 9, 1)` 3-D convolution over it. The graph aggregation multiplies the
+//!   joint axis by `A ⊙ E` (see [`Aggregation`]).
+use crate::data::layout::Layout;
+use crate::model::graph;
+use serde::{Deserialize, Serialize};
+use tch::nn::Path;
+use tch::Tensor;
+
+mod dropout;
+pub mod layers;
+
+pub use dropout::dropout;
+use layers::{BatchNorm, Conv};
+
+/// Encoder hyper-parameters (official names). Default = the CrosSCLR 1/4-width ST-GCN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StGcnConfig {
+    pub in_channels: i64,
+    pub hidden_channels: i64,
+    pub hidden_dim: i64,
+    /// Dropout of blocks 2-10 (block 1 has none).
+    pub dropout: f64,
+    pub edge_importance: bool,
+    pub temporal_kernel: i64,
+}
+
+impl Default for StGcnConfig {
+    fn default() -> Self {
+        StGcnConfig {
+            in_channels: 3,
+            hidden_channels: 16,
+            hidden_dim: 256,
+            dropout: 0.5,
+            edge_importance: true,
+            temporal_kernel: 9,
+        }
+    }
+}
+
+/// How a block is computed (all give the same numbers up to float rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Formulation {
+    /// Official layout and einsum: the readable reference.
+    Reference,
+    /// Channel-major activations `(1, C, N·M, T, V)` (default; fewer copies on the CPU).
+    #[default]
+    ChannelMajor,
+}
+
+/// Order of the graph aggregation and the 1×1 convolution in the channel-major formulation
+/// (they commute: both are linear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// Convolution to `K·C_out` channels, then `K` products with `A_k ⊙ E_k`, summed over `k`.
+    ConvFirst,
+    /// Aggregate the `C_in` input channels per partition first, then one `(C_out, K·C_in)`
+    /// product; the bias becomes `Σ_k b_k · colsum(A_k ⊙ E_k)`.
+    AggFirst,
+    /// Whichever is cheaper: aggregation first when `C_in < C_out` (fewer channels to aggregate).
+    #[default]
+    Auto,
+}
+
+/// Residual branch of a block.
+#[derive(Debug)]
+enum Residual {
+    /// Block 1: no residual.
+    None,
+    /// `C_in == C_out` and stride 1.
+    Identity,
+    /// `residual.0` 1×1 conv with stride (s, 1), then `residual.1` batch norm.
+    Conv(Conv, BatchNorm),
+}
+
+/// One `st_gcn` block.
+#[derive(Debug)]
+struct Block {
+    /// `gcn.conv`: 1×1 conv `C_in -> K·C_out` (weight `(K·C_out, C_in, 1, 1)`).
+    gcn: Conv,
+    /// `tcn.0`, `tcn.2` (`(C_out, C_out, kt, 1)`, stride (s, 1)), `tcn.3`.
+    bn1: BatchNorm,
+    conv: Conv,
+    bn2: BatchNorm,
+    residual: Residual,
+    stride: i64,
+    dropout: f64,
+    /// Spatial kernel size K.
+    k: i64,
+}
+
+/// The ST-GCN encoder: `(N, C, T, V, M) -> (N, hidden_dim)` pooled features.
+#[derive(Debug)]
+pub struct StGcn {
+    cfg: StGcnConfig,
+    /// Buffer `A` `(K, V, V)`, index order `[k][source][destination]`.
+    a: Tensor,
+    data_bn: BatchNorm,
+    blocks: Vec<Block>,
+    /// `edge_importance.{i}` `(K, V, V)`, ones at init; empty when disabled.
+    edge_importance: Vec<Tensor>,
+    formulation: Formulation,
+    aggregation: Aggregation,
+}
+
+/// (C_in, C_out, stride, residual?) of the 10 blocks, as in the official `Model`.
+fn block_plan(cfg: &StGcnConfig) -> Vec<(i64, i64, i64, bool)> {
+    let h = cfg.hidden_channels;
+    vec![
+        (cfg.in_channels, h, 1, false),
+        (h, h, 1, true),
+        (h, h, 1, true),
+        (h, h, 1, true),
+        (h, 2 * h, 2, true),
+        (2 * h, 2 * h, 1, true),
+        (2 * h, 2 * h, 1, true),
+        (2 * h, 4 * h, 2, true),
+        (4 * h, 4 * h, 1, true),
+        (4 * h, cfg.hidden_dim, 1, true),
+    ]
+}
+
+impl StGcn {
+    /// Creates the variables under `p` with the official names and the official initialisation
+    /// (conv weights N(0, 0.02), biases 0, BN weights N(1, 0.02), edge importance 1).
+    pub fn new(p: &Path, cfg: &StGcnConfig, layout: &Layout) -> StGcn {
+        assert!(cfg.temporal_kernel % 2 == 1, "temporal_kernel must be odd");
+        let a_init = graph::partition(layout).to_device(p.device());
+        let a = p.add("A", a_init.to_kind(p.kind()), false);
+        let (k, v) = (a.size()[0], a.size()[1]);
+        let data_bn = BatchNorm::new(&(p / "data_bn"), cfg.in_channels * v);
+        let nets = p / "st_gcn_networks";
+        let blocks = block_plan(cfg)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (c_in, c_out, stride, has_residual))| {
+                let bp = &nets / i;
+                let gcn = Conv::new(&(&bp / "gcn" / "conv"), c_in, k * c_out, 1);
+                let tcn = &bp / "tcn";
+                let bn1 = BatchNorm::new(&(&tcn / 0), c_out);
+                let conv = Conv::new(&(&tcn / 2), c_out, c_out, cfg.temporal_kernel);
+                let bn2 = BatchNorm::new(&(&tcn / 3), c_out);
+                let residual = if !has_residual {
+                    Residual::None
+                } else if c_in == c_out && stride == 1 {
+                    Residual::Identity
+                } else {
+                    let rp = &bp / "residual";
+                    Residual::Conv(Conv::new(&(&rp / 0), c_in, c_out, 1), BatchNorm::new(&(&rp / 1), c_out))
+                };
+                // Official: block 1 gets no dropout argument.
+                let dropout = if i == 0 { 0.0 } else { cfg.dropout };
+                Block { gcn, bn1, conv, bn2, residual, stride, dropout, k }
+            })
+            .collect::<Vec<_>>();
+        let edge_importance = if cfg.edge_importance {
+            let ep = p / "edge_importance";
+            (0..blocks.len()).map(|i| ep.var(&i.to_string(), &[k, v, v], tch::nn::Init::Const(1.0))).collect()
+        } else {
+            Vec::new()
+        };
+        StGcn {
+            cfg: cfg.clone(),
+            a,
+            data_bn,
+            blocks,
+            edge_importance,
+            formulation: Formulation::default(),
+            aggregation: Aggregation::default(),
+        }
+    }
+
+    /// Feature dimension of [`StGcn::forward`] (`hidden_dim`).
+    pub fn out_dim(&self) -> i64 {
+        self.cfg.hidden_dim
+    }
+
+    pub fn config(&self) -> &StGcnConfig {
+        &self.cfg
+    }
+
+    /// Chooses how blocks are computed (default [`Formulation::ChannelMajor`]).
+    pub fn set_formulation(&mut self, f: Formulation) {
+        self.formulation = f;
+    }
+
+    /// Chooses the aggregation order of the channel-major formulation.
+    pub fn set_aggregation(&mut self, a: Aggregation) {
+        self.aggregation = a;
+    }
+
+    pub fn formulation(&self) -> Formulation {
+        self.formulation
+    }
+
+    /// `A ⊙ E_i` for block `i`, `(K, V, V)`.
+    fn graph_of(&self, i: usize) -> Tensor {
+        match self.edge_importance.get(i) {
+            Some(e) => &self.a * e,
+            None => self.a.shallow_clone(),
+        }
+    }
+
+    /// `x`: `(N, C, T, V, M)` -> `(N, hidden_dim)`: pooled features (mean over T', V, then over
+    /// the M bodies, absent all-zero bodies included). `train`: batch-statistics batch norm
+    /// (running statistics updated) and dropout.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let s = x.size();
+        assert_eq!(s.len(), 5, "StGcn::forward expects (N, C, T, V, M), got {s:?}");
+        let (n, c, t, v, m) = (s[0], s[1], s[2], s[3], s[4]);
+        // data_bn over V·C channels, channel index v·C + c; rows are the N·M bodies.
+        let xb = x.permute([0, 4, 3, 1, 2]).contiguous().view([n * m, v * c, t]);
+        let xb = self.data_bn.forward(&xb, train).view([n * m, v, c, t]);
+        match self.formulation {
+            Formulation::Reference => {
+                let mut h = xb.permute([0, 2, 3, 1]).contiguous(); // (N·M, C, T, V)
+                for (i, b) in self.blocks.iter().enumerate() {
+                    h = b.forward_reference(&h, &self.graph_of(i), train);
+                }
+                // avg-pool over (T', V), then mean over M.
+                h.mean_dim([2i64, 3].as_slice(), false, None).view([n, m, -1]).mean_dim(
+                    [1i64].as_slice(),
+                    false,
+                    None,
+                )
+            }
+            Formulation::ChannelMajor => {
+                let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
+                for (i, b) in self.blocks.iter().enumerate() {
+                    h = b.forward_channel_major(&h, &self.graph_of(i), train, self.aggregation);
+                }
+                let ch = h.size()[1];
+                // (1, C, N·M, T', V) -> mean over (T', V) -> (C, N, M) -> mean over M -> (N, C)
+                h.mean_dim([3i64, 4].as_slice(), false, None)
+                    .view([ch, n, m])
+                    .mean_dim([2i64].as_slice(), false, None)
+                    .transpose(0, 1)
+            }
+        }
+    }
+}
+
+impl Block {
+    fn c_out(&self) -> i64 {
+        self.conv.c_out()
+    }
+
+    // ---- Reference formulation: x (N·M, C, T, V) ----
+
+    fn forward_reference(&self, x: &Tensor, g: &Tensor, train: bool) -> Tensor {
+        let res = match &self.residual {
+            Residual::None => None,
+            Residual::Identity => Some(x.shallow_clone()),
+            Residual::Conv(conv, bn) => {
+                let r = x.conv2d(&conv.weight, Some(&conv.bias), [self.stride, 1], [0, 0], [1, 1], 1);
+                Some(bn.forward(&r, train))
+            }
+        };
+        let s = x.size();
+        let y = x.conv2d(&self.gcn.weight, Some(&self.gcn.bias), [1, 1], [0, 0], [1, 1], 1);
+        let y = y.view([s[0], self.k, self.c_out(), s[2], s[3]]);
+        let y = Tensor::einsum("nkctv,kvw->nctw", &[&y, g], None::<i64>);
+        let y = self.bn1.forward(&y, train).relu();
+        let pad = (self.conv.weight.size()[2] - 1) / 2;
+        let y = y.conv2d(&self.conv.weight, Some(&self.conv.bias), [self.stride, 1], [pad, 0], [1, 1], 1);
+        let y = dropout(&self.bn2.forward(&y, train), self.dropout, train);
+        match res {
+            Some(r) => (y + r).relu(),
+            None => y.relu(),
+        }
+    }
+
+    // ---- Channel-major formulation: x (1, C, N·M, T, V) ----
+
+    fn forward_channel_major(&self, x: &Tensor, g: &Tensor, train: bool, agg: Aggregation) -> Tensor {
+        let y = self.aggregate(x, g, agg);
+        let y = self.tcn(&y, train);
+        self.add_residual(y, x, train)
+    }
+
+    /// `gcn`: 1×1 conv to K·C_out channels and graph aggregation with `g = A ⊙ E` `(K, V, W)`.
+    /// `(1, C_in, N·M, T, V) -> (1, C_out, N·M, T, V)`.
+    fn aggregate(&self, x: &Tensor, g: &Tensor, agg: Aggregation) -> Tensor {
+        let s = x.size();
+        let (c_in, rows, t, v) = (s[1], s[2] * s[3], s[3], s[4]);
+        let (k, c) = (self.k, self.c_out());
+        let agg_first = match agg {
+            Aggregation::ConvFirst => false,
+            Aggregation::AggFirst => true,
+            Aggregation::Auto => c_in < c,
+        };
+        let out = if agg_first {
+            // z[k, ci, r, w] = sum_v x[ci, r, v] g[k, v, w]
+            let z = x.view([1, c_in * rows, v]).matmul(g); // (K, C_in·R, W)
+            // W_c[c, (k, ci)] = weight[k·C + c, ci]
+            let wc = self.gcn.matrix().view([k, c, c_in]).permute([1, 0, 2]).reshape([c, k * c_in]);
+            let y = wc.mm(&z.view([k * c_in, rows * v]));
+            // bias: sum_k b[k, c] * sum_v g[k, v, w]
+            let bias = (self.gcn.bias.view([k, c, 1]) * g.sum_dim_intlist([1i64].as_slice(), true, None))
+                .sum_dim_intlist([0i64].as_slice(), false, None); // (C, W)
+            y.view([c, rows, v]) + bias.unsqueeze(1)
+        } else {
+            let y = self.gcn.bias.view([k * c, 1]).addmm(&self.gcn.matrix(), &x.view([c_in, rows * v]));
+            y.view([k, c * rows, v]).bmm(g).sum_dim_intlist([0i64].as_slice(), false, None)
+        };
+        out.view([1, c, s[2], t, v])
+    }
+
+    /// `tcn`: BN -> ReLU -> (kt, 1) conv with stride (s, 1) -> BN -> dropout.
+    /// `(1, C, N·M, T, V) -> (1, C, N·M, T', V)`.
+    fn tcn(&self, y: &Tensor, train: bool) -> Tensor {
+        let y = self.bn1.forward(y, train).relu();
+        let w = &self.conv.weight;
+        let pad = (w.size()[2] - 1) / 2;
+        let y = y.conv3d(&w.unsqueeze(2), Some(&self.conv.bias), [1, self.stride, 1], [0, pad, 0], [1, 1, 1], 1);
+        dropout(&self.bn2.forward(&y, train), self.dropout, train)
+    }
+
+    /// `relu(y + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` `(1, C_out, N·M, T', V)`.
+    fn add_residual(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
+        match &self.residual {
+            Residual::None => y.relu(),
+            Residual::Identity => (y + x).relu(),
+            Residual::Conv(conv, bn) => {
+                let xs = if self.stride > 1 {
+                    x.slice(3, 0, None, self.stride).contiguous()
+                } else {
+                    x.shallow_clone()
+                };
+                let s = xs.size();
+                let r = conv.bias.view([-1, 1]).addmm(&conv.matrix(), &xs.view([s[1], -1]));
+                let r = bn.forward(&r.view([1, conv.c_out(), s[2], s[3], s[4]]), train);
+                (y + r).relu()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::VarStore;
+    use tch::{Device, Kind};
+
+    fn tiny_cfg() -> StGcnConfig {
+        StGcnConfig { hidden_channels: 4, hidden_dim: 16, dropout: 0.0, ..Default::default() }
+    }
+
+    #[test]
+    fn default_has_official_parameter_count_and_names() {
+        let vs = VarStore::new(Device::Cpu);
+        let _net = StGcn::new(&vs.root(), &StGcnConfig::default(), &Layout::ntu25());
+        let vars = vs.variables();
+        let trainable: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(trainable, 821_380);
+        for name in [
+            "A",
+            "data_bn.running_var",
+            "data_bn.num_batches_tracked",
+            "st_gcn_networks.0.gcn.conv.weight",
+            "st_gcn_networks.4.residual.0.weight",
+            "st_gcn_networks.9.residual.1.running_mean",
+            "st_gcn_networks.3.tcn.2.weight",
+            "edge_importance.3",
+        ] {
+            assert!(vars.contains_key(name), "missing {name}");
+        }
+        assert!(!vars.contains_key("st_gcn_networks.1.residual.0.weight"));
+        assert_eq!(vars["st_gcn_networks.9.gcn.conv.weight"].size(), vec![768, 64, 1, 1]);
+        assert_eq!(vars["data_bn.num_batches_tracked"].kind(), Kind::Int64);
+    }
+
+    #[test]
+    fn formulations_agree_in_train_and_eval() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
+        let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Float, Device::Cpu));
+        let variants = [
+            (Formulation::Reference, Aggregation::Auto),
+            (Formulation::ChannelMajor, Aggregation::ConvFirst),
+            (Formulation::ChannelMajor, Aggregation::AggFirst),
+        ];
+        // Eval first (train mode updates the running statistics).
+        let mut evals = Vec::new();
+        for (f, a) in variants {
+            net.set_formulation(f);
+            net.set_aggregation(a);
+            let y = net.forward(&x, false);
+            assert_eq!(y.size(), vec![2, 16]);
+            evals.push(y);
+        }
+        let mut outs = Vec::new();
+        for ((f, a), y) in variants.into_iter().zip(evals) {
+            net.set_formulation(f);
+            net.set_aggregation(a);
+            let yt = tch::no_grad(|| net.forward(&x, true));
+            outs.push((y, yt));
+        }
+        for (y, yt) in &outs[1..] {
+            let d = (y - &outs[0].0).abs().max().double_value(&[]);
+            let dt = (yt - &outs[0].1).abs().max().double_value(&[]);
+            assert!(d < 1e-5 && dt < 1e-5, "eval diff {d}, train diff {dt}");
+        }
+    }
+    /// Process CPU seconds (user + system) from /proc/self/stat (Linux), for timing on a busy box.
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let after = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        // fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the ')'; 100 ticks/s.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Timing of one forward + backward at batch 128 x 2 bodies x 50 frames for each
+    /// formulation: `cargo test --lib bench_formulations -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_formulations() {
+        let batch: i64 = std::env::var("BENCH_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+        let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        tch::manual_seed(0);
+        let vs = VarStore::new(Device::Cpu);
+        let mut net = StGcn::new(&vs.root(), &StGcnConfig::default(), &Layout::ntu25());
+        let x = Tensor::randn([batch, 3, 50, 25, 2], (Kind::Float, Device::Cpu));
+        println!("threads {}", tch::get_num_threads());
+        for (f, a) in [
+            (Formulation::Reference, Aggregation::Auto),
+            (Formulation::ChannelMajor, Aggregation::ConvFirst),
+            (Formulation::ChannelMajor, Aggregation::AggFirst),
+            (Formulation::ChannelMajor, Aggregation::Auto),
+        ] {
+            net.set_formulation(f);
+            net.set_aggregation(a);
+            let mut best = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+            for _ in 0..reps {
+                vs.trainable_variables().iter_mut().for_each(|t| t.zero_grad());
+                let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
+                let y = net.forward(&x, true);
+                let (t1, c1) = (std::time::Instant::now(), cpu_seconds());
+                y.sum(Kind::Float).backward();
+                let (t2, c2) = (std::time::Instant::now(), cpu_seconds());
+                let fwd = (t1 - t0).as_secs_f64();
+                let tot = (t2 - t0).as_secs_f64();
+                if tot < best.1 {
+                    best = (fwd, tot, c1 - c0, c2 - c0);
+                }
+            }
+            println!(
+                "{f:?}/{a:?}: forward {:.3} s, forward+backward {:.3} s wall (cpu {:.2} s / {:.2} s)",
+                best.0, best.1, best.2, best.3
+            );
+        }
+    }
+}

@@ -1,1 +1,602 @@
-//! Configs mirroring the official YAML keys, with key=value overrides.
+//! Pre-training configuration mirroring the official CrosSCLR YAML keys (`work_dir`, `base_lr`,
+//! `step`, `num_epoch`, `batch_size`, `weight_decay`, `model_args`, `train_feeder_args`, `topk`,
+//! `context`, `cross_epoch`, `save_interval`, `view`, ...) plus our own keys (`model`, `seed`,
+//! `device`, `workers`, `layout`, `dataset` and the faithfulness flags).
+//!
+//! A config is read from YAML or TOML (by extension; YAML otherwise), then `key=value` overrides with
+//! dotted paths (`model_args.queue_size=1024`) are applied, values parsed as YAML scalars or lists.
+//! Unknown keys are an error naming the dotted key. Defaults are the official 3-view values
+//! (`config/CrosSCLR/crossclr_3views_xview.yaml`), so an official YAML loads as is.
+use crate::data::formats::{DatasetFormat, DatasetSpec};
+use crate::data::views::View;
+use crate::error::{Error, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Which self-supervised model to pre-train. Also accepts the official class paths
+/// (`net.skeletonclr.SkeletonCLR`, `net.crossclr.CrosSCLR`, `net.crossclr_3views.CrosSCLR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Single-view MoCo v2 on the view named by `view`.
+    Skeletonclr,
+    /// CrosSCLR with joint + motion (official `net/crossclr.py`).
+    Crossclr2,
+    /// CrosSCLR with joint + motion + bone (official `net/crossclr_3views.py`).
+    Crossclr3,
+}
+
+impl ModelKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "skeletonclr" | "net.skeletonclr.SkeletonCLR" => Some(Self::Skeletonclr),
+            "crossclr2" | "crossclr" | "net.crossclr.CrosSCLR" => Some(Self::Crossclr2),
+            "crossclr3" | "net.crossclr_3views.CrosSCLR" => Some(Self::Crossclr3),
+            _ => None,
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Skeletonclr => "skeletonclr",
+            Self::Crossclr2 => "crossclr2",
+            Self::Crossclr3 => "crossclr3",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ModelKind::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown model '{s}' (use skeletonclr, crossclr2, crossclr3 or an official class path)"
+            ))
+        })
+    }
+}
+
+/// `device`: our `cpu | cuda | cuda:N`, or the official list of GPU indices (`[0]` = `cuda:0`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceArg {
+    Name(String),
+    Gpus(Vec<usize>),
+}
+
+impl DeviceArg {
+    /// The `--device` string this stands for. Only single-device training is supported (the
+    /// official code is single-GPU too: its enqueue is wrong under DataParallel).
+    pub fn as_device_string(&self) -> Result<String> {
+        match self {
+            DeviceArg::Name(s) => Ok(s.clone()),
+            DeviceArg::Gpus(v) if v.len() == 1 => Ok(format!("cuda:{}", v[0])),
+            DeviceArg::Gpus(v) => Err(Error::config(format!(
+                "device: {v:?}: exactly one GPU index is supported (the MoCo queue is single-device)"
+            ))),
+        }
+    }
+}
+
+/// `model_args.graph_args` (official names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GraphArgs {
+    /// `ntu-rgb+d` (= our `ntu25`) or any layout name/file `Layout::resolve` accepts.
+    pub layout: String,
+    /// Only `spatial` is implemented.
+    pub strategy: String,
+    /// Official default 1; only 1 is implemented.
+    pub max_hop: usize,
+    /// Official default 1; only 1 is implemented.
+    pub dilation: usize,
+}
+
+impl Default for GraphArgs {
+    fn default() -> Self {
+        Self { layout: "ntu-rgb+d".into(), strategy: "spatial".into(), max_hop: 1, dilation: 1 }
+    }
+}
+
+/// `model_args` (official names; `Temperature` keeps its capital T).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelArgs {
+    /// Official `net.st_gcn.Model`; informational.
+    pub base_encoder: String,
+    /// Must be true for pre-training.
+    pub pretrain: bool,
+    /// Projection output size (128).
+    pub feature_dim: i64,
+    /// MoCo queue length K (32768); must be divisible by `batch_size`.
+    pub queue_size: i64,
+    /// Key-encoder EMA momentum m (0.999).
+    #[serde(deserialize_with = "de_f64")]
+    pub momentum: f64,
+    /// Softmax temperature tau (0.07).
+    #[serde(rename = "Temperature", deserialize_with = "de_f64")]
+    pub temperature: f64,
+    /// Two-layer MLP projection head (MoCo v2) instead of one Linear.
+    pub mlp: bool,
+    pub in_channels: i64,
+    /// ST-GCN base width (16 = 1/4 of the standard ST-GCN).
+    pub hidden_channels: i64,
+    /// Backbone output size (256).
+    pub hidden_dim: i64,
+    /// Unused in pre-training (the head is replaced); kept for the official key set.
+    pub num_class: i64,
+    #[serde(deserialize_with = "de_f64")]
+    pub dropout: f64,
+    pub graph_args: GraphArgs,
+    pub edge_importance_weighting: bool,
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self {
+            base_encoder: "net.st_gcn.Model".into(),
+            pretrain: true,
+            feature_dim: 128,
+            queue_size: 32768,
+            momentum: 0.999,
+            temperature: 0.07,
+            mlp: true,
+            in_channels: 3,
+            hidden_channels: 16,
+            hidden_dim: 256,
+            num_class: 60,
+            dropout: 0.5,
+            graph_args: GraphArgs::default(),
+            edge_importance_weighting: true,
+        }
+    }
+}
+
+/// `train_feeder_args` (official names, including the official spelling `temperal_padding_ratio`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeederArgs {
+    /// `*_position.npy` / `*_data.npy`, N x C x T x V x M float32. Ignored when `dataset` is set.
+    pub data_path: PathBuf,
+    /// `*_label.pkl`. Ignored when `dataset` is set.
+    pub label_path: PathBuf,
+    /// Shear amplitude (0.5); negative disables shear.
+    #[serde(deserialize_with = "de_f64")]
+    pub shear_amplitude: f64,
+    /// Temporal crop padding ratio (6, i.e. pad T/6 frames each side); 0 disables the crop.
+    pub temperal_padding_ratio: usize,
+    /// Memory-map the data file.
+    pub mmap: bool,
+}
+
+impl Default for FeederArgs {
+    fn default() -> Self {
+        Self {
+            data_path: PathBuf::from("data/NTU60_frame50/xview/train_position.npy"),
+            label_path: PathBuf::from("data/NTU-RGB-D/xview/train_label.pkl"),
+            shear_amplitude: 0.5,
+            temperal_padding_ratio: 6,
+            mmap: true,
+        }
+    }
+}
+
+/// The full pre-training configuration. See the module docs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PretrainConfig {
+    /// Output folder: resolved config, log, metrics, curve, checkpoints.
+    pub work_dir: PathBuf,
+    /// `skeletonclr | crossclr2 | crossclr3` (or an official class path).
+    pub model: ModelKind,
+    pub model_args: ModelArgs,
+    /// Official feeder class; informational (`feeder.ntu_feeder.Feeder_dual`).
+    pub train_feeder: String,
+    pub train_feeder_args: FeederArgs,
+    /// Our dataset description; when set it replaces `train_feeder_args.data_path/label_path`.
+    pub dataset: Option<DatasetSpec>,
+    /// Layout for `train_feeder_args` data (`ntu25`, ...). Default: from `model_args.graph_args`.
+    pub layout: Option<String>,
+    /// SkeletonCLR: the view to learn (`joint | motion | bone | bone_motion`). CrosSCLR: `all`.
+    pub view: String,
+    // --- optimisation (official names) ---
+    /// Only `SGD`.
+    pub optimizer: String,
+    #[serde(deserialize_with = "de_f64")]
+    pub base_lr: f64,
+    /// 1-based epochs after which the lr is multiplied by 0.1 (`lr = base * 0.1^#{s : epoch > s}`).
+    pub step: Vec<usize>,
+    pub num_epoch: usize,
+    /// Official key; must be 0 (use `--resume` to continue a run).
+    pub start_epoch: usize,
+    pub batch_size: usize,
+    /// Official key; unused in pre-training.
+    pub test_batch_size: usize,
+    #[serde(deserialize_with = "de_f64")]
+    pub weight_decay: f64,
+    /// Must be false (the official config uses plain momentum).
+    pub nesterov: bool,
+    /// SGD momentum; the official code hard-codes 0.9 (not to be confused with `model_args.momentum`).
+    #[serde(deserialize_with = "de_f64")]
+    pub sgd_momentum: f64,
+    // --- CrosSCLR ---
+    /// Neighbours mined per sample in CVC-KM (1).
+    pub topk: i64,
+    /// Use the context block `s_u * s_v` in CVC-KM.
+    pub context: bool,
+    /// Phase 2 (CVC-KM) runs for 1-based epochs `> cross_epoch`.
+    pub cross_epoch: usize,
+    // --- faithfulness flags (defaults reproduce the official code) ---
+    /// Motion/bone heads = own Linear(256,256)-ReLU followed by the joint head's two Linears, shared.
+    pub shared_head: bool,
+    /// In phase 2 only the motion key encoder is EMA-updated.
+    pub phase2_motion_ema_only: bool,
+    /// Key encoders get their own random init (the official `apply(weights_init)` runs after the copy).
+    pub independent_key_init: bool,
+    // --- logging and checkpoints ---
+    /// Save `epoch<N>` checkpoints every this many epochs (and `last` every epoch); -1 disables.
+    pub save_interval: i64,
+    /// Official key; no evaluation runs during pre-training.
+    pub eval_interval: i64,
+    /// Log a step line every this many steps.
+    pub log_interval: usize,
+    // --- our own ---
+    pub seed: u64,
+    /// `cpu | cuda | cuda:N` or the official `[0]`; `--device` overrides it.
+    pub device: DeviceArg,
+    /// Loader worker threads (official `num_worker`).
+    #[serde(alias = "num_worker")]
+    pub workers: usize,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            work_dir: PathBuf::from("work_dir/crossclr_3views"),
+            model: ModelKind::Crossclr3,
+            model_args: ModelArgs::default(),
+            train_feeder: "feeder.ntu_feeder.Feeder_dual".into(),
+            train_feeder_args: FeederArgs::default(),
+            dataset: None,
+            layout: None,
+            view: "all".into(),
+            optimizer: "SGD".into(),
+            base_lr: 0.1,
+            step: vec![250],
+            num_epoch: 300,
+            start_epoch: 0,
+            batch_size: 128,
+            test_batch_size: 128,
+            weight_decay: 1e-4,
+            nesterov: false,
+            sgd_momentum: 0.9,
+            topk: 1,
+            context: true,
+            cross_epoch: 150,
+            shared_head: true,
+            phase2_motion_ema_only: true,
+            independent_key_init: true,
+            save_interval: 5,
+            eval_interval: -1,
+            log_interval: 100,
+            seed: 0,
+            device: DeviceArg::Name("cpu".into()),
+            workers: 4,
+        }
+    }
+}
+
+/// Accepts a number or a numeric string (PyYAML reads `1e-4` as a string; so may other tools).
+fn de_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumOrStr {
+        Num(f64),
+        Str(String),
+    }
+    match NumOrStr::deserialize(d)? {
+        NumOrStr::Num(x) => Ok(x),
+        NumOrStr::Str(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| serde::de::Error::custom(format!("expected a number, got '{s}'"))),
+    }
+}
+
+impl PretrainConfig {
+    /// The official defaults for `model` (SkeletonCLR: joint view), e.g. for benchmarks.
+    pub fn with_model(model: ModelKind) -> Self {
+        let view = if model == ModelKind::Skeletonclr { "joint" } else { "all" };
+        Self { model, view: view.into(), ..Self::default() }
+    }
+
+    /// Reads `path` (YAML, or TOML when the extension is `.toml`), applies `key=value` overrides
+    /// and validates. Errors name the file and the offending key.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let is_toml = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        Self::from_text(&text, is_toml, path, overrides)
+    }
+
+    /// Parses config `text` (`is_toml` selects the syntax; `source` is for messages).
+    pub fn from_text(text: &str, is_toml: bool, source: &Path, overrides: &[String]) -> Result<Self> {
+        let mut tree: Value = if is_toml {
+            toml::from_str(text).map_err(|e| Error::input(source, "toml", e.to_string()))?
+        } else {
+            serde_yaml::from_str(text).map_err(|e| {
+                let place = e
+                    .location()
+                    .map(|l| format!("line {}", l.line()))
+                    .unwrap_or_else(|| "yaml".into());
+                Error::input(source, place, e.to_string())
+            })?
+        };
+        if tree.is_null() {
+            tree = Value::Object(Default::default());
+        }
+        if !tree.is_object() {
+            return Err(Error::input(source, "top level", "expected a mapping of keys"));
+        }
+        for o in overrides {
+            apply_override(&mut tree, o)?;
+        }
+        Self::from_tree(tree, source)
+    }
+
+    /// Builds the config from a parsed tree: checks for unknown keys, deserializes, validates.
+    fn from_tree(tree: Value, source: &Path) -> Result<Self> {
+        let schema = serde_json::to_value(Self::schema_example())
+            .map_err(|e| Error::Other(format!("config schema: {e}")))?;
+        check_known_keys(&tree, &schema, "", source)?;
+        let cfg: Self = serde_json::from_value(tree)
+            .map_err(|e| Error::input(source, "config", e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// A config with every optional key present, used as the key schema.
+    fn schema_example() -> Self {
+        Self {
+            dataset: Some(DatasetSpec {
+                format: DatasetFormat::Npy,
+                data: PathBuf::new(),
+                label: Some(PathBuf::new()),
+                layout: String::new(),
+                part: Some(String::new()),
+                mmap: true,
+            }),
+            layout: Some(String::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Checks value ranges and cross-key constraints.
+    pub fn validate(&self) -> Result<()> {
+        let a = &self.model_args;
+        let bad = |k: &str, what: String| Err(Error::config(format!("{k}: {what}")));
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be > 0".into());
+        }
+        if a.queue_size <= 0 || a.queue_size % self.batch_size as i64 != 0 {
+            return bad(
+                "model_args.queue_size",
+                format!(
+                    "{} must be a positive multiple of batch_size {} (the queue is written in whole batches)",
+                    a.queue_size, self.batch_size
+                ),
+            );
+        }
+        if a.temperature.is_nan() || a.temperature <= 0.0 {
+            return bad("model_args.Temperature", format!("{} must be > 0", a.temperature));
+        }
+        if !(0.0..=1.0).contains(&a.momentum) {
+            return bad("model_args.momentum", format!("{} must be in [0, 1]", a.momentum));
+        }
+        if !(0.0..1.0).contains(&a.dropout) {
+            return bad("model_args.dropout", format!("{} must be in [0, 1)", a.dropout));
+        }
+        if a.feature_dim <= 0 || a.hidden_dim <= 0 || a.hidden_channels <= 0 || a.in_channels <= 0 {
+            return bad("model_args", "feature_dim, hidden_dim, hidden_channels, in_channels must be > 0".into());
+        }
+        if !a.pretrain {
+            return bad("model_args.pretrain", "must be true for pre-training".into());
+        }
+        if a.graph_args.strategy != "spatial" || a.graph_args.max_hop != 1 || a.graph_args.dilation != 1 {
+            return bad(
+                "model_args.graph_args",
+                "only strategy 'spatial' with max_hop 1 and dilation 1 is implemented".into(),
+            );
+        }
+        if self.topk < 1 || self.topk > a.queue_size {
+            return bad("topk", format!("{} must be in 1..=queue_size", self.topk));
+        }
+        if self.num_epoch == 0 {
+            return bad("num_epoch", "must be > 0".into());
+        }
+        if self.start_epoch != 0 {
+            return bad("start_epoch", "must be 0; use --resume to continue a run".into());
+        }
+        if !self.optimizer.eq_ignore_ascii_case("sgd") {
+            return bad("optimizer", format!("'{}': only SGD is implemented", self.optimizer));
+        }
+        if self.nesterov {
+            return bad("nesterov", "Nesterov momentum is not implemented (the official config uses false)".into());
+        }
+        let lr_ok = self.base_lr.is_finite() && self.base_lr > 0.0;
+        let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
+        if !lr_ok || !wd_ok || !(0.0..1.0).contains(&self.sgd_momentum) {
+            return bad("base_lr/weight_decay/sgd_momentum", "out of range".into());
+        }
+        if self.save_interval == 0 {
+            return bad("save_interval", "must be > 0, or -1 to disable".into());
+        }
+        self.views()?;
+        self.device.as_device_string()?;
+        Ok(())
+    }
+
+    /// The views the model learns, in official order (joint first: it owns the shared head).
+    pub fn views(&self) -> Result<Vec<View>> {
+        match self.model {
+            ModelKind::Skeletonclr => {
+                let v = if self.view == "all" { "joint" } else { self.view.as_str() };
+                let view: View = v.parse().map_err(|_| {
+                    Error::config(format!("view: '{v}' (use joint, motion, bone or bone_motion)"))
+                })?;
+                Ok(vec![view])
+            }
+            ModelKind::Crossclr2 | ModelKind::Crossclr3 => {
+                if self.view != "all" {
+                    return Err(Error::config(format!(
+                        "view: '{}': CrosSCLR pre-trains all its views; use view: all",
+                        self.view
+                    )));
+                }
+                Ok(if self.model == ModelKind::Crossclr2 {
+                    vec![View::Joint, View::Motion]
+                } else {
+                    vec![View::Joint, View::Motion, View::Bone]
+                })
+            }
+        }
+    }
+
+    /// The layout name for `train_feeder_args` data: `layout`, else `graph_args.layout`
+    /// (`ntu-rgb+d` -> `ntu25`).
+    pub fn layout_name(&self) -> String {
+        if let Some(l) = &self.layout {
+            return l.clone();
+        }
+        match self.model_args.graph_args.layout.as_str() {
+            "ntu-rgb+d" => "ntu25".into(),
+            other => other.into(),
+        }
+    }
+
+    /// The training dataset: `dataset` if set, else built from `train_feeder_args`.
+    pub fn dataset_spec(&self) -> DatasetSpec {
+        self.dataset.clone().unwrap_or_else(|| DatasetSpec {
+            format: DatasetFormat::Npy,
+            data: self.train_feeder_args.data_path.clone(),
+            label: Some(self.train_feeder_args.label_path.clone()),
+            layout: self.layout_name(),
+            part: None,
+            mmap: self.train_feeder_args.mmap,
+        })
+    }
+
+    /// The resolved config as YAML (what `work_dir/config.yaml` holds).
+    pub fn to_yaml(&self) -> Result<String> {
+        serde_yaml::to_string(self).map_err(|e| Error::Other(format!("config to yaml: {e}")))
+    }
+}
+
+/// Applies one `dotted.key=value` override to the tree; the value is parsed as YAML
+/// (scalar, `[list]` or `{map}`), falling back to a plain string.
+pub fn apply_override(tree: &mut Value, spec: &str) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| Error::config(format!("override '{spec}': expected key=value")))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
+        return Err(Error::config(format!("override '{spec}': empty key")));
+    }
+    let value: Value =
+        serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut node = tree;
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = Value::Object(Default::default());
+        }
+        let map = node.as_object_mut().ok_or_else(|| {
+            Error::config(format!(
+                "override '{spec}': '{}' is not a mapping",
+                parts[..i].join(".")
+            ))
+        })?;
+        if i + 1 == parts.len() {
+            map.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = map.entry(part.to_string()).or_insert(Value::Null);
+    }
+    Ok(())
+}
+
+/// Recursively checks every key of `tree` exists in `schema`; the error names the dotted key.
+fn check_known_keys(tree: &Value, schema: &Value, prefix: &str, source: &Path) -> Result<()> {
+    let (Some(t), Some(s)) = (tree.as_object(), schema.as_object()) else {
+        return Ok(());
+    };
+    for (k, v) in t {
+        let dotted = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        // `num_worker` is the official alias of `workers`.
+        let lookup = if prefix.is_empty() && k == "num_worker" { "workers" } else { k.as_str() };
+        match s.get(lookup) {
+            None => {
+                let mut known: Vec<&String> = s.keys().collect();
+                known.sort();
+                let known: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+                return Err(Error::input(
+                    source,
+                    format!("key '{dotted}'"),
+                    format!("unknown key (known here: {})", known.join(", ")),
+                ));
+            }
+            Some(sub) => check_known_keys(v, sub, &dotted, source)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, ov: &[&str]) -> Result<PretrainConfig> {
+        let ov: Vec<String> = ov.iter().map(|s| s.to_string()).collect();
+        PretrainConfig::from_text(text, false, Path::new("t.yaml"), &ov)
+    }
+
+    #[test]
+    fn official_yaml_keys_load() {
+        let text = "work_dir: w\ntrain_feeder: feeder.ntu_feeder.Feeder_dual\ntrain_feeder_args:\n  data_path: a.npy\n  label_path: b.pkl\n  shear_amplitude: 0.5\n  temperal_padding_ratio: 6\n  mmap: True\nmodel: net.crossclr_3views.CrosSCLR\nmodel_args:\n  base_encoder: net.st_gcn.Model\n  pretrain: True\n  feature_dim: 128\n  queue_size: 32768\n  momentum: 0.999\n  Temperature: 0.07\n  mlp: True\n  in_channels: 3\n  hidden_channels: 16\n  hidden_dim: 256\n  num_class: 60\n  dropout: 0.5\n  graph_args:\n    layout: 'ntu-rgb+d'\n    strategy: 'spatial'\n  edge_importance_weighting: True\nnesterov: False\nweight_decay: 1e-4\nbase_lr: 0.1\noptimizer: SGD\nstep: [250]\ndevice: [0]\nbatch_size: 128\ntest_batch_size: 128\nnum_epoch: 300\nstart_epoch: 0\ntopk: 1\nview: 'all'\ncross_epoch: 150\ncontext: True\nsave_interval: 5\neval_interval: -1\n";
+        let c = parse(text, &[]).unwrap();
+        assert_eq!(c.model, ModelKind::Crossclr3);
+        assert!((c.weight_decay - 1e-4).abs() < 1e-12);
+        assert_eq!(c.device.as_device_string().unwrap(), "cuda:0");
+        assert_eq!(c.layout_name(), "ntu25");
+        assert_eq!(c.views().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn overrides_and_unknown_keys() {
+        let c = parse("model: skeletonclr\nview: motion\n", &["model_args.queue_size=1024", "step=[3, 5]", "base_lr=1e-2", "batch_size=32"]).unwrap();
+        assert_eq!(c.model_args.queue_size, 1024);
+        assert_eq!(c.step, vec![3, 5]);
+        assert_eq!(c.base_lr, 0.01);
+        assert_eq!(c.views().unwrap(), vec![View::Motion]);
+        let e = parse("model_args:\n  queue_sise: 10\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("model_args.queue_sise"), "{e}");
+        let e = parse("", &["foo.bar=1"]).unwrap_err().to_string();
+        assert!(e.contains("'foo'"), "{e}");
+        let e = parse("batch_size: 100\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("queue_size"), "{e}");
+    }
+
+    #[test]
+    fn toml_and_roundtrip() {
+        let c = PretrainConfig::from_text(
+            "model = \"crossclr2\"\nbatch_size = 8\n[model_args]\nqueue_size = 64\n",
+            true,
+            Path::new("t.toml"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.model_args.queue_size, 64);
+        let y = c.to_yaml().unwrap();
+        let back = PretrainConfig::from_text(&y, false, Path::new("r.yaml"), &[]).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,1 +1,141 @@
-//! work_dir log and metrics files.
+//! The work_dir log (`log.txt`, also echoed to stdout) and per-epoch metrics (`metrics.jsonl`,
+//! `metrics.csv`, `loss.png`).
+use crate::error::{Error, Result};
+use crate::train::atomic::write_atomic;
+use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One epoch's metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// 1 = MoCo, 2 = CVC-KM.
+    pub phase: u8,
+    pub lr: f64,
+    /// Mean total loss over the epoch's steps.
+    pub loss: f64,
+    /// Mean loss per view, `(view name, loss)` in view order.
+    pub view_losses: Vec<(String, f64)>,
+    pub steps: usize,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+}
+
+/// Writes the log and the metric files of a run.
+pub struct RunLogger {
+    dir: PathBuf,
+    log: std::fs::File,
+    /// Lines are printed through the bar (so it is not garbled) when one is set.
+    bar: Option<ProgressBar>,
+    pub echo: bool,
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC of the system clock.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+impl RunLogger {
+    /// Opens (appends to) `dir/log.txt`.
+    pub fn open(dir: &Path, echo: bool) -> Result<Self> {
+        let path = dir.join("log.txt");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(RunLogger { dir: dir.to_path_buf(), log, bar: None, echo })
+    }
+
+    pub fn set_bar(&mut self, bar: Option<ProgressBar>) {
+        self.bar = bar;
+    }
+
+    /// A timestamped line in the log (and on stdout).
+    pub fn line(&mut self, msg: &str) {
+        let text = format!("[{}] {msg}", utc_now());
+        let _ = writeln!(self.log, "{text}");
+        if self.echo {
+            match &self.bar {
+                Some(b) if !b.is_hidden() => b.println(&text),
+                _ => println!("{text}"),
+            }
+        }
+    }
+
+    /// Rewrites `metrics.jsonl`, `metrics.csv` and `loss.png` from all records so far.
+    pub fn write_metrics(&self, records: &[EpochRecord]) -> Result<()> {
+        let mut jsonl = String::new();
+        for r in records {
+            jsonl.push_str(&serde_json::to_string(r).map_err(|e| Error::Other(e.to_string()))?);
+            jsonl.push('\n');
+        }
+        write_atomic(&self.dir.join("metrics.jsonl"), jsonl.as_bytes())?;
+        let views: Vec<String> =
+            records.first().map(|r| r.view_losses.iter().map(|(v, _)| v.clone()).collect()).unwrap_or_default();
+        let mut csv = String::from("epoch,phase,lr,loss");
+        for v in &views {
+            csv.push_str(&format!(",loss_{v}"));
+        }
+        csv.push_str(",steps,seconds,samples_per_second\n");
+        for r in records {
+            csv.push_str(&format!("{},{},{},{}", r.epoch, r.phase, r.lr, r.loss));
+            for (_, l) in &r.view_losses {
+                csv.push_str(&format!(",{l}"));
+            }
+            csv.push_str(&format!(",{},{:.3},{:.2}\n", r.steps, r.seconds, r.samples_per_second));
+        }
+        write_atomic(&self.dir.join("metrics.csv"), csv.as_bytes())?;
+        let mut series: Vec<(String, Vec<(f64, f64)>)> =
+            vec![("total".into(), records.iter().map(|r| (r.epoch as f64, r.loss)).collect())];
+        if views.len() > 1 {
+            for (i, v) in views.iter().enumerate() {
+                series.push((
+                    v.clone(),
+                    records.iter().filter_map(|r| r.view_losses.get(i).map(|x| (r.epoch as f64, x.1))).collect(),
+                ));
+            }
+        }
+        let series: Vec<(&str, Vec<(f64, f64)>)> = series.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+        crate::plot::line_chart(&self.dir.join("loss.png"), "pre-training loss", "epoch", "loss", &series)
+    }
+}
+
+/// Reads `metrics.jsonl` of `dir` (empty when absent), keeping epochs `<= up_to`.
+pub fn read_records(dir: &Path, up_to: usize) -> Result<Vec<EpochRecord>> {
+    let path = dir.join("metrics.jsonl");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: EpochRecord = serde_json::from_str(line)
+            .map_err(|e| Error::input(&path, format!("line {}", i + 1), e.to_string()))?;
+        if r.epoch <= up_to {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}

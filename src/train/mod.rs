@@ -1,6 +1,6 @@
-//! Pre-training: config, schedule, loop, checkpoints, logging.
-pub mod checkpoint;
+//! Pre-training: config, schedule, optimizer, loop, checkpoints, logging.
+pub mod atomic;
 pub mod config;
 pub mod logger;
-pub mod pretrain;
 pub mod schedule;
+pub mod sgd;

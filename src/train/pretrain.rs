@@ -1,1 +1,285 @@
-//! The pre-training loop.
+//! The pre-training loop: per epoch set the lr (step schedule) and the torch seed from
+//! (seed, epoch), run the loader's batches (a pure function of (seed, epoch)) through
+//! [`Pretrainer::train_step`], then write metrics, the loss curve and checkpoints (`last` every
+//! epoch, `epoch<N>` every `save_interval`). `--resume` continues from `last` exactly.
+//!
+//! work_dir contents: `config.yaml` (resolved), `log.txt`, `metrics.jsonl`, `metrics.csv`,
+//! `loss.png`, `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
+use crate::data::augment::AugmentConfig;
+use crate::data::loader::{batches_per_epoch, try_epoch_batches, LoaderConfig};
+use crate::data::SkeletonDataset;
+use crate::error::{Error, Result};
+use crate::ssl::trainer::{Pretrainer, NON_FINITE};
+use crate::train::checkpoint::{self, CheckpointMeta};
+use crate::train::config::PretrainConfig;
+use crate::train::logger::{read_records, EpochRecord, RunLogger};
+use crate::train::schedule::step_lr;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::Device;
+
+/// Name of the rolling checkpoint written after every epoch.
+pub const LAST: &str = "last";
+
+/// How to run (beyond the config).
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Continue from `work_dir/last.*`.
+    pub resume: bool,
+    /// Overrides `cfg.device` (`cpu | cuda | cuda:N`).
+    pub device: Option<String>,
+    /// Show a progress bar (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+    /// Echo log lines to stdout.
+    pub echo: bool,
+    /// Use this dataset instead of opening `cfg.dataset_spec()` (tests, demo).
+    pub dataset: Option<Arc<SkeletonDataset>>,
+    /// Fault injection for tests: make the inputs NaN from this 1-based epoch on.
+    pub inject_nan_from_epoch: Option<usize>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub work_dir: PathBuf,
+    /// First and last epoch run by this invocation (1-based, inclusive); equal+1 if none ran.
+    pub first_epoch: usize,
+    pub last_epoch: usize,
+    /// All epoch records of the run (including those before a resume).
+    pub records: Vec<EpochRecord>,
+    /// The `last` checkpoint's weights file.
+    pub last_checkpoint: PathBuf,
+    pub device: Device,
+    pub steps_per_epoch: usize,
+}
+
+/// The torch seed of 1-based `epoch` (SplitMix64 of the run seed and the epoch), so dropout is
+/// reproducible and resumable.
+pub fn epoch_seed(seed: u64, epoch: usize) -> i64 {
+    let mut z = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// Runs pre-training as the config says (no resume, device from the config).
+pub fn run(cfg: &PretrainConfig) -> Result<Summary> {
+    run_with(cfg, &RunOptions { progress: true, echo: true, ..Default::default() })
+}
+
+/// Runs pre-training with options.
+pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
+    cfg.validate()?;
+    let device_name = match &opts.device {
+        Some(d) => d.clone(),
+        None => cfg.device.as_device_string()?,
+    };
+    let device = crate::device::parse_device(&device_name)?;
+    let dir = cfg.work_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let existing = checkpoint::read_meta(&dir, LAST)?;
+    if existing.is_some() && !opts.resume {
+        return Err(Error::config(format!(
+            "{} already holds a run (last.json); pass --resume to continue it or choose another work_dir",
+            dir.display()
+        )));
+    }
+    let mut log = RunLogger::open(&dir, opts.echo)?;
+    checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
+
+    let dataset = match &opts.dataset {
+        Some(d) => Arc::clone(d),
+        None => Arc::new(crate::data::formats::open(&cfg.dataset_spec())?),
+    };
+    let loader_cfg = LoaderConfig {
+        batch_size: cfg.batch_size,
+        shuffle: true,
+        drop_last: true,
+        num_views: 2,
+        augment: Some(AugmentConfig {
+            shear_amplitude: cfg.train_feeder_args.shear_amplitude,
+            temporal_padding_ratio: cfg.train_feeder_args.temperal_padding_ratio,
+        }),
+        seed: cfg.seed,
+        workers: cfg.workers,
+        prefetch: 2 * cfg.workers.max(1),
+    };
+    loader_cfg.validate(&dataset)?;
+    let steps = batches_per_epoch(dataset.len(), &loader_cfg);
+    if steps == 0 {
+        return Err(Error::config(format!(
+            "batch_size {} exceeds the {} training samples of {} (drop_last leaves no batch)",
+            cfg.batch_size,
+            dataset.len(),
+            dataset.source.display()
+        )));
+    }
+    let in_channels = dataset.shape[1] as i64;
+    if in_channels != cfg.model_args.in_channels {
+        return Err(Error::config(format!(
+            "model_args.in_channels {} but {} has {in_channels} channels",
+            cfg.model_args.in_channels,
+            dataset.source.display()
+        )));
+    }
+
+    tch::manual_seed(epoch_seed(cfg.seed, 0));
+    let mut trainer = Pretrainer::from_config(cfg, &dataset.layout, device)?;
+    let mut start_epoch = 1;
+    let mut global_step: u64 = 0;
+    let mut records = Vec::new();
+    if opts.resume {
+        let meta = checkpoint::load(&dir, LAST, &mut trainer)?;
+        if meta.model != cfg.model.name() || meta.seed != cfg.seed {
+            return Err(Error::config(format!(
+                "resume: checkpoint is model {} seed {}, config says {} seed {}",
+                meta.model,
+                meta.seed,
+                cfg.model.name(),
+                cfg.seed
+            )));
+        }
+        start_epoch = meta.epoch + 1;
+        global_step = meta.global_step;
+        records = read_records(&dir, meta.epoch)?;
+        log.line(&format!("resumed from {} at epoch {}", dir.join("last.json").display(), meta.epoch));
+    }
+    log.line(&format!(
+        "model {} views [{}] on {device_name}: {} trainable parameters; {} samples, {steps} steps/epoch, epochs {start_epoch}..={}",
+        cfg.model.name(),
+        trainer.model.branches.iter().map(|b| b.view.name()).collect::<Vec<_>>().join(", "),
+        trainer.model.num_trainable(),
+        dataset.len(),
+        cfg.num_epoch
+    ));
+
+    let total = (cfg.num_epoch + 1).saturating_sub(start_epoch) * steps;
+    let bar = if opts.progress && total > 0 {
+        let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta_precise}]",
+        ) {
+            b.set_style(style);
+        }
+        Some(b)
+    } else {
+        None
+    };
+    log.set_bar(bar.clone());
+    let (_, _, last_json) = checkpoint::paths(&dir, LAST);
+    let mut last_weights = checkpoint::paths(&dir, LAST).0;
+
+    for epoch in start_epoch..=cfg.num_epoch {
+        let lr = step_lr(cfg.base_lr, &cfg.step, epoch);
+        trainer.set_lr(lr);
+        tch::manual_seed(epoch_seed(cfg.seed, epoch));
+        let started = Instant::now();
+        let loader = try_epoch_batches(Arc::clone(&dataset), &loader_cfg, epoch)?;
+        let mut sum = 0.0;
+        let mut view_sums = vec![0.0; trainer.model.branches.len()];
+        let mut n_steps = 0usize;
+        let mut samples = 0usize;
+        let mut phase = 1;
+        for batch in loader {
+            let (mut x_q, x_k) = (batch.views[0].shallow_clone(), batch.views[1].shallow_clone());
+            if opts.inject_nan_from_epoch.is_some_and(|e| epoch >= e) {
+                x_q = x_q * f64::NAN;
+            }
+            let stats = match trainer.train_step(&x_q, &x_k, epoch) {
+                Ok(s) => s,
+                Err(e) if e.to_string().starts_with(NON_FINITE) => {
+                    let good = if last_json.exists() {
+                        format!("the last good checkpoint is {}", last_weights.display())
+                    } else {
+                        "no checkpoint was written yet".to_string()
+                    };
+                    let msg = format!(
+                        "stopping: {e} at epoch {epoch}, step {} of {steps} (lr {lr}); {good}",
+                        n_steps + 1
+                    );
+                    log.line(&msg);
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
+                    return Err(Error::Other(msg));
+                }
+                Err(e) => return Err(e),
+            };
+            global_step += 1;
+            n_steps += 1;
+            samples += stats.batch;
+            phase = stats.phase;
+            sum += stats.loss;
+            for (s, (_, l)) in view_sums.iter_mut().zip(&stats.view_losses) {
+                *s += l;
+            }
+            if cfg.log_interval > 0 && global_step % cfg.log_interval as u64 == 0 {
+                log.line(&format!("epoch {epoch} step {n_steps}/{steps}: loss {:.4} lr {lr}", stats.loss));
+            }
+            if let Some(b) = &bar {
+                b.set_message(format!("{epoch}/{} loss {:.3}", cfg.num_epoch, stats.loss));
+                b.inc(1);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let record = EpochRecord {
+            epoch,
+            phase,
+            lr,
+            loss: sum / n_steps as f64,
+            view_losses: trainer
+                .model
+                .branches
+                .iter()
+                .zip(&view_sums)
+                .map(|(b, s)| (b.view.name().to_string(), s / n_steps as f64))
+                .collect(),
+            steps: n_steps,
+            seconds,
+            samples_per_second: samples as f64 / seconds.max(1e-9),
+        };
+        let views: Vec<String> = record.view_losses.iter().map(|(v, l)| format!("{v} {l:.4}")).collect();
+        log.line(&format!(
+            "epoch {epoch} (phase {phase}, lr {lr}): loss {:.4} [{}], {seconds:.1} s, {:.1} samples/s",
+            record.loss,
+            views.join(", "),
+            record.samples_per_second
+        ));
+        records.push(record);
+        log.write_metrics(&records)?;
+        let meta = CheckpointMeta {
+            format: String::new(),
+            epoch,
+            global_step,
+            queue_ptr: 0,
+            model: cfg.model.name().into(),
+            seed: cfg.seed,
+            rng: "loader order/augmentation and tch::manual_seed derived from (seed, epoch) at each epoch start".into(),
+            lr,
+            weights_file: String::new(),
+            weights_bytes: 0,
+            state_file: String::new(),
+            state_bytes: 0,
+        };
+        if cfg.save_interval > 0 && (epoch % cfg.save_interval as usize == 0 || epoch == cfg.num_epoch) {
+            let p = checkpoint::save(&dir, &format!("epoch{epoch}"), &trainer, meta.clone())?;
+            log.line(&format!("saved {}", p.display()));
+        }
+        last_weights = checkpoint::save(&dir, LAST, &trainer, meta)?;
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    log.line("done");
+    Ok(Summary {
+        work_dir: dir,
+        first_epoch: start_epoch,
+        last_epoch: cfg.num_epoch,
+        records,
+        last_checkpoint: last_weights,
+        device,
+        steps_per_epoch: steps,
+    })
+}

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# One device call (<= 8 minutes, about 5-6 on an H100): our `crossclr bench` against the PyTorch
+# baseline (scripts/pytorch_baseline.py) for SkeletonCLR, CrosSCLR-3 phase 1 and CrosSCLR-3 phase 2
+# at batch 128, plus the CUDA parity check of the encoder against the official fixture.
+#
+# Usage (from the repository root on the device machine):
+#   BIN=.devbin/crossclr bash scripts/device_bench.sh
+# BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
+# carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
+# final table on stdout. EXTRA=1 adds a graph run with libtorch's default TF32 flags. Every stage runs under `timeout`, so one hang cannot eat the budget.
+set -u
+BIN=${BIN:-.devbin/crossclr}
+OUT=${OUT:-/tmp/device_bench_out}
+PY=${PY:-python3}
+ITERS=${ITERS:-20}
+WARMUP=${WARMUP:-3}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-60}
+mkdir -p "$OUT"
+JSONL="$OUT/bench.jsonl"
+LOG="$OUT/device_bench.log"
+: >"$JSONL"
+: >"$LOG"
+export PYTHONUNBUFFERED=1
+T_START=$(date +%s)
+
+say() { echo "[$(($(date +%s) - T_START))s] $*" | tee -a "$LOG"; }
+
+# Runs one benchmark command under a timeout; its last stdout line (the JSON object) goes to $JSONL.
+run_json() {
+    local label=$1
+    shift
+    local tmp
+    tmp=$(mktemp)
+    if timeout "$STAGE_TIMEOUT" "$@" >"$tmp" 2>>"$LOG"; then
+        local line
+        line=$(grep '^{' "$tmp" | tail -n 1)
+        if [ -n "$line" ]; then
+            echo "$line" >>"$JSONL"
+            say "ok   $label"
+        else
+            say "FAIL $label: no JSON output"
+        fi
+    else
+        say "FAIL $label (exit $?; see $LOG)"
+        tail -n 5 "$tmp" | tee -a "$LOG"
+    fi
+    rm -f "$tmp"
+}
+
+say "== device"
+nvidia-smi -L 2>&1 | tee -a "$LOG"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+TORCH_DIR=$($PY -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>>"$LOG")
+if [ -z "$TORCH_DIR" ]; then
+    say "FATAL: $PY cannot import torch"
+    exit 1
+fi
+export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
+
+HAVE_BIN=1
+if [ ! -x "$BIN" ]; then
+    say "FATAL: binary $BIN missing or not executable (carry the release build)"
+    HAVE_BIN=0
+else
+    say "== smoke test: $BIN bench on cuda (tiny)"
+    if ! timeout 60 "$BIN" bench --model crossclr3 --phase 2 --batch 8 --queue-size 64 --frames 20 \
+        --warmup 1 --iters 2 --device cuda --json 2>&1 | tee -a "$LOG"; then
+        say "FAIL: our binary does not run on CUDA here (missing libs? ldd follows)"
+        ldd "$BIN" | grep -E "not found|torch|c10" | tee -a "$LOG"
+        HAVE_BIN=0
+    fi
+    if [ $HAVE_BIN = 1 ]; then
+        say "== smoke test: CUDA graph capture (tiny)"
+        timeout 60 "$BIN" bench --model crossclr3 --phase 2 --batch 8 --queue-size 64 --frames 20 \
+            --warmup 1 --iters 2 --device cuda --graph on --json 2>&1 | tee -a "$LOG" ||
+            say "FAIL: graph capture (the graph rows below will fail too)"
+    fi
+fi
+
+COMMON="--batch 128 --warmup $WARMUP --iters $ITERS --device cuda --json"
+for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
+    set -- $cfg
+    model=$1
+    phase=$2
+    say "== $model phase $phase"
+    run_json "pytorch eager $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode eager \
+        --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
+    run_json "pytorch tuned $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode tuned \
+        --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
+    if [ $HAVE_BIN = 1 ]; then
+        run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference
+        run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast
+        run_json "ours fast+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
+            --tf32 on --cudnn-benchmark on
+        run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
+            --tf32 on --cudnn-benchmark on --graph on
+        if [ "${EXTRA:-0}" = 1 ]; then
+            run_json "ours graph (defaults) $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
+                --step fast --graph on
+        fi
+    fi
+done
+
+if [ $HAVE_BIN = 1 ] && [ -d tests/fixtures/official ]; then
+    say "== parity: encoder on CUDA vs the official fixture"
+    for tf in off default on; do
+        timeout 60 "$BIN" bench --parity-fixture tests/fixtures/official --device cuda --tf32 "$tf" --json \
+            2>>"$LOG" | grep '^{' | tee -a "$JSONL" || say "FAIL parity (tf32 $tf)"
+    done
+fi
+
+say "== table"
+$PY - "$JSONL" <<'EOF' | tee -a "$LOG"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+bench = [r for r in rows if 'ms_median' in r]
+for r in rows:
+    if 'parity' in r:
+        print(f"parity {r.get('device_name','?')}: tf32 {r.get('tf32')} {r.get('tf32_state')}: "
+              f"train vs fixture rel {r.get('train_rel_diff'):.3g}, eval vs CPU rel {r.get('eval_rel_diff'):.3g} "
+              f"(max abs {r.get('max_abs_diff'):.3g}; eval vs fixture rel {r.get('eval_fixture_rel_diff'):.3g}) "
+              f"tol {r.get('tolerance'):g} -> {'PASS' if r.get('pass') else 'FAIL'}")
+keys = sorted({(r['model'], r['phase']) for r in bench}, key=lambda k: (k[0] != 'skeletonclr', k))
+def label(r):
+    if r['impl'] == 'pytorch':
+        return 'pytorch ' + r['mode']
+    m = r['mode'] + ('' if r['tf32'] == 'default' else ' tf32=' + r['tf32'])
+    return 'ours ' + m + (' cudnn-bench' if r['cudnn_benchmark'] else '')
+print(f"{'model':<12}{'ph':>3}  {'run':<40}{'ms med':>9}{'ms min':>9}{'pipel.':>9}{'peak MiB':>10}{'eager/x':>9}{'tuned/x':>9}")
+for key in keys:
+    rs = [r for r in bench if (r['model'], r['phase']) == key]
+    eager = next((r['ms_median'] for r in rs if r['impl'] == 'pytorch' and r['mode'] == 'eager'), None)
+    tuned = next((r['ms_median'] for r in rs if r['impl'] == 'pytorch' and r['mode'] == 'tuned'), None)
+    for r in rs:
+        ms = r['ms_median']
+        pip = r.get('ms_pipelined')
+        peak = (r.get('peak_bytes') or 0) / 2**20
+        e = f"{eager / ms:.2f}" if eager else '-'
+        t = f"{tuned / ms:.2f}" if tuned else '-'
+        print(f"{key[0]:<12}{key[1]:>3}  {label(r):<40}{ms:9.2f}{r['ms_min']:9.2f}"
+              f"{(f'{pip:9.2f}' if pip else '        -')}{peak:10.1f}{e:>9}{t:>9}")
+print("eager/x, tuned/x: PyTorch eager / tuned median ms over this row's median ms (> 1 = faster than PyTorch)")
+EOF
+say "done in $(($(date +%s) - T_START)) s; JSON in $JSONL"

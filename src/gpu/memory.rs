@@ -1,0 +1,119 @@
+//! Device names and peak-memory statistics (CUDA caching allocator, or the process's peak RSS).
+use super::ffi;
+use crate::error::{Error, Result};
+use tch::Device;
+
+/// Caching-allocator statistics of one CUDA device, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaMemory {
+    /// Peak bytes held by tensors since the last [`reset_peak`] (`torch.cuda.max_memory_allocated`).
+    pub peak_allocated: i64,
+    /// Bytes held by tensors now (`torch.cuda.memory_allocated`).
+    pub current_allocated: i64,
+    /// Peak bytes reserved from the driver (`torch.cuda.max_memory_reserved`).
+    pub peak_reserved: i64,
+}
+
+fn cuda_index(device: Device) -> Result<i32> {
+    match device {
+        Device::Cuda(i) => Ok(i as i32),
+        other => Err(Error::config(format!("{other:?} is not a CUDA device"))),
+    }
+}
+
+/// Statistics of the CUDA caching allocator for `device`.
+pub fn cuda_memory(device: Device) -> Result<CudaMemory> {
+    let index = cuda_index(device)?;
+    #[cfg(not(crossclr_no_shim))]
+    {
+        let mut m = CudaMemory::default();
+        // SAFETY: the out-pointers are valid for the call.
+        ffi::call("cuda_memory", |err| unsafe {
+            ffi::crossclr_cuda_memory_stats(
+                index,
+                &mut m.peak_allocated,
+                &mut m.current_allocated,
+                &mut m.peak_reserved,
+                err,
+            )
+        })?;
+        Ok(m)
+    }
+    #[cfg(crossclr_no_shim)]
+    {
+        let _ = index;
+        Err(ffi::no_shim("cuda_memory"))
+    }
+}
+
+/// Resets the peak statistics of `device` (`torch.cuda.reset_peak_memory_stats`).
+pub fn reset_peak(device: Device) -> Result<()> {
+    let index = cuda_index(device)?;
+    #[cfg(not(crossclr_no_shim))]
+    {
+        // SAFETY: no pointers.
+        ffi::call("reset_peak", |err| unsafe { ffi::crossclr_cuda_reset_peak(index, err) })
+    }
+    #[cfg(crossclr_no_shim)]
+    {
+        let _ = index;
+        Err(ffi::no_shim("reset_peak"))
+    }
+}
+
+/// The device's name: the CUDA device name (e.g. "NVIDIA H100 80GB HBM3"), or "cpu: <model>"
+/// from /proc/cpuinfo.
+pub fn device_name(device: Device) -> Result<String> {
+    match device {
+        Device::Cuda(i) => cuda_name(i as i32),
+        _ => Ok(cpu_name()),
+    }
+}
+
+fn cuda_name(index: i32) -> Result<String> {
+    #[cfg(not(crossclr_no_shim))]
+    {
+        // Room for cudaDeviceProp::name (256 bytes).
+        let mut buf = vec![0u8; 257];
+        // SAFETY: buf is valid for buf.len() bytes; the shim NUL-terminates.
+        ffi::call("device_name", |err| unsafe {
+            ffi::crossclr_cuda_device_name(index, buf.as_mut_ptr().cast(), buf.len(), err)
+        })?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+    #[cfg(crossclr_no_shim)]
+    {
+        let _ = index;
+        Err(ffi::no_shim("device_name"))
+    }
+}
+
+/// "cpu: <model name> (<n> threads)" from /proc/cpuinfo, or "cpu".
+pub fn cpu_name() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    });
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    match model {
+        Some(m) => format!("cpu: {m} ({threads} threads)"),
+        None => "cpu".to_string(),
+    }
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM` of /proc/self/status), if readable.
+pub fn peak_rss_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resets the kernel's peak-RSS counter (`VmHWM`) by writing "5" to /proc/self/clear_refs
+/// (Linux >= 4.0); returns false where that is not allowed.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}

@@ -1,0 +1,72 @@
+//! GPU acceleration through a small C++ shim over libtorch (csrc/shim.cpp, built by build.rs):
+//! CUDA-graph capture of whole training steps, TF32 / cuDNN-autotuning switches, multi-tensor EMA
+//! and fused SGD updates, and CUDA memory statistics.
+//!
+//! The shim is optional: without libtorch headers the crate is built with `--cfg crossclr_no_shim`
+//! and every function here returns an error saying so; without CUDA headers it is built CPU-only
+//! (the foreach updates work, graphs and CUDA statistics return an error). [`shim_status`] says
+//! which. See docs/gpu.md for measurements.
+//!
+//! # Capture-safety rules for a training step
+//!
+//! A CUDA graph records the kernels a step launches, with their *addresses and scalar arguments
+//! frozen*; a replay re-runs exactly those kernels. A step is capture-safe when:
+//!
+//! 1. **No host syncs inside the step**: no `.double_value()`, `.int64_value()`, `f64::try_from`,
+//!    `.to(Device::Cpu)`, `.print()`, `nonzero()`, boolean-mask indexing (dynamic shapes), and no
+//!    host -> device copies from pageable memory (`Tensor::from_slice(..).to_device(cuda)`): create
+//!    such constants once on the device, outside the step. Read the loss *after* a replay, from the
+//!    static output tensor (ideally accumulated on the device and read once per epoch).
+//! 2. **Everything the step reads or writes persists across replays**: parameters, gradients,
+//!    momentum buffers, BN running statistics, queues, and the queue pointer. Gradients are either
+//!    dropped before the capture and never touched outside it, or zeroed in place inside it;
+//!    momentum buffers exist before the capture (zeros, see [`FusedSgd`]).
+//! 3. **Host-side state is frozen**: a queue pointer kept as a Rust `usize` would make every replay
+//!    write the same slots. Keep it as a device `i64` tensor: `idx = (ptr + arange(B)) % K`,
+//!    `queue.index_copy_(1, &idx, &k.t())`, `ptr.add_(B).remainder_(K)` (all device ops, in place).
+//!    Likewise branches on the epoch (phase 1 / phase 2) and a learning rate passed as a plain
+//!    number are baked in: **recapture** when they change, or keep the lr as a device tensor
+//!    ([`Lr::Tensor`], [`FusedSgd::set_lr`]).
+//! 4. **Random numbers**: dropout draws from the default CUDA generator, whose state libtorch
+//!    registers with the graph at capture; each replay advances it, so masks differ per step.
+//!    Do not create new generators inside the step.
+//! 5. **Static shapes**: batch shape fixed (drop_last), top-k with a fixed k, masks built with
+//!    `scatter_` / `index_copy_`, not with data-dependent sizes.
+//! 6. Warm up (>= 3 steps) on the graph's side stream before capturing ([`CapturedStep`] does),
+//!    so that cuBLAS workspaces, cuDNN autotuning (`--cudnn-benchmark on`) and autograd state
+//!    exist before the capture; shared-module EMA updates stay in separate [`ema_`] calls.
+mod ffi;
+pub mod graph;
+pub mod memory;
+pub mod ops;
+// pub mod step; // enabled once src/ssl/mod.rs exports `model` (H4)
+
+pub use graph::{CaptureMode, CapturedStep, CudaGraph};
+pub use memory::{cpu_name, cuda_memory, device_name, peak_rss_bytes, reset_peak, reset_peak_rss, CudaMemory};
+pub use ops::{ema_, fused_sgd_, set_cudnn_benchmark, set_tf32, tf32_state, zero_grad_, FusedSgd, Lr, SgdConfig};
+
+/// What the shim was built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShimStatus {
+    /// Built without the shim (`crossclr_no_shim`): every function here returns an error.
+    Missing,
+    /// Built without CUDA headers: foreach / fused updates work, graphs and CUDA statistics do not.
+    CpuOnly,
+    /// Fully built.
+    Cuda,
+}
+
+/// Which shim this binary carries.
+pub fn shim_status() -> ShimStatus {
+    if !ffi::SHIM_BUILT {
+        return ShimStatus::Missing;
+    }
+    #[cfg(not(crossclr_no_shim))]
+    {
+        // SAFETY: no arguments.
+        if unsafe { ffi::crossclr_shim_has_cuda() } != 0 {
+            return ShimStatus::Cuda;
+        }
+    }
+    ShimStatus::CpuOnly
+}

@@ -1,0 +1,162 @@
+//! A capture-safe, launch-lean pre-training step over an [`SslModel`] (the project's SkeletonCLR /
+//! CrosSCLR model): the same computation as `ssl::trainer::Pretrainer::train_step`, rearranged to
+//! follow the rules of [`crate::gpu`]:
+//!
+//! * no host syncs: the loss stays on the device (returned detached), no non-finite check inside;
+//! * the queue pointer is a device `i64` tensor; keys are written with `index_copy_` at
+//!   `(ptr + arange(B)) % K` and the pointer advanced in place;
+//! * the bone-parent index is created on the device once (not per call from host memory);
+//! * EMA: one [`ema_`] call (two multi-tensor kernels) per branch, in the official branch order,
+//!   motion-only in phase 2 when the spec says so;
+//! * SGD: [`FusedSgd`] (one fused kernel over all parameters; device-resident lr, so a schedule
+//!   change needs no recapture); gradients are dropped, not zeroed, before backward.
+//!
+//! Numerically it matches `train_step` (same ops in the same order for the forward and the loss,
+//! the same SGD formula; tested on CPU in tests/gpu_step.rs).
+use super::ops::{ema_, FusedSgd, SgdConfig};
+use crate::data::views::{motion, View};
+use crate::error::{Error, Result};
+use crate::ssl::loss::{cvc_km_losses, info_nce, moco_logits};
+use crate::ssl::model::SslModel;
+use tch::{Device, Kind, Tensor};
+
+/// See the module docs. Built for one batch size (the queue pointer advances by it).
+pub struct FastStep {
+    device: Device,
+    batch: i64,
+    queue_size: i64,
+    /// (V,) i64 bone parents on the device (for the bone views).
+    bone_index: Tensor,
+    /// (1,) i64 queue pointer on the device.
+    ptr: Tensor,
+    /// (B,) i64 `0..B` on the device.
+    arange_b: Tensor,
+    /// Per branch: (key parameters, query parameters) in EMA order.
+    ema: Vec<(Vec<Tensor>, Vec<Tensor>)>,
+    opt: FusedSgd,
+    params: Vec<Tensor>,
+}
+
+impl FastStep {
+    /// Prepares the step for `model` with batches of `batch` samples, SGD `lr` / `sgd`. The queue
+    /// pointer starts at the model's.
+    pub fn new(model: &SslModel, batch: i64, lr: f64, sgd: SgdConfig) -> Result<Self> {
+        let device = model.vs_q.device();
+        let queue_size = model.spec.queue_size;
+        if batch <= 0 || queue_size % batch != 0 {
+            return Err(Error::config(format!("batch {batch} must divide the queue size {queue_size}")));
+        }
+        let parents: Vec<i64> = model.layout.bone_parent.iter().map(|&p| p as i64).collect();
+        let bone_index = Tensor::from_slice(&parents).to_device(device);
+        let ptr = Tensor::from_slice(&[model.queue_ptr() as i64]).to_device(device);
+        let arange_b = Tensor::arange(batch, (Kind::Int64, device));
+        let ema = model
+            .branches
+            .iter()
+            .map(|b| {
+                let keys = b.ema_pairs.iter().map(|(_, _, k)| k.shallow_clone()).collect();
+                let queries = b.ema_pairs.iter().map(|(_, q, _)| q.shallow_clone()).collect();
+                (keys, queries)
+            })
+            .collect();
+        let params: Vec<Tensor> = model.trainable().into_iter().map(|(_, t)| t).collect();
+        let opt = FusedSgd::new(&params, lr, sgd)?;
+        Ok(FastStep { device, batch, queue_size, bone_index, ptr, arange_b, ema, opt, params })
+    }
+
+    /// Sets the learning rate (device-side; valid across graph replays).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.opt.set_lr(lr);
+    }
+
+    /// The optimiser (momentum buffers for checkpoints).
+    pub fn optimizer(&self) -> &FusedSgd {
+        &self.opt
+    }
+
+    /// The device queue pointer, (1,) i64.
+    pub fn queue_ptr(&self) -> &Tensor {
+        &self.ptr
+    }
+
+    /// Copies the device pointer back into the model's host-side queues (a host sync; call after
+    /// the timed / captured region, e.g. before a checkpoint).
+    pub fn write_back_ptr(&self, model: &mut SslModel) {
+        let p = self.ptr.int64_value(&[0]) as usize;
+        for b in &mut model.branches {
+            b.queue.ptr = p;
+        }
+    }
+
+    fn view_input(&self, view: View, x: &Tensor) -> Tensor {
+        const JOINT_DIM: i64 = 3;
+        match view {
+            View::Joint => x.shallow_clone(),
+            View::Motion => motion(x),
+            View::Bone => x - x.index_select(JOINT_DIM, &self.bone_index),
+            View::BoneMotion => motion(&(x - x.index_select(JOINT_DIM, &self.bone_index))),
+        }
+    }
+
+    /// One training step on augmented joint batches `x_q`, `x_k` (B, C, T, V, M), already on the
+    /// model's device, in phase 2 (CVC-KM) when `cross`. Returns the total loss (detached scalar on
+    /// the device). Queues are written and the pointer advanced on the device.
+    pub fn step(&mut self, model: &SslModel, x_q: &Tensor, x_k: &Tensor, cross: bool) -> Result<Tensor> {
+        if x_q.size().first() != Some(&self.batch) || x_q.size() != x_k.size() {
+            return Err(Error::Other(format!(
+                "FastStep: batches of shape {:?} / {:?}, built for batch {}",
+                x_q.size(),
+                x_k.size(),
+                self.batch
+            )));
+        }
+        if x_q.device() != self.device || x_k.device() != self.device {
+            return Err(Error::Other(format!("FastStep: inputs must be on {:?}", self.device)));
+        }
+        let cross = cross && model.spec.cross.is_some();
+        let branches = &model.branches;
+        let primary_q = &branches[0].head_q;
+        let primary_k = &branches[0].head_k;
+        let qs: Vec<Tensor> =
+            branches.iter().map(|b| b.query(&self.view_input(b.view, x_q), Some(primary_q))).collect();
+        let motion_only = cross && model.spec.cross.as_ref().is_some_and(|c| c.phase2_motion_ema_only);
+        for (b, (keys, queries)) in branches.iter().zip(&self.ema) {
+            if !motion_only || b.view == View::Motion {
+                ema_(keys, queries, model.spec.momentum)?;
+            }
+        }
+        let ks: Vec<Tensor> =
+            branches.iter().map(|b| b.key(&self.view_input(b.view, x_k), Some(primary_k))).collect();
+        let tau = model.spec.temperature;
+        let view_losses: Vec<Tensor> = match (&model.spec.cross, cross) {
+            (Some(c), true) => {
+                let queues: Vec<Tensor> = branches.iter().map(|b| b.queue.keys.shallow_clone()).collect();
+                cvc_km_losses(&qs, &ks, &queues, tau, c.topk, c.context)
+            }
+            _ => branches
+                .iter()
+                .zip(qs.iter().zip(&ks))
+                .map(|(b, (q, k))| info_nce(&moco_logits(q, k, &b.queue.keys, tau)))
+                .collect(),
+        };
+        let loss = view_losses.iter().skip(1).fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
+        self.opt.zero_grad(true)?;
+        loss.f_backward()?;
+        self.opt.step()?;
+        tch::no_grad(|| -> Result<()> {
+            let idx = (&self.ptr + &self.arange_b).remainder(self.queue_size);
+            for (b, k) in branches.iter().zip(&ks) {
+                let mut queue = b.queue.keys.shallow_clone();
+                queue.f_index_copy_(1, &idx, &k.detach().transpose(0, 1))?;
+            }
+            let _ = self.ptr.f_add_scalar_(self.batch)?.f_remainder_(self.queue_size)?;
+            Ok(())
+        })?;
+        Ok(loss.detach())
+    }
+
+    /// The trainable parameters, in optimiser order.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+}

@@ -1,0 +1,81 @@
+//! The small building blocks of the ST-GCN with the official variable names: batch norm with
+//! running statistics as non-trainable buffers, convolution weights in the official shapes.
+use tch::nn::{Init, Path};
+use tch::{Kind, Tensor};
+
+/// PyTorch BatchNorm defaults (eps, momentum).
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+/// Official `weights_init`: conv/linear weights N(0, 0.02), BN weights N(1, 0.02).
+pub const INIT_STD: f64 = 0.02;
+
+/// `BatchNorm1d/2d(c)`: `weight`, `bias` (trainable), `running_mean`, `running_var`,
+/// `num_batches_tracked` (buffers, saved and loaded but not trained).
+#[derive(Debug)]
+pub struct BatchNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: Tensor,
+}
+
+impl BatchNorm {
+    /// Official init: weight ~ N(1, 0.02), bias 0, running mean 0, running var 1.
+    pub fn new(p: &Path, channels: i64) -> Self {
+        let weight = p.var("weight", &[channels], Init::Randn { mean: 1.0, stdev: INIT_STD });
+        let bias = p.var("bias", &[channels], Init::Const(0.0));
+        let running_mean = p.zeros_no_train("running_mean", &[channels]);
+        let running_var = p.ones_no_train("running_var", &[channels]);
+        let num_batches_tracked =
+            p.add("num_batches_tracked", Tensor::zeros([], (Kind::Int64, p.device())), false);
+        BatchNorm { weight, bias, running_mean, running_var, num_batches_tracked }
+    }
+
+    /// Normalises channel dim 1 of `x` (any rank >= 2). Train mode uses batch statistics and
+    /// updates the running statistics (momentum 0.1, unbiased variance) and the batch counter.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if train {
+            tch::no_grad(|| {
+                let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+            });
+        }
+        x.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            BN_MOMENTUM,
+            BN_EPS,
+            true,
+        )
+    }
+}
+
+/// A convolution with the official weight shape `(c_out, c_in, kt, 1)` and a bias `(c_out,)`.
+#[derive(Debug)]
+pub struct Conv {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Conv {
+    /// Official init: weight ~ N(0, 0.02), bias 0.
+    pub fn new(p: &Path, c_in: i64, c_out: i64, kt: i64) -> Self {
+        let weight = p.var("weight", &[c_out, c_in, kt, 1], Init::Randn { mean: 0.0, stdev: INIT_STD });
+        let bias = p.var("bias", &[c_out], Init::Const(0.0));
+        Conv { weight, bias }
+    }
+
+    /// Output channels.
+    pub fn c_out(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    /// The 1x1 weight as a matrix `(c_out, c_in)` (a view).
+    pub fn matrix(&self) -> Tensor {
+        let s = self.weight.size();
+        self.weight.view([s[0], s[1]])
+    }
+}

@@ -1,0 +1,154 @@
+//! Contrastive losses: the MoCo InfoNCE (cross-entropy with target 0) and CrosSCLR's CVC-KM
+//! (cross-view consistent knowledge mining), exactly as the official processors compute them.
+//!
+//! Notation (per view u): `q_u` (N, D) L2-normalised queries, `k_u` (N, D) keys, `Q_u` (D, K) the
+//! queue *before* this step's enqueue, `tau` the temperature.
+use tch::{Kind, Tensor};
+
+/// MoCo logits `[q.k, q.Q] / tau`, shape (N, 1+K). The queue gets no gradient.
+pub fn moco_logits(q: &Tensor, k: &Tensor, queue: &Tensor, tau: f64) -> Tensor {
+    let l_pos = (q * k).sum_dim_intlist(&[1i64][..], true, Kind::Float);
+    let l_neg = q.matmul(&queue.detach());
+    Tensor::cat(&[l_pos, l_neg], 1) / tau
+}
+
+/// Cross-entropy with target 0 (the positive), mean over the batch: `-mean_n log_softmax(l)[n, 0]`.
+pub fn info_nce(logits: &Tensor) -> Tensor {
+    -logits.log_softmax(1, Kind::Float).select(1, 0).mean(Kind::Float)
+}
+
+/// Multi-positive loss per sample: `-(sum_j M_j log_softmax(logits)_j) / sum_j M_j`, shape (N,).
+/// `logits`, `mask`: (N, L); the mask is 0/1.
+pub fn multi_positive(logits: &Tensor, mask: &Tensor) -> Tensor {
+    let lp = logits.log_softmax(1, Kind::Float);
+    -(lp * mask).sum_dim_intlist(&[1i64][..], false, Kind::Float)
+        / mask.sum_dim_intlist(&[1i64][..], false, Kind::Float)
+}
+
+/// One-hot (N, K) of the `topk` largest entries of each row of `s` (no gradient).
+pub fn topk_onehot(s: &Tensor, topk: i64) -> Tensor {
+    let (_, idx) = s.detach().topk(topk, 1, true, true);
+    s.zeros_like().scatter_value(1, &idx, 1.0)
+}
+
+/// CVC-KM per-view losses (scalars), official phase 2.
+///
+/// For each view u: `l_pos = q_u.k_u` (N,1), `s_u = q_u.Q_u` (N,K) (raw cosine similarities).
+/// For each other view v: positives `P_v` = top-k of `s_v` (mined in the *other* view);
+/// with `context`: logits `[l_pos, s_u, s_u*s_v] / tau` and mask `[1, onehot(P_v), onehot(P_v)]`;
+/// without: logits `[l_pos, s_u] / tau`, mask `[1, onehot(P_v)]`. `L^{u<-v}` = [`multi_positive`].
+/// The loss of view u is `mean_n` of the average of `L^{u<-v}` over its partners v (1/2 for three
+/// views, no factor for two: the official 2- and 3-view processors). The total is their sum.
+pub fn cvc_km_losses(
+    q: &[Tensor],
+    k: &[Tensor],
+    queues: &[Tensor],
+    tau: f64,
+    topk: i64,
+    context: bool,
+) -> Vec<Tensor> {
+    let n_views = q.len();
+    let l_pos: Vec<Tensor> =
+        q.iter().zip(k).map(|(q, k)| (q * k).sum_dim_intlist(&[1i64][..], true, Kind::Float)).collect();
+    let sim: Vec<Tensor> = q.iter().zip(queues).map(|(q, qu)| q.matmul(&qu.detach())).collect();
+    let mined: Vec<Tensor> = sim.iter().map(|s| topk_onehot(s, topk)).collect();
+    (0..n_views)
+        .map(|u| {
+            let ones = l_pos[u].ones_like();
+            let partners: Vec<usize> = (0..n_views).filter(|&v| v != u).collect();
+            let per_pair: Vec<Tensor> = partners
+                .iter()
+                .map(|&v| {
+                    let (logits, mask) = if context {
+                        let ctx = &sim[u] * &sim[v];
+                        (
+                            Tensor::cat(&[&l_pos[u], &sim[u], &ctx], 1),
+                            Tensor::cat(&[&ones, &mined[v], &mined[v]], 1),
+                        )
+                    } else {
+                        (
+                            Tensor::cat(&[&l_pos[u], &sim[u]], 1),
+                            Tensor::cat(&[&ones, &mined[v]], 1),
+                        )
+                    };
+                    multi_positive(&(logits / tau), &mask)
+                })
+                .collect();
+            let sum = per_pair.iter().skip(1).fold(per_pair[0].shallow_clone(), |a, b| a + b);
+            (sum / partners.len() as f64).mean(Kind::Float)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn t(v: &[f32], shape: &[i64]) -> Tensor {
+        Tensor::from_slice(v).view(shape)
+    }
+
+    #[test]
+    fn info_nce_matches_cross_entropy() {
+        let l = t(&[2.0, 0.5, -1.0, 0.0, 1.0, 3.0], &[2, 3]);
+        let want = l.cross_entropy_for_logits(&Tensor::zeros([2], (Kind::Int64, Device::Cpu)));
+        assert!((info_nce(&l).double_value(&[]) - want.double_value(&[])).abs() < 1e-6);
+    }
+
+    /// A hand-computed 2-view example: N = 1, D = 2, K = 3.
+    #[test]
+    fn cvc_km_hand_example() {
+        let s2 = std::f32::consts::FRAC_1_SQRT_2;
+        let qj = t(&[1.0, 0.0], &[1, 2]);
+        let qm = t(&[0.0, 1.0], &[1, 2]);
+        let kj = t(&[s2, s2], &[1, 2]);
+        let km = t(&[0.0, 1.0], &[1, 2]);
+        // Queue columns: e1, e2, (s2, s2).
+        let queue = t(&[1.0, 0.0, s2, 0.0, 1.0, s2], &[2, 3]);
+        let tau = 0.5;
+        // s_j = [1, 0, s2], s_m = [0, 1, s2]; top-1 of s_m is slot 1, of s_j slot 0.
+        // j<-m: logits [s2, 1, 0, s2, 0, 0, 0.5]/tau; positives {0, 1+1, 1+3+1}.
+        let lj = [s2, 1.0, 0.0, s2, 0.0, 0.0, 0.5].map(|x| x as f64 / tau);
+        let lm = [1.0, 0.0, 1.0, s2, 0.0, 0.0, 0.5].map(|x| x as f64 / tau);
+        let lse = |l: &[f64]| l.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let want_j = -((lj[0] + lj[2] + lj[5]) / 3.0 - lse(&lj));
+        // m<-j: positives {0, 1+0, 1+3+0}.
+        let want_m = -((lm[0] + lm[1] + lm[4]) / 3.0 - lse(&lm));
+        let queues = [queue.shallow_clone(), queue.shallow_clone()];
+        let got = cvc_km_losses(&[qj.shallow_clone(), qm.shallow_clone()], &[kj.shallow_clone(), km.shallow_clone()], &queues, tau, 1, true);
+        assert!((got[0].double_value(&[]) - want_j).abs() < 1e-5, "{} vs {want_j}", got[0].double_value(&[]));
+        assert!((got[1].double_value(&[]) - want_m).abs() < 1e-5);
+        // Without context: logits [l_pos, s_u], mask [1, onehot].
+        let lj2 = &lj[..4];
+        let want_j2 = -((lj2[0] + lj2[2]) / 2.0 - lse(lj2));
+        let got = cvc_km_losses(&[qj, qm], &[kj, km], &queues, tau, 1, false);
+        assert!((got[0].double_value(&[]) - want_j2).abs() < 1e-5);
+    }
+
+    /// Three views: each view's loss is the mean of its two pair losses.
+    #[test]
+    fn cvc_km_three_views_halves() {
+        tch::manual_seed(1);
+        let mk = |n: i64, d: i64| {
+            let x = Tensor::randn([n, d], (Kind::Float, Device::Cpu));
+            &x / x.norm_scalaropt_dim(2, [1], true)
+        };
+        let q: Vec<Tensor> = (0..3).map(|_| mk(4, 3)).collect();
+        let k: Vec<Tensor> = (0..3).map(|_| mk(4, 3)).collect();
+        let qs: Vec<Tensor> = (0..3).map(|_| mk(8, 3).transpose(0, 1).contiguous()).collect();
+        let all = cvc_km_losses(&q, &k, &qs, 0.1, 2, true);
+        // Pair j<-m alone = the 2-view loss of (j, m) for view j.
+        let jm = cvc_km_losses(&q[..2], &k[..2], &qs[..2], 0.1, 2, true);
+        let jb = cvc_km_losses(
+            &[q[0].shallow_clone(), q[2].shallow_clone()],
+            &[k[0].shallow_clone(), k[2].shallow_clone()],
+            &[qs[0].shallow_clone(), qs[2].shallow_clone()],
+            0.1,
+            2,
+            true,
+        );
+        let want = (jm[0].double_value(&[]) + jb[0].double_value(&[])) / 2.0;
+        assert!((all[0].double_value(&[]) - want).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,365 @@
+//! The multi-view MoCo model behind SkeletonCLR (one view) and CrosSCLR (2 or 3 views, views as
+//! data: one [`Branch`] per view, no per-view copies of code).
+//!
+//! Two VarStores: `vs_q` holds the query encoders and heads (the only trainable variables, plus
+//! their BN buffers); `vs_k` holds the key encoders and the queues (frozen). Names follow the
+//! official state dict (see [`crate::ssl::branch`]). Shared-head quirk: the motion/bone heads'
+//! shared layers exist once, as `encoder_q.fc.0/2` (`encoder_k.fc.0/2` on the key side); the
+//! checkpoint writer adds the official duplicate names `encoder_q_motion.fc.2.0.weight`, ... (see
+//! [`SslModel::state_tensors`]), so checkpoints carry exactly the official 3-view key set.
+use crate::data::layout::Layout;
+use crate::data::views::View;
+use crate::error::{Error, Result};
+use crate::model::stgcn::StGcnConfig;
+use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
+use crate::ssl::loss::{cvc_km_losses, info_nce, moco_logits};
+use crate::ssl::queue::Queue;
+use crate::train::config::{ModelKind, PretrainConfig};
+use std::collections::{BTreeMap, HashMap};
+use tch::{nn, Device, Kind, Tensor};
+
+/// CrosSCLR's phase-2 settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossSpec {
+    /// Phase 2 for 1-based epochs `> cross_epoch`.
+    pub cross_epoch: usize,
+    pub topk: i64,
+    pub context: bool,
+    /// Official quirk: in phase 2 only the motion key encoder gets the EMA update.
+    pub phase2_motion_ema_only: bool,
+}
+
+/// Everything needed to build an [`SslModel`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SslSpec {
+    /// Views in official order; the first owns the shared head.
+    pub views: Vec<View>,
+    /// `true`: CrosSCLR naming (`encoder_q_motion`, ...); `false`: SkeletonCLR (always `encoder_q`).
+    pub per_view_names: bool,
+    pub stgcn: StGcnConfig,
+    pub feature_dim: i64,
+    pub mlp: bool,
+    pub queue_size: i64,
+    /// EMA momentum m.
+    pub momentum: f64,
+    pub temperature: f64,
+    /// `None` for SkeletonCLR.
+    pub cross: Option<CrossSpec>,
+    /// Official quirk: non-primary heads end in the primary head's layers (shared).
+    pub shared_head: bool,
+    /// Official quirk: key encoders are randomly initialised independently of the queries.
+    pub independent_key_init: bool,
+}
+
+impl SslSpec {
+    /// From a pre-training config.
+    pub fn from_config(cfg: &PretrainConfig) -> Result<Self> {
+        let a = &cfg.model_args;
+        let views = cfg.views()?;
+        let cross = match cfg.model {
+            ModelKind::Skeletonclr => None,
+            _ => Some(CrossSpec {
+                cross_epoch: cfg.cross_epoch,
+                topk: cfg.topk,
+                context: cfg.context,
+                phase2_motion_ema_only: cfg.phase2_motion_ema_only,
+            }),
+        };
+        Ok(SslSpec {
+            per_view_names: cfg.model != ModelKind::Skeletonclr,
+            views,
+            stgcn: StGcnConfig {
+                in_channels: a.in_channels,
+                hidden_channels: a.hidden_channels,
+                hidden_dim: a.hidden_dim,
+                dropout: a.dropout,
+                edge_importance: a.edge_importance_weighting,
+                ..StGcnConfig::default()
+            },
+            feature_dim: a.feature_dim,
+            mlp: a.mlp,
+            queue_size: a.queue_size,
+            momentum: a.momentum,
+            temperature: a.temperature,
+            cross,
+            shared_head: cfg.shared_head,
+            independent_key_init: cfg.independent_key_init,
+        })
+    }
+}
+
+/// The output of one forward pass.
+pub struct StepOutput {
+    /// Total loss (scalar, with grad).
+    pub loss: Tensor,
+    /// Per-view losses (scalars) in view order.
+    pub view_losses: Vec<Tensor>,
+    /// Per-view keys (B, feature_dim) to enqueue after the loss has been used.
+    pub keys: Vec<Tensor>,
+    /// 1 = independent MoCo losses, 2 = CVC-KM.
+    pub phase: u8,
+}
+
+/// SkeletonCLR / CrosSCLR model. See the module docs.
+pub struct SslModel {
+    pub spec: SslSpec,
+    pub layout: Layout,
+    pub vs_q: nn::VarStore,
+    pub vs_k: nn::VarStore,
+    pub branches: Vec<Branch>,
+}
+
+impl SslModel {
+    /// Builds the model on `device`: query encoders, key encoders (independent random init or a
+    /// copy), queues (randn, column-normalised). Seed torch (`tch::manual_seed`) before for
+    /// reproducible weights.
+    pub fn new(spec: &SslSpec, layout: &Layout, device: Device) -> Result<Self> {
+        if spec.views.is_empty() {
+            return Err(Error::config("model needs at least one view"));
+        }
+        if !spec.per_view_names && spec.views.len() != 1 {
+            return Err(Error::config("SkeletonCLR naming needs exactly one view"));
+        }
+        let sharing = spec.shared_head && spec.mlp && spec.views.len() > 1;
+        let vs_q = nn::VarStore::new(device);
+        let mut vs_k = nn::VarStore::new(device);
+        let mut branches = Vec::with_capacity(spec.views.len());
+        for (i, &view) in spec.views.iter().enumerate() {
+            let suffix = if spec.per_view_names { view_suffix(view) } else { String::new() };
+            let shared_tail = sharing && i > 0;
+            let (encoder_q, head_q) = build_encoder(
+                &(vs_q.root() / format!("encoder_q{suffix}")),
+                &spec.stgcn,
+                layout,
+                spec.feature_dim,
+                spec.mlp,
+                shared_tail,
+            );
+            let (encoder_k, head_k) = build_encoder(
+                &(vs_k.root() / format!("encoder_k{suffix}")),
+                &spec.stgcn,
+                layout,
+                spec.feature_dim,
+                spec.mlp,
+                shared_tail,
+            );
+            let q = Queue::new(spec.feature_dim, spec.queue_size, device);
+            let keys = vs_k.root().add(&format!("queue{suffix}"), q.keys, false);
+            branches.push(Branch {
+                view,
+                suffix,
+                encoder_q,
+                encoder_k,
+                head_q,
+                head_k,
+                queue: Queue::from_tensor(keys, 0),
+                ema_pairs: Vec::new(),
+            });
+        }
+        vs_k.freeze();
+        // EMA pairs by name: a branch walks its own `encoder_q{suffix}.*` parameters and, when its
+        // head is a shared tail, the primary head's `encoder_q.fc.*` (official `parameters()`).
+        let q_vars = vs_q.variables();
+        let k_vars = vs_k.variables();
+        let mut param_names: Vec<&String> =
+            q_vars.iter().filter(|(_, t)| t.requires_grad()).map(|(n, _)| n).collect();
+        param_names.sort();
+        let primary_fc = format!("encoder_q{}.fc.", branches[0].suffix);
+        for b in &mut branches {
+            let own = format!("encoder_q{}.", b.suffix);
+            let shared = matches!(b.head_q, Head::SharedTail(_));
+            for name in &param_names {
+                if name.starts_with(&own) || (shared && name.starts_with(&primary_fc)) {
+                    let key_name = format!("encoder_k{}", &name["encoder_q".len()..]);
+                    let k = k_vars.get(&key_name).ok_or_else(|| {
+                        Error::Other(format!("key encoder lacks '{key_name}' for '{name}'"))
+                    })?;
+                    b.ema_pairs.push(((*name).clone(), q_vars[*name].shallow_clone(), k.shallow_clone()));
+                }
+            }
+        }
+        if !spec.independent_key_init {
+            tch::no_grad(|| {
+                for b in &branches {
+                    for (_, q, k) in &b.ema_pairs {
+                        k.shallow_clone().copy_(q);
+                    }
+                }
+            });
+        }
+        Ok(SslModel { spec: spec.clone(), layout: layout.clone(), vs_q, vs_k, branches })
+    }
+
+    /// Whether 1-based `epoch` runs CVC-KM (phase 2).
+    pub fn is_cross_epoch(&self, epoch: usize) -> bool {
+        self.spec.cross.as_ref().is_some_and(|c| epoch > c.cross_epoch)
+    }
+
+    /// Forward pass of one step on augmented joint batches `x_q`, `x_k` (B, C, T, V, M) already on
+    /// the model's device: queries, EMA of the key encoders (before the key forward), keys, loss.
+    /// The queues are NOT written: call [`SslModel::enqueue`] with `out.keys` after the loss has
+    /// been used (backward): the logits read the pre-step queues exactly as the official code,
+    /// which clones them, does.
+    pub fn forward(&self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> StepOutput {
+        let cross = self.is_cross_epoch(epoch);
+        let primary_q = &self.branches[0].head_q;
+        let primary_k = &self.branches[0].head_k;
+        let qs: Vec<Tensor> = self
+            .branches
+            .iter()
+            .map(|b| b.query(&b.input(x_q, &self.layout), Some(primary_q)))
+            .collect();
+        for b in &self.branches {
+            let motion_only =
+                cross && self.spec.cross.as_ref().is_some_and(|c| c.phase2_motion_ema_only);
+            if !motion_only || b.view == View::Motion {
+                b.momentum_update(self.spec.momentum);
+            }
+        }
+        let ks: Vec<Tensor> = self
+            .branches
+            .iter()
+            .map(|b| b.key(&b.input(x_k, &self.layout), Some(primary_k)))
+            .collect();
+        let tau = self.spec.temperature;
+        let view_losses: Vec<Tensor> = if cross {
+            let c = self.spec.cross.as_ref().expect("cross epoch implies a cross spec");
+            let queues: Vec<Tensor> = self.branches.iter().map(|b| b.queue.keys.shallow_clone()).collect();
+            cvc_km_losses(&qs, &ks, &queues, tau, c.topk, c.context)
+        } else {
+            self.branches
+                .iter()
+                .zip(qs.iter().zip(&ks))
+                .map(|(b, (q, k))| info_nce(&moco_logits(q, k, &b.queue.keys, tau)))
+                .collect()
+        };
+        let loss = view_losses
+            .iter()
+            .skip(1)
+            .fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
+        StepOutput { loss, view_losses, keys: ks, phase: if cross { 2 } else { 1 } }
+    }
+
+    /// Writes each view's keys at the same slots of its queue (aligned queues) and advances the
+    /// pointers together.
+    pub fn enqueue(&mut self, keys: &[Tensor]) -> Result<()> {
+        for (b, k) in self.branches.iter_mut().zip(keys) {
+            b.queue.enqueue(k)?;
+        }
+        Ok(())
+    }
+
+    /// The common queue pointer.
+    pub fn queue_ptr(&self) -> usize {
+        self.branches[0].queue.ptr
+    }
+
+    /// Trainable `(name, tensor)` pairs (query side only).
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> =
+            self.vs_q.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every tensor of the model under its official state-dict name, on the CPU: query and key
+    /// variables, queues, `queue_ptr{suffix}` (i64, shape [1]) and, with the shared head, the
+    /// official duplicate names of the shared layers (`encoder_q_motion.fc.2.0.weight` = a copy
+    /// of `encoder_q.fc.0.weight`, ...).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut all: BTreeMap<String, Tensor> = BTreeMap::new();
+        for vs in [&self.vs_q, &self.vs_k] {
+            for (n, t) in vs.variables() {
+                all.insert(n, t.detach().to_device(Device::Cpu).contiguous());
+            }
+        }
+        for b in &self.branches {
+            let ptr = Tensor::from_slice(&[b.queue.ptr as i64]);
+            all.insert(format!("queue_ptr{}", b.suffix), ptr);
+        }
+        let aliases: Vec<(String, String)> = self.shared_aliases();
+        for (alias, target) in aliases {
+            if let Some(t) = all.get(&target) {
+                let t = t.copy();
+                all.insert(alias, t);
+            }
+        }
+        all.into_iter().collect()
+    }
+
+    /// `(official duplicate name, our name)` for the shared head layers.
+    pub fn shared_aliases(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let p = &self.branches[0].suffix;
+        for b in self.branches.iter().skip(1) {
+            if !matches!(b.head_q, Head::SharedTail(_)) {
+                continue;
+            }
+            for side in ["q", "k"] {
+                for layer in ["0", "2"] {
+                    for w in ["weight", "bias"] {
+                        out.push((
+                            format!("encoder_{side}{}.fc.2.{layer}.{w}", b.suffix),
+                            format!("encoder_{side}{p}.fc.{layer}.{w}"),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Loads tensors written by [`SslModel::state_tensors`] (or an official state dict with the
+    /// same names). Every variable must be present with the same shape; the shared-head duplicate
+    /// names are accepted and ignored; other unknown names are an error.
+    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)], source: &std::path::Path) -> Result<()> {
+        let given: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let aliases: Vec<String> = self.shared_aliases().into_iter().map(|(a, _)| a).collect();
+        let mut known: Vec<String> = aliases;
+        for vs in [&self.vs_q, &self.vs_k] {
+            for (name, var) in vs.variables() {
+                let t = given
+                    .get(name.as_str())
+                    .ok_or_else(|| Error::input(source, format!("tensor '{name}'"), "missing"))?;
+                if t.size() != var.size() {
+                    return Err(Error::input(
+                        source,
+                        format!("tensor '{name}'"),
+                        format!("shape {:?}, model has {:?}", t.size(), var.size()),
+                    ));
+                }
+                tch::no_grad(|| var.shallow_clone().copy_(&t.to_kind(var.kind())));
+                known.push(name);
+            }
+        }
+        for b in &mut self.branches {
+            let name = format!("queue_ptr{}", b.suffix);
+            let t = given
+                .get(name.as_str())
+                .ok_or_else(|| Error::input(source, format!("tensor '{name}'"), "missing"))?;
+            let ptr = t.int64_value(&[0]);
+            if ptr < 0 || ptr as usize >= b.queue.len() {
+                return Err(Error::input(source, format!("tensor '{name}'"), format!("pointer {ptr} out of range")));
+            }
+            b.queue.ptr = ptr as usize;
+            known.push(name);
+        }
+        // The official state dict also has per-view pointers we already read; anything else is unknown.
+        for (n, _) in tensors {
+            if !known.iter().any(|k| k == n) {
+                return Err(Error::input(source, format!("tensor '{n}'"), "not a variable of this model"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> i64 {
+        self.trainable().iter().map(|(_, t)| t.numel() as i64).sum()
+    }
+}
+
+/// Moves a CPU batch to `device` as f32.
+pub fn to_device(x: &Tensor, device: Device) -> Tensor {
+    x.to_kind(Kind::Float).to_device(device)
+}

@@ -1,0 +1,232 @@
+//! Evaluation protocols: metrics, k-NN, linear heads, subsets, ensemble, plots, t-SNE, end-to-end.
+use crossclr::eval::features::FeatureSet;
+use crossclr::eval::knn::{self, KnnConfig};
+use crossclr::eval::linear::{self, EpochRecord, LinearConfig};
+use crossclr::eval::metrics::{self, Metrics};
+use crossclr::eval::{split, tsne};
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+fn scores(rows: &[&[f32]]) -> Tensor {
+    let k = rows[0].len() as i64;
+    let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+    Tensor::from_slice(&flat).view([rows.len() as i64, k])
+}
+
+fn is_png(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    bytes.len() > 100 && bytes.starts_with(&[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a])
+}
+
+#[test]
+fn metrics_on_hand_example() {
+    // 6 samples, 6 classes. Row i scores; labels chosen so that:
+    // top-1 hits: samples 0, 1, 2 (3/6); sample 3 label is 2nd best, sample 4 label is 5th best,
+    // sample 5 label is the worst (6th).
+    let s = scores(&[
+        &[0.9, 0.1, 0.0, 0.0, 0.0, 0.0],
+        &[0.0, 0.8, 0.1, 0.0, 0.0, 0.0],
+        &[0.0, 0.1, 0.7, 0.0, 0.0, 0.0],
+        &[0.5, 0.0, 0.0, 0.4, 0.0, 0.0],
+        &[0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        &[0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+    ]);
+    let labels = [0, 1, 2, 3, 4, 5];
+    assert_eq!(metrics::topk_correct(&s, &labels, 1).unwrap(), 3);
+    assert_eq!(metrics::topk_correct(&s, &labels, 5).unwrap(), 5);
+    let m = metrics::evaluate(&s, &labels).unwrap();
+    assert!((m.top1 - 50.0).abs() < 1e-9);
+    assert!((m.top5 - 500.0 / 6.0).abs() < 1e-9);
+    // Every class has one sample, so mean-class accuracy equals top-1 here.
+    assert!((m.mean_class - 50.0).abs() < 1e-9);
+    assert_eq!(m.samples, 6);
+
+    // Imbalanced: class 0 has 3 samples (2 right), class 1 has 1 (right): top-1 75%, mean-class
+    // (2/3 + 1) / 2 = 83.33%.
+    let s = scores(&[&[1.0, 0.0], &[1.0, 0.0], &[0.0, 1.0], &[0.0, 1.0]]);
+    let labels = [0, 0, 0, 1];
+    let conf = metrics::confusion_matrix(&metrics::predictions(&s), &labels, 2).unwrap();
+    assert_eq!(conf, vec![vec![2, 1], vec![0, 1]]);
+    let m = metrics::evaluate(&s, &labels).unwrap();
+    assert!((m.top1 - 75.0).abs() < 1e-9);
+    assert!((m.mean_class - 250.0 / 3.0).abs() < 1e-9);
+    // Top-5 with only 2 classes is 100%.
+    assert!((m.top5 - 100.0).abs() < 1e-9);
+    let csv = metrics::confusion_csv(&conf, &["walk".into(), "sit, down".into()]);
+    assert_eq!(csv, "true\\predicted,walk,\"sit, down\"\nwalk,2,1\n\"sit, down\",0,1\n");
+    // Bad labels are errors, not panics.
+    assert!(metrics::evaluate(&s, &[0, 0, 0, 7]).is_err());
+    assert!(metrics::evaluate(&s, &[0, 0]).is_err());
+}
+
+#[test]
+fn knn_on_toy_features() {
+    // Bank: class 0 near +x, class 1 near +y, class 2 near -x.
+    let bank = scores(&[&[1.0, 0.1], &[2.0, -0.1], &[0.1, 1.0], &[-0.1, 3.0], &[-1.0, 0.05], &[-1.0, -0.05]]);
+    let bank_labels = [0, 0, 1, 1, 2, 2];
+    let query = scores(&[&[5.0, 0.2], &[0.3, 1.0], &[-2.0, 0.1], &[0.0, -1.0]]);
+    let s1 = knn::knn_scores(&[bank.shallow_clone()], &bank_labels, &[query.shallow_clone()], 3, &KnnConfig::nearest())
+        .unwrap();
+    assert_eq!(metrics::predictions(&s1)[..3], [0, 1, 2]);
+    // Unweighted k=1 gives exactly one vote.
+    assert_eq!(s1.sum(Kind::Float).double_value(&[]), 4.0);
+    // Weighted k=20 (clamped to the 6 bank rows): query 3 (0,-1) has cosine -0.1/.. with class 0
+    // rows, ~-1 with class 1, ~0 with class 2 -> class 0 (row [2,-0.1]) or 2 ([-1,-0.05]) win.
+    let cfg = KnnConfig { k: 20, temperature: Some(0.07) };
+    let s20 = knn::knn_scores(&[bank.shallow_clone()], &bank_labels, &[query.shallow_clone()], 3, &cfg).unwrap();
+    assert_eq!(s20.size(), vec![4, 3]);
+    assert_eq!(metrics::predictions(&s20)[..3], [0, 1, 2]);
+    // The weights are exp(cos / 0.07): check row 0's class-1 score by hand.
+    let q = [5.0f64, 0.2];
+    let cos = |b: [f64; 2]| (q[0] * b[0] + q[1] * b[1]) / ((q[0] * q[0] + q[1] * q[1]).sqrt() * (b[0] * b[0] + b[1] * b[1]).sqrt());
+    let want = (cos([0.1, 1.0]) / 0.07).exp() + (cos([-0.1, 3.0]) / 0.07).exp();
+    let got = s20.double_value(&[0, 1]);
+    assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
+    let out = knn::evaluate(&[bank], &bank_labels, &[query], &[0, 1, 2, 1], 3, &[KnnConfig::nearest(), cfg]).unwrap();
+    assert_eq!(out.len(), 2);
+    assert!((out[0].metrics.top1 - 75.0).abs() < 1e-9);
+}
+
+/// Separable toy features: class c has mean 3 * e_c in 8 dims plus small noise.
+fn toy_features(n_per_class: usize, classes: usize, seed: i64) -> FeatureSet {
+    tch::manual_seed(seed);
+    let d = 8i64;
+    let labels: Vec<i64> = (0..n_per_class * classes).map(|i| (i % classes) as i64).collect();
+    let y = Tensor::from_slice(&labels);
+    let means = Tensor::eye(classes as i64, (Kind::Float, tch::Device::Cpu)).narrow(1, 0, classes as i64) * 3.0;
+    let means = Tensor::cat(&[means, Tensor::zeros([classes as i64, d - classes as i64], (Kind::Float, tch::Device::Cpu))], 1);
+    let x = means.index_select(0, &y) + Tensor::randn([labels.len() as i64, d], (Kind::Float, tch::Device::Cpu)) * 0.3;
+    let names = (0..labels.len()).map(|i| format!("s{i}")).collect();
+    FeatureSet::new(vec!["joint".into()], vec![x], labels, names, classes).unwrap()
+}
+
+#[test]
+fn linear_on_separable_features() {
+    let train = toy_features(40, 4, 1);
+    let test = toy_features(20, 4, 2);
+    let (tr_idx, va_idx) = split::stratified_split(&train.labels, 4, 0.25, 7).unwrap();
+    let (tr, va) = (train.subset(&tr_idx), train.subset(&va_idx));
+    let cfg = LinearConfig { epochs: 10, lr: 0.5, steps: vec![8], batch_size: 16, eval_interval: 2, ..Default::default() };
+    let out = linear::train_linear(&tr, Some(&va), &test, &cfg).unwrap();
+    assert!(out.last.top1 > 99.0, "last top-1 {}", out.last.top1);
+    assert_eq!(out.history.len(), 10);
+    // Evaluations at epochs 2, 4, 6, 8, 10.
+    let evaluated: Vec<usize> = out.history.iter().filter(|r| r.test.is_some()).map(|r| r.epoch).collect();
+    assert_eq!(evaluated, vec![2, 4, 6, 8, 10]);
+    assert!(out.history[8].lr < out.history[7].lr);
+    assert!(out.best_test.test.top1 >= out.last.top1);
+    assert!(out.val_selected.is_some());
+    assert_eq!(out.test_scores.size(), vec![80, 4]);
+    // Same seed, same result.
+    let again = linear::train_linear(&tr, Some(&va), &test, &cfg).unwrap();
+    assert_eq!(again.history.last().unwrap().loss, out.history.last().unwrap().loss);
+}
+
+fn record(epoch: usize, val: Option<f64>, test: Option<f64>) -> EpochRecord {
+    let m = |t: f64| Metrics { top1: t, top5: 100.0, mean_class: t, samples: 10 };
+    EpochRecord { epoch, lr: 1.0, loss: 0.0, train_top1: 0.0, val: val.map(m), test: test.map(m) }
+}
+
+#[test]
+fn selection_rules() {
+    // Test peaks at epoch 10 (80), validation peaks at epoch 15 (where test is 70); last is 60.
+    let h = vec![
+        record(5, Some(50.0), Some(60.0)),
+        record(10, Some(55.0), Some(80.0)),
+        record(15, Some(65.0), Some(70.0)),
+        record(20, Some(65.0), Some(60.0)),
+        record(21, None, None),
+    ];
+    let (best, by_val) = linear::select(&h);
+    let best = best.unwrap();
+    assert_eq!((best.epoch, best.test.top1), (10, 80.0));
+    let by_val = by_val.unwrap();
+    // Ties in validation go to the earliest epoch.
+    assert_eq!((by_val.epoch, by_val.test.top1), (15, 70.0));
+    assert!(linear::is_eval_epoch(100, 5, 100) && linear::is_eval_epoch(7, 5, 7) && !linear::is_eval_epoch(7, 5, 9));
+    assert_eq!(linear::step_lr(3.0, &[80], 0.1, 79), 3.0);
+    assert!((linear::step_lr(3.0, &[80], 0.1, 80) - 0.3).abs() < 1e-12);
+}
+
+#[test]
+fn semi_subset_is_balanced_and_seeded() {
+    // Class sizes 100, 50, 7, 1.
+    let mut labels = vec![0i64; 100];
+    labels.extend(vec![1; 50]);
+    labels.extend(vec![2; 7]);
+    labels.push(3);
+    let a = split::balanced_subset(&labels, 4, 0.1, 42).unwrap();
+    let count = |idx: &[usize], c: i64| idx.iter().filter(|&&i| labels[i] == c).count();
+    assert_eq!([count(&a, 0), count(&a, 1), count(&a, 2), count(&a, 3)], [10, 5, 1, 1]);
+    let b = split::balanced_subset(&labels, 4, 0.1, 42).unwrap();
+    assert_eq!(a, b);
+    let c = split::balanced_subset(&labels, 4, 0.1, 43).unwrap();
+    assert_ne!(a, c);
+    assert!(a.windows(2).all(|w| w[0] < w[1]));
+    let one = split::balanced_subset(&labels, 4, 0.01, 0).unwrap();
+    assert_eq!([count(&one, 0), count(&one, 1), count(&one, 2), count(&one, 3)], [1, 1, 1, 1]);
+}
+
+#[test]
+fn plots_write_pngs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("curves.png");
+    crossclr::plot::line_chart(
+        &p,
+        "loss",
+        "epoch",
+        "value",
+        &[("train", vec![(1.0, 2.0), (2.0, 1.0), (3.0, 0.5)]), ("val", vec![(1.0, 2.5), (3.0, f64::NAN)])],
+    )
+    .unwrap();
+    assert!(is_png(&p));
+    let h = dir.path().join("sub/confusion.png");
+    let m = vec![vec![3.0, 1.0], vec![0.0, 4.0]];
+    crossclr::plot::heatmap(&h, "confusion", &m, &["a".into(), "b".into()], &["a".into(), "b".into()]).unwrap();
+    assert!(is_png(&h));
+    let s = dir.path().join("tsne.png");
+    crossclr::plot::scatter(&s, "t-SNE", &[(0.0, 0.0, 0), (1.0, 1.0, 1), (0.5, 0.2, 1)], &["x".into()]).unwrap();
+    assert!(is_png(&s));
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+    assert!(crossclr::plot::heatmap(&h, "bad", &[vec![1.0], vec![1.0, 2.0]], &[], &[]).is_err());
+}
+
+#[test]
+fn tsne_separates_clusters() {
+    let set = toy_features(30, 3, 5);
+    let cfg = tsne::TsneConfig { iterations: 500, perplexity: 10.0, ..Default::default() };
+    let y = tsne::tsne(&set.features[0], &cfg).unwrap();
+    assert_eq!(y.size(), vec![90, 2]);
+    // Each point's nearest embedded neighbour has its class.
+    let d = (y.unsqueeze(1) - y.unsqueeze(0)).square().sum_dim_intlist([2i64].as_slice(), false, Kind::Double)
+        + Tensor::eye(90, (Kind::Double, tch::Device::Cpu)) * 1e9;
+    let nn: Vec<i64> = Vec::try_from(&d.argmin(1, false)).unwrap();
+    let agree = nn.iter().enumerate().filter(|(i, &j)| set.labels[*i] == set.labels[j as usize]).count();
+    println!("t-SNE: {agree}/90 nearest neighbours share the class");
+    assert!(agree >= 85, "{agree}/90 neighbours agree");
+    let idx = tsne::subsample(&[0, 1, 2, 2, 2, 1, 3], 2, 100, 0);
+    assert_eq!(idx, vec![1, 2, 3, 4, 5]);
+}
+
+/// Speed of the linear protocol on NTU-60-size random features (40k x 256, 60 classes, 100 epochs).
+/// Run with `cargo test --release --test eval -- --ignored --nocapture linear_speed`.
+#[test]
+#[ignore]
+fn linear_speed_ntu60_size() {
+    tch::manual_seed(0);
+    let n = 40_000;
+    let labels: Vec<i64> = (0..n).map(|i| (i % 60) as i64).collect();
+    let names: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let x = Tensor::randn([n as i64, 256], (Kind::Float, tch::Device::Cpu));
+    let train = FeatureSet::new(vec!["joint".into()], vec![x], labels, names, 60).unwrap();
+    let test = train.subset(&(0..16_000).collect::<Vec<_>>());
+    let t = std::time::Instant::now();
+    let out = linear::train_linear(&train, None, &test, &LinearConfig::default()).unwrap();
+    println!("linear 100 epochs 40k x 256 x 60: {:.2} s (loop {:.2} s), last top-1 {:.2}", t.elapsed().as_secs_f64(), out.seconds, out.last.top1);
+}

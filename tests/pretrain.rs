@@ -1,0 +1,259 @@
+//! Pre-training tests on tiny synthetic data (CPU): losses, queues, EMA, shared head, resume,
+//! NaN stop, config overrides. Official-width ST-GCN, tiny queue (64), batch 8, T 20.
+use crossclr::data::synth::{generate, SynthConfig};
+use crossclr::data::views::View;
+use crossclr::data::SkeletonDataset;
+use crossclr::ssl::branch::momentum_update;
+use crossclr::ssl::model::SslModel;
+use crossclr::ssl::Pretrainer;
+use crossclr::train::config::PretrainConfig;
+use crossclr::train::pretrain::{run_with, RunOptions};
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// 24 training samples (4 classes x 6), 20 frames, ntu25, 2 bodies.
+fn tiny_data() -> Arc<SkeletonDataset> {
+    let cfg = SynthConfig {
+        num_classes: 4,
+        train_per_class: 6,
+        val_per_class: 1,
+        frames: 20,
+        ..SynthConfig::default()
+    };
+    Arc::new(generate(&cfg).0)
+}
+
+fn tiny_config(model: &str, work_dir: &Path, extra: &[&str]) -> PretrainConfig {
+    let mut ov: Vec<String> = vec![
+        format!("model={model}"),
+        format!("work_dir={}", work_dir.display()),
+        "model_args.queue_size=64".into(),
+        "batch_size=8".into(),
+        "num_epoch=2".into(),
+        "cross_epoch=1".into(),
+        "workers=1".into(),
+        "save_interval=1".into(),
+        "device=cpu".into(),
+        "log_interval=0".into(),
+    ];
+    if model == "skeletonclr" {
+        ov.push("view=joint".into());
+    } else {
+        ov.push("view=all".into());
+    }
+    ov.extend(extra.iter().map(|s| s.to_string()));
+    PretrainConfig::from_text("", false, Path::new("<test>"), &ov).unwrap()
+}
+
+fn fixed_batch(ds: &SkeletonDataset, n: usize) -> Tensor {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.extend_from_slice(ds.sample(i));
+    }
+    let s = ds.sample_shape();
+    Tensor::from_slice(&v).view([n as i64, s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64])
+}
+
+fn opts(ds: &Arc<SkeletonDataset>) -> RunOptions {
+    RunOptions { dataset: Some(Arc::clone(ds)), ..Default::default() }
+}
+
+/// With the queue held fixed, repeated SGD steps on one batch lower the loss (both phases).
+#[test]
+fn loss_finite_and_falls_on_fixed_batch() {
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("crossclr2", dir.path(), &["model_args.dropout=0.0"]);
+    tch::manual_seed(0);
+    let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+    let x = fixed_batch(&ds, 8);
+    let x_k = &x * 1.01;
+    for epoch in [1usize, 2] {
+        let mut losses = Vec::new();
+        for _ in 0..6 {
+            let out = t.model.forward(&x, &x_k, epoch);
+            let l = out.loss.double_value(&[]);
+            assert!(l.is_finite(), "loss {l}");
+            losses.push(l);
+            t.opt.zero_grad();
+            out.loss.backward();
+            t.opt.step();
+        }
+        assert!(losses[5] < losses[0], "phase {epoch}: {losses:?}");
+    }
+    // A full step (with enqueue) is finite too.
+    let s = t.train_step(&x, &x_k, 2).unwrap();
+    assert!(s.loss.is_finite() && s.phase == 2 && s.view_losses.len() == 2);
+}
+
+/// All queues are written at the same slots and the pointers move together.
+#[test]
+fn queues_aligned() {
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("crossclr3", dir.path(), &[]);
+    tch::manual_seed(0);
+    let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+    let before: Vec<Tensor> = t.model.branches.iter().map(|b| b.queue.keys.copy()).collect();
+    let x = fixed_batch(&ds, 8);
+    t.train_step(&x, &x, 1).unwrap();
+    for (b, old) in t.model.branches.iter().zip(&before) {
+        assert_eq!(b.queue.ptr, 8);
+        let changed = (&b.queue.keys - old).abs().sum_dim_intlist(&[0i64][..], false, Kind::Float).gt(0.0);
+        let changed: Vec<bool> = Vec::<bool>::try_from(changed).unwrap();
+        assert!(changed[..8].iter().all(|&c| c), "{}: slots 0..8 written", b.view);
+        assert!(changed[8..].iter().all(|&c| !c), "{}: other slots untouched", b.view);
+        // Written keys are unit vectors.
+        let n = b.queue.keys.narrow(1, 0, 8).norm_scalaropt_dim(2, [0], false);
+        assert!(n.allclose(&Tensor::ones([8], (Kind::Float, Device::Cpu)), 1e-4, 1e-5, false));
+    }
+}
+
+/// EMA with m = 0.5 on tiny tensors: k <- 0.5 k + 0.5 q.
+#[test]
+fn ema_math() {
+    let q = Tensor::from_slice(&[1.0f32, 3.0]);
+    let k = Tensor::from_slice(&[5.0f32, -1.0]);
+    momentum_update(&[("w".into(), q.shallow_clone(), k.shallow_clone())], 0.5);
+    assert_eq!(Vec::<f32>::try_from(&k).unwrap(), vec![3.0, 1.0]);
+    momentum_update(&[("w".into(), q, k.shallow_clone())], 0.5);
+    assert_eq!(Vec::<f32>::try_from(&k).unwrap(), vec![2.0, 2.0]);
+}
+
+fn model(ds: &SkeletonDataset, dir: &Path, extra: &[&str]) -> SslModel {
+    let cfg = tiny_config("crossclr3", dir, extra);
+    tch::manual_seed(0);
+    Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap().model
+}
+
+/// The shared-head quirk shares the joint head's variables (same storage) with the motion and
+/// bone heads, on both sides, and their EMA walks them; the clean variant shares nothing.
+#[test]
+fn shared_head_shares_storage() {
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(&ds, dir.path(), &[]);
+    let q = m.vs_q.variables();
+    assert!(q.contains_key("encoder_q.fc.0.weight") && q.contains_key("encoder_q.fc.2.weight"));
+    assert!(q.contains_key("encoder_q_motion.fc.0.weight"));
+    assert!(!q.contains_key("encoder_q_motion.fc.2.weight"), "shared layers exist once");
+    for b in &m.branches[1..] {
+        let shared: Vec<&String> =
+            b.ema_pairs.iter().map(|(n, _, _)| n).filter(|n| n.starts_with("encoder_q.fc.")).collect();
+        assert_eq!(shared.len(), 4, "{}: EMA walks the shared layers", b.view);
+        let (_, qw, _) = b.ema_pairs.iter().find(|(n, _, _)| n == "encoder_q.fc.2.weight").unwrap();
+        assert_eq!(qw.data_ptr(), q["encoder_q.fc.2.weight"].data_ptr());
+    }
+    // Gradients of the motion loss reach the shared layers: one forward through the motion head.
+    let names: Vec<String> = m.state_tensors().into_iter().map(|(n, _)| n).collect();
+    for want in ["encoder_q_motion.fc.2.0.weight", "encoder_k_bone.fc.2.2.bias", "queue_bone", "queue_ptr_motion"] {
+        assert!(names.iter().any(|n| n == want), "checkpoint lacks {want}");
+    }
+    let clean = model(&ds, dir.path(), &["shared_head=false"]);
+    let cq = clean.vs_q.variables();
+    assert!(cq.contains_key("encoder_q_motion.fc.2.weight"));
+    assert_ne!(cq["encoder_q_motion.fc.2.weight"].data_ptr(), cq["encoder_q.fc.2.weight"].data_ptr());
+    for b in &clean.branches[1..] {
+        assert!(b.ema_pairs.iter().all(|(n, _, _)| !n.starts_with("encoder_q.")), "{}", b.view);
+    }
+}
+
+/// Phase 2 with the official flag EMA-updates only the motion key encoder.
+#[test]
+fn phase2_updates_only_motion_keys() {
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("crossclr3", dir.path(), &[]);
+    tch::manual_seed(0);
+    let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+    let x = fixed_batch(&ds, 8);
+    let key = |t: &Pretrainer, n: &str| t.model.vs_k.variables()[n].copy();
+    let names = ["encoder_k.st_gcn_networks.0.gcn.conv.weight", "encoder_k_motion.st_gcn_networks.0.gcn.conv.weight", "encoder_k_bone.st_gcn_networks.0.gcn.conv.weight"];
+    let before: Vec<Tensor> = names.iter().map(|n| key(&t, n)).collect();
+    t.train_step(&x, &x, 2).unwrap();
+    let moved: Vec<bool> = names.iter().zip(&before).map(|(n, b)| !key(&t, n).equal(b)).collect();
+    assert_eq!(moved, vec![false, true, false]);
+    t.train_step(&x, &x, 1).unwrap();
+    let after1: Vec<bool> = names.iter().zip(&before).map(|(n, b)| !key(&t, n).equal(b)).collect();
+    assert_eq!(after1, vec![true, true, true]);
+}
+
+fn all_tensors(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut v = Tensor::read_safetensors(dir.join("last.safetensors")).unwrap();
+    v.extend(Tensor::read_safetensors(dir.join("last.state.safetensors")).unwrap());
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// 2 epochs straight == 1 epoch + resume 1 epoch (weights, queues, pointers, momentum buffers).
+#[test]
+fn resume_is_exact() {
+    let ds = tiny_data();
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    run_with(&tiny_config("crossclr3", a.path(), &[]), &opts(&ds)).unwrap();
+    run_with(&tiny_config("crossclr3", b.path(), &["num_epoch=1"]), &opts(&ds)).unwrap();
+    let e = run_with(&tiny_config("crossclr3", b.path(), &[]), &opts(&ds)).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    let s = run_with(&tiny_config("crossclr3", b.path(), &[]), &RunOptions { resume: true, ..opts(&ds) }).unwrap();
+    assert_eq!((s.first_epoch, s.records.len()), (2, 2));
+    let (ta, tb) = (all_tensors(a.path()), all_tensors(b.path()));
+    assert_eq!(ta.len(), tb.len());
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        let d = (x.to_kind(Kind::Double) - y.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        assert!(d <= 1e-6, "{na} differs by {d}");
+    }
+    for f in ["config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "loss.png", "epoch1.json", "epoch2.safetensors"] {
+        assert!(a.path().join(f).exists(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(b.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+}
+
+/// A NaN loss stops the run with a clear message and leaves the last good checkpoint intact.
+#[test]
+fn nan_loss_stops_and_keeps_checkpoint() {
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config("skeletonclr", dir.path(), &["num_epoch=3"]);
+    let e = run_with(&cfg, &RunOptions { inject_nan_from_epoch: Some(2), ..opts(&ds) }).unwrap_err().to_string();
+    assert!(e.contains("non-finite loss") && e.contains("epoch 2") && e.contains("last.safetensors"), "{e}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("last.json")).unwrap()).unwrap();
+    assert_eq!(meta["epoch"], 1);
+    for (n, t) in Tensor::read_safetensors(dir.path().join("last.safetensors")).unwrap() {
+        if t.kind() == Kind::Float {
+            assert!(bool::try_from(t.isfinite().all()).unwrap(), "{n} not finite");
+        }
+    }
+}
+
+/// Overrides with dotted keys; unknown keys name the key; bad batch/queue combination rejected.
+#[test]
+fn config_overrides_and_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = tiny_config("crossclr3", dir.path(), &["model_args.Temperature=0.2", "step=[1]"]);
+    assert_eq!(c.model_args.temperature, 0.2);
+    assert_eq!(c.views().unwrap(), vec![View::Joint, View::Motion, View::Bone]);
+    let e = PretrainConfig::from_text("", false, Path::new("x.yaml"), &["model_args.graph_args.layuot=ntu25".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model_args.graph_args.layuot"), "{e}");
+    let e = PretrainConfig::from_text("batch_size: 7\n", false, Path::new("x.yaml"), &[]).unwrap_err().to_string();
+    assert!(e.contains("queue_size"), "{e}");
+    // Every shipped config loads.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for sub in ["", "skeletonclr", "crossclr"] {
+        for entry in std::fs::read_dir(root.join(sub)).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "yaml" || e == "toml") {
+                PretrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 21, "{n} configs");
+}
