@@ -171,7 +171,7 @@ fn synth_file(rng: &mut ChaCha8Rng, action: u32) -> String {
         None
     };
     let speed = rng.gen_range(0.05f32..0.25) * (1.0 + action as f32 / 60.0);
-    let phase: f32 = rng.gen_range(0.0..6.28);
+    let phase: f32 = rng.gen_range(0.0..std::f32::consts::TAU);
     let mut s = String::with_capacity(frames * bodies * 25 * 110 + 64);
     s.push_str(&format!("{frames}\n"));
     let mut bases: Vec<([f32; 3], f32, u64)> = (0..3)

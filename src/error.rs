@@ -9,8 +9,8 @@ pub enum Error {
     #[error("{}: {place}: {what}", file.display())]
     Input { file: PathBuf, place: String, what: String },
     /// An I/O failure on a file.
-    #[error("{}: {source}", file.display())]
-    Io { file: PathBuf, #[source] source: std::io::Error },
+    #[error("{}: {err}", file.display())]
+    Io { file: PathBuf, err: std::io::Error },
     /// A bad configuration value or command-line argument.
     #[error("config: {0}")]
     Config(String),
@@ -31,7 +31,7 @@ impl Error {
     }
     /// I/O error on `file`.
     pub fn io(file: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { file: file.as_ref().to_path_buf(), source }
+        Error::Io { file: file.as_ref().to_path_buf(), err: source }
     }
     pub fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())

@@ -220,6 +220,9 @@ fn tsne_separates_clusters() {
 #[ignore]
 fn linear_speed_ntu60_size() {
     tch::manual_seed(0);
+    if let Some(t) = std::env::var("SPEED_THREADS").ok().and_then(|e| e.parse().ok()) {
+        tch::set_num_threads(t);
+    }
     let n = 40_000;
     let labels: Vec<i64> = (0..n).map(|i| (i % 60) as i64).collect();
     let names: Vec<String> = (0..n).map(|i| i.to_string()).collect();
@@ -227,6 +230,7 @@ fn linear_speed_ntu60_size() {
     let train = FeatureSet::new(vec!["joint".into()], vec![x], labels, names, 60).unwrap();
     let test = train.subset(&(0..16_000).collect::<Vec<_>>());
     let t = std::time::Instant::now();
-    let out = linear::train_linear(&train, None, &test, &LinearConfig::default()).unwrap();
-    println!("linear 100 epochs 40k x 256 x 60: {:.2} s (loop {:.2} s), last top-1 {:.2}", t.elapsed().as_secs_f64(), out.seconds, out.last.top1);
+    let epochs = std::env::var("SPEED_EPOCHS").ok().and_then(|e| e.parse().ok()).unwrap_or(100);
+    let out = linear::train_linear(&train, None, &test, &LinearConfig { epochs, ..Default::default() }).unwrap();
+    println!("linear {epochs} epochs 40k x 256 x 60: {:.2} s (loop {:.2} s), last top-1 {:.2}", t.elapsed().as_secs_f64(), out.seconds, out.last.top1);
 }

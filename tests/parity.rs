@@ -42,13 +42,35 @@ fn parse_npy(bytes: &[u8], name: &str) -> Tensor {
     let (hlen, start) = if bytes[6] == 1 {
         (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10)
     } else {
-        (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+        (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        )
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen]).unwrap();
-    assert!(header.contains("'fortran_order': False"), "{name}: {header}");
-    let descr = header.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap();
-    let shape_txt = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape: Vec<i64> = shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    assert!(
+        header.contains("'fortran_order': False"),
+        "{name}: {header}"
+    );
+    let descr = header
+        .split("'descr': '")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap();
+    let shape_txt = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<i64> = shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
     let data = &bytes[start + hlen..];
     let kind = match descr {
         "<f4" => Kind::Float,
@@ -57,7 +79,11 @@ fn parse_npy(bytes: &[u8], name: &str) -> Tensor {
         other => panic!("{name}: unsupported dtype {other}"),
     };
     let numel: i64 = shape.iter().product();
-    assert_eq!(data.len(), numel as usize * kind.elt_size_in_bytes(), "{name}: data length");
+    assert_eq!(
+        data.len(),
+        numel as usize * kind.elt_size_in_bytes(),
+        "{name}: data length"
+    );
     Tensor::from_data_size(data, &shape, kind)
 }
 
@@ -75,7 +101,10 @@ fn read_npz(path: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 struct Official {
@@ -88,7 +117,10 @@ struct Official {
 /// Builds StGcn + fc with the fixture's config and loads the official `.pt` strictly.
 fn load_official(dir: &Path) -> Official {
     let mut vs = VarStore::new(Device::Cpu);
-    let cfg = StGcnConfig { dropout: 0.0, ..Default::default() };
+    let cfg = StGcnConfig {
+        dropout: 0.0,
+        ..Default::default()
+    };
     let net = StGcn::new(&vs.root(), &cfg, &Layout::ntu25());
     let fc = head::classifier(&(vs.root() / "fc"), 256, 128);
     let sd = weights::read_state_dict(&dir.join("stgcn_official_seed0.pt")).unwrap();
@@ -126,7 +158,10 @@ fn pt_reader_matches_npz_parameters() {
     assert_eq!(compared, 155);
     // The input .npy equals the npz copy.
     let bytes = std::fs::read(dir.join("stgcn_official_seed0_input.npy")).unwrap();
-    assert_eq!(max_abs_diff(&parse_npy(&bytes, "input"), &npz["input"]), 0.0);
+    assert_eq!(
+        max_abs_diff(&parse_npy(&bytes, "input"), &npz["input"]),
+        0.0
+    );
 }
 
 #[test]
@@ -144,7 +179,11 @@ fn eval_features_and_outputs_match() {
     let x = &o.npz["input"];
     // Recover the running statistics the fixture's eval pass used (see the module docs).
     let vars = o.vs.variables();
-    let stat_names: Vec<String> = vars.keys().filter(|k| k.ends_with("running_mean") || k.ends_with("running_var")).cloned().collect();
+    let stat_names: Vec<String> = vars
+        .keys()
+        .filter(|k| k.ends_with("running_mean") || k.ends_with("running_var"))
+        .cloned()
+        .collect();
     assert_eq!(stat_names.len(), 48);
     let saved: Vec<Tensor> = stat_names.iter().map(|k| vars[k].copy()).collect();
     let _ = tch::no_grad(|| o.net.forward(x, true));
@@ -162,7 +201,10 @@ fn eval_features_and_outputs_match() {
         let out = tch::no_grad(|| o.fc.forward(&feats));
         let df = max_abs_diff(&feats, &o.npz["eval_features256"]);
         let dout = max_abs_diff(&out, &o.npz["eval_output"]);
-        assert!(df < 1e-5 && dout < 1e-5, "{f:?}/{a:?}: features diff {df}, output diff {dout}");
+        assert!(
+            df < 1e-5 && dout < 1e-5,
+            "{f:?}/{a:?}: features diff {df}, output diff {dout}"
+        );
     }
 }
 
@@ -179,7 +221,11 @@ fn train_outputs_match() {
         assert!(d < 1e-5, "{f:?}/{a:?}: train output diff {d}");
     }
     let nbt = o.vs.variables()["st_gcn_networks.9.tcn.3.num_batches_tracked"].int64_value(&[]);
-    assert_eq!(nbt, 1 + VARIANTS.len() as i64, "num_batches_tracked counts train passes");
+    assert_eq!(
+        nbt,
+        1 + VARIANTS.len() as i64,
+        "num_batches_tracked counts train passes"
+    );
 }
 
 /// max |ours − expected| over every trainable parameter, relative to max |expected| plus `atol`.
@@ -195,7 +241,10 @@ fn check_gradients(o: &Official, rtol: f64, atol: f64, what: &str) {
         assert!(g.defined(), "{what}: no gradient for {name}");
         let d = max_abs_diff(&g, expected);
         let scale = expected.abs().max().double_value(&[]);
-        assert!(d <= rtol * scale + atol, "{what}: {name}: max diff {d} vs max |grad| {scale}");
+        assert!(
+            d <= rtol * scale + atol,
+            "{what}: {name}: max diff {d} vs max |grad| {scale}"
+        );
         checked += 1;
     }
     assert_eq!(checked, 106, "{what}: trainable tensors");
@@ -211,7 +260,9 @@ fn gradients_match_in_float64() {
     for (f, a) in VARIANTS {
         o.net.set_formulation(f);
         o.net.set_aggregation(a);
-        o.vs.trainable_variables().iter_mut().for_each(|t| t.zero_grad());
+        o.vs.trainable_variables()
+            .iter_mut()
+            .for_each(|t| t.zero_grad());
         let out = o.fc.forward(&o.net.forward(&x, true));
         assert!(max_abs_diff(&out, &o.npz["train_output"]) < 1e-5);
         (out * &w).sum(Kind::Double).backward();
@@ -241,7 +292,14 @@ fn safetensors_round_trip_gives_identical_outputs() {
     let path = tmp.path().join("stgcn.safetensors");
     weights::save_safetensors(&o.vs, &path).unwrap();
     let mut vs2 = VarStore::new(Device::Cpu);
-    let net2 = StGcn::new(&vs2.root(), &StGcnConfig { dropout: 0.0, ..Default::default() }, &Layout::ntu25());
+    let net2 = StGcn::new(
+        &vs2.root(),
+        &StGcnConfig {
+            dropout: 0.0,
+            ..Default::default()
+        },
+        &Layout::ntu25(),
+    );
     let fc2 = head::classifier(&(vs2.root() / "fc"), 256, 128);
     let back = weights::read_state_dict(&path).unwrap();
     weights::load_into_strict(&mut vs2, &back, None, &[]).unwrap();
@@ -250,7 +308,10 @@ fn safetensors_round_trip_gives_identical_outputs() {
     let b = tch::no_grad(|| fc2.forward(&net2.forward(x, false)));
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     // Prefixed checkpoints (as CrosSCLR saves them) load through strip_prefix.
-    let prefixed: Vec<(String, Tensor)> = back.iter().map(|(k, t)| (format!("encoder_q.{k}"), t.shallow_clone())).collect();
+    let prefixed: Vec<(String, Tensor)> = back
+        .iter()
+        .map(|(k, t)| (format!("encoder_q.{k}"), t.shallow_clone()))
+        .collect();
     let mut vs3 = VarStore::new(Device::Cpu);
     let _net3 = StGcn::new(&vs3.root(), &StGcnConfig::default(), &Layout::ntu25());
     let r = weights::load_into(&mut vs3, &prefixed, Some("encoder_q."), &["fc."]).unwrap();

@@ -9,14 +9,21 @@ use crossclr::ssl::Pretrainer;
 use crossclr::train::config::PretrainConfig;
 use crossclr::train::pretrain::{run_with, RunOptions};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
 
-/// 24 training samples (4 classes x 6), 20 frames, ntu25, 2 bodies.
+/// The torch RNG is process-global: tests that seed it and rely on the stream run one at a time.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// 16 training samples (4 classes x 4), 20 frames, ntu25, 2 bodies: 2 batches of 8.
 fn tiny_data() -> Arc<SkeletonDataset> {
     let cfg = SynthConfig {
         num_classes: 4,
-        train_per_class: 6,
+        train_per_class: 4,
         val_per_class: 1,
         frames: 20,
         ..SynthConfig::default()
@@ -62,6 +69,7 @@ fn opts(ds: &Arc<SkeletonDataset>) -> RunOptions {
 /// With the queue held fixed, repeated SGD steps on one batch lower the loss (both phases).
 #[test]
 fn loss_finite_and_falls_on_fixed_batch() {
+    let _serial = serial();
     let ds = tiny_data();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("crossclr2", dir.path(), &["model_args.dropout=0.0"]);
@@ -90,6 +98,7 @@ fn loss_finite_and_falls_on_fixed_batch() {
 /// All queues are written at the same slots and the pointers move together.
 #[test]
 fn queues_aligned() {
+    let _serial = serial();
     let ds = tiny_data();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("crossclr3", dir.path(), &[]);
@@ -113,6 +122,7 @@ fn queues_aligned() {
 /// EMA with m = 0.5 on tiny tensors: k <- 0.5 k + 0.5 q.
 #[test]
 fn ema_math() {
+    let _serial = serial();
     let q = Tensor::from_slice(&[1.0f32, 3.0]);
     let k = Tensor::from_slice(&[5.0f32, -1.0]);
     momentum_update(&[("w".into(), q.shallow_clone(), k.shallow_clone())], 0.5);
@@ -131,6 +141,7 @@ fn model(ds: &SkeletonDataset, dir: &Path, extra: &[&str]) -> SslModel {
 /// bone heads, on both sides, and their EMA walks them; the clean variant shares nothing.
 #[test]
 fn shared_head_shares_storage() {
+    let _serial = serial();
     let ds = tiny_data();
     let dir = tempfile::tempdir().unwrap();
     let m = model(&ds, dir.path(), &[]);
@@ -162,6 +173,7 @@ fn shared_head_shares_storage() {
 /// Phase 2 with the official flag EMA-updates only the motion key encoder.
 #[test]
 fn phase2_updates_only_motion_keys() {
+    let _serial = serial();
     let ds = tiny_data();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("crossclr3", dir.path(), &[]);
@@ -189,14 +201,16 @@ fn all_tensors(dir: &Path) -> Vec<(String, Tensor)> {
 /// 2 epochs straight == 1 epoch + resume 1 epoch (weights, queues, pointers, momentum buffers).
 #[test]
 fn resume_is_exact() {
+    let _serial = serial();
     let ds = tiny_data();
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    run_with(&tiny_config("crossclr3", a.path(), &[]), &opts(&ds)).unwrap();
-    run_with(&tiny_config("crossclr3", b.path(), &["num_epoch=1"]), &opts(&ds)).unwrap();
-    let e = run_with(&tiny_config("crossclr3", b.path(), &[]), &opts(&ds)).unwrap_err().to_string();
+    // 2-view CrosSCLR: shared head, phase 1 then phase 2 (cross_epoch 1), motion-only EMA.
+    run_with(&tiny_config("crossclr2", a.path(), &[]), &opts(&ds)).unwrap();
+    run_with(&tiny_config("crossclr2", b.path(), &["num_epoch=1"]), &opts(&ds)).unwrap();
+    let e = run_with(&tiny_config("crossclr2", b.path(), &[]), &opts(&ds)).unwrap_err().to_string();
     assert!(e.contains("--resume"), "{e}");
-    let s = run_with(&tiny_config("crossclr3", b.path(), &[]), &RunOptions { resume: true, ..opts(&ds) }).unwrap();
+    let s = run_with(&tiny_config("crossclr2", b.path(), &[]), &RunOptions { resume: true, ..opts(&ds) }).unwrap();
     assert_eq!((s.first_epoch, s.records.len()), (2, 2));
     let (ta, tb) = (all_tensors(a.path()), all_tensors(b.path()));
     assert_eq!(ta.len(), tb.len());
@@ -215,6 +229,7 @@ fn resume_is_exact() {
 /// A NaN loss stops the run with a clear message and leaves the last good checkpoint intact.
 #[test]
 fn nan_loss_stops_and_keeps_checkpoint() {
+    let _serial = serial();
     let ds = tiny_data();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("skeletonclr", dir.path(), &["num_epoch=3"]);
@@ -233,6 +248,7 @@ fn nan_loss_stops_and_keeps_checkpoint() {
 /// Overrides with dotted keys; unknown keys name the key; bad batch/queue combination rejected.
 #[test]
 fn config_overrides_and_unknown_key() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let c = tiny_config("crossclr3", dir.path(), &["model_args.Temperature=0.2", "step=[1]"]);
     assert_eq!(c.model_args.temperature, 0.2);
@@ -256,4 +272,62 @@ fn config_overrides_and_unknown_key() {
         }
     }
     assert!(n >= 21, "{n} configs");
+}
+
+/// CPU step timing (not a check): `H4_BATCH=128 H4_FRAMES=50 cargo test --release --test pretrain
+/// -- --ignored --nocapture step_timing`. Prints seconds per `train_step` for SkeletonCLR and
+/// CrosSCLR-3 in both phases (queue 32768 as official when the batch divides it).
+#[test]
+#[ignore]
+fn step_timing() {
+    let _serial = serial();
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (batch, frames, reps) = (env("H4_BATCH", 16), env("H4_FRAMES", 50), env("H4_REPS", 2));
+    let cfg = SynthConfig { num_classes: 4, train_per_class: batch.div_ceil(4), val_per_class: 1, frames, ..SynthConfig::default() };
+    let ds = generate(&cfg).0;
+    let x = fixed_batch(&ds, batch);
+    let dir = tempfile::tempdir().unwrap();
+    println!("torch threads {}", tch::get_num_threads());
+    for model in ["skeletonclr", "crossclr3"] {
+        let c = tiny_config(model, dir.path(), &[&format!("batch_size={batch}"), "model_args.queue_size=32768", "cross_epoch=1"]);
+        tch::manual_seed(0);
+        let mut t = Pretrainer::from_config(&c, &ds.layout, Device::Cpu).unwrap();
+        for epoch in [1usize, 2] {
+            t.train_step(&x, &x, epoch).unwrap(); // warm-up
+            let t0 = std::time::Instant::now();
+            for _ in 0..reps {
+                t.train_step(&x, &x, epoch).unwrap();
+            }
+            let s = t0.elapsed().as_secs_f64() / reps as f64;
+            println!("{model} phase {}: batch {batch} x T {frames}: {s:.3} s/step", t.model.is_cross_epoch(epoch) as u8 + 1);
+            if model == "skeletonclr" {
+                break;
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore]
+fn zz_profile_parts() {
+    let _serial = serial();
+    if let Ok(n) = std::env::var("H4_THREADS") { tch::set_num_threads(n.parse().unwrap()); }
+    let batch = 16usize;
+    let cfg = SynthConfig { num_classes: 4, train_per_class: 4, val_per_class: 1, frames: 50, ..SynthConfig::default() };
+    let ds = generate(&cfg).0;
+    let x = fixed_batch(&ds, batch);
+    let dir = tempfile::tempdir().unwrap();
+    let c = tiny_config("crossclr3", dir.path(), &["batch_size=16", "model_args.queue_size=32768", "cross_epoch=1"]);
+    let mut t = Pretrainer::from_config(&c, &ds.layout, Device::Cpu).unwrap();
+    let tm = |name: &str, f: &mut dyn FnMut()| { f(); let t0 = std::time::Instant::now(); f(); println!("{name}: {:.3} s", t0.elapsed().as_secs_f64()); };
+    let b0 = &t.model.branches[0];
+    tm("enc fwd train", &mut || { let _ = b0.encoder_q.forward(&x, true); });
+    tm("enc fwd nograd", &mut || { tch::no_grad(|| { let _ = b0.encoder_q.forward(&x, true); }); });
+    tm("enc fwd+bwd", &mut || { let y = b0.encoder_q.forward(&x, true); y.sum(Kind::Float).backward(); });
+    tm("ema all", &mut || { for b in &t.model.branches { b.momentum_update(0.999); } });
+    tm("sgd step", &mut || { t.opt.step(); });
+    tm("model fwd phase1", &mut || { let _ = t.model.forward(&x, &x, 1); });
+    tm("model fwd phase2", &mut || { let _ = t.model.forward(&x, &x, 2); });
+    tm("phase2 fwd+bwd", &mut || { let o = t.model.forward(&x, &x, 2); o.loss.backward(); });
+    tm("phase1 fwd+bwd", &mut || { let o = t.model.forward(&x, &x, 1); o.loss.backward(); });
 }

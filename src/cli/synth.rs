@@ -26,6 +26,7 @@ pub struct Args {
     /// Layout: ntu25, kinect20, msr20 or a layout file (.toml / .yaml).
     #[arg(long, default_value = "ntu25")]
     pub layout: String,
+    /// Random seed: the whole dataset is a pure function of it and the other options.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Sensor noise standard deviation (metres).

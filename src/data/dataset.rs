@@ -27,7 +27,7 @@ impl F32Buf {
     /// Wraps a map if `offset` is 4-byte aligned and in range; otherwise copies (little-endian).
     pub fn mapped(mmap: Arc<Mmap>, offset: usize, len: usize) -> Self {
         let in_range = offset + len * 4 <= mmap.len();
-        let aligned = (mmap.as_ptr() as usize + offset) % std::mem::align_of::<f32>() == 0;
+        let aligned = (mmap.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
         if in_range && aligned && cfg!(target_endian = "little") {
             F32Buf::Mapped { mmap, offset, len }
         } else {

@@ -677,12 +677,18 @@ impl NpyRowWriter {
                 self.row_len
             )));
         }
-        let mut bytes = Vec::with_capacity(row.len() * 4);
-        for v in row {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
         let offset = self.data_offset + (index * self.row_len * 4) as u64;
-        self.write_at(&bytes, offset)
+        #[cfg(target_endian = "little")]
+        // SAFETY: any f32 is 4 plain bytes; u8 has no alignment requirement; the view lives only
+        // during this call. On a little-endian machine these are the file's `<f4` bytes.
+        let bytes: &[u8] =
+            unsafe { std::slice::from_raw_parts(row.as_ptr() as *const u8, row.len() * 4) };
+        #[cfg(not(target_endian = "little"))]
+        let bytes: &[u8] = &row
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>();
+        self.write_at(bytes, offset)
             .map_err(|e| Error::io(&self.tmp, e))
     }
 

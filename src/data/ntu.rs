@@ -148,6 +148,57 @@ impl<'a> Lines<'a> {
         Ok(trim(&rest[..end]))
     }
 
+    /// The next line split on spaces/tabs in one pass: stores up to `N` fields in `out` and returns
+    /// `(field count, mask, line)`, where bit `i` of `mask` says field `i` has a digit and only
+    /// digits, signs, points and exponent letters (a decimal number's shape; others need
+    /// [`looks_numeric`]).
+    fn next_fields<const N: usize>(
+        &mut self,
+        what: &str,
+        out: &mut [&'a [u8]; N],
+    ) -> Result<(usize, u32, &'a [u8])> {
+        if self.pos >= self.bytes.len() {
+            return Err(Error::input(
+                self.file,
+                format!("line {}", self.line + 1),
+                format!("file ends early: expected {what}"),
+            ));
+        }
+        let rest = &self.bytes[self.pos..];
+        let (mut i, len) = (0, rest.len());
+        let (mut n, mut mask) = (0usize, 0u32);
+        loop {
+            while i < len && (rest[i] == b' ' || rest[i] == b'\t' || rest[i] == b'\r') {
+                i += 1;
+            }
+            if i >= len || rest[i] == b'\n' {
+                break;
+            }
+            let start = i;
+            let (mut plain, mut digit) = (true, false);
+            while i < len {
+                match CLASS[rest[i] as usize] {
+                    DIGIT => digit = true,
+                    NUMERIC => {}
+                    SEPARATOR => break,
+                    _ => plain = false,
+                }
+                i += 1;
+            }
+            if n < N {
+                out[n] = &rest[start..i];
+                if plain && digit && n < 32 {
+                    mask |= 1 << n;
+                }
+            }
+            n += 1;
+        }
+        let line = trim(&rest[..i]);
+        self.pos += (i + 1).min(len);
+        self.line += 1;
+        Ok((n, mask, line))
+    }
+
     fn err(&self, what: impl Into<String>) -> Error {
         Error::input(self.file, format!("line {}", self.line), what)
     }
@@ -230,6 +281,95 @@ fn split_fields<'a, const N: usize>(line: &'a [u8], out: &mut [&'a [u8]; N]) -> 
     n
 }
 
+/// Byte classes of the field scanner.
+const OTHER: u8 = 0;
+const NUMERIC: u8 = 1;
+const SEPARATOR: u8 = 2;
+const DIGIT: u8 = 3;
+static CLASS: [u8; 256] = {
+    let mut t = [OTHER; 256];
+    let mut d = b'0';
+    while d <= b'9' {
+        t[d as usize] = DIGIT;
+        d += 1;
+    }
+    t[b'.' as usize] = NUMERIC;
+    t[b'-' as usize] = NUMERIC;
+    t[b'+' as usize] = NUMERIC;
+    t[b'e' as usize] = NUMERIC;
+    t[b'E' as usize] = NUMERIC;
+    t[b' ' as usize] = SEPARATOR;
+    t[b'\t' as usize] = SEPARATOR;
+    t[b'\r' as usize] = SEPARATOR;
+    t[b'\n' as usize] = SEPARATOR;
+    t
+};
+
+/// Exact powers of ten representable in f64 (10^0 ..= 10^22).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// Clinger's fast path: a decimal `[+-]digits[.digits][(e|E)[+-]digits]` whose digits form an
+/// integer `m <= 2^53` scaled by `10^k` with `|k| <= 22` is `m * 10^k` or `m / 10^-k`, one exactly
+/// rounded IEEE operation on exact operands, so the result equals a correctly rounded parse (what
+/// Python's `float()` and Rust's `str::parse` return). Anything else returns None (use the slow path).
+fn fast_f64(tok: &[u8]) -> Option<f64> {
+    let (neg, digits) = match tok.first()? {
+        b'-' => (true, &tok[1..]),
+        b'+' => (false, &tok[1..]),
+        _ => (false, tok),
+    };
+    let (mut mant, mut count, mut frac, mut seen_dot, mut i) = (0u64, 0u32, 0i32, false, 0usize);
+    while i < digits.len() {
+        let b = digits[i];
+        if b.is_ascii_digit() {
+            if count >= 19 {
+                return None;
+            }
+            mant = mant * 10 + (b - b'0') as u64;
+            count += 1;
+            frac += seen_dot as i32;
+        } else if b == b'.' && !seen_dot {
+            seen_dot = true;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    if count == 0 {
+        return None;
+    }
+    let mut exp = -frac;
+    if i < digits.len() {
+        if digits[i] != b'e' && digits[i] != b'E' {
+            return None;
+        }
+        let e = &digits[i + 1..];
+        let (eneg, e) = match e.first()? {
+            b'-' => (true, &e[1..]),
+            b'+' => (false, &e[1..]),
+            _ => (false, e),
+        };
+        if e.is_empty() || e.len() > 3 || !e.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let ev = e.iter().fold(0i32, |a, &d| a * 10 + (d - b'0') as i32);
+        exp += if eneg { -ev } else { ev };
+    }
+    if mant > 1 << 53 || exp.unsigned_abs() > 22 {
+        return None;
+    }
+    let v = mant as f64;
+    let v = if exp >= 0 {
+        v * POW10[exp as usize]
+    } else {
+        v / POW10[(-exp) as usize]
+    };
+    Some(if neg { -v } else { v })
+}
+
 /// Whether a token can be a decimal number (digits, sign, point, exponent) or nan/inf as Python's
 /// `float()` would accept it. Used for the fields we do not keep.
 fn looks_numeric(tok: &[u8]) -> bool {
@@ -248,6 +388,9 @@ fn looks_numeric(tok: &[u8]) -> bool {
 }
 
 fn parse_coord(tok: &[u8], lines: &Lines, name: &str) -> Result<f32> {
+    if let Some(v) = fast_f64(tok) {
+        return Ok(v as f32);
+    }
     let s = std::str::from_utf8(tok)
         .map_err(|_| lines.err(format!("{name} is not a number: {:?}", show(tok))))?;
     let v: f64 = s
@@ -312,8 +455,7 @@ pub fn parse_skeleton(bytes: &[u8], file: &Path) -> Result<NtuSkeleton> {
                 return Err(lines.err(format!("joint count {joints}, expected {NTU_JOINTS}")));
             }
             for v in 0..NTU_JOINTS {
-                let line = lines.next("a joint line")?;
-                let n = split_fields(line, &mut joint_fields);
+                let (n, plain, line) = lines.next_fields("a joint line", &mut joint_fields)?;
                 if n != JOINT_FIELDS {
                     return Err(lines.err(format!(
                         "joint line has {n} fields, expected {JOINT_FIELDS}: {:?}",
@@ -323,8 +465,15 @@ pub fn parse_skeleton(bytes: &[u8], file: &Path) -> Result<NtuSkeleton> {
                 let x = parse_coord(joint_fields[0], &lines, "x")?;
                 let y = parse_coord(joint_fields[1], &lines, "y")?;
                 let z = parse_coord(joint_fields[2], &lines, "z")?;
-                if let Some(bad) = joint_fields[3..].iter().find(|f| !looks_numeric(f)) {
-                    return Err(lines.err(format!("joint field {:?} is not a number", show(bad))));
+                /// Bits of the 12 joint fields.
+                const ALL_FIELDS: u32 = (1 << JOINT_FIELDS) - 1;
+                if plain & ALL_FIELDS != ALL_FIELDS {
+                    let bad = joint_fields[3..].iter().find(|f| !looks_numeric(f));
+                    if let Some(bad) = bad {
+                        return Err(
+                            lines.err(format!("joint field {:?} is not a number", show(bad)))
+                        );
+                    }
                 }
                 if m < NTU_MAX_BODIES {
                     let o = t * per_frame + v * NTU_MAX_BODIES + m;
@@ -368,6 +517,36 @@ mod tests {
         assert!(NtuName::parse_file_name("S001C002P003R002A13.skeleton").is_none());
         assert_eq!(missing_ids(NTU60_MISSING_LIST).len(), 302);
         assert_eq!(missing_ids(NTU120_MISSING_LIST).len(), 535);
+    }
+
+    #[test]
+    fn fast_float_path_equals_std_parse() {
+        for t in [
+            "0.2181153",
+            "-0.1239193",
+            "3.785547",
+            "1036.233",
+            "0",
+            "-0",
+            "2",
+            "1e-3",
+            "-1.5E+2",
+            "123456789012345678",
+            "0.000000000000000000000001",
+            "9007199254740993",
+            ".5",
+            "5.",
+        ] {
+            let want: f64 = t.parse().unwrap();
+            if let Some(v) = fast_f64(t.as_bytes()) {
+                assert_eq!(v.to_bits(), want.to_bits(), "{t}");
+            }
+        }
+        assert!(fast_f64(b"0.2181153").is_some());
+        assert!(fast_f64(b"9007199254740993").is_none()); // > 2^53: slow path
+        for bad in ["", "-", ".", "1.2.3", "1e", "abc", "1-2", "nan"] {
+            assert!(fast_f64(bad.as_bytes()).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod finetune;
 pub mod knn;
 pub mod linear;
 pub mod metrics;
+pub mod report;
 pub mod semi;
 pub mod split;
 pub mod tsne;

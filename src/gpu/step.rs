@@ -147,7 +147,7 @@ impl FastStep {
             let idx = (&self.ptr + &self.arange_b).remainder(self.queue_size);
             for (b, k) in branches.iter().zip(&ks) {
                 let mut queue = b.queue.keys.shallow_clone();
-                queue.f_index_copy_(1, &idx, &k.detach().transpose(0, 1))?;
+                let _ = queue.f_index_copy_(1, &idx, &k.detach().transpose(0, 1))?;
             }
             let _ = self.ptr.f_add_scalar_(self.batch)?.f_remainder_(self.queue_size)?;
             Ok(())

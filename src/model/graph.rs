@@ -71,10 +71,23 @@ pub fn partition_values(layout: &Layout) -> Vec<Vec<Vec<f64>>> {
     };
     // adjacency[j][i] = 1 where hop <= max_hop (self-loops included); normalize_digraph divides
     // column i by its sum deg(i).
-    let adjacency: Vec<Vec<f64>> =
-        (0..v).map(|j| (0..v).map(|i| if hop[j][i].is_some() { 1.0 } else { 0.0 }).collect()).collect();
-    let degree: Vec<f64> = (0..v).map(|i| (0..v).map(|j| adjacency[j][i]).sum()).collect();
-    let norm = |j: usize, i: usize| if degree[i] > 0.0 { adjacency[j][i] / degree[i] } else { 0.0 };
+    let adjacency: Vec<Vec<f64>> = (0..v)
+        .map(|j| {
+            (0..v)
+                .map(|i| if hop[j][i].is_some() { 1.0 } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    let degree: Vec<f64> = (0..v)
+        .map(|i| (0..v).map(|j| adjacency[j][i]).sum())
+        .collect();
+    let norm = |j: usize, i: usize| {
+        if degree[i] > 0.0 {
+            adjacency[j][i] / degree[i]
+        } else {
+            0.0
+        }
+    };
 
     let mut a = vec![vec![vec![0.0; v]; v]; NUM_PARTITIONS];
     for h in 0..=MAX_HOP {
@@ -97,9 +110,15 @@ pub fn partition_values(layout: &Layout) -> Vec<Vec<Vec<f64>>> {
 /// the output at joint `w` is `sum_k sum_v x_k[v] * A[k][v][w]`.
 pub fn partition(layout: &Layout) -> Tensor {
     let v = layout.num_joints() as i64;
-    let flat: Vec<f32> =
-        partition_values(layout).into_iter().flatten().flatten().map(|x| x as f32).collect();
-    Tensor::from_slice(&flat).view([NUM_PARTITIONS as i64, v, v]).to_kind(Kind::Float)
+    let flat: Vec<f32> = partition_values(layout)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|x| x as f32)
+        .collect();
+    Tensor::from_slice(&flat)
+        .view([NUM_PARTITIONS as i64, v, v])
+        .to_kind(Kind::Float)
 }
 
 #[cfg(test)]
@@ -108,14 +127,57 @@ mod tests {
 
     /// Reference 4.1 lists (1-based `source -> destination`).
     const A1_EDGES: [(usize, usize); 40] = [
-        (1, 2), (1, 13), (1, 17), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (6, 7), (7, 6),
-        (7, 8), (8, 7), (8, 23), (9, 21), (10, 9), (10, 11), (11, 10), (11, 12), (12, 11),
-        (12, 25), (13, 1), (13, 14), (14, 13), (14, 15), (15, 14), (15, 16), (16, 15), (17, 1),
-        (17, 18), (18, 17), (18, 19), (19, 18), (19, 20), (20, 19), (22, 23), (23, 8), (23, 22),
-        (24, 25), (25, 12), (25, 24),
+        (1, 2),
+        (1, 13),
+        (1, 17),
+        (2, 21),
+        (3, 21),
+        (4, 3),
+        (5, 21),
+        (6, 5),
+        (6, 7),
+        (7, 6),
+        (7, 8),
+        (8, 7),
+        (8, 23),
+        (9, 21),
+        (10, 9),
+        (10, 11),
+        (11, 10),
+        (11, 12),
+        (12, 11),
+        (12, 25),
+        (13, 1),
+        (13, 14),
+        (14, 13),
+        (14, 15),
+        (15, 14),
+        (15, 16),
+        (16, 15),
+        (17, 1),
+        (17, 18),
+        (18, 17),
+        (18, 19),
+        (19, 18),
+        (19, 20),
+        (20, 19),
+        (22, 23),
+        (23, 8),
+        (23, 22),
+        (24, 25),
+        (25, 12),
+        (25, 24),
     ];
-    const A2_EDGES: [(usize, usize); 8] =
-        [(2, 1), (3, 4), (5, 6), (9, 10), (21, 2), (21, 3), (21, 5), (21, 9)];
+    const A2_EDGES: [(usize, usize); 8] = [
+        (2, 1),
+        (3, 4),
+        (5, 6),
+        (9, 10),
+        (21, 2),
+        (21, 3),
+        (21, 5),
+        (21, 9),
+    ];
 
     fn ntu_degree(j: usize) -> f64 {
         match j {
@@ -155,7 +217,9 @@ mod tests {
         }
         // Columns of A0 + A1 + A2 sum to 1.
         for d in 0..25 {
-            let sum: f64 = (0..3).map(|k| (0..25).map(|s| a[k][s][d]).sum::<f64>()).sum();
+            let sum: f64 = (0..3)
+                .map(|k| (0..25).map(|s| a[k][s][d]).sum::<f64>())
+                .sum();
             assert!((sum - 1.0).abs() < 1e-12);
         }
         let t = partition(&Layout::ntu25());
@@ -189,8 +253,14 @@ mod tests {
             let a = partition_values(&layout);
             let v = layout.num_joints();
             for d in 0..v {
-                let sum: f64 = (0..3).map(|k| (0..v).map(|s| a[k][s][d]).sum::<f64>()).sum();
-                assert!((sum - 1.0).abs() < 1e-12, "{}: column {d} sums to {sum}", layout.name);
+                let sum: f64 = (0..3)
+                    .map(|k| (0..v).map(|s| a[k][s][d]).sum::<f64>())
+                    .sum();
+                assert!(
+                    (sum - 1.0).abs() < 1e-12,
+                    "{}: column {d} sums to {sum}",
+                    layout.name
+                );
             }
         }
     }

@@ -10,7 +10,10 @@ fn linear(p: &Path, in_dim: i64, out_dim: i64) -> nn::Linear {
         in_dim,
         out_dim,
         nn::LinearConfig {
-            ws_init: Init::Randn { mean: 0.0, stdev: INIT_STD },
+            ws_init: Init::Randn {
+                mean: 0.0,
+                stdev: INIT_STD,
+            },
             bs_init: Some(Init::Const(0.0)),
             bias: true,
         },
@@ -27,7 +30,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(p: &Path, in_dim: i64, hidden: i64, out: i64) -> Mlp {
-        Mlp { fc0: linear(&(p / "0"), in_dim, hidden), fc2: linear(&(p / "2"), hidden, out) }
+        Mlp {
+            fc0: linear(&(p / "0"), in_dim, hidden),
+            fc2: linear(&(p / "2"), hidden, out),
+        }
     }
 
     /// `(N, in) -> (N, out)`.
@@ -79,7 +85,10 @@ mod tests {
         let vars = vs.variables();
         assert_eq!(vars["fc.0.weight"].size(), vec![256, 256]);
         assert_eq!(vars["fc.2.weight"].size(), vec![128, 256]);
-        assert_eq!(vars["fc.2.bias"].abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert_eq!(
+            vars["fc.2.bias"].abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
         let std = vars["fc.0.weight"].std(true).double_value(&[]);
         assert!((std - 0.02).abs() < 0.001, "std {std}");
         let y = mlp.forward(&Tensor::randn([5, 256], (Kind::Float, Device::Cpu)));

@@ -159,16 +159,30 @@ impl StGcn {
                     Residual::Identity
                 } else {
                     let rp = &bp / "residual";
-                    Residual::Conv(Conv::new(&(&rp / 0), c_in, c_out, 1), BatchNorm::new(&(&rp / 1), c_out))
+                    Residual::Conv(
+                        Conv::new(&(&rp / 0), c_in, c_out, 1),
+                        BatchNorm::new(&(&rp / 1), c_out),
+                    )
                 };
                 // Official: block 1 gets no dropout argument.
                 let dropout = if i == 0 { 0.0 } else { cfg.dropout };
-                Block { gcn, bn1, conv, bn2, residual, stride, dropout, k }
+                Block {
+                    gcn,
+                    bn1,
+                    conv,
+                    bn2,
+                    residual,
+                    stride,
+                    dropout,
+                    k,
+                }
             })
             .collect::<Vec<_>>();
         let edge_importance = if cfg.edge_importance {
             let ep = p / "edge_importance";
-            (0..blocks.len()).map(|i| ep.var(&i.to_string(), &[k, v, v], tch::nn::Init::Const(1.0))).collect()
+            (0..blocks.len())
+                .map(|i| ep.var(&i.to_string(), &[k, v, v], tch::nn::Init::Const(1.0)))
+                .collect()
         } else {
             Vec::new()
         };
@@ -219,10 +233,17 @@ impl StGcn {
     /// (running statistics updated) and dropout.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let s = x.size();
-        assert_eq!(s.len(), 5, "StGcn::forward expects (N, C, T, V, M), got {s:?}");
+        assert_eq!(
+            s.len(),
+            5,
+            "StGcn::forward expects (N, C, T, V, M), got {s:?}"
+        );
         let (n, c, t, v, m) = (s[0], s[1], s[2], s[3], s[4]);
         // data_bn over V·C channels, channel index v·C + c; rows are the N·M bodies.
-        let xb = x.permute([0, 4, 3, 1, 2]).contiguous().view([n * m, v * c, t]);
+        let xb = x
+            .permute([0, 4, 3, 1, 2])
+            .contiguous()
+            .view([n * m, v * c, t]);
         let xb = self.data_bn.forward(&xb, train).view([n * m, v, c, t]);
         match self.formulation {
             Formulation::Reference => {
@@ -231,11 +252,9 @@ impl StGcn {
                     h = b.forward_reference(&h, &self.graph_of(i), train);
                 }
                 // avg-pool over (T', V), then mean over M.
-                h.mean_dim([2i64, 3].as_slice(), false, None).view([n, m, -1]).mean_dim(
-                    [1i64].as_slice(),
-                    false,
-                    None,
-                )
+                h.mean_dim([2i64, 3].as_slice(), false, None)
+                    .view([n, m, -1])
+                    .mean_dim([1i64].as_slice(), false, None)
             }
             Formulation::ChannelMajor => {
                 let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
@@ -265,17 +284,38 @@ impl Block {
             Residual::None => None,
             Residual::Identity => Some(x.shallow_clone()),
             Residual::Conv(conv, bn) => {
-                let r = x.conv2d(&conv.weight, Some(&conv.bias), [self.stride, 1], [0, 0], [1, 1], 1);
+                let r = x.conv2d(
+                    &conv.weight,
+                    Some(&conv.bias),
+                    [self.stride, 1],
+                    [0, 0],
+                    [1, 1],
+                    1,
+                );
                 Some(bn.forward(&r, train))
             }
         };
         let s = x.size();
-        let y = x.conv2d(&self.gcn.weight, Some(&self.gcn.bias), [1, 1], [0, 0], [1, 1], 1);
+        let y = x.conv2d(
+            &self.gcn.weight,
+            Some(&self.gcn.bias),
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            1,
+        );
         let y = y.view([s[0], self.k, self.c_out(), s[2], s[3]]);
         let y = Tensor::einsum("nkctv,kvw->nctw", &[&y, g], None::<i64>);
         let y = self.bn1.forward(&y, train).relu();
         let pad = (self.conv.weight.size()[2] - 1) / 2;
-        let y = y.conv2d(&self.conv.weight, Some(&self.conv.bias), [self.stride, 1], [pad, 0], [1, 1], 1);
+        let y = y.conv2d(
+            &self.conv.weight,
+            Some(&self.conv.bias),
+            [self.stride, 1],
+            [pad, 0],
+            [1, 1],
+            1,
+        );
         let y = dropout(&self.bn2.forward(&y, train), self.dropout, train);
         match res {
             Some(r) => (y + r).relu(),
@@ -285,7 +325,13 @@ impl Block {
 
     // ---- Channel-major formulation: x (1, C, N·M, T, V) ----
 
-    fn forward_channel_major(&self, x: &Tensor, g: &Tensor, train: bool, agg: Aggregation) -> Tensor {
+    fn forward_channel_major(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        train: bool,
+        agg: Aggregation,
+    ) -> Tensor {
         let y = self.aggregate(x, g, agg);
         let y = self.tcn(&y, train);
         self.add_residual(y, x, train)
@@ -293,6 +339,9 @@ impl Block {
 
     /// `gcn`: 1×1 conv to K·C_out channels and graph aggregation with `g = A ⊙ E` `(K, V, W)`.
     /// `(1, C_in, N·M, T, V) -> (1, C_out, N·M, T, V)`.
+    ///
+    /// Only 2-D matrix products on contiguous views: their backward passes need no copies
+    /// (batched or broadcast products copy their transposed operands on the CPU).
     fn aggregate(&self, x: &Tensor, g: &Tensor, agg: Aggregation) -> Tensor {
         let s = x.size();
         let (c_in, rows, t, v) = (s[1], s[2] * s[3], s[3], s[4]);
@@ -302,38 +351,72 @@ impl Block {
             Aggregation::AggFirst => true,
             Aggregation::Auto => c_in < c,
         };
-        let out = if agg_first {
-            // z[k, ci, r, w] = sum_v x[ci, r, v] g[k, v, w]
-            let z = x.view([1, c_in * rows, v]).matmul(g); // (K, C_in·R, W)
-            // W_c[c, (k, ci)] = weight[k·C + c, ci]
-            let wc = self.gcn.matrix().view([k, c, c_in]).permute([1, 0, 2]).reshape([c, k * c_in]);
-            let y = wc.mm(&z.view([k * c_in, rows * v]));
-            // bias: sum_k b[k, c] * sum_v g[k, v, w]
-            let bias = (self.gcn.bias.view([k, c, 1]) * g.sum_dim_intlist([1i64].as_slice(), true, None))
-                .sum_dim_intlist([0i64].as_slice(), false, None); // (C, W)
-            y.view([c, rows, v]) + bias.unsqueeze(1)
+        let w = self.gcn.matrix(); // (K·C, C_in), rows k·C + c
+        let mut out: Option<Tensor> = None;
+        if agg_first {
+            // out = sum_k W_k (C, C_in) @ z_k (C_in, R·W), z_k = x (C_in·R, V) @ g_k (V, W)
+            let x2 = x.view([c_in * rows, v]);
+            for kk in 0..k {
+                let z = x2.mm(&g.get(kk)).view([c_in, rows * v]);
+                let wk = w.narrow(0, kk * c, c);
+                out = Some(match out {
+                    None => wk.mm(&z),
+                    Some(o) => o.addmm(&wk, &z),
+                });
+            }
+            // bias: sum_k b[k, c] * sum_v g[k, v, w], shape (C, 1, W)
+            let bias = (self.gcn.bias.view([k, c, 1])
+                * g.sum_dim_intlist([1i64].as_slice(), true, None))
+            .sum_dim_intlist([0i64].as_slice(), false, None)
+            .unsqueeze(1);
+            let mut o = out.expect("K >= 1").view([c, rows, v]);
+            let _ = o.g_add_(&bias);
+            o.view([1, c, s[2], t, v])
         } else {
-            let y = self.gcn.bias.view([k * c, 1]).addmm(&self.gcn.matrix(), &x.view([c_in, rows * v]));
-            y.view([k, c * rows, v]).bmm(g).sum_dim_intlist([0i64].as_slice(), false, None)
-        };
-        out.view([1, c, s[2], t, v])
+            // y = W x + b (K·C, R·V); out = sum_k y_k (C·R, V) @ g_k (V, W)
+            let y = self
+                .gcn
+                .bias
+                .view([k * c, 1])
+                .addmm(&w, &x.view([c_in, rows * v]));
+            for kk in 0..k {
+                let yk = y.narrow(0, kk * c, c).view([c * rows, v]);
+                let gk = g.get(kk);
+                out = Some(match out {
+                    None => yk.mm(&gk),
+                    Some(o) => o.addmm(&yk, &gk),
+                });
+            }
+            out.expect("K >= 1").view([1, c, s[2], t, v])
+        }
     }
 
     /// `tcn`: BN -> ReLU -> (kt, 1) conv with stride (s, 1) -> BN -> dropout.
     /// `(1, C, N·M, T, V) -> (1, C, N·M, T', V)`.
     fn tcn(&self, y: &Tensor, train: bool) -> Tensor {
-        let y = self.bn1.forward(y, train).relu();
+        let mut y = self.bn1.forward(y, train);
+        let _ = y.relu_(); // in place: batch-norm backward does not need its output
         let w = &self.conv.weight;
         let pad = (w.size()[2] - 1) / 2;
-        let y = y.conv3d(&w.unsqueeze(2), Some(&self.conv.bias), [1, self.stride, 1], [0, pad, 0], [1, 1, 1], 1);
+        let y = y.conv3d(
+            &w.unsqueeze(2),
+            Some(&self.conv.bias),
+            [1, self.stride, 1],
+            [0, pad, 0],
+            [1, 1, 1],
+            1,
+        );
         dropout(&self.bn2.forward(&y, train), self.dropout, train)
     }
 
     /// `relu(y + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` `(1, C_out, N·M, T', V)`.
-    fn add_residual(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
+    /// Adds and ReLU work in place on `y` (no backward pass needs the overwritten values).
+    fn add_residual(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
         match &self.residual {
-            Residual::None => y.relu(),
-            Residual::Identity => (y + x).relu(),
+            Residual::None => {}
+            Residual::Identity => {
+                let _ = y.g_add_(x);
+            }
             Residual::Conv(conv, bn) => {
                 let xs = if self.stride > 1 {
                     x.slice(3, 0, None, self.stride).contiguous()
@@ -341,11 +424,16 @@ impl Block {
                     x.shallow_clone()
                 };
                 let s = xs.size();
-                let r = conv.bias.view([-1, 1]).addmm(&conv.matrix(), &xs.view([s[1], -1]));
+                let r = conv
+                    .bias
+                    .view([-1, 1])
+                    .addmm(&conv.matrix(), &xs.view([s[1], -1]));
                 let r = bn.forward(&r.view([1, conv.c_out(), s[2], s[3], s[4]]), train);
-                (y + r).relu()
+                let _ = y.g_add_(&r);
             }
         }
+        let _ = y.relu_();
+        y
     }
 }
 
@@ -356,7 +444,12 @@ mod tests {
     use tch::{Device, Kind};
 
     fn tiny_cfg() -> StGcnConfig {
-        StGcnConfig { hidden_channels: 4, hidden_dim: 16, dropout: 0.0, ..Default::default() }
+        StGcnConfig {
+            hidden_channels: 4,
+            hidden_dim: 16,
+            dropout: 0.0,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -364,7 +457,11 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let _net = StGcn::new(&vs.root(), &StGcnConfig::default(), &Layout::ntu25());
         let vars = vs.variables();
-        let trainable: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let trainable: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         assert_eq!(trainable, 821_380);
         for name in [
             "A",
@@ -379,7 +476,10 @@ mod tests {
             assert!(vars.contains_key(name), "missing {name}");
         }
         assert!(!vars.contains_key("st_gcn_networks.1.residual.0.weight"));
-        assert_eq!(vars["st_gcn_networks.9.gcn.conv.weight"].size(), vec![768, 64, 1, 1]);
+        assert_eq!(
+            vars["st_gcn_networks.9.gcn.conv.weight"].size(),
+            vec![768, 64, 1, 1]
+        );
         assert_eq!(vars["data_bn.num_batches_tracked"].kind(), Kind::Int64);
     }
 
@@ -431,8 +531,14 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_formulations() {
-        let batch: i64 = std::env::var("BENCH_BATCH").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
-        let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        let batch: i64 = std::env::var("BENCH_BATCH")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(128);
+        let reps: usize = std::env::var("BENCH_REPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
         tch::manual_seed(0);
         let vs = VarStore::new(Device::Cpu);
         let mut net = StGcn::new(&vs.root(), &StGcnConfig::default(), &Layout::ntu25());
@@ -448,7 +554,9 @@ mod tests {
             net.set_aggregation(a);
             let mut best = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
             for _ in 0..reps {
-                vs.trainable_variables().iter_mut().for_each(|t| t.zero_grad());
+                vs.trainable_variables()
+                    .iter_mut()
+                    .for_each(|t| t.zero_grad());
                 let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
                 let y = net.forward(&x, true);
                 let (t1, c1) = (std::time::Instant::now(), cpu_seconds());

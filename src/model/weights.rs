@@ -16,7 +16,10 @@ use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+pub mod encoder;
 pub mod pickle;
+
+pub use encoder::{EmbedLayer, LoadedEncoder};
 
 /// What [`load_into`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -67,7 +70,11 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
              PyTorch (torch.save(torch.load(f), f2)) or convert it to safetensors",
         ))
     } else {
-        Err(Error::input(path, "header", "neither a torch.save zip archive nor a safetensors file"))
+        Err(Error::input(
+            path,
+            "header",
+            "neither a torch.save zip archive nor a safetensors file",
+        ))
     }
 }
 
@@ -90,7 +97,8 @@ fn storage_kind(type_name: &str) -> Option<Kind> {
 
 fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;
     let pkl_name = zip
         .file_names()
         .find(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
@@ -98,9 +106,12 @@ fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .ok_or_else(|| Error::input(path, "zip", "no data.pkl entry: not a torch.save archive"))?;
     let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
     let read_entry = |zip: &mut zip::ZipArchive<std::fs::File>, name: &str| -> Result<Vec<u8>> {
-        let mut e = zip.by_name(name).map_err(|e| Error::input(path, name, e.to_string()))?;
+        let mut e = zip
+            .by_name(name)
+            .map_err(|e| Error::input(path, name, e.to_string()))?;
         let mut buf = Vec::with_capacity(e.size() as usize);
-        e.read_to_end(&mut buf).map_err(|e| Error::input(path, name, e.to_string()))?;
+        e.read_to_end(&mut buf)
+            .map_err(|e| Error::input(path, name, e.to_string()))?;
         Ok(buf)
     };
     if let Ok(order) = read_entry(&mut zip, &format!("{prefix}byteorder")) {
@@ -108,20 +119,29 @@ fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
             return Err(Error::input(
                 path,
                 "byteorder",
-                format!("storages are {}; only little-endian is supported", String::from_utf8_lossy(&order)),
+                format!(
+                    "storages are {}; only little-endian is supported",
+                    String::from_utf8_lossy(&order)
+                ),
             ));
         }
     }
     let pkl = read_entry(&mut zip, &pkl_name)?;
     let value = pickle::unpickle(&pkl)
         .map_err(|e| Error::input(path, format!("{pkl_name} byte {}", e.offset), e.what))?;
-    let entries = tensor_entries(&value)
-        .ok_or_else(|| Error::input(path, &pkl_name, "no dict of tensors (state dict) found in the pickle"))?;
+    let entries = tensor_entries(&value).ok_or_else(|| {
+        Error::input(
+            path,
+            &pkl_name,
+            "no dict of tensors (state dict) found in the pickle",
+        )
+    })?;
     let mut out = Vec::with_capacity(entries.len());
     for (name, tref) in entries {
         let storage_name = format!("{prefix}data/{}", tref.storage.key);
         let bytes = read_entry(&mut zip, &storage_name)?;
-        let t = build_tensor(&bytes, tref).map_err(|what| Error::input(path, format!("key '{name}'"), what))?;
+        let t = build_tensor(&bytes, tref)
+            .map_err(|what| Error::input(path, format!("key '{name}'"), what))?;
         out.push((name.clone(), t));
     }
     Ok(out)
@@ -172,8 +192,18 @@ fn build_tensor(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, Stri
     }
     let count: i64 = t.size.iter().product();
     if count > 0 {
-        let last: i64 = t.offset + t.size.iter().zip(&t.stride).map(|(s, st)| (s - 1) * st).sum::<i64>();
-        let first: i64 = t.offset + t.size.iter().zip(&t.stride).map(|(s, st)| (s - 1) * st.min(&0)).sum::<i64>();
+        let last: i64 = t.offset
+            + t.size
+                .iter()
+                .zip(&t.stride)
+                .map(|(s, st)| (s - 1) * st)
+                .sum::<i64>();
+        let first: i64 = t.offset
+            + t.size
+                .iter()
+                .zip(&t.stride)
+                .map(|(s, st)| (s - 1) * st.min(&0))
+                .sum::<i64>();
         if first < 0 || last >= numel as i64 {
             return Err(format!(
                 "size {:?}, stride {:?}, offset {} reach outside the storage of {numel} elements",
@@ -181,8 +211,11 @@ fn build_tensor(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, Stri
             ));
         }
     }
-    let storage = Tensor::f_from_data_size(bytes, &[numel as i64], kind).map_err(|e| e.to_string())?;
-    Ok(storage.as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset).contiguous())
+    let storage =
+        Tensor::f_from_data_size(bytes, &[numel as i64], kind).map_err(|e| e.to_string())?;
+    Ok(storage
+        .as_strided(t.size.as_slice(), t.stride.as_slice(), t.offset)
+        .contiguous())
 }
 
 /// Removes a DataParallel `module.` prefix.
@@ -235,7 +268,11 @@ pub fn load_into(
         seen.insert(name.to_string());
         report.loaded += 1;
     }
-    let mut missing: Vec<String> = vars.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+    let mut missing: Vec<String> = vars
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
+        .collect();
     missing.sort();
     report.missing = missing;
     Ok(report)
@@ -261,7 +298,8 @@ pub fn load_file(
     skip_prefixes: &[&str],
 ) -> Result<LoadReport> {
     let tensors = read_state_dict(path)?;
-    load_into(vs, &tensors, strip_prefix, skip_prefixes).map_err(|e| Error::input(path, "state dict", e.to_string()))
+    load_into(vs, &tensors, strip_prefix, skip_prefixes)
+        .map_err(|e| Error::input(path, "state dict", e.to_string()))
 }
 
 /// Writes all variables of `vs` (names as in the store) to a safetensors file, atomically.
@@ -280,7 +318,8 @@ pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    Tensor::write_safetensors(&cpu, &tmp).map_err(|e| Error::input(&tmp, "safetensors", e.to_string()))?;
+    Tensor::write_safetensors(&cpu, &tmp)
+        .map_err(|e| Error::input(&tmp, "safetensors", e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     Ok(())
 }
@@ -297,23 +336,40 @@ mod tests {
         let _w = a.var("weight", &[2, 3], Init::Const(0.0));
         let _b = a.var("bias", &[2], Init::Const(0.0));
         let tensors = vec![
-            ("module.encoder_q.a.weight".to_string(), Tensor::ones([2, 3], (Kind::Double, Device::Cpu))),
-            ("module.encoder_q.extra".to_string(), Tensor::ones([1], (Kind::Float, Device::Cpu))),
-            ("module.encoder_q.fc.weight".to_string(), Tensor::ones([1], (Kind::Float, Device::Cpu))),
-            ("module.queue".to_string(), Tensor::ones([1], (Kind::Float, Device::Cpu))),
+            (
+                "module.encoder_q.a.weight".to_string(),
+                Tensor::ones([2, 3], (Kind::Double, Device::Cpu)),
+            ),
+            (
+                "module.encoder_q.extra".to_string(),
+                Tensor::ones([1], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "module.encoder_q.fc.weight".to_string(),
+                Tensor::ones([1], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                "module.queue".to_string(),
+                Tensor::ones([1], (Kind::Float, Device::Cpu)),
+            ),
         ];
         let r = load_into(&mut vs, &tensors, Some("encoder_q."), &["fc."]).unwrap();
         assert_eq!(r.loaded, 1);
         assert_eq!(r.missing, vec!["a.bias".to_string()]);
         assert_eq!(r.unexpected, vec!["module.encoder_q.extra".to_string()]);
         assert_eq!(r.ignored, 2);
-        let v = vs.variables()["a.weight"].sum(Kind::Float).double_value(&[]);
+        let v = vs.variables()["a.weight"]
+            .sum(Kind::Float)
+            .double_value(&[]);
         assert_eq!(v, 6.0);
         assert_eq!(vs.variables()["a.weight"].kind(), Kind::Float);
         let e = r.check_strict("ckpt").unwrap_err().to_string();
         assert!(e.contains("a.bias") && e.contains("extra"), "{e}");
 
-        let bad = vec![("a.weight".to_string(), Tensor::ones([3, 2], (Kind::Float, Device::Cpu)))];
+        let bad = vec![(
+            "a.weight".to_string(),
+            Tensor::ones([3, 2], (Kind::Float, Device::Cpu)),
+        )];
         let e = load_into(&mut vs, &bad, None, &[]).unwrap_err().to_string();
         assert!(e.contains("[3, 2]") && e.contains("[2, 3]"), "{e}");
     }
@@ -322,8 +378,17 @@ mod tests {
     fn safetensors_round_trip_and_content_detection() {
         let dir = tempfile::tempdir().unwrap();
         let vs = VarStore::new(Device::Cpu);
-        let w = vs.root().var("w", &[4, 5], Init::Randn { mean: 0.0, stdev: 1.0 });
-        let _n = vs.root().add("n", Tensor::from_slice(&[7i64]).view([]), false);
+        let w = vs.root().var(
+            "w",
+            &[4, 5],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
+        let _n = vs
+            .root()
+            .add("n", Tensor::from_slice(&[7i64]).view([]), false);
         // No .safetensors extension: detection is by content.
         let path = dir.path().join("ckpt.bin");
         save_safetensors(&vs, &path).unwrap();
@@ -331,7 +396,9 @@ mod tests {
         assert_eq!(back.len(), 2);
         let mut vs2 = VarStore::new(Device::Cpu);
         let w2 = vs2.root().var("w", &[4, 5], Init::Const(0.0));
-        let n2 = vs2.root().add("n", Tensor::zeros([], (Kind::Int64, Device::Cpu)), false);
+        let n2 = vs2
+            .root()
+            .add("n", Tensor::zeros([], (Kind::Int64, Device::Cpu)), false);
         let r = load_into(&mut vs2, &back, None, &[]).unwrap();
         assert_eq!(r.loaded, 2);
         assert!(r.missing.is_empty() && r.unexpected.is_empty());
@@ -347,13 +414,27 @@ mod tests {
     #[test]
     fn strided_storage_is_honoured_and_bounds_checked() {
         let bytes: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
-        let storage = pickle::StorageRef { type_name: "FloatStorage".into(), key: "0".into(), numel: 6 };
+        let storage = pickle::StorageRef {
+            type_name: "FloatStorage".into(),
+            key: "0".into(),
+            numel: 6,
+        };
         // A transposed (3, 2) view of a (2, 3) storage, offset 0.
-        let t = TensorRef { storage: storage.clone(), offset: 0, size: vec![3, 2], stride: vec![1, 3] };
+        let t = TensorRef {
+            storage: storage.clone(),
+            offset: 0,
+            size: vec![3, 2],
+            stride: vec![1, 3],
+        };
         let x = build_tensor(&bytes, &t).unwrap();
         let v: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
         assert_eq!(v, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
-        let t = TensorRef { storage, offset: 2, size: vec![2, 3], stride: vec![3, 1] };
+        let t = TensorRef {
+            storage,
+            offset: 2,
+            size: vec![2, 3],
+            stride: vec![3, 1],
+        };
         let e = build_tensor(&bytes, &t).unwrap_err();
         assert!(e.contains("outside"), "{e}");
     }

@@ -1,6 +1,8 @@
 //! Pre-training: config, schedule, optimizer, loop, checkpoints, logging.
 pub mod atomic;
+pub mod checkpoint;
 pub mod config;
 pub mod logger;
+pub mod pretrain;
 pub mod schedule;
 pub mod sgd;

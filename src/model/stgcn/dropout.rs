@@ -26,19 +26,29 @@ fn splitmix64(state: &mut u64) -> u64 {
 pub fn fill_mask(mask: &mut [f32], keep: f64, scale: f32, seed: u64) {
     // Compare 32-bit uniforms with keep * 2^32 (keep = 1 keeps everything).
     let threshold = (keep * 4_294_967_296.0).min(4_294_967_296.0) as u64;
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
-        let mut state = seed ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let mut pairs = chunk.chunks_exact_mut(2);
-        for pair in &mut pairs {
-            let r = splitmix64(&mut state);
-            pair[0] = if (r & 0xFFFF_FFFF) < threshold { scale } else { 0.0 };
-            pair[1] = if (r >> 32) < threshold { scale } else { 0.0 };
-        }
-        for m in pairs.into_remainder() {
-            let r = splitmix64(&mut state);
-            *m = if (r & 0xFFFF_FFFF) < threshold { scale } else { 0.0 };
-        }
-    });
+    mask.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let mut state = seed ^ (ci as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let mut pairs = chunk.chunks_exact_mut(2);
+            for pair in &mut pairs {
+                let r = splitmix64(&mut state);
+                pair[0] = if (r & 0xFFFF_FFFF) < threshold {
+                    scale
+                } else {
+                    0.0
+                };
+                pair[1] = if (r >> 32) < threshold { scale } else { 0.0 };
+            }
+            for m in pairs.into_remainder() {
+                let r = splitmix64(&mut state);
+                *m = if (r & 0xFFFF_FFFF) < threshold {
+                    scale
+                } else {
+                    0.0
+                };
+            }
+        });
 }
 
 /// `nn.Dropout(p)` in train mode: `x * mask`, mask elements `1/(1-p)` with probability `1-p`.
@@ -61,7 +71,11 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
     // nothing else references while this slice lives.
     let data = unsafe { std::slice::from_raw_parts_mut(mask.data_ptr() as *mut f32, n) };
     fill_mask(data, keep, (1.0 / keep) as f32, seed);
-    let mask = if x.kind() == Kind::Float { mask } else { mask.to_kind(x.kind()) };
+    let mask = if x.kind() == Kind::Float {
+        mask
+    } else {
+        mask.to_kind(x.kind())
+    };
     x * mask
 }
 
@@ -85,11 +99,18 @@ mod tests {
     #[test]
     fn dropout_is_identity_in_eval_and_scales_in_train() {
         let x = Tensor::ones([64, 1000], (Kind::Float, Device::Cpu));
-        assert_eq!(dropout(&x, 0.5, false).sum(Kind::Float).double_value(&[]), 64000.0);
+        assert_eq!(
+            dropout(&x, 0.5, false).sum(Kind::Float).double_value(&[]),
+            64000.0
+        );
         let y = dropout(&x, 0.25, true);
         let mean = y.mean(Kind::Float).double_value(&[]);
         assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
-        let kept = y.ne(0.0).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        let kept = y
+            .ne(0.0)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
         assert!((kept - 0.75).abs() < 0.01, "kept {kept}");
     }
 }

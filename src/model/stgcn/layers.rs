@@ -23,13 +23,29 @@ pub struct BatchNorm {
 impl BatchNorm {
     /// Official init: weight ~ N(1, 0.02), bias 0, running mean 0, running var 1.
     pub fn new(p: &Path, channels: i64) -> Self {
-        let weight = p.var("weight", &[channels], Init::Randn { mean: 1.0, stdev: INIT_STD });
+        let weight = p.var(
+            "weight",
+            &[channels],
+            Init::Randn {
+                mean: 1.0,
+                stdev: INIT_STD,
+            },
+        );
         let bias = p.var("bias", &[channels], Init::Const(0.0));
         let running_mean = p.zeros_no_train("running_mean", &[channels]);
         let running_var = p.ones_no_train("running_var", &[channels]);
-        let num_batches_tracked =
-            p.add("num_batches_tracked", Tensor::zeros([], (Kind::Int64, p.device())), false);
-        BatchNorm { weight, bias, running_mean, running_var, num_batches_tracked }
+        let num_batches_tracked = p.add(
+            "num_batches_tracked",
+            Tensor::zeros([], (Kind::Int64, p.device())),
+            false,
+        );
+        BatchNorm {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+        }
     }
 
     /// Normalises channel dim 1 of `x` (any rank >= 2). Train mode uses batch statistics and
@@ -63,7 +79,14 @@ pub struct Conv {
 impl Conv {
     /// Official init: weight ~ N(0, 0.02), bias 0.
     pub fn new(p: &Path, c_in: i64, c_out: i64, kt: i64) -> Self {
-        let weight = p.var("weight", &[c_out, c_in, kt, 1], Init::Randn { mean: 0.0, stdev: INIT_STD });
+        let weight = p.var(
+            "weight",
+            &[c_out, c_in, kt, 1],
+            Init::Randn {
+                mean: 0.0,
+                stdev: INIT_STD,
+            },
+        );
         let bias = p.var("bias", &[c_out], Init::Const(0.0));
         Conv { weight, bias }
     }

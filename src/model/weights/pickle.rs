@@ -66,7 +66,10 @@ struct Machine<'a> {
 
 impl<'a> Machine<'a> {
     fn err<T>(&self, what: impl Into<String>) -> PResult<T> {
-        Err(PickleError { offset: self.pos, what: what.into() })
+        Err(PickleError {
+            offset: self.pos,
+            what: what.into(),
+        })
     }
     fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
         if self.pos + n > self.data.len() {
@@ -126,7 +129,10 @@ impl<'a> Machine<'a> {
         let pos = self.pos;
         match self.stack.last_mut() {
             Some(Item::V(v)) => Ok(v),
-            _ => Err(PickleError { offset: pos, what: "expected a value on the stack".into() }),
+            _ => Err(PickleError {
+                offset: pos,
+                what: "expected a value on the stack".into(),
+            }),
         }
     }
     /// Pops everything above the topmost MARK (and the mark).
@@ -163,12 +169,18 @@ impl<'a> Machine<'a> {
             other => return self.err(format!("persistent id is not a tuple: {other:?}")),
         };
         match items.as_slice() {
-            [Value::Str(tag), ty, Value::Str(key), _location, Value::Int(numel), ..] if tag == "storage" => {
+            [Value::Str(tag), ty, Value::Str(key), _location, Value::Int(numel), ..]
+                if tag == "storage" =>
+            {
                 let type_name = match ty {
                     Value::Global(_, name) => name.clone(),
                     other => return self.err(format!("storage type is not a global: {other:?}")),
                 };
-                Ok(Value::Storage(StorageRef { type_name, key: key.clone(), numel: *numel }))
+                Ok(Value::Storage(StorageRef {
+                    type_name,
+                    key: key.clone(),
+                    numel: *numel,
+                }))
             }
             _ => self.err(format!("unsupported persistent id {items:?}")),
         }
@@ -200,29 +212,44 @@ impl<'a> Machine<'a> {
             ("collections", "OrderedDict") | ("builtins", "dict") => Ok(Value::Dict(Vec::new())),
             ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
                 if args.len() < 4 {
-                    return self.err(format!("{name}: expected at least 4 arguments, got {}", args.len()));
+                    return self.err(format!(
+                        "{name}: expected at least 4 arguments, got {}",
+                        args.len()
+                    ));
                 }
                 let storage = match &args[0] {
                     Value::Storage(s) => s.clone(),
-                    other => return self.err(format!("{name}: first argument is not a storage: {other:?}")),
+                    other => {
+                        return self.err(format!(
+                            "{name}: first argument is not a storage: {other:?}"
+                        ))
+                    }
                 };
                 let offset = match &args[1] {
                     Value::Int(i) => *i,
-                    other => return self.err(format!("{name}: storage offset is not an int: {other:?}")),
+                    other => {
+                        return self.err(format!("{name}: storage offset is not an int: {other:?}"))
+                    }
                 };
                 let size = self.int_list(&args[2], "tensor size")?;
                 let stride = self.int_list(&args[3], "tensor stride")?;
                 if size.len() != stride.len() {
-                    return self.err(format!("tensor size {size:?} and stride {stride:?} differ in rank"));
+                    return self.err(format!(
+                        "tensor size {size:?} and stride {stride:?} differ in rank"
+                    ));
                 }
-                Ok(Value::Tensor(TensorRef { storage, offset, size, stride }))
+                Ok(Value::Tensor(TensorRef {
+                    storage,
+                    offset,
+                    size,
+                    stride,
+                }))
             }
-            ("torch._utils", "_rebuild_parameter") | ("torch._utils", "_rebuild_parameter_with_state") => {
-                match args.into_iter().next() {
-                    Some(t @ Value::Tensor(_)) => Ok(t),
-                    other => self.err(format!("{name}: first argument is not a tensor: {other:?}")),
-                }
-            }
+            ("torch._utils", "_rebuild_parameter")
+            | ("torch._utils", "_rebuild_parameter_with_state") => match args.into_iter().next() {
+                Some(t @ Value::Tensor(_)) => Ok(t),
+                other => self.err(format!("{name}: first argument is not a tensor: {other:?}")),
+            },
             _ => Ok(Value::Object(format!("{module}.{name}"))),
         }
     }
@@ -407,7 +434,12 @@ impl<'a> Machine<'a> {
                                 d.push((k, v));
                             }
                         }
-                        _ => return Err(PickleError { offset: pos, what: "SETITEMS on a non-dict".into() }),
+                        _ => {
+                            return Err(PickleError {
+                                offset: pos,
+                                what: "SETITEMS on a non-dict".into(),
+                            })
+                        }
                     }
                 }
                 b'a' => {
@@ -422,7 +454,12 @@ impl<'a> Machine<'a> {
                     let pos = self.pos;
                     match self.top_mut()? {
                         Value::List(l) => l.extend(items),
-                        _ => return Err(PickleError { offset: pos, what: "APPENDS on a non-list".into() }),
+                        _ => {
+                            return Err(PickleError {
+                                offset: pos,
+                                what: "APPENDS on a non-list".into(),
+                            })
+                        }
                     }
                 }
                 b'b' => {
@@ -453,7 +490,13 @@ impl<'a> Machine<'a> {
 
 /// Runs the pickle program `data` and returns the value it builds.
 pub fn unpickle(data: &[u8]) -> PResult<Value> {
-    Machine { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }.run()
+    Machine {
+        data,
+        pos: 0,
+        stack: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
 }
 
 #[cfg(test)]
