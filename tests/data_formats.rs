@@ -730,6 +730,48 @@ fn msr_cross_subject_split_on_real_data() {
         mmap: false,
     };
     assert_eq!(formats::open(&spec).unwrap().len(), 273);
+    // `prepare msr` writes the generic format, readable with layout msr20.
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(
+        msr::prepare_msr(&spec.data, out.path(), 50).unwrap(),
+        (284, 273)
+    );
+    let ds = formats::open_generic(
+        &out.path().join("val_position.npy"),
+        &out.path().join("val_label.pkl"),
+        "msr20",
+    )
+    .unwrap();
+    assert_eq!((ds.shape, ds.num_classes), ([273, 3, 50, 20, 1], 20));
+    assert_eq!(ds.sample(5), test.sample(5));
+}
+
+#[test]
+fn inspect_describes_files_and_folders() {
+    let raw = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    tiny_corpus(raw.path());
+    let mut cfg = PrepareConfig::new(NtuVersion::Ntu60, raw.path(), out.path());
+    cfg.benchmarks = vec![Benchmark::Xsub];
+    prepare::prepare_ntu(&cfg).unwrap();
+    let xsub = out.path().join("xsub");
+    let r = formats::inspect::inspect(&xsub.join("train_position.npy"), None).unwrap();
+    assert!(
+        r.contains("float32 [3, 3, 50, 25, 2]") && r.contains("channel 2"),
+        "{r}"
+    );
+    // Two of the three training samples have one body: 2 all-zero bodies of 6.
+    assert!(r.contains("all-zero bodies: 2 of 6"), "{r}");
+    let r = formats::inspect::inspect(&xsub.join("train_label.pkl"), None).unwrap();
+    assert!(r.contains("3 samples") && r.contains("60 classes"), "{r}");
+    let r = formats::inspect::inspect(out.path(), None).unwrap();
+    assert!(r.contains("dataset ok: [3, 3, 300, 25, 2]"), "{r}");
+    let r = formats::inspect::inspect(&fixture("three_bodies.skeleton"), None).unwrap();
+    assert!(r.contains("2 frames, up to 3 bodies"), "{r}");
+    let e = formats::inspect::inspect(&fixture("nan.skeleton"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 10"), "{e}");
 }
 
 const MSR_ODD: [&str; 5] = ["_s01_", "_s03_", "_s05_", "_s07_", "_s09_"];

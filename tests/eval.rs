@@ -234,3 +234,133 @@ fn linear_speed_ntu60_size() {
     let out = linear::train_linear(&train, None, &test, &LinearConfig { epochs, ..Default::default() }).unwrap();
     println!("linear {epochs} epochs 40k x 256 x 60: {:.2} s (loop {:.2} s), last top-1 {:.2}", t.elapsed().as_secs_f64(), out.seconds, out.last.top1);
 }
+
+/// A small slice of the demo dataset written in the generic format: (train, val) subsets with
+/// `per_class_train` / `per_class_val` samples of each class.
+fn small_demo(dir: &Path, per_class_train: usize, per_class_val: usize) {
+    use crossclr::data::synth;
+    let (train, val) = synth::demo_dataset(3);
+    let pick = |ds: &crossclr::data::SkeletonDataset, per: usize| -> Vec<usize> {
+        let mut taken = vec![0usize; ds.num_classes];
+        (0..ds.len())
+            .filter(|&i| {
+                let c = ds.labels[i] as usize;
+                taken[c] += 1;
+                taken[c] <= per
+            })
+            .collect()
+    };
+    let (tr, va) = (train.subset(&pick(&train, per_class_train)), val.subset(&pick(&val, per_class_val)));
+    synth::write(dir, &tr, &va).unwrap();
+}
+
+fn tiny_encoder(streams: &str, weights: Option<std::path::PathBuf>) -> crossclr::eval::protocol::EncoderSetup {
+    crossclr::eval::protocol::EncoderSetup {
+        weights,
+        streams: crossclr::eval::encoder::parse_streams(streams, &[]).unwrap(),
+        random: crossclr::model::stgcn::StGcnConfig { hidden_channels: 4, hidden_dim: 16, ..Default::default() },
+        seed: 1,
+    }
+}
+
+#[test]
+fn linear_end_to_end_on_demo_data() {
+    use crossclr::eval::args::DatasetArgs;
+    use crossclr::eval::protocol::{self, OutputOptions};
+    let data = tempfile::tempdir().unwrap();
+    small_demo(data.path(), 4, 2);
+    let args = DatasetArgs { data_dir: Some(data.path().to_path_buf()), format: "npy".into(), ..Default::default() };
+    let splits = args.open().unwrap();
+    let k = splits.train.num_classes;
+    assert_eq!(splits.class_names.len(), k);
+    let work = tempfile::tempdir().unwrap();
+    let opts = OutputOptions { work_dir: Some(work.path().to_path_buf()), save_features: true, ..Default::default() };
+    let cfg = LinearConfig { epochs: 6, lr: 0.5, steps: vec![4], batch_size: 8, eval_interval: 2, ..Default::default() };
+    let s = protocol::run_linear(&splits, &tiny_encoder("joint,motion", None), &cfg, 0.25, tch::Device::Cpu, &opts)
+        .unwrap();
+    assert_eq!(s.test_samples, 2 * k);
+    assert_eq!(s.train_samples + s.validation_samples, 4 * k);
+    assert_eq!(s.validation_samples, k);
+    assert_eq!(s.last.epoch, 6);
+    assert!(s.val_selected.is_some());
+    for f in ["scores.npy", "names.txt", "confusion.csv", "metrics.json", "features_train_joint.npy", "features_val_motion.npy"] {
+        assert!(work.path().join(f).is_file(), "{f} missing");
+    }
+    for f in ["confusion.png", "tsne.png", "curves.png", "accuracy.png"] {
+        assert!(is_png(&work.path().join(f)), "{f} is not a PNG");
+    }
+    let (shape, _) = crossclr::data::npy::read_f32(&work.path().join("scores.npy")).unwrap();
+    assert_eq!(shape, vec![2 * k, k]);
+    let names = std::fs::read_to_string(work.path().join("names.txt")).unwrap();
+    assert_eq!(names.lines().count(), 2 * k);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("metrics.json")).unwrap()).unwrap();
+    assert!(json["best_test"]["rule"].as_str().unwrap().contains("test-set selection"));
+    assert!(json["last"]["test"]["top1"].as_f64().is_some());
+    let csv = std::fs::read_to_string(work.path().join("confusion.csv")).unwrap();
+    assert_eq!(csv.lines().count(), k + 1);
+}
+
+#[test]
+fn stream_view_is_computed_and_prefix_is_honoured() {
+    use crossclr::data::views::{apply_view, View};
+    use crossclr::eval::encoder::{build_encoders, parse_streams, WeightsSource};
+    use crossclr::model::stgcn::{StGcn, StGcnConfig};
+    // A SkeletonCLR-like checkpoint: one encoder under `encoder_q.` (trained on motion).
+    tch::manual_seed(9);
+    let layout = crossclr::data::Layout::ntu25();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg = StGcnConfig { hidden_channels: 4, hidden_dim: 16, ..Default::default() };
+    let net = StGcn::new(&(vs.root() / "encoder_q"), &cfg, &layout);
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("skeletonclr_motion.safetensors");
+    crossclr::model::weights::save_safetensors(&vs, &ckpt).unwrap();
+
+    let streams = parse_streams("motion", &["encoder_q.".to_string()]).unwrap();
+    let enc = build_encoders(WeightsSource::File(&ckpt), &streams, &layout, 3, 0.0, tch::Device::Cpu).unwrap();
+    let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Float, tch::Device::Cpu));
+    let got = tch::no_grad(|| enc[0].forward(&x, &layout, false));
+    let want = tch::no_grad(|| net.forward(&apply_view(View::Motion, &x, &layout), false));
+    let joints = tch::no_grad(|| net.forward(&x, false));
+    // Random N(0, 0.02) weights shrink activations layer by layer: compare relative differences.
+    let scale = got.abs().max().double_value(&[]);
+    assert!(scale > 0.0);
+    assert!((&got - want).abs().max().double_value(&[]) < 1e-4 * scale);
+    assert!((&got - joints).abs().max().double_value(&[]) > 1e-2 * scale, "motion stream must not see joints");
+    // The default motion prefix is absent from this file: a clear error, not random weights.
+    let streams = parse_streams("motion", &[]).unwrap();
+    let err = build_encoders(WeightsSource::File(&ckpt), &streams, &layout, 3, 0.0, tch::Device::Cpu).err().unwrap();
+    assert!(err.to_string().contains("encoder_q_motion."), "{err}");
+    // Keyed prefixes.
+    let s = parse_streams("joint,bone", &["bone=encoder_q.".to_string()]).unwrap();
+    assert_eq!((s[0].prefix.as_str(), s[1].prefix.as_str()), ("encoder_q.", "encoder_q."));
+    assert!(parse_streams("joint,joint", &[]).is_err());
+    assert!(parse_streams("joint", &["a.".into(), "b.".into()]).is_err());
+}
+
+#[test]
+fn ensemble_weighting() {
+    use crossclr::eval::ensemble::{self, WeightedScores};
+    let a = scores(&[&[1.0, 0.0], &[0.0, 1.0]]);
+    let b = scores(&[&[0.0, 2.0], &[1.0, 0.0]]);
+    let fused = ensemble::fuse(&[(a, 0.6), (b, 0.4)]).unwrap();
+    let got: Vec<f32> = Vec::try_from(&fused.view([-1])).unwrap();
+    let want = [0.6, 0.8, 0.4, 0.6];
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{got:?}");
+    }
+    assert!(ensemble::fuse(&[(scores(&[&[1.0]]), 1.0), (scores(&[&[1.0, 2.0]]), 1.0)]).is_err());
+    let w: WeightedScores = "/x/joint.npy:0.6".parse().unwrap();
+    assert_eq!((w.path.to_str().unwrap(), w.weight), ("/x/joint.npy", 0.6));
+    let w: WeightedScores = "c:/scores.npy".parse().unwrap();
+    assert_eq!(w.weight, 1.0);
+    // Files: names next to a score file must match the labels' names.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.npy");
+    crossclr::data::npy::write_f32(&p, &[2, 2], &[1.0, 0.0, 0.0, 1.0]).unwrap();
+    std::fs::write(dir.path().join("names.txt"), "a\nb\n").unwrap();
+    let files = [WeightedScores { path: p.clone(), weight: 2.0 }];
+    let ok = ensemble::fuse_files(&files, Some(&["a".into(), "b".into()])).unwrap();
+    assert_eq!(ok.double_value(&[0, 0]), 2.0);
+    assert!(ensemble::fuse_files(&files, Some(&["b".into(), "a".into()])).is_err());
+}

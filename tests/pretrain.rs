@@ -16,7 +16,11 @@ use tch::{Device, Kind, Tensor};
 static TORCH_RNG: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // One intra-op thread: the tensors are tiny, and on a loaded 2-core machine extra threads
+    // only add synchronisation stalls.
+    tch::set_num_threads(1);
+    guard
 }
 
 /// 16 training samples (4 classes x 4), 20 frames, ntu25, 2 bodies: 2 batches of 8.
@@ -281,6 +285,9 @@ fn config_overrides_and_unknown_key() {
 #[ignore]
 fn step_timing() {
     let _serial = serial();
+    if let Some(n) = std::env::var("H4_THREADS").ok().and_then(|v| v.parse().ok()) {
+        tch::set_num_threads(n);
+    }
     let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (batch, frames, reps) = (env("H4_BATCH", 16), env("H4_FRAMES", 50), env("H4_REPS", 2));
     let cfg = SynthConfig { num_classes: 4, train_per_class: batch.div_ceil(4), val_per_class: 1, frames, ..SynthConfig::default() };
@@ -305,29 +312,4 @@ fn step_timing() {
             }
         }
     }
-}
-
-#[test]
-#[ignore]
-fn zz_profile_parts() {
-    let _serial = serial();
-    if let Ok(n) = std::env::var("H4_THREADS") { tch::set_num_threads(n.parse().unwrap()); }
-    let batch = 16usize;
-    let cfg = SynthConfig { num_classes: 4, train_per_class: 4, val_per_class: 1, frames: 50, ..SynthConfig::default() };
-    let ds = generate(&cfg).0;
-    let x = fixed_batch(&ds, batch);
-    let dir = tempfile::tempdir().unwrap();
-    let c = tiny_config("crossclr3", dir.path(), &["batch_size=16", "model_args.queue_size=32768", "cross_epoch=1"]);
-    let mut t = Pretrainer::from_config(&c, &ds.layout, Device::Cpu).unwrap();
-    let tm = |name: &str, f: &mut dyn FnMut()| { f(); let t0 = std::time::Instant::now(); f(); println!("{name}: {:.3} s", t0.elapsed().as_secs_f64()); };
-    let b0 = &t.model.branches[0];
-    tm("enc fwd train", &mut || { let _ = b0.encoder_q.forward(&x, true); });
-    tm("enc fwd nograd", &mut || { tch::no_grad(|| { let _ = b0.encoder_q.forward(&x, true); }); });
-    tm("enc fwd+bwd", &mut || { let y = b0.encoder_q.forward(&x, true); y.sum(Kind::Float).backward(); });
-    tm("ema all", &mut || { for b in &t.model.branches { b.momentum_update(0.999); } });
-    tm("sgd step", &mut || { t.opt.step(); });
-    tm("model fwd phase1", &mut || { let _ = t.model.forward(&x, &x, 1); });
-    tm("model fwd phase2", &mut || { let _ = t.model.forward(&x, &x, 2); });
-    tm("phase2 fwd+bwd", &mut || { let o = t.model.forward(&x, &x, 2); o.loss.backward(); });
-    tm("phase1 fwd+bwd", &mut || { let o = t.model.forward(&x, &x, 1); o.loss.backward(); });
 }

@@ -1,8 +1,115 @@
-//! `crossclr linear`.
+//! `crossclr linear`: linear evaluation on frozen, cached features.
+use crossclr::eval::args::{DatasetArgs, EncoderArgs};
+use crossclr::eval::linear::LinearConfig;
+use crossclr::eval::protocol::{self, EncoderSetup, OutputOptions};
+use crossclr::model::stgcn::StGcnConfig;
+use std::path::PathBuf;
+
+/// Output options shared by the protocol commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Work directory for scores, names, confusion matrix, t-SNE, curves and metrics.json.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Skip the t-SNE plot.
+    #[arg(long)]
+    pub no_tsne: bool,
+    /// Also save the frozen features as features_<split>_<stream>.npy in the work dir.
+    #[arg(long)]
+    pub save_features: bool,
+    /// Samples per encoder forward pass when computing features.
+    #[arg(long, default_value_t = 256)]
+    pub feature_batch: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads for libtorch (0 = libtorch's default). Small matmuls are often fastest with 1.
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+}
+
+impl OutputArgs {
+    pub fn options(&self) -> OutputOptions {
+        OutputOptions {
+            work_dir: self.work_dir.clone(),
+            tsne: !self.no_tsne,
+            save_features: self.save_features,
+            feature_batch: self.feature_batch,
+        }
+    }
+
+    /// Parses the device and applies --threads.
+    pub fn device(&self) -> anyhow::Result<tch::Device> {
+        if self.threads > 0 {
+            tch::set_num_threads(self.threads);
+        }
+        Ok(crossclr::device::parse_device(&self.device)?)
+    }
+}
+
+/// Builds the encoder setup of the shared encoder arguments.
+pub fn encoder_setup(enc: &EncoderArgs, seed: u64) -> anyhow::Result<EncoderSetup> {
+    Ok(EncoderSetup {
+        weights: enc.weights_path(),
+        streams: enc.streams()?,
+        random: StGcnConfig { hidden_channels: enc.hidden_channels, hidden_dim: enc.hidden_dim, ..Default::default() },
+        seed,
+    })
+}
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub data: DatasetArgs,
+    #[command(flatten)]
+    pub encoder: EncoderArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    #[arg(long, default_value_t = 100)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 3.0)]
+    pub lr: f64,
+    /// 0-based epochs where the lr is multiplied by 0.1 (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "80")]
+    pub step: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Evaluate every this many epochs (and at the last).
+    #[arg(long, default_value_t = 5)]
+    pub eval_interval: usize,
+    /// Hold out this fraction of the training set (class-stratified, seeded) as validation and
+    /// report the test accuracy at the best validation epoch.
+    #[arg(long, default_value_t = 0.0)]
+    pub val_split: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`crossclr linear` is not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = args.output.device()?;
+    let splits = args.data.open()?;
+    let setup = encoder_setup(&args.encoder, args.seed)?;
+    let cfg = LinearConfig {
+        epochs: args.epochs,
+        lr: args.lr,
+        steps: args.step.clone(),
+        gamma: 0.1,
+        momentum: args.momentum,
+        weight_decay: args.weight_decay,
+        batch_size: args.batch,
+        eval_interval: args.eval_interval,
+        seed: args.seed,
+    };
+    let summary = protocol::run_linear(&splits, &setup, &cfg, args.val_split, device, &args.output.options())?;
+    for l in summary.lines() {
+        println!("{l}");
+    }
+    if let Some(dir) = &args.output.work_dir {
+        println!("  outputs in {}", dir.display());
+    }
+    Ok(())
 }

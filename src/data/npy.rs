@@ -666,6 +666,51 @@ impl NpyRowWriter {
         self.row_len
     }
 
+    /// Writes only the element ranges `segments` (`(start, len)` within the row) of row `index`;
+    /// the rest of the row keeps what the file holds, zeros for a row not written before (the
+    /// `.tmp` file is created sparse). Lets zero-padded data skip writing its padding.
+    pub fn write_row_segments(
+        &self,
+        index: usize,
+        row: &[f32],
+        segments: &[(usize, usize)],
+    ) -> Result<()> {
+        if index >= self.rows
+            || row.len() != self.row_len
+            || segments.iter().any(|&(s, l)| s + l > self.row_len)
+        {
+            return Err(Error::Other(format!(
+                "{}: bad segments of row {index} of {} ({} values, expected {})",
+                self.tmp.display(),
+                self.rows,
+                row.len(),
+                self.row_len
+            )));
+        }
+        for &(start, len) in segments {
+            if len > 0 {
+                let offset = self.data_offset + ((index * self.row_len + start) * 4) as u64;
+                self.write_f32_at(&row[start..start + len], offset)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_f32_at(&self, values: &[f32], offset: u64) -> Result<()> {
+        #[cfg(target_endian = "little")]
+        // SAFETY: any f32 is 4 plain bytes; u8 has no alignment requirement; the view lives only
+        // during this call. On a little-endian machine these are the file's `<f4` bytes.
+        let bytes: &[u8] =
+            unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) };
+        #[cfg(not(target_endian = "little"))]
+        let bytes: &[u8] = &values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>();
+        self.write_at(bytes, offset)
+            .map_err(|e| Error::io(&self.tmp, e))
+    }
+
     /// Writes row `index` (`row_len` values). Safe to call from several threads for different rows.
     pub fn write_row(&self, index: usize, row: &[f32]) -> Result<()> {
         if index >= self.rows || row.len() != self.row_len {
@@ -677,19 +722,7 @@ impl NpyRowWriter {
                 self.row_len
             )));
         }
-        let offset = self.data_offset + (index * self.row_len * 4) as u64;
-        #[cfg(target_endian = "little")]
-        // SAFETY: any f32 is 4 plain bytes; u8 has no alignment requirement; the view lives only
-        // during this call. On a little-endian machine these are the file's `<f4` bytes.
-        let bytes: &[u8] =
-            unsafe { std::slice::from_raw_parts(row.as_ptr() as *const u8, row.len() * 4) };
-        #[cfg(not(target_endian = "little"))]
-        let bytes: &[u8] = &row
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect::<Vec<u8>>();
-        self.write_at(bytes, offset)
-            .map_err(|e| Error::io(&self.tmp, e))
+        self.write_f32_at(row, self.data_offset + (index * self.row_len * 4) as u64)
     }
 
     /// A writer holding only the rows `keep` (in that order) of this one, e.g. after some inputs

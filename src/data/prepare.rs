@@ -492,8 +492,14 @@ pub fn prepare_ntu(cfg: &PrepareConfig) -> Result<PrepareSummary> {
                 if length == 0 {
                     lock(&empty).push(j);
                 }
+                let frame_len = NTU_JOINTS * NTU_MAX_BODIES;
+                let used = sk.frames.min(cfg.max_frames) * frame_len;
+                let segments: Vec<(usize, usize)> = (0..3)
+                    .map(|c| (c * cfg.max_frames * frame_len, used))
+                    .collect();
                 for &(o, row) in &job.slots {
-                    outs[o].data.write_row(row, &padded)?;
+                    // Only the frames the file has: the padding is already zero in the sparse .tmp.
+                    outs[o].data.write_row_segments(row, &padded, &segments)?;
                     outs[o].position.write_row(row, &position)?;
                 }
                 Ok(())

@@ -1,6 +1,9 @@
 //! Frozen-encoder features: run each stream's encoder in eval mode (BN running statistics, no
 //! dropout) once over an un-augmented dataset and keep the pooled features `(N, D)` per stream.
+use crate::data::dataset::SkeletonDataset;
 use crate::error::{Error, Result};
+use crate::eval::encoder::StreamEncoder;
+use std::path::Path;
 use tch::{Device, Tensor};
 
 /// Pooled features of one dataset: one `(N, D)` f32 tensor per stream, in dataset order.
@@ -86,5 +89,79 @@ impl FeatureSet {
             names: self.names.clone(),
             num_classes: self.num_classes,
         }
+    }
+}
+
+/// Joint data of samples `start..start + len` of `dataset` as one `(len, C, T, V, M)` f32 CPU
+/// tensor (one copy of a contiguous slice).
+pub fn batch_tensor(dataset: &SkeletonDataset, start: usize, len: usize) -> Tensor {
+    let per = dataset.sample_len();
+    let data = &dataset.data.as_slice()[start * per..(start + len) * per];
+    let [_, c, t, v, m] = dataset.shape;
+    Tensor::from_slice(data).view([len as i64, c as i64, t as i64, v as i64, m as i64])
+}
+
+/// Runs every stream's encoder in eval mode (BN running statistics, no dropout, no augmentation)
+/// over `dataset` once, in dataset order, `batch_size` samples at a time on the encoders' device.
+/// Returns the pooled features `(N, D)` per stream on the CPU.
+pub fn extract(dataset: &SkeletonDataset, encoders: &[StreamEncoder], batch_size: usize) -> Result<FeatureSet> {
+    if encoders.is_empty() || batch_size == 0 {
+        return Err(Error::config("features: need at least one stream and a positive batch size"));
+    }
+    let device = encoders[0].vs.device();
+    let n = dataset.len();
+    let bar = progress(n as u64, &format!("features {}", dataset.source.display()));
+    let mut parts: Vec<Vec<Tensor>> = encoders.iter().map(|_| Vec::new()).collect();
+    let mut start = 0;
+    while start < n {
+        let len = batch_size.min(n - start);
+        let x = batch_tensor(dataset, start, len).to_device(device);
+        tch::no_grad(|| {
+            for (enc, out) in encoders.iter().zip(parts.iter_mut()) {
+                out.push(enc.forward(&x, &dataset.layout, false).to_device(Device::Cpu));
+            }
+        });
+        start += len;
+        bar.inc(len as u64);
+    }
+    bar.finish_and_clear();
+    let features = parts
+        .into_iter()
+        .zip(encoders)
+        .map(|(p, e)| if p.is_empty() { Tensor::zeros([0, e.out_dim()], (tch::Kind::Float, Device::Cpu)) } else { Tensor::cat(&p, 0) })
+        .collect();
+    FeatureSet::new(
+        encoders.iter().map(|e| e.spec.name().to_string()).collect(),
+        features,
+        dataset.labels.clone(),
+        dataset.names.clone(),
+        dataset.num_classes,
+    )
+}
+
+/// A progress bar over `len` items (drawn only on a terminal).
+pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+impl FeatureSet {
+    /// Writes `features_<split>_<stream>.npy` (`(N, D)` f32) per stream and `names_<split>.txt`.
+    pub fn save(&self, dir: &Path, split: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for (s, f) in self.streams.iter().zip(&self.features) {
+            crate::eval::report::write_matrix(&dir.join(format!("features_{split}_{s}.npy")), f)?;
+        }
+        crate::eval::report::write_lines(&dir.join(format!("names_{split}.txt")), &self.names)
+    }
+
+    /// The same samples with `num_classes` raised to `k` (e.g. the maximum over train and test).
+    pub fn with_num_classes(mut self, k: usize) -> FeatureSet {
+        self.num_classes = self.num_classes.max(k);
+        self
     }
 }

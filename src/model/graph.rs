@@ -179,6 +179,13 @@ mod tests {
         (21, 9),
     ];
 
+    /// Sum over partitions and sources of the entries into destination `d`.
+    fn column_sum(a: &[Vec<Vec<f64>>], d: usize) -> f64 {
+        a.iter()
+            .flat_map(|ak| ak.iter().map(move |row| row[d]))
+            .sum()
+    }
+
     fn ntu_degree(j: usize) -> f64 {
         match j {
             21 => 5.0,
@@ -217,10 +224,7 @@ mod tests {
         }
         // Columns of A0 + A1 + A2 sum to 1.
         for d in 0..25 {
-            let sum: f64 = (0..3)
-                .map(|k| (0..25).map(|s| a[k][s][d]).sum::<f64>())
-                .sum();
-            assert!((sum - 1.0).abs() < 1e-12);
+            assert!((column_sum(&a, d) - 1.0).abs() < 1e-12);
         }
         let t = partition(&Layout::ntu25());
         assert_eq!(t.size(), vec![3, 25, 25]);
@@ -253,9 +257,7 @@ mod tests {
             let a = partition_values(&layout);
             let v = layout.num_joints();
             for d in 0..v {
-                let sum: f64 = (0..3)
-                    .map(|k| (0..v).map(|s| a[k][s][d]).sum::<f64>())
-                    .sum();
+                let sum = column_sum(&a, d);
                 assert!(
                     (sum - 1.0).abs() < 1e-12,
                     "{}: column {d} sums to {sum}",

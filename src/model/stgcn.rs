@@ -352,35 +352,37 @@ impl Block {
             Aggregation::Auto => c_in < c,
         };
         let w = self.gcn.matrix(); // (K·C, C_in), rows k·C + c
-        let mut out: Option<Tensor> = None;
+        let x2 = x.view([c_in * rows, v]);
         if agg_first {
-            // out = sum_k W_k (C, C_in) @ z_k (C_in, R·W), z_k = x (C_in·R, V) @ g_k (V, W)
-            let x2 = x.view([c_in * rows, v]);
-            for kk in 0..k {
-                let z = x2.mm(&g.get(kk)).view([c_in, rows * v]);
-                let wk = w.narrow(0, kk * c, c);
-                out = Some(match out {
-                    None => wk.mm(&z),
-                    Some(o) => o.addmm(&wk, &z),
-                });
-            }
+            // z = [x g_0; x g_1; ...] (K·C_in, R·W); out = W_c (C, K·C_in) @ z with
+            // W_c[c, (k, ci)] = weight[k·C + c, ci]. One product, no sum over k.
+            let z: Vec<Tensor> = (0..k)
+                .map(|kk| x2.mm(&g.get(kk)).view([c_in, rows * v]))
+                .collect();
+            let z = Tensor::cat(&z, 0);
+            let wc = w
+                .view([k, c, c_in])
+                .permute([1, 0, 2])
+                .reshape([c, k * c_in]);
             // bias: sum_k b[k, c] * sum_v g[k, v, w], shape (C, 1, W)
             let bias = (self.gcn.bias.view([k, c, 1])
                 * g.sum_dim_intlist([1i64].as_slice(), true, None))
             .sum_dim_intlist([0i64].as_slice(), false, None)
             .unsqueeze(1);
-            let mut o = out.expect("K >= 1").view([c, rows, v]);
+            let mut o = wc.mm(&z).view([c, rows, v]);
             let _ = o.g_add_(&bias);
             o.view([1, c, s[2], t, v])
         } else {
-            // y = W x + b (K·C, R·V); out = sum_k y_k (C·R, V) @ g_k (V, W)
-            let y = self
-                .gcn
-                .bias
-                .view([k * c, 1])
-                .addmm(&w, &x.view([c_in, rows * v]));
+            // y_k = W_k x + b_k (C, R·V) as K separate products (slicing one big product would
+            // cost K full-size zero-filled gradients in backward); out = sum_k y_k @ g_k.
+            let bias = self.gcn.bias.view([k * c, 1]);
+            let x2 = x.view([c_in, rows * v]);
+            let mut out: Option<Tensor> = None;
             for kk in 0..k {
-                let yk = y.narrow(0, kk * c, c).view([c * rows, v]);
+                let yk = bias
+                    .narrow(0, kk * c, c)
+                    .addmm(&w.narrow(0, kk * c, c), &x2)
+                    .view([c * rows, v]);
                 let gk = g.get(kk);
                 out = Some(match out {
                     None => yk.mm(&gk),
@@ -544,12 +546,27 @@ mod tests {
         let mut net = StGcn::new(&vs.root(), &StGcnConfig::default(), &Layout::ntu25());
         let x = Tensor::randn([batch, 3, 50, 25, 2], (Kind::Float, Device::Cpu));
         println!("threads {}", tch::get_num_threads());
-        for (f, a) in [
-            (Formulation::Reference, Aggregation::Auto),
-            (Formulation::ChannelMajor, Aggregation::ConvFirst),
-            (Formulation::ChannelMajor, Aggregation::AggFirst),
-            (Formulation::ChannelMajor, Aggregation::Auto),
-        ] {
+        // BENCH_VARIANTS: comma-separated subset of reference,conv_first,agg_first,auto.
+        let wanted = std::env::var("BENCH_VARIANTS")
+            .unwrap_or_else(|_| "reference,conv_first,agg_first,auto".into());
+        let all = [
+            ("reference", Formulation::Reference, Aggregation::Auto),
+            (
+                "conv_first",
+                Formulation::ChannelMajor,
+                Aggregation::ConvFirst,
+            ),
+            (
+                "agg_first",
+                Formulation::ChannelMajor,
+                Aggregation::AggFirst,
+            ),
+            ("auto", Formulation::ChannelMajor, Aggregation::Auto),
+        ];
+        for (_, f, a) in all
+            .into_iter()
+            .filter(|(n, _, _)| wanted.split(',').any(|w| w == *n))
+        {
             net.set_formulation(f);
             net.set_aggregation(a);
             let mut best = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);

@@ -179,7 +179,7 @@ fn build_tensor(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, Stri
         .ok_or_else(|| format!("unsupported storage type torch.{}", t.storage.type_name))?;
     let elt = kind.elt_size_in_bytes();
     let numel = bytes.len() / elt;
-    if bytes.len() % elt != 0 || (numel as i64) < t.storage.numel {
+    if !bytes.len().is_multiple_of(elt) || (numel as i64) < t.storage.numel {
         return Err(format!(
             "storage '{}' has {} bytes, expected {} elements of {elt} bytes",
             t.storage.key,

@@ -1,0 +1,292 @@
+//! End-to-end evaluation protocols behind the `linear`, `knn`, `semi` and `finetune` commands:
+//! build the stream encoders, compute what is needed, train, and write the work_dir
+//! (scores + names, confusion matrix CSV/PNG, t-SNE PNG, curves, `metrics.json`).
+use crate::data::dataset::SkeletonDataset;
+use crate::error::{Error, Result};
+use crate::eval::args::Splits;
+use crate::eval::encoder::{build_encoders, StreamEncoder, StreamSpec, WeightsSource};
+use crate::eval::features::{extract, FeatureSet};
+use crate::eval::knn::{self, KnnConfig};
+use crate::eval::linear::{self, EpochRecord, LinearConfig, Selection};
+use crate::eval::metrics::Metrics;
+use crate::eval::report;
+use crate::eval::split;
+use crate::eval::tsne::TsneConfig;
+use crate::model::stgcn::StGcnConfig;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+/// Which encoders to evaluate.
+#[derive(Debug, Clone)]
+pub struct EncoderSetup {
+    /// Checkpoint, or `None` for random initialisation with `random`.
+    pub weights: Option<PathBuf>,
+    pub streams: Vec<StreamSpec>,
+    /// Config of a random encoder (`in_channels` is taken from the data).
+    pub random: StGcnConfig,
+    /// Seeds the torch generator before a random encoder is built.
+    pub seed: u64,
+}
+
+impl EncoderSetup {
+    /// Builds the encoders for data with `in_channels` coordinates on `device`.
+    pub fn build(&self, layout: &crate::data::Layout, in_channels: i64, dropout: f64, device: Device) -> Result<Vec<StreamEncoder>> {
+        let source = match &self.weights {
+            Some(p) => WeightsSource::File(p),
+            None => {
+                tch::manual_seed(self.seed as i64);
+                WeightsSource::Random(&self.random)
+            }
+        };
+        build_encoders(source, &self.streams, layout, in_channels, dropout, device)
+    }
+
+    fn describe(&self) -> String {
+        self.weights.as_ref().map_or("none (random initialisation)".into(), |p| p.display().to_string())
+    }
+}
+
+/// Output options common to all protocols.
+#[derive(Debug, Clone)]
+pub struct OutputOptions {
+    /// Where everything is written; `None` = print only.
+    pub work_dir: Option<PathBuf>,
+    /// Draw the t-SNE plot (exact t-SNE of up to 1000 points: some seconds).
+    pub tsne: bool,
+    /// Also write the cached features as `.npy`.
+    pub save_features: bool,
+    /// Samples per encoder forward pass when computing features.
+    pub feature_batch: usize,
+}
+
+impl Default for OutputOptions {
+    fn default() -> Self {
+        OutputOptions { work_dir: None, tsne: true, save_features: false, feature_batch: 256 }
+    }
+}
+
+/// A selected model as written to `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reported {
+    pub epoch: usize,
+    pub test: Metrics,
+    pub val: Option<Metrics>,
+    pub rule: String,
+}
+
+fn reported(s: &Selection, rule: &str) -> Reported {
+    Reported { epoch: s.epoch, test: s.test, val: s.val, rule: rule.to_string() }
+}
+
+/// Rule text of the optimistic selection the official code prints as "Best".
+pub const TEST_SELECTION: &str = "best test top-1 over the test evaluations: test-set selection, as the official code (optimistic)";
+/// Rule text of the honest selection.
+pub const VAL_SELECTION: &str = "test accuracy at the epoch of the best validation top-1 (validation held out of the training set)";
+
+/// Summary of a training protocol (`linear`, `semi`, `finetune`), written as `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub protocol: String,
+    pub weights: String,
+    pub streams: Vec<StreamSpec>,
+    pub train_samples: usize,
+    pub validation_samples: usize,
+    pub test_samples: usize,
+    pub num_classes: usize,
+    /// Metrics after the last epoch.
+    pub last: Reported,
+    pub best_test: Reported,
+    pub val_selected: Option<Reported>,
+    pub feature_seconds: f64,
+    pub train_seconds: f64,
+    pub config: serde_json::Value,
+    pub history: Vec<EpochRecord>,
+    /// Extra protocol data (e.g. the labelled subset of `semi`).
+    pub extra: serde_json::Value,
+}
+
+impl TrainSummary {
+    /// Human-readable result lines.
+    pub fn lines(&self) -> Vec<String> {
+        let f = |m: &Metrics| format!("top-1 {:6.2}%  top-5 {:6.2}%  mean-class {:6.2}%", m.top1, m.top5, m.mean_class);
+        let mut out = vec![
+            format!(
+                "{} ({}; streams {}): {} train / {} validation / {} test samples, {} classes",
+                self.protocol,
+                self.weights,
+                self.streams.iter().map(|s| format!("{}<-{}", s.name(), s.prefix)).collect::<Vec<_>>().join(","),
+                self.train_samples,
+                self.validation_samples,
+                self.test_samples,
+                self.num_classes
+            ),
+            format!("  last epoch ({:>3}):                         {}", self.last.epoch, f(&self.last.test)),
+        ];
+        if let Some(v) = &self.val_selected {
+            out.push(format!("  best validation epoch ({:>3}), test:        {}", v.epoch, f(&v.test)));
+        }
+        out.push(format!(
+            "  best test epoch ({:>3}) [test-set selection, as the official code]: {}",
+            self.best_test.epoch,
+            f(&self.best_test.test)
+        ));
+        out.push(format!("  time: features {:.1} s, training {:.1} s", self.feature_seconds, self.train_seconds));
+        out
+    }
+}
+
+fn write_training_outputs(
+    dir: &Path,
+    summary: &TrainSummary,
+    test_scores: &tch::Tensor,
+    test: &FeatureSet,
+    class_names: &[String],
+    opts: &OutputOptions,
+) -> Result<()> {
+    report::write_scores(dir, "", test_scores, &test.labels, &test.names, class_names, &summary.protocol)?;
+    report::write_curves(dir, &summary.history, &summary.protocol)?;
+    if opts.tsne {
+        tsne_plot(dir, test, class_names, &summary.protocol)?;
+    }
+    report::write_json(&dir.join("metrics.json"), summary)
+}
+
+fn tsne_plot(dir: &Path, set: &FeatureSet, class_names: &[String], what: &str) -> Result<()> {
+    if set.len() < 3 {
+        return Ok(());
+    }
+    let x = report::joined_features(&set.features);
+    report::write_tsne(
+        &dir.join("tsne.png"),
+        &x,
+        &set.labels,
+        class_names,
+        &format!("t-SNE of {what} test features ({})", set.streams.join("+")),
+        &TsneConfig::default(),
+    )
+}
+
+/// Splits off a class-stratified validation part of `train` when `fraction > 0`.
+fn holdout(train: &FeatureSet, fraction: f64, seed: u64) -> Result<(FeatureSet, Option<FeatureSet>)> {
+    if fraction <= 0.0 {
+        return Ok((train.subset(&(0..train.len()).collect::<Vec<_>>()), None));
+    }
+    let (tr, va) = split::stratified_split(&train.labels, train.num_classes, fraction, seed)?;
+    if va.is_empty() {
+        return Err(Error::config(format!("--val-split {fraction}: no class has enough samples to hold out")));
+    }
+    Ok((train.subset(&tr), Some(train.subset(&va))))
+}
+
+/// Frozen features of both splits (eval-mode encoders, no augmentation), saved when asked.
+pub fn features_of(
+    splits: &Splits,
+    setup: &EncoderSetup,
+    device: Device,
+    opts: &OutputOptions,
+) -> Result<(FeatureSet, FeatureSet, f64)> {
+    let start = std::time::Instant::now();
+    let in_channels = splits.train.shape[1] as i64;
+    let encoders = setup.build(&splits.train.layout, in_channels, 0.0, device)?;
+    let train = extract(&splits.train, &encoders, opts.feature_batch)?;
+    let test = extract(&splits.val, &encoders, opts.feature_batch)?;
+    if let (Some(dir), true) = (&opts.work_dir, opts.save_features) {
+        train.save(dir, "train")?;
+        test.save(dir, "val")?;
+    }
+    Ok((train, test, start.elapsed().as_secs_f64()))
+}
+
+/// Linear evaluation: cached frozen features, per-stream heads on averaged logits; with
+/// `val_split > 0` a stratified part of the training set is held out for model selection.
+pub fn run_linear(
+    splits: &Splits,
+    setup: &EncoderSetup,
+    cfg: &LinearConfig,
+    val_split: f64,
+    device: Device,
+    opts: &OutputOptions,
+) -> Result<TrainSummary> {
+    let (train_all, test, feature_seconds) = features_of(splits, setup, device, opts)?;
+    let (train, val) = holdout(&train_all, val_split, cfg.seed)?;
+    let (train_d, test_d) = (train.to_device(device), test.to_device(device));
+    let val_d = val.as_ref().map(|v| v.to_device(device));
+    let out = linear::train_linear(&train_d, val_d.as_ref(), &test_d, cfg)?;
+    let last_epoch = out.history.last().map_or(0, |r| r.epoch);
+    let summary = TrainSummary {
+        protocol: "linear".into(),
+        weights: setup.describe(),
+        streams: setup.streams.clone(),
+        train_samples: train.len(),
+        validation_samples: val.as_ref().map_or(0, |v| v.len()),
+        test_samples: test.len(),
+        num_classes: test.num_classes,
+        last: Reported { epoch: last_epoch, test: out.last, val: out.history.last().and_then(|r| r.val), rule: "last epoch".into() },
+        best_test: reported(&out.best_test, TEST_SELECTION),
+        val_selected: out.val_selected.as_ref().map(|s| reported(s, VAL_SELECTION)),
+        feature_seconds,
+        train_seconds: out.seconds,
+        config: serde_json::to_value(cfg).unwrap_or_default(),
+        history: out.history.clone(),
+        extra: serde_json::json!({"val_split": val_split}),
+    };
+    if let Some(dir) = &opts.work_dir {
+        report::ensure_dir(dir)?;
+        write_training_outputs(dir, &summary, &out.test_scores, &test, &splits.class_names, opts)?;
+    }
+    Ok(summary)
+}
+
+/// Summary of a k-NN evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct KnnSummary {
+    pub protocol: String,
+    pub weights: String,
+    pub streams: Vec<StreamSpec>,
+    pub bank_samples: usize,
+    pub test_samples: usize,
+    /// One entry per setting: label (`k1`, `k20_t0.07`) and metrics.
+    pub results: Vec<(String, Metrics)>,
+    pub feature_seconds: f64,
+}
+
+/// k-NN evaluation (k = 1 and weighted k = 20, t = 0.07 by default) with the training features as
+/// the bank; several streams are fused by averaging their cosine similarities.
+pub fn run_knn(
+    splits: &Splits,
+    setup: &EncoderSetup,
+    configs: &[KnnConfig],
+    device: Device,
+    opts: &OutputOptions,
+) -> Result<KnnSummary> {
+    let (bank, test, feature_seconds) = features_of(splits, setup, device, opts)?;
+    let (bank_d, test_d) = (bank.to_device(device), test.to_device(device));
+    let outcomes = knn::evaluate(&bank_d.features, &bank.labels, &test_d.features, &test.labels, test.num_classes, configs)?;
+    let results: Vec<(String, Metrics)> = outcomes.iter().map(|o| (o.config.label(), o.metrics)).collect();
+    let summary = KnnSummary {
+        protocol: "knn".into(),
+        weights: setup.describe(),
+        streams: setup.streams.clone(),
+        bank_samples: bank.len(),
+        test_samples: test.len(),
+        results,
+        feature_seconds,
+    };
+    if let Some(dir) = &opts.work_dir {
+        for o in &outcomes {
+            let suffix = format!("_{}", o.config.label());
+            report::write_scores(dir, &suffix, &o.scores, &test.labels, &test.names, &splits.class_names, &format!("knn {}", o.config.label()))?;
+        }
+        if opts.tsne {
+            tsne_plot(dir, &test, &splits.class_names, "knn")?;
+        }
+        report::write_json(&dir.join("metrics.json"), &summary)?;
+    }
+    Ok(summary)
+}
+
+/// The samples of `dataset` at `indices` as a new dataset (class count kept).
+pub fn labelled_subset(dataset: &SkeletonDataset, indices: &[usize]) -> SkeletonDataset {
+    dataset.subset(indices)
+}
