@@ -108,12 +108,21 @@ impl BenchConfig {
 
     fn validate(&self) -> Result<()> {
         if self.phase != 1 && self.phase != 2 {
-            return Err(Error::config(format!("--phase must be 1 or 2, got {}", self.phase)));
+            return Err(Error::config(format!(
+                "--phase must be 1 or 2, got {}",
+                self.phase
+            )));
         }
         if self.phase == 2 && self.model == BenchModel::Skeletonclr {
-            return Err(Error::config("SkeletonCLR has no phase 2 (use crossclr2 / crossclr3)"));
+            return Err(Error::config(
+                "SkeletonCLR has no phase 2 (use crossclr2 / crossclr3)",
+            ));
         }
-        for (name, v) in [("batch", self.batch), ("frames", self.frames), ("bodies", self.bodies)] {
+        for (name, v) in [
+            ("batch", self.batch),
+            ("frames", self.frames),
+            ("bodies", self.bodies),
+        ] {
             if v <= 0 {
                 return Err(Error::config(format!("--{name} must be positive, got {v}")));
             }
@@ -125,13 +134,19 @@ impl BenchConfig {
             )));
         }
         if self.iters == 0 || self.inputs == 0 {
-            return Err(Error::config("--iters and the number of input sets must be at least 1"));
+            return Err(Error::config(
+                "--iters and the number of input sets must be at least 1",
+            ));
         }
         if self.graph && self.step != StepKind::Fast {
-            return Err(Error::config("--graph on needs --step fast (the reference step syncs with the host)"));
+            return Err(Error::config(
+                "--graph on needs --step fast (the reference step syncs with the host)",
+            ));
         }
         if self.graph && !self.device.is_cuda() {
-            return Err(Error::config("--graph on needs a CUDA device (CUDA graphs do not exist on CPU)"));
+            return Err(Error::config(
+                "--graph on needs a CUDA device (CUDA graphs do not exist on CPU)",
+            ));
         }
         Ok(())
     }
@@ -141,7 +156,9 @@ impl BenchConfig {
         match self.joints {
             25 => Ok(Layout::ntu25()),
             20 => Ok(Layout::kinect20()),
-            j => Err(Error::config(format!("--joints {j}: only 25 (NTU) and 20 (Kinect v1) are built in"))),
+            j => Err(Error::config(format!(
+                "--joints {j}: only 25 (NTU) and 20 (Kinect v1) are built in"
+            ))),
         }
     }
 }
@@ -226,7 +243,12 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     tch::manual_seed(cfg.seed);
     let shape = [cfg.batch, 3, cfg.frames, cfg.joints, cfg.bodies];
     let inputs: Vec<(Tensor, Tensor)> = (0..cfg.inputs)
-        .map(|_| (Tensor::randn(shape, (Kind::Float, device)), Tensor::randn(shape, (Kind::Float, device))))
+        .map(|_| {
+            (
+                Tensor::randn(shape, (Kind::Float, device)),
+                Tensor::randn(shape, (Kind::Float, device)),
+            )
+        })
         .collect();
     let mut runner = ssl_steps::build(cfg, &layout, &inputs[0])?;
     let mut losses = Vec::with_capacity(cfg.warmup + 2 * cfg.iters);
@@ -256,7 +278,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     synchronize(device);
     let ms_pipelined = t0.elapsed().as_secs_f64() * 1e3 / cfg.iters as f64;
     let (peak_bytes, peak_kind) = if device.is_cuda() {
-        (Some(gpu::cuda_memory(device)?.peak_allocated), "cuda_max_memory_allocated")
+        (
+            Some(gpu::cuda_memory(device)?.peak_allocated),
+            "cuda_max_memory_allocated",
+        )
     } else {
         (gpu::peak_rss_bytes(), "process_peak_rss")
     };
@@ -264,7 +289,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let loss_first = loss_of(losses.first());
     let loss_last = loss_of(losses.last());
     if !loss_last.is_finite() {
-        return Err(Error::Other(format!("bench: the loss became non-finite ({loss_last})")));
+        return Err(Error::Other(format!(
+            "bench: the loss became non-finite ({loss_last})"
+        )));
     }
     let ms_mean = times.iter().sum::<f64>() / times.len() as f64;
     times.sort_by(|a, b| a.total_cmp(b));
@@ -310,7 +337,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
 impl BenchReport {
     /// One human-readable line.
     pub fn summary(&self) -> String {
-        let peak = self.peak_bytes.map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)).unwrap_or("?".into());
+        let peak = self
+            .peak_bytes
+            .map(|b| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or("?".into());
         format!(
             "crossclr {} phase {} batch {} on {} ({}, tf32 {:?}, cudnn-benchmark {}): {:.2} ms/step median, \
              {:.2} min, {:.2} pipelined, {:.1} samples/s, peak {peak} ({}); loss {:.4} -> {:.4}",

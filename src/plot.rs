@@ -18,7 +18,9 @@ fn ensure_font() {
     REGISTER.call_once(|| {
         // The embedded bytes are a valid TTF; failure here would be a build defect.
         if plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_err() {
-            eprintln!("warning: the embedded plot font could not be registered; text will be missing");
+            eprintln!(
+                "warning: the embedded plot font could not be registered; text will be missing"
+            );
         }
     });
 }
@@ -33,7 +35,10 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 /// The temporary file a plot is drawn into before the rename (keeps the `.png` extension, which
 /// the bitmap encoder uses to pick the format).
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp.png"))
 }
 
@@ -105,8 +110,11 @@ pub fn line_chart(
             .map_err(|e| e.to_string())?;
         for (i, (name, pts)) in series.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let pts: Vec<(f64, f64)> =
-                pts.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            let pts: Vec<(f64, f64)> = pts
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(|e| e.to_string())?
@@ -137,7 +145,11 @@ fn ramp(t: f64) -> RGBColor {
         (94.0, 201.0, 98.0),
         (253.0, 231.0, 37.0),
     ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let x = t * (STOPS.len() - 1) as f64;
     let i = (x.floor() as usize).min(STOPS.len() - 2);
     let f = x - i as f64;
@@ -146,9 +158,10 @@ fn ramp(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
-/// A heatmap of `matrix` (rows x cols; e.g. a confusion matrix with true classes as rows). Colours
-/// are scaled to `[min, max]` of the matrix; values are printed in the cells when the matrix is
-/// small; tick labels are shown when there are at most 60 rows / columns.
+/// A heatmap of `matrix` (rows x cols; e.g. a confusion matrix with true classes as rows, drawn
+/// top to bottom). Colours are scaled to `[min, max]` of the matrix; values are printed in the cells
+/// when the matrix is at most 20 x 20. Rows are labelled `index label` and columns by index (when
+/// there are at most 60 of them; column labels longer than 6 characters are replaced by the index).
 pub fn heatmap(
     path: &Path,
     title: &str,
@@ -164,49 +177,78 @@ pub fn heatmap(
             path.display()
         )));
     }
-    // Cells are at least 8 px and the image at least 700 px, at most ~2400 px, on each side.
+    // Cells are 8..60 px so that the image stays within ~1600 px of cells.
     let cell = (1600 / rows.max(cols)).clamp(8, 60) as u32;
-    let longest = |l: &[String]| l.iter().map(|s| s.chars().count()).max().unwrap_or(1).min(40);
-    let label_px = |n: usize, l: &[String]| if n <= 60 { 10 + 8 * longest(l) as u32 } else { 50 };
-    let (ylab, xlab) = (label_px(rows, row_labels), label_px(cols, col_labels));
+    let row_name = |r: usize| -> String {
+        let name = row_labels.get(r).cloned().unwrap_or_default();
+        let name: String = name.chars().take(40).collect();
+        if name.is_empty() || name == r.to_string() {
+            r.to_string()
+        } else {
+            format!("{r} {name}")
+        }
+    };
+    let longest = (0..rows.min(60))
+        .map(|r| row_name(r).chars().count())
+        .max()
+        .unwrap_or(1);
+    let ylab = if rows <= 60 {
+        14 + 7 * longest as u32
+    } else {
+        50
+    };
     let size = (
-        (cols as u32 * cell + ylab + 60).max(700),
-        (rows as u32 * cell + xlab + 90).max(700),
+        (cols as u32 * cell + ylab + 60).max(600),
+        (rows as u32 * cell + 140).max(500),
     );
     let finite = || matrix.iter().flatten().copied().filter(|v| v.is_finite());
     let lo = finite().fold(f64::INFINITY, f64::min);
     let hi = finite().fold(f64::NEG_INFINITY, f64::max);
     let show_values = rows.max(cols) <= 20;
-    let label = |labels: &[String], i: usize| -> String {
-        labels.get(i).cloned().unwrap_or_else(|| i.to_string()).chars().take(40).collect()
+    // Column labels are shown when short (at most 6 characters), else the column index.
+    let col_name = |c: usize| match col_labels.get(c) {
+        Some(l) if !l.is_empty() && l.chars().count() <= 6 => l.clone(),
+        _ => c.to_string(),
     };
     render(path, size, |root| {
         let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 22))
+            .caption(title, (FONT, 20))
             .margin(10)
-            .x_label_area_size(xlab)
+            .x_label_area_size(40)
             .y_label_area_size(ylab)
-            .build_cartesian_2d(0f64..cols as f64, rows as f64..0f64)
+            .build_cartesian_2d(
+                (0..cols - 1).into_segmented(),
+                (0..rows - 1).into_segmented(),
+            )
             .map_err(|e| e.to_string())?;
-        let xfmt = |x: &f64| label(col_labels, x.floor().max(0.0) as usize);
-        let yfmt = |y: &f64| label(row_labels, y.floor().max(0.0) as usize);
+        // Row r is drawn at y = rows - 1 - r (top to bottom).
+        let xfmt = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(c) if *c < cols => col_name(*c),
+            _ => String::new(),
+        };
+        let yfmt = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(y) if *y < rows => row_name(rows - 1 - *y),
+            _ => String::new(),
+        };
         let mut mesh = chart.configure_mesh();
-        mesh.disable_mesh().label_style((FONT, 12)).x_label_formatter(&xfmt).y_label_formatter(&yfmt);
-        if cols <= 60 {
-            mesh.x_labels(cols + 1).x_label_style(
-                (FONT, 12).into_font().transform(FontTransform::Rotate90).color(&BLACK),
-            );
-        }
-        if rows <= 60 {
-            mesh.y_labels(rows + 1);
-        }
+        mesh.disable_mesh()
+            .label_style((FONT, 12))
+            .x_label_formatter(&xfmt)
+            .y_label_formatter(&yfmt)
+            .x_desc("predicted class");
+        mesh.x_labels(if cols <= 60 { cols } else { 10 });
+        mesh.y_labels(if rows <= 60 { rows } else { 10 });
         mesh.draw().map_err(|e| e.to_string())?;
         let scale = |v: f64| if hi > lo { (v - lo) / (hi - lo) } else { 0.0 };
+        let y_of = |r: usize| rows - 1 - r;
         chart
             .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
                 row.iter().enumerate().map(move |(c, &v)| {
                     Rectangle::new(
-                        [(c as f64, r as f64), (c as f64 + 1.0, r as f64 + 1.0)],
+                        [
+                            (SegmentValue::Exact(c), SegmentValue::Exact(y_of(r))),
+                            (SegmentValue::Exact(c + 1), SegmentValue::Exact(y_of(r) + 1)),
+                        ],
                         ramp(scale(v)).filled(),
                     )
                 })
@@ -216,7 +258,11 @@ pub fn heatmap(
             let font_px = (cell as f64 * 0.3).clamp(9.0, 16.0);
             for (r, row) in matrix.iter().enumerate() {
                 for (c, &v) in row.iter().enumerate() {
-                    let text = if v.fract() == 0.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+                    let text = if v.fract() == 0.0 {
+                        format!("{v:.0}")
+                    } else {
+                        format!("{v:.2}")
+                    };
                     let color = if scale(v) > 0.6 { BLACK } else { WHITE };
                     let style = TextStyle::from((FONT, font_px).into_font())
                         .color(&color)
@@ -227,7 +273,7 @@ pub fn heatmap(
                     chart
                         .draw_series(std::iter::once(Text::new(
                             text,
-                            (c as f64 + 0.5, r as f64 + 0.5),
+                            (SegmentValue::CenterOf(c), SegmentValue::CenterOf(y_of(r))),
                             style,
                         )))
                         .map_err(|e| e.to_string())?;
@@ -240,7 +286,12 @@ pub fn heatmap(
 
 /// A scatter of `(x, y, class)` points, one colour per class, with a legend of `class_names`
 /// (a class without a name is shown by its index).
-pub fn scatter(path: &Path, title: &str, points: &[(f64, f64, usize)], class_names: &[String]) -> Result<()> {
+pub fn scatter(
+    path: &Path,
+    title: &str,
+    points: &[(f64, f64, usize)],
+    class_names: &[String],
+) -> Result<()> {
     let (x0, x1) = padded_range(points.iter().map(|p| p.0));
     let (y0, y1) = padded_range(points.iter().map(|p| p.1));
     let mut classes: Vec<usize> = points.iter().map(|p| p.2).collect();
@@ -254,10 +305,17 @@ pub fn scatter(path: &Path, title: &str, points: &[(f64, f64, usize)], class_nam
             .y_label_area_size(55)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| e.to_string())?;
-        chart.configure_mesh().label_style((FONT, 12)).draw().map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .label_style((FONT, 12))
+            .draw()
+            .map_err(|e| e.to_string())?;
         for (i, &class) in classes.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let name = class_names.get(class).cloned().unwrap_or_else(|| class.to_string());
+            let name = class_names
+                .get(class)
+                .cloned()
+                .unwrap_or_else(|| class.to_string());
             let name: String = name.chars().take(40).collect();
             chart
                 .draw_series(

@@ -53,7 +53,10 @@ fn metrics_on_hand_example() {
     // Top-5 with only 2 classes is 100%.
     assert!((m.top5 - 100.0).abs() < 1e-9);
     let csv = metrics::confusion_csv(&conf, &["walk".into(), "sit, down".into()]);
-    assert_eq!(csv, "true\\predicted,walk,\"sit, down\"\nwalk,2,1\n\"sit, down\",0,1\n");
+    assert_eq!(
+        csv,
+        "true\\predicted,walk,\"sit, down\"\nwalk,2,1\n\"sit, down\",0,1\n"
+    );
     // Bad labels are errors, not panics.
     assert!(metrics::evaluate(&s, &[0, 0, 0, 7]).is_err());
     assert!(metrics::evaluate(&s, &[0, 0]).is_err());
@@ -62,27 +65,61 @@ fn metrics_on_hand_example() {
 #[test]
 fn knn_on_toy_features() {
     // Bank: class 0 near +x, class 1 near +y, class 2 near -x.
-    let bank = scores(&[&[1.0, 0.1], &[2.0, -0.1], &[0.1, 1.0], &[-0.1, 3.0], &[-1.0, 0.05], &[-1.0, -0.05]]);
+    let bank = scores(&[
+        &[1.0, 0.1],
+        &[2.0, -0.1],
+        &[0.1, 1.0],
+        &[-0.1, 3.0],
+        &[-1.0, 0.05],
+        &[-1.0, -0.05],
+    ]);
     let bank_labels = [0, 0, 1, 1, 2, 2];
     let query = scores(&[&[5.0, 0.2], &[0.3, 1.0], &[-2.0, 0.1], &[0.0, -1.0]]);
-    let s1 = knn::knn_scores(&[bank.shallow_clone()], &bank_labels, &[query.shallow_clone()], 3, &KnnConfig::nearest())
-        .unwrap();
+    let s1 = knn::knn_scores(
+        &[bank.shallow_clone()],
+        &bank_labels,
+        &[query.shallow_clone()],
+        3,
+        &KnnConfig::nearest(),
+    )
+    .unwrap();
     assert_eq!(metrics::predictions(&s1)[..3], [0, 1, 2]);
     // Unweighted k=1 gives exactly one vote.
     assert_eq!(s1.sum(Kind::Float).double_value(&[]), 4.0);
     // Weighted k=20 (clamped to the 6 bank rows): query 3 (0,-1) has cosine -0.1/.. with class 0
     // rows, ~-1 with class 1, ~0 with class 2 -> class 0 (row [2,-0.1]) or 2 ([-1,-0.05]) win.
-    let cfg = KnnConfig { k: 20, temperature: Some(0.07) };
-    let s20 = knn::knn_scores(&[bank.shallow_clone()], &bank_labels, &[query.shallow_clone()], 3, &cfg).unwrap();
+    let cfg = KnnConfig {
+        k: 20,
+        temperature: Some(0.07),
+    };
+    let s20 = knn::knn_scores(
+        &[bank.shallow_clone()],
+        &bank_labels,
+        &[query.shallow_clone()],
+        3,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(s20.size(), vec![4, 3]);
     assert_eq!(metrics::predictions(&s20)[..3], [0, 1, 2]);
     // The weights are exp(cos / 0.07): check row 0's class-1 score by hand.
     let q = [5.0f64, 0.2];
-    let cos = |b: [f64; 2]| (q[0] * b[0] + q[1] * b[1]) / ((q[0] * q[0] + q[1] * q[1]).sqrt() * (b[0] * b[0] + b[1] * b[1]).sqrt());
+    let cos = |b: [f64; 2]| {
+        (q[0] * b[0] + q[1] * b[1])
+            / ((q[0] * q[0] + q[1] * q[1]).sqrt() * (b[0] * b[0] + b[1] * b[1]).sqrt())
+    };
     let want = (cos([0.1, 1.0]) / 0.07).exp() + (cos([-0.1, 3.0]) / 0.07).exp();
     let got = s20.double_value(&[0, 1]);
     assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
-    let out = knn::evaluate(&[bank], &bank_labels, &[query], &[0, 1, 2, 1], 3, &[KnnConfig::nearest(), cfg]).unwrap();
+    let out = knn::evaluate(
+        &[bank],
+        &bank_labels,
+        &[query],
+        &[0, 1, 2, 1],
+        3,
+        &[KnnConfig::nearest(), cfg],
+    )
+    .unwrap();
     assert_eq!(out.len(), 2);
     assert!((out[0].metrics.top1 - 75.0).abs() < 1e-9);
 }
@@ -91,11 +128,25 @@ fn knn_on_toy_features() {
 fn toy_features(n_per_class: usize, classes: usize, seed: i64) -> FeatureSet {
     tch::manual_seed(seed);
     let d = 8i64;
-    let labels: Vec<i64> = (0..n_per_class * classes).map(|i| (i % classes) as i64).collect();
+    let labels: Vec<i64> = (0..n_per_class * classes)
+        .map(|i| (i % classes) as i64)
+        .collect();
     let y = Tensor::from_slice(&labels);
-    let means = Tensor::eye(classes as i64, (Kind::Float, tch::Device::Cpu)).narrow(1, 0, classes as i64) * 3.0;
-    let means = Tensor::cat(&[means, Tensor::zeros([classes as i64, d - classes as i64], (Kind::Float, tch::Device::Cpu))], 1);
-    let x = means.index_select(0, &y) + Tensor::randn([labels.len() as i64, d], (Kind::Float, tch::Device::Cpu)) * 0.3;
+    let means =
+        Tensor::eye(classes as i64, (Kind::Float, tch::Device::Cpu)).narrow(1, 0, classes as i64)
+            * 3.0;
+    let means = Tensor::cat(
+        &[
+            means,
+            Tensor::zeros(
+                [classes as i64, d - classes as i64],
+                (Kind::Float, tch::Device::Cpu),
+            ),
+        ],
+        1,
+    );
+    let x = means.index_select(0, &y)
+        + Tensor::randn([labels.len() as i64, d], (Kind::Float, tch::Device::Cpu)) * 0.3;
     let names = (0..labels.len()).map(|i| format!("s{i}")).collect();
     FeatureSet::new(vec!["joint".into()], vec![x], labels, names, classes).unwrap()
 }
@@ -106,12 +157,24 @@ fn linear_on_separable_features() {
     let test = toy_features(20, 4, 2);
     let (tr_idx, va_idx) = split::stratified_split(&train.labels, 4, 0.25, 7).unwrap();
     let (tr, va) = (train.subset(&tr_idx), train.subset(&va_idx));
-    let cfg = LinearConfig { epochs: 10, lr: 0.5, steps: vec![8], batch_size: 16, eval_interval: 2, ..Default::default() };
+    let cfg = LinearConfig {
+        epochs: 10,
+        lr: 0.5,
+        steps: vec![8],
+        batch_size: 16,
+        eval_interval: 2,
+        ..Default::default()
+    };
     let out = linear::train_linear(&tr, Some(&va), &test, &cfg).unwrap();
     assert!(out.last.top1 > 99.0, "last top-1 {}", out.last.top1);
     assert_eq!(out.history.len(), 10);
     // Evaluations at epochs 2, 4, 6, 8, 10.
-    let evaluated: Vec<usize> = out.history.iter().filter(|r| r.test.is_some()).map(|r| r.epoch).collect();
+    let evaluated: Vec<usize> = out
+        .history
+        .iter()
+        .filter(|r| r.test.is_some())
+        .map(|r| r.epoch)
+        .collect();
     assert_eq!(evaluated, vec![2, 4, 6, 8, 10]);
     assert!(out.history[8].lr < out.history[7].lr);
     assert!(out.best_test.test.top1 >= out.last.top1);
@@ -119,12 +182,27 @@ fn linear_on_separable_features() {
     assert_eq!(out.test_scores.size(), vec![80, 4]);
     // Same seed, same result.
     let again = linear::train_linear(&tr, Some(&va), &test, &cfg).unwrap();
-    assert_eq!(again.history.last().unwrap().loss, out.history.last().unwrap().loss);
+    assert_eq!(
+        again.history.last().unwrap().loss,
+        out.history.last().unwrap().loss
+    );
 }
 
 fn record(epoch: usize, val: Option<f64>, test: Option<f64>) -> EpochRecord {
-    let m = |t: f64| Metrics { top1: t, top5: 100.0, mean_class: t, samples: 10 };
-    EpochRecord { epoch, lr: 1.0, loss: 0.0, train_top1: 0.0, val: val.map(m), test: test.map(m) }
+    let m = |t: f64| Metrics {
+        top1: t,
+        top5: 100.0,
+        mean_class: t,
+        samples: 10,
+    };
+    EpochRecord {
+        epoch,
+        lr: 1.0,
+        loss: 0.0,
+        train_top1: 0.0,
+        val: val.map(m),
+        test: test.map(m),
+    }
 }
 
 #[test]
@@ -143,7 +221,11 @@ fn selection_rules() {
     let by_val = by_val.unwrap();
     // Ties in validation go to the earliest epoch.
     assert_eq!((by_val.epoch, by_val.test.top1), (15, 70.0));
-    assert!(linear::is_eval_epoch(100, 5, 100) && linear::is_eval_epoch(7, 5, 7) && !linear::is_eval_epoch(7, 5, 9));
+    assert!(
+        linear::is_eval_epoch(100, 5, 100)
+            && linear::is_eval_epoch(7, 5, 7)
+            && !linear::is_eval_epoch(7, 5, 9)
+    );
     assert_eq!(linear::step_lr(3.0, &[80], 0.1, 79), 3.0);
     assert!((linear::step_lr(3.0, &[80], 0.1, 80) - 0.3).abs() < 1e-12);
 }
@@ -157,14 +239,25 @@ fn semi_subset_is_balanced_and_seeded() {
     labels.push(3);
     let a = split::balanced_subset(&labels, 4, 0.1, 42).unwrap();
     let count = |idx: &[usize], c: i64| idx.iter().filter(|&&i| labels[i] == c).count();
-    assert_eq!([count(&a, 0), count(&a, 1), count(&a, 2), count(&a, 3)], [10, 5, 1, 1]);
+    assert_eq!(
+        [count(&a, 0), count(&a, 1), count(&a, 2), count(&a, 3)],
+        [10, 5, 1, 1]
+    );
     let b = split::balanced_subset(&labels, 4, 0.1, 42).unwrap();
     assert_eq!(a, b);
     let c = split::balanced_subset(&labels, 4, 0.1, 43).unwrap();
     assert_ne!(a, c);
     assert!(a.windows(2).all(|w| w[0] < w[1]));
     let one = split::balanced_subset(&labels, 4, 0.01, 0).unwrap();
-    assert_eq!([count(&one, 0), count(&one, 1), count(&one, 2), count(&one, 3)], [1, 1, 1, 1]);
+    assert_eq!(
+        [
+            count(&one, 0),
+            count(&one, 1),
+            count(&one, 2),
+            count(&one, 3)
+        ],
+        [1, 1, 1, 1]
+    );
 }
 
 #[test]
@@ -176,16 +269,35 @@ fn plots_write_pngs() {
         "loss",
         "epoch",
         "value",
-        &[("train", vec![(1.0, 2.0), (2.0, 1.0), (3.0, 0.5)]), ("val", vec![(1.0, 2.5), (3.0, f64::NAN)])],
+        &[
+            ("train", vec![(1.0, 2.0), (2.0, 1.0), (3.0, 0.5)]),
+            ("val", vec![(1.0, 2.5), (3.0, f64::NAN)]),
+        ],
     )
     .unwrap();
     assert!(is_png(&p));
     let h = dir.path().join("sub/confusion.png");
     let m = vec![vec![3.0, 1.0], vec![0.0, 4.0]];
-    crossclr::plot::heatmap(&h, "confusion", &m, &["a".into(), "b".into()], &["a".into(), "b".into()]).unwrap();
+    crossclr::plot::heatmap(
+        &h,
+        "confusion",
+        &m,
+        &["a".into(), "b".into()],
+        &["a".into(), "b".into()],
+    )
+    .unwrap();
     assert!(is_png(&h));
+    let one = dir.path().join("one.png");
+    crossclr::plot::heatmap(&one, "1x1", &[vec![5.0]], &["only".into()], &[]).unwrap();
+    assert!(is_png(&one));
     let s = dir.path().join("tsne.png");
-    crossclr::plot::scatter(&s, "t-SNE", &[(0.0, 0.0, 0), (1.0, 1.0, 1), (0.5, 0.2, 1)], &["x".into()]).unwrap();
+    crossclr::plot::scatter(
+        &s,
+        "t-SNE",
+        &[(0.0, 0.0, 0), (1.0, 1.0, 1), (0.5, 0.2, 1)],
+        &["x".into()],
+    )
+    .unwrap();
     assert!(is_png(&s));
     // No temporary files are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -200,14 +312,25 @@ fn plots_write_pngs() {
 #[test]
 fn tsne_separates_clusters() {
     let set = toy_features(30, 3, 5);
-    let cfg = tsne::TsneConfig { iterations: 500, perplexity: 10.0, ..Default::default() };
+    let cfg = tsne::TsneConfig {
+        iterations: 500,
+        perplexity: 10.0,
+        ..Default::default()
+    };
     let y = tsne::tsne(&set.features[0], &cfg).unwrap();
     assert_eq!(y.size(), vec![90, 2]);
     // Each point's nearest embedded neighbour has its class.
-    let d = (y.unsqueeze(1) - y.unsqueeze(0)).square().sum_dim_intlist([2i64].as_slice(), false, Kind::Double)
-        + Tensor::eye(90, (Kind::Double, tch::Device::Cpu)) * 1e9;
+    let d = (y.unsqueeze(1) - y.unsqueeze(0)).square().sum_dim_intlist(
+        [2i64].as_slice(),
+        false,
+        Kind::Double,
+    ) + Tensor::eye(90, (Kind::Double, tch::Device::Cpu)) * 1e9;
     let nn: Vec<i64> = Vec::try_from(&d.argmin(1, false)).unwrap();
-    let agree = nn.iter().enumerate().filter(|(i, &j)| set.labels[*i] == set.labels[j as usize]).count();
+    let agree = nn
+        .iter()
+        .enumerate()
+        .filter(|(i, &j)| set.labels[*i] == set.labels[j as usize])
+        .count();
     println!("t-SNE: {agree}/90 nearest neighbours share the class");
     assert!(agree >= 85, "{agree}/90 neighbours agree");
     let idx = tsne::subsample(&[0, 1, 2, 2, 2, 1, 3], 2, 100, 0);
@@ -220,7 +343,10 @@ fn tsne_separates_clusters() {
 #[ignore]
 fn linear_speed_ntu60_size() {
     tch::manual_seed(0);
-    if let Some(t) = std::env::var("SPEED_THREADS").ok().and_then(|e| e.parse().ok()) {
+    if let Some(t) = std::env::var("SPEED_THREADS")
+        .ok()
+        .and_then(|e| e.parse().ok())
+    {
         tch::set_num_threads(t);
     }
     let n = 40_000;
@@ -230,9 +356,26 @@ fn linear_speed_ntu60_size() {
     let train = FeatureSet::new(vec!["joint".into()], vec![x], labels, names, 60).unwrap();
     let test = train.subset(&(0..16_000).collect::<Vec<_>>());
     let t = std::time::Instant::now();
-    let epochs = std::env::var("SPEED_EPOCHS").ok().and_then(|e| e.parse().ok()).unwrap_or(100);
-    let out = linear::train_linear(&train, None, &test, &LinearConfig { epochs, ..Default::default() }).unwrap();
-    println!("linear {epochs} epochs 40k x 256 x 60: {:.2} s (loop {:.2} s), last top-1 {:.2}", t.elapsed().as_secs_f64(), out.seconds, out.last.top1);
+    let epochs = std::env::var("SPEED_EPOCHS")
+        .ok()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(100);
+    let out = linear::train_linear(
+        &train,
+        None,
+        &test,
+        &LinearConfig {
+            epochs,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    println!(
+        "linear {epochs} epochs 40k x 256 x 60: {:.2} s (loop {:.2} s), last top-1 {:.2}",
+        t.elapsed().as_secs_f64(),
+        out.seconds,
+        out.last.top1
+    );
 }
 
 /// A small slice of the demo dataset written in the generic format: (train, val) subsets with
@@ -250,15 +393,25 @@ fn small_demo(dir: &Path, per_class_train: usize, per_class_val: usize) {
             })
             .collect()
     };
-    let (tr, va) = (train.subset(&pick(&train, per_class_train)), val.subset(&pick(&val, per_class_val)));
+    let (tr, va) = (
+        train.subset(&pick(&train, per_class_train)),
+        val.subset(&pick(&val, per_class_val)),
+    );
     synth::write(dir, &tr, &va).unwrap();
 }
 
-fn tiny_encoder(streams: &str, weights: Option<std::path::PathBuf>) -> crossclr::eval::protocol::EncoderSetup {
+fn tiny_encoder(
+    streams: &str,
+    weights: Option<std::path::PathBuf>,
+) -> crossclr::eval::protocol::EncoderSetup {
     crossclr::eval::protocol::EncoderSetup {
         weights,
         streams: crossclr::eval::encoder::parse_streams(streams, &[]).unwrap(),
-        random: crossclr::model::stgcn::StGcnConfig { hidden_channels: 4, hidden_dim: 16, ..Default::default() },
+        random: crossclr::model::stgcn::StGcnConfig {
+            hidden_channels: 4,
+            hidden_dim: 16,
+            ..Default::default()
+        },
         seed: 1,
     }
 }
@@ -267,23 +420,54 @@ fn tiny_encoder(streams: &str, weights: Option<std::path::PathBuf>) -> crossclr:
 fn linear_end_to_end_on_demo_data() {
     use crossclr::eval::args::DatasetArgs;
     use crossclr::eval::protocol::{self, OutputOptions};
+    // Tests share the process: keep libtorch from oversubscribing the CPU.
+    tch::set_num_threads(1);
     let data = tempfile::tempdir().unwrap();
     small_demo(data.path(), 4, 2);
-    let args = DatasetArgs { data_dir: Some(data.path().to_path_buf()), format: "npy".into(), ..Default::default() };
+    let args = DatasetArgs {
+        data_dir: Some(data.path().to_path_buf()),
+        format: "npy".into(),
+        ..Default::default()
+    };
     let splits = args.open().unwrap();
     let k = splits.train.num_classes;
     assert_eq!(splits.class_names.len(), k);
     let work = tempfile::tempdir().unwrap();
-    let opts = OutputOptions { work_dir: Some(work.path().to_path_buf()), save_features: true, ..Default::default() };
-    let cfg = LinearConfig { epochs: 6, lr: 0.5, steps: vec![4], batch_size: 8, eval_interval: 2, ..Default::default() };
-    let s = protocol::run_linear(&splits, &tiny_encoder("joint,motion", None), &cfg, 0.25, tch::Device::Cpu, &opts)
-        .unwrap();
+    let opts = OutputOptions {
+        work_dir: Some(work.path().to_path_buf()),
+        save_features: true,
+        ..Default::default()
+    };
+    let cfg = LinearConfig {
+        epochs: 6,
+        lr: 0.5,
+        steps: vec![4],
+        batch_size: 8,
+        eval_interval: 2,
+        ..Default::default()
+    };
+    let s = protocol::run_linear(
+        &splits,
+        &tiny_encoder("joint,motion", None),
+        &cfg,
+        0.25,
+        tch::Device::Cpu,
+        &opts,
+    )
+    .unwrap();
     assert_eq!(s.test_samples, 2 * k);
     assert_eq!(s.train_samples + s.validation_samples, 4 * k);
     assert_eq!(s.validation_samples, k);
     assert_eq!(s.last.epoch, 6);
     assert!(s.val_selected.is_some());
-    for f in ["scores.npy", "names.txt", "confusion.csv", "metrics.json", "features_train_joint.npy", "features_val_motion.npy"] {
+    for f in [
+        "scores.npy",
+        "names.txt",
+        "confusion.csv",
+        "metrics.json",
+        "features_train_joint.npy",
+        "features_val_motion.npy",
+    ] {
         assert!(work.path().join(f).is_file(), "{f} missing");
     }
     for f in ["confusion.png", "tsne.png", "curves.png", "accuracy.png"] {
@@ -294,8 +478,12 @@ fn linear_end_to_end_on_demo_data() {
     let names = std::fs::read_to_string(work.path().join("names.txt")).unwrap();
     assert_eq!(names.lines().count(), 2 * k);
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(work.path().join("metrics.json")).unwrap()).unwrap();
-    assert!(json["best_test"]["rule"].as_str().unwrap().contains("test-set selection"));
+        serde_json::from_str(&std::fs::read_to_string(work.path().join("metrics.json")).unwrap())
+            .unwrap();
+    assert!(json["best_test"]["rule"]
+        .as_str()
+        .unwrap()
+        .contains("test-set selection"));
     assert!(json["last"]["test"]["top1"].as_f64().is_some());
     let csv = std::fs::read_to_string(work.path().join("confusion.csv")).unwrap();
     assert_eq!(csv.lines().count(), k + 1);
@@ -310,14 +498,26 @@ fn stream_view_is_computed_and_prefix_is_honoured() {
     tch::manual_seed(9);
     let layout = crossclr::data::Layout::ntu25();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let cfg = StGcnConfig { hidden_channels: 4, hidden_dim: 16, ..Default::default() };
+    let cfg = StGcnConfig {
+        hidden_channels: 4,
+        hidden_dim: 16,
+        ..Default::default()
+    };
     let net = StGcn::new(&(vs.root() / "encoder_q"), &cfg, &layout);
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("skeletonclr_motion.safetensors");
     crossclr::model::weights::save_safetensors(&vs, &ckpt).unwrap();
 
     let streams = parse_streams("motion", &["encoder_q.".to_string()]).unwrap();
-    let enc = build_encoders(WeightsSource::File(&ckpt), &streams, &layout, 3, 0.0, tch::Device::Cpu).unwrap();
+    let enc = build_encoders(
+        WeightsSource::File(&ckpt),
+        &streams,
+        &layout,
+        3,
+        0.0,
+        tch::Device::Cpu,
+    )
+    .unwrap();
     let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Float, tch::Device::Cpu));
     let got = tch::no_grad(|| enc[0].forward(&x, &layout, false));
     let want = tch::no_grad(|| net.forward(&apply_view(View::Motion, &x, &layout), false));
@@ -326,14 +526,29 @@ fn stream_view_is_computed_and_prefix_is_honoured() {
     let scale = got.abs().max().double_value(&[]);
     assert!(scale > 0.0);
     assert!((&got - want).abs().max().double_value(&[]) < 1e-4 * scale);
-    assert!((&got - joints).abs().max().double_value(&[]) > 1e-2 * scale, "motion stream must not see joints");
+    assert!(
+        (&got - joints).abs().max().double_value(&[]) > 1e-2 * scale,
+        "motion stream must not see joints"
+    );
     // The default motion prefix is absent from this file: a clear error, not random weights.
     let streams = parse_streams("motion", &[]).unwrap();
-    let err = build_encoders(WeightsSource::File(&ckpt), &streams, &layout, 3, 0.0, tch::Device::Cpu).err().unwrap();
+    let err = build_encoders(
+        WeightsSource::File(&ckpt),
+        &streams,
+        &layout,
+        3,
+        0.0,
+        tch::Device::Cpu,
+    )
+    .err()
+    .unwrap();
     assert!(err.to_string().contains("encoder_q_motion."), "{err}");
     // Keyed prefixes.
     let s = parse_streams("joint,bone", &["bone=encoder_q.".to_string()]).unwrap();
-    assert_eq!((s[0].prefix.as_str(), s[1].prefix.as_str()), ("encoder_q.", "encoder_q."));
+    assert_eq!(
+        (s[0].prefix.as_str(), s[1].prefix.as_str()),
+        ("encoder_q.", "encoder_q.")
+    );
     assert!(parse_streams("joint,joint", &[]).is_err());
     assert!(parse_streams("joint", &["a.".into(), "b.".into()]).is_err());
 }
@@ -359,8 +574,205 @@ fn ensemble_weighting() {
     let p = dir.path().join("s.npy");
     crossclr::data::npy::write_f32(&p, &[2, 2], &[1.0, 0.0, 0.0, 1.0]).unwrap();
     std::fs::write(dir.path().join("names.txt"), "a\nb\n").unwrap();
-    let files = [WeightedScores { path: p.clone(), weight: 2.0 }];
+    let files = [WeightedScores {
+        path: p.clone(),
+        weight: 2.0,
+    }];
     let ok = ensemble::fuse_files(&files, Some(&["a".into(), "b".into()])).unwrap();
     assert_eq!(ok.double_value(&[0, 0]), 2.0);
     assert!(ensemble::fuse_files(&files, Some(&["b".into(), "a".into()])).is_err());
+}
+
+#[test]
+fn semi_end_to_end_writes_balanced_indices() {
+    use crossclr::eval::args::DatasetArgs;
+    use crossclr::eval::finetune::{self, BnMode, FinetuneConfig};
+    use crossclr::eval::protocol::OutputOptions;
+    tch::set_num_threads(1);
+    let data = tempfile::tempdir().unwrap();
+    small_demo(data.path(), 4, 1);
+    let args = DatasetArgs {
+        data_dir: Some(data.path().to_path_buf()),
+        format: "npy".into(),
+        ..Default::default()
+    };
+    let splits = args.open().unwrap();
+    let k = splits.train.num_classes;
+    let train_names = splits.train.names.clone();
+    let train_labels = splits.train.labels.clone();
+    let work = tempfile::tempdir().unwrap();
+    let opts = OutputOptions {
+        work_dir: Some(work.path().to_path_buf()),
+        tsne: false,
+        ..Default::default()
+    };
+    let cfg = FinetuneConfig {
+        epochs: 2,
+        batch_size: 4,
+        eval_interval: 1,
+        bn: BnMode::Train,
+        workers: 1,
+        ..Default::default()
+    };
+    let s = finetune::run(
+        splits,
+        &tiny_encoder("joint", None),
+        &cfg,
+        Some(0.5),
+        0.0,
+        tch::Device::Cpu,
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(s.protocol, "semi");
+    assert_eq!(s.train_samples, 2 * k);
+    assert_eq!(s.test_samples, k);
+    assert_eq!(s.history.len(), 2);
+    let (shape, idx) =
+        crossclr::data::npy::read_i64(&work.path().join("labelled_indices.npy")).unwrap();
+    assert_eq!(shape, vec![2 * k]);
+    for c in 0..k as i64 {
+        assert_eq!(
+            idx.iter()
+                .filter(|&&i| train_labels[i as usize] == c)
+                .count(),
+            2
+        );
+    }
+    let txt = std::fs::read_to_string(work.path().join("labelled_indices.txt")).unwrap();
+    let first = txt.lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!("{}\t{}", idx[0], train_names[idx[0] as usize])
+    );
+    for f in [
+        "scores.npy",
+        "names.txt",
+        "confusion.csv",
+        "confusion.png",
+        "curves.png",
+        "metrics.json",
+    ] {
+        assert!(work.path().join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn official_pt_features_match_the_official_encoder() {
+    use crossclr::eval::encoder::{build_encoders, parse_streams, WeightsSource};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/official");
+    let pt = dir.join("stgcn_official_seed0.pt");
+    if !pt.is_file() {
+        println!("skipped: {} is absent", pt.display());
+        return;
+    }
+    tch::set_num_threads(1);
+    let layout = crossclr::data::Layout::ntu25();
+    // The fixture's state dict has no prefix: `--prefix ""`.
+    let streams = parse_streams("joint", &[String::new()]).unwrap();
+    let enc = build_encoders(
+        WeightsSource::File(&pt),
+        &streams,
+        &layout,
+        3,
+        0.0,
+        tch::Device::Cpu,
+    )
+    .unwrap();
+    let (shape, input) =
+        crossclr::data::npy::read_f32(&dir.join("stgcn_official_seed0_input.npy")).unwrap();
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let x = Tensor::from_slice(&input).view(dims.as_slice());
+    // The fixture's saved BN statistics are one train-mode update (momentum 0.1) later than those
+    // its eval features used (fixture README; tests/parity.rs): with S saved and S' after one more
+    // train pass on the same input, the earlier statistics are (1.9 S - S') / 0.9.
+    let vars = enc[0].vs.variables();
+    let stats: Vec<(Tensor, Tensor)> = vars
+        .iter()
+        .filter(|(k, _)| k.ends_with("running_mean") || k.ends_with("running_var"))
+        .map(|(_, v)| (v.shallow_clone(), v.copy()))
+        .collect();
+    let _ = tch::no_grad(|| enc[0].forward(&x, &layout, true));
+    tch::no_grad(|| {
+        for (v, saved) in &stats {
+            let earlier = (saved * 1.9 - v) / 0.9;
+            v.shallow_clone().copy_(&earlier);
+        }
+    });
+    let got = tch::no_grad(|| enc[0].forward(&x, &layout, false));
+    let want = crossclr::data::npy::read_npz_array(
+        &dir.join("stgcn_official_seed0.npz"),
+        "eval_features256",
+    )
+    .unwrap();
+    let want: Vec<f32> = want.to_f32().unwrap();
+    let want = Tensor::from_slice(&want).view([4, 256]);
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    assert!(
+        diff < 1e-4,
+        "eval features differ from the official ones by {diff}"
+    );
+}
+
+#[test]
+fn dataset_args_resolve_configs_and_reject_ambiguity() {
+    use crossclr::data::formats::DatasetFormat;
+    use crossclr::eval::args::DatasetArgs;
+    let dir = tempfile::tempdir().unwrap();
+    let official = dir.path().join("linear.yaml");
+    std::fs::write(
+        &official,
+        "train_feeder_args:\n  data_path: /d/train_position.npy\n  label_path: /d/train_label.pkl\n\
+         test_feeder_args:\n  data_path: /d/val_position.npy\n  label_path: /d/val_label.pkl\n",
+    )
+    .unwrap();
+    let args = DatasetArgs {
+        config: Some(official),
+        format: "npy".into(),
+        ..Default::default()
+    };
+    let (tr, va) = args.specs().unwrap();
+    assert_eq!(tr.data, Path::new("/d/train_position.npy"));
+    assert_eq!(va.label.as_deref(), Some(Path::new("/d/val_label.pkl")));
+    assert_eq!(
+        (tr.format, tr.layout.as_str()),
+        (DatasetFormat::Npy, "ntu25")
+    );
+    let specs = dir.path().join("specs.yaml");
+    std::fs::write(
+        &specs,
+        "train: {format: msr, data: /m, layout: msr20, part: train}\nval: {format: msr, data: /m, layout: msr20, part: test}\n",
+    )
+    .unwrap();
+    let args = DatasetArgs {
+        config: Some(specs),
+        format: "npy".into(),
+        ..Default::default()
+    };
+    let (tr, va) = args.specs().unwrap();
+    assert_eq!(
+        (tr.format, va.part.as_deref(), va.layout.as_str()),
+        (DatasetFormat::Msr, Some("test"), "msr20")
+    );
+    // Two sources at once, or none, is an error.
+    let both = DatasetArgs {
+        data_dir: Some(dir.path().to_path_buf()),
+        train_data: Some("x.npy".into()),
+        format: "npy".into(),
+        ..Default::default()
+    };
+    assert!(both.specs().is_err());
+    assert!(DatasetArgs {
+        format: "npy".into(),
+        ..Default::default()
+    }
+    .specs()
+    .is_err());
+    assert!(DatasetArgs {
+        data_dir: Some(dir.path().into()),
+        format: "csv".into(),
+        ..Default::default()
+    }
+    .specs()
+    .is_err());
 }

@@ -67,7 +67,10 @@ fn fixed_batch(ds: &SkeletonDataset, n: usize) -> Tensor {
 }
 
 fn opts(ds: &Arc<SkeletonDataset>) -> RunOptions {
-    RunOptions { dataset: Some(Arc::clone(ds)), ..Default::default() }
+    RunOptions {
+        dataset: Some(Arc::clone(ds)),
+        ..Default::default()
+    }
 }
 
 /// With the queue held fixed, repeated SGD steps on one batch lower the loss (both phases).
@@ -108,18 +111,43 @@ fn queues_aligned() {
     let cfg = tiny_config("crossclr3", dir.path(), &[]);
     tch::manual_seed(0);
     let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
-    let before: Vec<Tensor> = t.model.branches.iter().map(|b| b.queue.keys.copy()).collect();
+    let before: Vec<Tensor> = t
+        .model
+        .branches
+        .iter()
+        .map(|b| b.queue.keys.copy())
+        .collect();
     let x = fixed_batch(&ds, 8);
     t.train_step(&x, &x, 1).unwrap();
     for (b, old) in t.model.branches.iter().zip(&before) {
         assert_eq!(b.queue.ptr, 8);
-        let changed = (&b.queue.keys - old).abs().sum_dim_intlist(&[0i64][..], false, Kind::Float).gt(0.0);
+        let changed = (&b.queue.keys - old)
+            .abs()
+            .sum_dim_intlist(&[0i64][..], false, Kind::Float)
+            .gt(0.0);
         let changed: Vec<bool> = Vec::<bool>::try_from(changed).unwrap();
-        assert!(changed[..8].iter().all(|&c| c), "{}: slots 0..8 written", b.view);
-        assert!(changed[8..].iter().all(|&c| !c), "{}: other slots untouched", b.view);
+        assert!(
+            changed[..8].iter().all(|&c| c),
+            "{}: slots 0..8 written",
+            b.view
+        );
+        assert!(
+            changed[8..].iter().all(|&c| !c),
+            "{}: other slots untouched",
+            b.view
+        );
         // Written keys are unit vectors.
-        let n = b.queue.keys.narrow(1, 0, 8).norm_scalaropt_dim(2, [0], false);
-        assert!(n.allclose(&Tensor::ones([8], (Kind::Float, Device::Cpu)), 1e-4, 1e-5, false));
+        let n = b
+            .queue
+            .keys
+            .narrow(1, 0, 8)
+            .norm_scalaropt_dim(2, [0], false);
+        assert!(n.allclose(
+            &Tensor::ones([8], (Kind::Float, Device::Cpu)),
+            1e-4,
+            1e-5,
+            false
+        ));
     }
 }
 
@@ -138,7 +166,9 @@ fn ema_math() {
 fn model(ds: &SkeletonDataset, dir: &Path, extra: &[&str]) -> SslModel {
     let cfg = tiny_config("crossclr3", dir, extra);
     tch::manual_seed(0);
-    Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap().model
+    Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu)
+        .unwrap()
+        .model
 }
 
 /// The shared-head quirk shares the joint head's variables (same storage) with the motion and
@@ -152,25 +182,50 @@ fn shared_head_shares_storage() {
     let q = m.vs_q.variables();
     assert!(q.contains_key("encoder_q.fc.0.weight") && q.contains_key("encoder_q.fc.2.weight"));
     assert!(q.contains_key("encoder_q_motion.fc.0.weight"));
-    assert!(!q.contains_key("encoder_q_motion.fc.2.weight"), "shared layers exist once");
+    assert!(
+        !q.contains_key("encoder_q_motion.fc.2.weight"),
+        "shared layers exist once"
+    );
     for b in &m.branches[1..] {
-        let shared: Vec<&String> =
-            b.ema_pairs.iter().map(|(n, _, _)| n).filter(|n| n.starts_with("encoder_q.fc.")).collect();
+        let shared: Vec<&String> = b
+            .ema_pairs
+            .iter()
+            .map(|(n, _, _)| n)
+            .filter(|n| n.starts_with("encoder_q.fc."))
+            .collect();
         assert_eq!(shared.len(), 4, "{}: EMA walks the shared layers", b.view);
-        let (_, qw, _) = b.ema_pairs.iter().find(|(n, _, _)| n == "encoder_q.fc.2.weight").unwrap();
+        let (_, qw, _) = b
+            .ema_pairs
+            .iter()
+            .find(|(n, _, _)| n == "encoder_q.fc.2.weight")
+            .unwrap();
         assert_eq!(qw.data_ptr(), q["encoder_q.fc.2.weight"].data_ptr());
     }
     // Gradients of the motion loss reach the shared layers: one forward through the motion head.
     let names: Vec<String> = m.state_tensors().into_iter().map(|(n, _)| n).collect();
-    for want in ["encoder_q_motion.fc.2.0.weight", "encoder_k_bone.fc.2.2.bias", "queue_bone", "queue_ptr_motion"] {
+    for want in [
+        "encoder_q_motion.fc.2.0.weight",
+        "encoder_k_bone.fc.2.2.bias",
+        "queue_bone",
+        "queue_ptr_motion",
+    ] {
         assert!(names.iter().any(|n| n == want), "checkpoint lacks {want}");
     }
     let clean = model(&ds, dir.path(), &["shared_head=false"]);
     let cq = clean.vs_q.variables();
     assert!(cq.contains_key("encoder_q_motion.fc.2.weight"));
-    assert_ne!(cq["encoder_q_motion.fc.2.weight"].data_ptr(), cq["encoder_q.fc.2.weight"].data_ptr());
+    assert_ne!(
+        cq["encoder_q_motion.fc.2.weight"].data_ptr(),
+        cq["encoder_q.fc.2.weight"].data_ptr()
+    );
     for b in &clean.branches[1..] {
-        assert!(b.ema_pairs.iter().all(|(n, _, _)| !n.starts_with("encoder_q.")), "{}", b.view);
+        assert!(
+            b.ema_pairs
+                .iter()
+                .all(|(n, _, _)| !n.starts_with("encoder_q.")),
+            "{}",
+            b.view
+        );
     }
 }
 
@@ -185,13 +240,25 @@ fn phase2_updates_only_motion_keys() {
     let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
     let x = fixed_batch(&ds, 8);
     let key = |t: &Pretrainer, n: &str| t.model.vs_k.variables()[n].copy();
-    let names = ["encoder_k.st_gcn_networks.0.gcn.conv.weight", "encoder_k_motion.st_gcn_networks.0.gcn.conv.weight", "encoder_k_bone.st_gcn_networks.0.gcn.conv.weight"];
+    let names = [
+        "encoder_k.st_gcn_networks.0.gcn.conv.weight",
+        "encoder_k_motion.st_gcn_networks.0.gcn.conv.weight",
+        "encoder_k_bone.st_gcn_networks.0.gcn.conv.weight",
+    ];
     let before: Vec<Tensor> = names.iter().map(|n| key(&t, n)).collect();
     t.train_step(&x, &x, 2).unwrap();
-    let moved: Vec<bool> = names.iter().zip(&before).map(|(n, b)| !key(&t, n).equal(b)).collect();
+    let moved: Vec<bool> = names
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| !key(&t, n).equal(b))
+        .collect();
     assert_eq!(moved, vec![false, true, false]);
     t.train_step(&x, &x, 1).unwrap();
-    let after1: Vec<bool> = names.iter().zip(&before).map(|(n, b)| !key(&t, n).equal(b)).collect();
+    let after1: Vec<bool> = names
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| !key(&t, n).equal(b))
+        .collect();
     assert_eq!(after1, vec![true, true, true]);
 }
 
@@ -211,23 +278,50 @@ fn resume_is_exact() {
     let b = tempfile::tempdir().unwrap();
     // 2-view CrosSCLR: shared head, phase 1 then phase 2 (cross_epoch 1), motion-only EMA.
     run_with(&tiny_config("crossclr2", a.path(), &[]), &opts(&ds)).unwrap();
-    run_with(&tiny_config("crossclr2", b.path(), &["num_epoch=1"]), &opts(&ds)).unwrap();
-    let e = run_with(&tiny_config("crossclr2", b.path(), &[]), &opts(&ds)).unwrap_err().to_string();
+    run_with(
+        &tiny_config("crossclr2", b.path(), &["num_epoch=1"]),
+        &opts(&ds),
+    )
+    .unwrap();
+    let e = run_with(&tiny_config("crossclr2", b.path(), &[]), &opts(&ds))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--resume"), "{e}");
-    let s = run_with(&tiny_config("crossclr2", b.path(), &[]), &RunOptions { resume: true, ..opts(&ds) }).unwrap();
+    let s = run_with(
+        &tiny_config("crossclr2", b.path(), &[]),
+        &RunOptions {
+            resume: true,
+            ..opts(&ds)
+        },
+    )
+    .unwrap();
     assert_eq!((s.first_epoch, s.records.len()), (2, 2));
     let (ta, tb) = (all_tensors(a.path()), all_tensors(b.path()));
     assert_eq!(ta.len(), tb.len());
     for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
         assert_eq!(na, nb);
-        let d = (x.to_kind(Kind::Double) - y.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        let d = (x.to_kind(Kind::Double) - y.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(d <= 1e-6, "{na} differs by {d}");
     }
-    for f in ["config.yaml", "log.txt", "metrics.jsonl", "metrics.csv", "loss.png", "epoch1.json", "epoch2.safetensors"] {
+    for f in [
+        "steps.csv",
+        "config.yaml",
+        "log.txt",
+        "metrics.jsonl",
+        "metrics.csv",
+        "loss.png",
+        "epoch1.json",
+        "epoch2.safetensors",
+    ] {
         assert!(a.path().join(f).exists(), "{f} missing");
     }
     let csv = std::fs::read_to_string(b.path().join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
+    let steps = std::fs::read_to_string(b.path().join("steps.csv")).unwrap();
+    assert_eq!(steps.lines().count(), 1 + 2 * 2, "{steps}");
 }
 
 /// A NaN loss stops the run with a clear message and leaves the last good checkpoint intact.
@@ -237,14 +331,29 @@ fn nan_loss_stops_and_keeps_checkpoint() {
     let ds = tiny_data();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config("skeletonclr", dir.path(), &["num_epoch=3"]);
-    let e = run_with(&cfg, &RunOptions { inject_nan_from_epoch: Some(2), ..opts(&ds) }).unwrap_err().to_string();
-    assert!(e.contains("non-finite loss") && e.contains("epoch 2") && e.contains("last.safetensors"), "{e}");
+    let e = run_with(
+        &cfg,
+        &RunOptions {
+            inject_nan_from_epoch: Some(2),
+            ..opts(&ds)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("non-finite loss") && e.contains("epoch 2") && e.contains("last.safetensors"),
+        "{e}"
+    );
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("last.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("last.json")).unwrap())
+            .unwrap();
     assert_eq!(meta["epoch"], 1);
     for (n, t) in Tensor::read_safetensors(dir.path().join("last.safetensors")).unwrap() {
         if t.kind() == Kind::Float {
-            assert!(bool::try_from(t.isfinite().all()).unwrap(), "{n} not finite");
+            assert!(
+                bool::try_from(t.isfinite().all()).unwrap(),
+                "{n} not finite"
+            );
         }
     }
 }
@@ -254,14 +363,28 @@ fn nan_loss_stops_and_keeps_checkpoint() {
 fn config_overrides_and_unknown_key() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
-    let c = tiny_config("crossclr3", dir.path(), &["model_args.Temperature=0.2", "step=[1]"]);
+    let c = tiny_config(
+        "crossclr3",
+        dir.path(),
+        &["model_args.Temperature=0.2", "step=[1]"],
+    );
     assert_eq!(c.model_args.temperature, 0.2);
-    assert_eq!(c.views().unwrap(), vec![View::Joint, View::Motion, View::Bone]);
-    let e = PretrainConfig::from_text("", false, Path::new("x.yaml"), &["model_args.graph_args.layuot=ntu25".into()])
+    assert_eq!(
+        c.views().unwrap(),
+        vec![View::Joint, View::Motion, View::Bone]
+    );
+    let e = PretrainConfig::from_text(
+        "",
+        false,
+        Path::new("x.yaml"),
+        &["model_args.graph_args.layuot=ntu25".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model_args.graph_args.layuot"), "{e}");
+    let e = PretrainConfig::from_text("batch_size: 7\n", false, Path::new("x.yaml"), &[])
         .unwrap_err()
         .to_string();
-    assert!(e.contains("model_args.graph_args.layuot"), "{e}");
-    let e = PretrainConfig::from_text("batch_size: 7\n", false, Path::new("x.yaml"), &[]).unwrap_err().to_string();
     assert!(e.contains("queue_size"), "{e}");
     // Every shipped config loads.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
@@ -278,27 +401,53 @@ fn config_overrides_and_unknown_key() {
     assert!(n >= 21, "{n} configs");
 }
 
-/// CPU step timing (not a check): `H4_BATCH=128 H4_FRAMES=50 cargo test --release --test pretrain
-/// -- --ignored --nocapture step_timing`. Prints seconds per `train_step` for SkeletonCLR and
-/// CrosSCLR-3 in both phases (queue 32768 as official when the batch divides it).
+/// Step timing (not a check): `H4_BATCH=128 H4_FRAMES=50 [H4_DEVICE=cuda] [H4_THREADS=n] cargo
+/// test --test pretrain -- --ignored --nocapture step_timing`. Prints seconds per `train_step`
+/// for SkeletonCLR and CrosSCLR-3 in both phases (queue 32768 as official when the batch divides
+/// it, else the largest multiple of the batch below it).
 #[test]
 #[ignore]
 fn step_timing() {
     let _serial = serial();
-    if let Some(n) = std::env::var("H4_THREADS").ok().and_then(|v| v.parse().ok()) {
-        tch::set_num_threads(n);
-    }
-    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    tch::set_num_threads(env("H4_THREADS", num_cpus()) as i32);
     let (batch, frames, reps) = (env("H4_BATCH", 16), env("H4_FRAMES", 50), env("H4_REPS", 2));
-    let cfg = SynthConfig { num_classes: 4, train_per_class: batch.div_ceil(4), val_per_class: 1, frames, ..SynthConfig::default() };
+    let device = crossclr::device::parse_device(
+        &std::env::var("H4_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )
+    .unwrap();
+    let queue = 32768 / batch * batch;
+    let cfg = SynthConfig {
+        num_classes: 4,
+        train_per_class: batch.div_ceil(4),
+        val_per_class: 1,
+        frames,
+        ..SynthConfig::default()
+    };
     let ds = generate(&cfg).0;
-    let x = fixed_batch(&ds, batch);
+    let x = fixed_batch(&ds, batch).to_device(device);
     let dir = tempfile::tempdir().unwrap();
-    println!("torch threads {}", tch::get_num_threads());
+    println!(
+        "device {device:?}, torch threads {}",
+        tch::get_num_threads()
+    );
     for model in ["skeletonclr", "crossclr3"] {
-        let c = tiny_config(model, dir.path(), &[&format!("batch_size={batch}"), "model_args.queue_size=32768", "cross_epoch=1"]);
+        let c = tiny_config(
+            model,
+            dir.path(),
+            &[
+                &format!("batch_size={batch}"),
+                &format!("model_args.queue_size={queue}"),
+                "cross_epoch=1",
+            ],
+        );
         tch::manual_seed(0);
-        let mut t = Pretrainer::from_config(&c, &ds.layout, Device::Cpu).unwrap();
+        let mut t = Pretrainer::from_config(&c, &ds.layout, device).unwrap();
         for epoch in [1usize, 2] {
             t.train_step(&x, &x, epoch).unwrap(); // warm-up
             let t0 = std::time::Instant::now();
@@ -306,10 +455,67 @@ fn step_timing() {
                 t.train_step(&x, &x, epoch).unwrap();
             }
             let s = t0.elapsed().as_secs_f64() / reps as f64;
-            println!("{model} phase {}: batch {batch} x T {frames}: {s:.3} s/step", t.model.is_cross_epoch(epoch) as u8 + 1);
+            let phase = t.model.is_cross_epoch(epoch) as u8 + 1;
+            println!("{model} phase {phase}: batch {batch} x T {frames}, K {queue}: {s:.4} s/step");
             if model == "skeletonclr" {
                 break;
             }
         }
     }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Checkpoint tensors carry the official 3-view state-dict names and load back; the official
+/// duplicate names of the shared head are accepted, unknown names are rejected.
+#[test]
+fn state_dict_roundtrip_with_official_names() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let a = model(&ds, dir.path(), &[]);
+    let tensors = a.state_tensors();
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "encoder_q.A",
+        "encoder_q.data_bn.running_var",
+        "encoder_k.fc.2.bias",
+        "encoder_q_motion.fc.0.weight",
+        "encoder_q_motion.fc.2.2.weight",
+        "queue",
+        "queue_ptr",
+        "queue_ptr_bone",
+    ] {
+        assert!(names.contains(&want), "missing {want}");
+    }
+    let mut b = model(&ds, dir.path(), &[]);
+    tch::no_grad(|| {
+        let _ = b.vs_q.variables()["encoder_q_bone.fc.0.weight"]
+            .shallow_clone()
+            .zero_();
+        let _ = b.branches[2].queue.keys.shallow_clone().zero_();
+    });
+    b.branches[2].queue.ptr = 8;
+    b.load_state_tensors(&tensors, Path::new("<mem>")).unwrap();
+    let (x, y) = (
+        &a.vs_q.variables()["encoder_q_bone.fc.0.weight"],
+        &b.vs_q.variables()["encoder_q_bone.fc.0.weight"],
+    );
+    assert!(x.equal(y) && bool::try_from(x.abs().sum(Kind::Float).gt(0.0)).unwrap());
+    assert!(a.branches[2].queue.keys.equal(&b.branches[2].queue.keys));
+    assert_eq!(b.branches[2].queue.ptr, 0);
+    let mut extra = tensors;
+    extra.push((
+        "encoder_q.bogus".into(),
+        Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+    ));
+    let e = b
+        .load_state_tensors(&extra, Path::new("<mem>"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("encoder_q.bogus"), "{e}");
 }

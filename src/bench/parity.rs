@@ -52,10 +52,15 @@ pub struct ParityReport {
 /// Reads member `name` (a .npy) of the npz `path` as f32.
 fn npz_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;
-    let mut member = zip.by_name(name).map_err(|e| Error::input(path, name, e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;
+    let mut member = zip
+        .by_name(name)
+        .map_err(|e| Error::input(path, name, e.to_string()))?;
     let mut bytes = Vec::new();
-    member.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    member
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
     let tmp = std::env::temp_dir().join(format!("crossclr-parity-{}-{name}", std::process::id()));
     std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
     let out = npy::read_f32(&tmp);
@@ -65,7 +70,9 @@ fn npz_f32(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
 
 fn to_tensor((shape, data): (Vec<usize>, Vec<f32>), device: Device) -> Tensor {
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    Tensor::from_slice(&data).view(dims.as_slice()).to_device(device)
+    Tensor::from_slice(&data)
+        .view(dims.as_slice())
+        .to_device(device)
 }
 
 /// (max |a - b|, ||a - b|| / ||b||) on the CPU in float64.
@@ -85,14 +92,21 @@ pub fn run(dir: &Path, device: Device, tf32: &str) -> Result<ParityReport> {
     let input = dir.join(format!("{STEM}_input.npy"));
     for f in [&pt, &npz, &input] {
         if !f.exists() {
-            return Err(Error::input(f, "file", "missing (copy the official fixture here)"));
+            return Err(Error::input(
+                f,
+                "file",
+                "missing (copy the official fixture here)",
+            ));
         }
     }
     let tensors = weights::read_state_dict(&pt)?;
     let mut vs = VarStore::new(device);
     let layout = Layout::ntu25();
     // The fixture was made with dropout 0 so that train mode is deterministic.
-    let cfg = StGcnConfig { dropout: 0.0, ..StGcnConfig::default() };
+    let cfg = StGcnConfig {
+        dropout: 0.0,
+        ..StGcnConfig::default()
+    };
     let encoder = StGcn::new(&vs.root(), &cfg, &layout);
     let fc = classifier(&(vs.root() / "fc"), cfg.hidden_dim, 128);
     weights::load_into_strict(&mut vs, &tensors, None, &[])
@@ -112,7 +126,8 @@ pub fn run(dir: &Path, device: Device, tf32: &str) -> Result<ParityReport> {
         let fc_cpu = classifier(&(vs_cpu.root() / "fc"), cfg.hidden_dim, 128);
         weights::load_into_strict(&mut vs_cpu, &tensors, None, &[])
             .map_err(|e| Error::input(&pt, "state dict", e.to_string()))?;
-        let want = tch::no_grad(|| fc_cpu.forward(&enc_cpu.forward(&x.to_device(Device::Cpu), false)));
+        let want =
+            tch::no_grad(|| fc_cpu.forward(&enc_cpu.forward(&x.to_device(Device::Cpu), false)));
         diffs(&eval_out, &want)
     } else {
         (0.0, 0.0)

@@ -5,6 +5,12 @@ use crate::data::layout::Layout;
 use crate::error::{Error, Result};
 use tch::Tensor;
 
-pub(super) fn build(_cfg: &BenchConfig, _layout: &Layout, _example: &(Tensor, Tensor)) -> Result<Box<dyn StepRunner>> {
-    Err(Error::Other("bench: the SSL model (src/ssl) is not available in this build yet".into()))
+pub(super) fn build(
+    _cfg: &BenchConfig,
+    _layout: &Layout,
+    _example: &(Tensor, Tensor),
+) -> Result<Box<dyn StepRunner>> {
+    Err(Error::Other(
+        "bench: the SSL model (src/ssl) is not available in this build yet".into(),
+    ))
 }

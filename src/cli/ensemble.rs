@@ -35,14 +35,22 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut files = args.scores.clone();
-    for (path, weight) in
-        [(&args.joint, args.joint_weight), (&args.bone, args.bone_weight), (&args.motion, args.motion_weight)]
-    {
+    for (path, weight) in [
+        (&args.joint, args.joint_weight),
+        (&args.bone, args.bone_weight),
+        (&args.motion, args.motion_weight),
+    ] {
         if let Some(p) = path {
-            files.push(WeightedScores { path: p.clone(), weight });
+            files.push(WeightedScores {
+                path: p.clone(),
+                weight,
+            });
         }
     }
-    anyhow::ensure!(!files.is_empty(), "give score files with --scores path.npy:w or --joint/--bone/--motion");
+    anyhow::ensure!(
+        !files.is_empty(),
+        "give score files with --scores path.npy:w or --joint/--bone/--motion"
+    );
     let (names, labels) = pickle::read_labels(&args.label)?;
     let fused = ensemble::fuse_files(&files, Some(&names))?;
     let classes = fused.size()[1] as usize;
@@ -52,16 +60,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let m = match &args.work_dir {
         Some(dir) => {
             let class_names = report::class_names_near(&args.label, classes);
-            let (m, _) = report::write_scores(dir, "", &fused, &labels, &names, &class_names, "ensemble")?;
+            let (m, _) =
+                report::write_scores(dir, "", &fused, &labels, &names, &class_names, "ensemble")?;
             let inputs: Vec<serde_json::Value> = files
                 .iter()
                 .map(|f| serde_json::json!({"path": f.path, "weight": f.weight}))
                 .collect();
-            report::write_json(&dir.join("metrics.json"), &serde_json::json!({"protocol": "ensemble", "inputs": inputs, "test": m}))?;
+            report::write_json(
+                &dir.join("metrics.json"),
+                &serde_json::json!({"protocol": "ensemble", "inputs": inputs, "test": m}),
+            )?;
             m
         }
         None => crossclr::eval::metrics::evaluate(&fused, &labels)?,
     };
-    println!("ensemble of {} streams on {} samples: top-1 {:.2}%  top-5 {:.2}%  mean-class {:.2}%", files.len(), m.samples, m.top1, m.top5, m.mean_class);
+    println!(
+        "ensemble of {} streams on {} samples: top-1 {:.2}%  top-5 {:.2}%  mean-class {:.2}%",
+        files.len(),
+        m.samples,
+        m.top1,
+        m.top5,
+        m.mean_class
+    );
     Ok(())
 }

@@ -27,17 +27,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.output.device()?;
     let splits = args.data.open()?;
     let setup = encoder_setup(&args.encoder, args.seed)?;
-    let configs = [KnnConfig::nearest(), KnnConfig { k: args.k, temperature: Some(args.temperature) }];
+    let configs = [
+        KnnConfig::nearest(),
+        KnnConfig {
+            k: args.k,
+            temperature: Some(args.temperature),
+        },
+    ];
     let s = protocol::run_knn(&splits, &setup, &configs, device, &args.output.options())?;
     println!(
         "knn ({}; streams {}): bank {} train samples, {} test samples",
         s.weights,
-        s.streams.iter().map(|x| x.name()).collect::<Vec<_>>().join(","),
+        s.streams
+            .iter()
+            .map(|x| x.name())
+            .collect::<Vec<_>>()
+            .join(","),
         s.bank_samples,
         s.test_samples
     );
     for (label, m) in &s.results {
-        println!("  {label:>10}: top-1 {:6.2}%  mean-class {:6.2}%", m.top1, m.mean_class);
+        println!(
+            "  {label:>10}: top-1 {:6.2}%  mean-class {:6.2}%",
+            m.top1, m.mean_class
+        );
     }
     Ok(())
 }

@@ -52,7 +52,11 @@ pub fn encoder_setup(enc: &EncoderArgs, seed: u64) -> anyhow::Result<EncoderSetu
     Ok(EncoderSetup {
         weights: enc.weights_path(),
         streams: enc.streams()?,
-        random: StGcnConfig { hidden_channels: enc.hidden_channels, hidden_dim: enc.hidden_dim, ..Default::default() },
+        random: StGcnConfig {
+            hidden_channels: enc.hidden_channels,
+            hidden_dim: enc.hidden_dim,
+            ..Default::default()
+        },
         seed,
     })
 }
@@ -104,7 +108,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eval_interval: args.eval_interval,
         seed: args.seed,
     };
-    let summary = protocol::run_linear(&splits, &setup, &cfg, args.val_split, device, &args.output.options())?;
+    let summary = protocol::run_linear(
+        &splits,
+        &setup,
+        &cfg,
+        args.val_split,
+        device,
+        &args.output.options(),
+    )?;
     for l in summary.lines() {
         println!("{l}");
     }

@@ -49,7 +49,8 @@ pub struct Splits {
 }
 
 fn parse_format(s: &str) -> Result<DatasetFormat> {
-    serde_yaml::from_str(s).map_err(|_| Error::config(format!("--format {s}: expected npy, ctrgcn_npz or msr")))
+    serde_yaml::from_str(s)
+        .map_err(|_| Error::config(format!("--format {s}: expected npy, ctrgcn_npz or msr")))
 }
 
 /// Layout named by `<dir>/dataset.toml` (`layout = "..."`, a relative file resolved against dir).
@@ -58,7 +59,11 @@ fn layout_from_dataset_toml(dir: &Path) -> Option<String> {
     let value: toml::Value = toml::from_str(&text).ok()?;
     let layout = value.get("layout")?.as_str()?.to_string();
     let as_file = dir.join(&layout);
-    Some(if as_file.is_file() { as_file.display().to_string() } else { layout })
+    Some(if as_file.is_file() {
+        as_file.display().to_string()
+    } else {
+        layout
+    })
 }
 
 /// `num_classes` declared in `<dir>/dataset.toml`, when present.
@@ -90,7 +95,10 @@ impl DatasetArgs {
     /// The two dataset specs these arguments name.
     pub fn specs(&self) -> Result<(DatasetSpec, DatasetSpec)> {
         let explicit = self.train_data.is_some() || self.val_data.is_some();
-        let given = [self.config.is_some(), self.data_dir.is_some(), explicit].iter().filter(|b| **b).count();
+        let given = [self.config.is_some(), self.data_dir.is_some(), explicit]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if given != 1 {
             return Err(Error::config(
                 "name the datasets with exactly one of --config, --data-dir, or --train-data/--train-label/--val-data/--val-label",
@@ -119,22 +127,52 @@ impl DatasetArgs {
             })?;
             let layout = self.layout.clone().unwrap_or_else(|| "ntu25".into());
             return Ok((
-                spec(&o.train_feeder_args.data_path, Some(o.train_feeder_args.label_path), layout.clone(), "train"),
-                spec(&o.test_feeder_args.data_path, Some(o.test_feeder_args.label_path), layout, "test"),
+                spec(
+                    &o.train_feeder_args.data_path,
+                    Some(o.train_feeder_args.label_path),
+                    layout.clone(),
+                    "train",
+                ),
+                spec(
+                    &o.test_feeder_args.data_path,
+                    Some(o.test_feeder_args.label_path),
+                    layout,
+                    "test",
+                ),
             ));
         }
         if let Some(dir) = &self.data_dir {
-            let layout = self.layout.clone().or_else(|| layout_from_dataset_toml(dir)).unwrap_or_else(|| "ntu25".into());
+            let layout = self
+                .layout
+                .clone()
+                .or_else(|| layout_from_dataset_toml(dir))
+                .unwrap_or_else(|| "ntu25".into());
             return Ok((
-                spec(&dir.join("train_data.npy"), Some(dir.join("train_label.pkl")), layout.clone(), "train"),
-                spec(&dir.join("val_data.npy"), Some(dir.join("val_label.pkl")), layout, "test"),
+                spec(
+                    &dir.join("train_data.npy"),
+                    Some(dir.join("train_label.pkl")),
+                    layout.clone(),
+                    "train",
+                ),
+                spec(
+                    &dir.join("val_data.npy"),
+                    Some(dir.join("val_label.pkl")),
+                    layout,
+                    "test",
+                ),
             ));
         }
-        let need = |p: &Option<PathBuf>, flag: &str| p.clone().ok_or_else(|| Error::config(format!("{flag} is required")));
+        let need = |p: &Option<PathBuf>, flag: &str| {
+            p.clone()
+                .ok_or_else(|| Error::config(format!("{flag} is required")))
+        };
         let train_data = need(&self.train_data, "--train-data")?;
         let val_data = need(&self.val_data, "--val-data")?;
         let (train_label, val_label) = if format == DatasetFormat::Npy {
-            (Some(need(&self.train_label, "--train-label")?), Some(need(&self.val_label, "--val-label")?))
+            (
+                Some(need(&self.train_label, "--train-label")?),
+                Some(need(&self.val_label, "--val-label")?),
+            )
         } else {
             (self.train_label.clone(), self.val_label.clone())
         };
@@ -143,7 +181,10 @@ impl DatasetArgs {
             .clone()
             .or_else(|| train_data.parent().and_then(layout_from_dataset_toml))
             .unwrap_or_else(|| "ntu25".into());
-        Ok((spec(&train_data, train_label, layout.clone(), "train"), spec(&val_data, val_label, layout, "test")))
+        Ok((
+            spec(&train_data, train_label, layout.clone(), "train"),
+            spec(&val_data, val_label, layout, "test"),
+        ))
     }
 
     /// Opens both splits; both get the larger class count (a split may lack the last classes).
@@ -156,16 +197,32 @@ impl DatasetArgs {
             return Err(Error::input(
                 &val_spec.data,
                 "shape",
-                format!("samples are {:?}, the training set's are {:?}", &val.shape[1..], &train.shape[1..]),
+                format!(
+                    "samples are {:?}, the training set's are {:?}",
+                    &val.shape[1..],
+                    &train.shape[1..]
+                ),
             ));
         }
-        let dir = train_spec.data.parent().map(Path::to_path_buf).unwrap_or_default();
-        let declared = self.data_dir.as_deref().and_then(classes_from_dataset_toml).unwrap_or(0);
+        let dir = train_spec
+            .data
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let declared = self
+            .data_dir
+            .as_deref()
+            .and_then(classes_from_dataset_toml)
+            .unwrap_or(0);
         let k = train.num_classes.max(val.num_classes).max(declared);
         train.num_classes = k;
         val.num_classes = k;
         let class_names = report::class_names_near(&dir.join("x"), k);
-        Ok(Splits { train, val, class_names })
+        Ok(Splits {
+            train,
+            val,
+            class_names,
+        })
     }
 }
 

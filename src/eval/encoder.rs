@@ -43,28 +43,40 @@ pub fn default_prefix(view: View) -> &'static str {
 /// Parses `--streams joint,motion,bone` and the `--prefix` values: either one per stream in order
 /// (`encoder_q.`) or keyed (`motion=encoder_q.`); unnamed streams get [`default_prefix`].
 pub fn parse_streams(streams: &str, prefixes: &[String]) -> Result<Vec<StreamSpec>> {
-    let views: Vec<View> =
-        streams.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect::<Result<_>>()?;
+    let views: Vec<View> = streams
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<Result<_>>()?;
     if views.is_empty() {
-        return Err(Error::config("--streams: name at least one of joint, motion, bone, bone_motion"));
+        return Err(Error::config(
+            "--streams: name at least one of joint, motion, bone, bone_motion",
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(v) = views.iter().find(|v| !seen.insert(**v)) {
         return Err(Error::config(format!("--streams: {v} is named twice")));
     }
-    let mut specs: Vec<StreamSpec> =
-        views.iter().map(|&view| StreamSpec { view, prefix: default_prefix(view).to_string() }).collect();
+    let mut specs: Vec<StreamSpec> = views
+        .iter()
+        .map(|&view| StreamSpec {
+            view,
+            prefix: default_prefix(view).to_string(),
+        })
+        .collect();
     let keyed = prefixes.iter().any(|p| p.contains('='));
     if keyed {
         for p in prefixes {
-            let (stream, prefix) = p
-                .split_once('=')
-                .ok_or_else(|| Error::config(format!("--prefix {p}: mix of keyed and positional prefixes")))?;
+            let (stream, prefix) = p.split_once('=').ok_or_else(|| {
+                Error::config(format!(
+                    "--prefix {p}: mix of keyed and positional prefixes"
+                ))
+            })?;
             let view: View = stream.trim().parse()?;
-            let spec = specs
-                .iter_mut()
-                .find(|s| s.view == view)
-                .ok_or_else(|| Error::config(format!("--prefix {p}: stream {view} is not in --streams")))?;
+            let spec = specs.iter_mut().find(|s| s.view == view).ok_or_else(|| {
+                Error::config(format!("--prefix {p}: stream {view} is not in --streams"))
+            })?;
             spec.prefix = prefix.to_string();
         }
     } else if !prefixes.is_empty() {
@@ -94,7 +106,8 @@ impl StreamEncoder {
     /// `x` joint data `(N, C, T, V, M)` -> pooled features `(N, D)` of this stream's view.
     /// `train`: batch-statistics BN and dropout (fine-tuning); otherwise eval mode.
     pub fn forward(&self, x: &Tensor, layout: &Layout, train: bool) -> Tensor {
-        self.net.forward(&apply_view(self.spec.view, x, layout), train)
+        self.net
+            .forward(&apply_view(self.spec.view, x, layout), train)
     }
 
     pub fn out_dim(&self) -> i64 {
@@ -134,12 +147,15 @@ pub fn build_encoders(
                     .iter()
                     .filter_map(|(k, t)| {
                         let k = k.strip_prefix("module.").unwrap_or(k);
-                        k.strip_prefix(spec.prefix.as_str()).map(|s| (s.to_string(), t))
+                        k.strip_prefix(spec.prefix.as_str())
+                            .map(|s| (s.to_string(), t))
                     })
                     .collect();
                 if stripped.is_empty() {
-                    let mut prefixes: Vec<String> =
-                        tensors.iter().filter_map(|(k, _)| k.split_once('.').map(|p| format!("{}.", p.0))).collect();
+                    let mut prefixes: Vec<String> = tensors
+                        .iter()
+                        .filter_map(|(k, _)| k.split_once('.').map(|p| format!("{}.", p.0)))
+                        .collect();
                     prefixes.sort();
                     prefixes.dedup();
                     return Err(Error::input(
@@ -153,14 +169,17 @@ pub fn build_encoders(
                         ),
                     ));
                 }
-                let sd: HashMap<&str, &Tensor> = stripped.iter().map(|(k, t)| (k.as_str(), *t)).collect();
+                let sd: HashMap<&str, &Tensor> =
+                    stripped.iter().map(|(k, t)| (k.as_str(), *t)).collect();
                 let mut cfg = infer_config(&sd, NUM_PARTITIONS as i64, path)?;
                 cfg.dropout = dropout;
                 cfg
             }
-            (WeightsSource::Random(cfg), _) => {
-                StGcnConfig { in_channels, dropout, ..(*cfg).clone() }
-            }
+            (WeightsSource::Random(cfg), _) => StGcnConfig {
+                in_channels,
+                dropout,
+                ..(*cfg).clone()
+            },
             _ => unreachable!("tensors are read exactly for WeightsSource::File"),
         };
         if config.in_channels != in_channels {
@@ -173,8 +192,10 @@ pub fn build_encoders(
         let mut vs = VarStore::new(device);
         let net = StGcn::new(&vs.root(), &config, layout);
         if let (WeightsSource::File(path), Some(tensors)) = (&source, &tensors) {
-            let report = load_into(&mut vs, tensors, Some(&spec.prefix), &["fc."])
-                .map_err(|e| Error::input(path, format!("stream {}", spec.name()), e.to_string()))?;
+            let report =
+                load_into(&mut vs, tensors, Some(&spec.prefix), &["fc."]).map_err(|e| {
+                    Error::input(path, format!("stream {}", spec.name()), e.to_string())
+                })?;
             // `A` follows from the layout; old checkpoints have no `num_batches_tracked`.
             let missing: Vec<&str> = report
                 .missing
@@ -195,7 +216,12 @@ pub fn build_encoders(
                 ));
             }
         }
-        out.push(StreamEncoder { spec: spec.clone(), vs, net, config });
+        out.push(StreamEncoder {
+            spec: spec.clone(),
+            vs,
+            net,
+            config,
+        });
     }
     Ok(out)
 }

@@ -27,12 +27,20 @@ impl std::str::FromStr for WeightedScores {
         if let Some((path, w)) = s.rsplit_once(':') {
             if let Ok(weight) = w.parse::<f64>() {
                 if !weight.is_finite() {
-                    return Err(Error::config(format!("--scores {s}: the weight must be finite")));
+                    return Err(Error::config(format!(
+                        "--scores {s}: the weight must be finite"
+                    )));
                 }
-                return Ok(WeightedScores { path: PathBuf::from(path), weight });
+                return Ok(WeightedScores {
+                    path: PathBuf::from(path),
+                    weight,
+                });
             }
         }
-        Ok(WeightedScores { path: PathBuf::from(s), weight: 1.0 })
+        Ok(WeightedScores {
+            path: PathBuf::from(s),
+            weight: 1.0,
+        })
     }
 }
 
@@ -40,17 +48,27 @@ impl std::str::FromStr for WeightedScores {
 pub fn read_scores(path: &Path) -> Result<Tensor> {
     let (shape, data) = npy::read_f32(path)?;
     if shape.len() != 2 {
-        return Err(Error::input(path, "header", format!("scores must be (N, classes); shape is {shape:?}")));
+        return Err(Error::input(
+            path,
+            "header",
+            format!("scores must be (N, classes); shape is {shape:?}"),
+        ));
     }
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::input(path, format!("sample {}", i / shape[1].max(1)), "non-finite score"));
+        return Err(Error::input(
+            path,
+            format!("sample {}", i / shape[1].max(1)),
+            "non-finite score",
+        ));
     }
     Ok(Tensor::from_slice(&data).view([shape[0] as i64, shape[1] as i64]))
 }
 
 /// `sum_i w_i * s_i` of score matrices of identical shape `(N, K)`.
 pub fn fuse(parts: &[(Tensor, f64)]) -> Result<Tensor> {
-    let (first, _) = parts.first().ok_or_else(|| Error::config("ensemble: no score files"))?;
+    let (first, _) = parts
+        .first()
+        .ok_or_else(|| Error::config("ensemble: no score files"))?;
     let shape = first.size();
     let mut sum = first.zeros_like();
     for (i, (s, w)) in parts.iter().enumerate() {
@@ -80,14 +98,25 @@ pub fn fuse_files(files: &[WeightedScores], expected_names: Option<&[String]>) -
                     return Err(Error::input(
                         &names_file,
                         "line count",
-                        format!("{} names, the label file has {}", names.len(), expected.len()),
+                        format!(
+                            "{} names, the label file has {}",
+                            names.len(),
+                            expected.len()
+                        ),
                     ));
                 }
-                if let Some(i) = names.iter().zip(expected).position(|(a, b)| *a != b.as_str()) {
+                if let Some(i) = names
+                    .iter()
+                    .zip(expected)
+                    .position(|(a, b)| *a != b.as_str())
+                {
                     return Err(Error::input(
                         &names_file,
                         format!("line {}", i + 1),
-                        format!("sample {} but the label file has {} there", names[i], expected[i]),
+                        format!(
+                            "sample {} but the label file has {} there",
+                            names[i], expected[i]
+                        ),
                     ));
                 }
             }

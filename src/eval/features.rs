@@ -30,7 +30,9 @@ impl FeatureSet {
     ) -> Result<Self> {
         let n = labels.len();
         if streams.len() != features.len() || features.is_empty() {
-            return Err(Error::config("features: need one tensor per stream and at least one stream"));
+            return Err(Error::config(
+                "features: need one tensor per stream and at least one stream",
+            ));
         }
         for (s, f) in streams.iter().zip(&features) {
             let size = f.size();
@@ -41,12 +43,27 @@ impl FeatureSet {
             }
         }
         if names.len() != n {
-            return Err(Error::config(format!("features: {n} labels but {} names", names.len())));
+            return Err(Error::config(format!(
+                "features: {n} labels but {} names",
+                names.len()
+            )));
         }
-        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= num_classes) {
-            return Err(Error::config(format!("features: sample {i} has label {l} outside 0..{num_classes}")));
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l < 0 || l as usize >= num_classes)
+        {
+            return Err(Error::config(format!(
+                "features: sample {i} has label {l} outside 0..{num_classes}"
+            )));
         }
-        Ok(FeatureSet { streams, features, labels, names, num_classes })
+        Ok(FeatureSet {
+            streams,
+            features,
+            labels,
+            names,
+            num_classes,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -69,7 +86,11 @@ impl FeatureSet {
         let idx = Tensor::from_slice(&idx).to_device(device);
         FeatureSet {
             streams: self.streams.clone(),
-            features: self.features.iter().map(|f| f.index_select(0, &idx)).collect(),
+            features: self
+                .features
+                .iter()
+                .map(|f| f.index_select(0, &idx))
+                .collect(),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             names: indices.iter().map(|&i| self.names[i].clone()).collect(),
             num_classes: self.num_classes,
@@ -104,9 +125,15 @@ pub fn batch_tensor(dataset: &SkeletonDataset, start: usize, len: usize) -> Tens
 /// Runs every stream's encoder in eval mode (BN running statistics, no dropout, no augmentation)
 /// over `dataset` once, in dataset order, `batch_size` samples at a time on the encoders' device.
 /// Returns the pooled features `(N, D)` per stream on the CPU.
-pub fn extract(dataset: &SkeletonDataset, encoders: &[StreamEncoder], batch_size: usize) -> Result<FeatureSet> {
+pub fn extract(
+    dataset: &SkeletonDataset,
+    encoders: &[StreamEncoder],
+    batch_size: usize,
+) -> Result<FeatureSet> {
     if encoders.is_empty() || batch_size == 0 {
-        return Err(Error::config("features: need at least one stream and a positive batch size"));
+        return Err(Error::config(
+            "features: need at least one stream and a positive batch size",
+        ));
     }
     let device = encoders[0].vs.device();
     let n = dataset.len();
@@ -118,7 +145,10 @@ pub fn extract(dataset: &SkeletonDataset, encoders: &[StreamEncoder], batch_size
         let x = batch_tensor(dataset, start, len).to_device(device);
         tch::no_grad(|| {
             for (enc, out) in encoders.iter().zip(parts.iter_mut()) {
-                out.push(enc.forward(&x, &dataset.layout, false).to_device(Device::Cpu));
+                out.push(
+                    enc.forward(&x, &dataset.layout, false)
+                        .to_device(Device::Cpu),
+                );
             }
         });
         start += len;
@@ -128,7 +158,13 @@ pub fn extract(dataset: &SkeletonDataset, encoders: &[StreamEncoder], batch_size
     let features = parts
         .into_iter()
         .zip(encoders)
-        .map(|(p, e)| if p.is_empty() { Tensor::zeros([0, e.out_dim()], (tch::Kind::Float, Device::Cpu)) } else { Tensor::cat(&p, 0) })
+        .map(|(p, e)| {
+            if p.is_empty() {
+                Tensor::zeros([0, e.out_dim()], (tch::Kind::Float, Device::Cpu))
+            } else {
+                Tensor::cat(&p, 0)
+            }
+        })
         .collect();
     FeatureSet::new(
         encoders.iter().map(|e| e.spec.name().to_string()).collect(),
@@ -142,7 +178,9 @@ pub fn extract(dataset: &SkeletonDataset, encoders: &[StreamEncoder], batch_size
 /// A progress bar over `len` items (drawn only on a terminal).
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]") {
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+    ) {
         bar.set_style(style);
     }
     bar.set_message(what.to_string());

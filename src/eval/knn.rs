@@ -22,11 +22,17 @@ pub struct KnnConfig {
 impl KnnConfig {
     /// The nearest neighbour (k = 1).
     pub fn nearest() -> Self {
-        KnnConfig { k: 1, temperature: None }
+        KnnConfig {
+            k: 1,
+            temperature: None,
+        }
     }
     /// The InstDisc-style weighted k = 20, t = 0.07.
     pub fn weighted20() -> Self {
-        KnnConfig { k: 20, temperature: Some(0.07) }
+        KnnConfig {
+            k: 20,
+            temperature: Some(0.07),
+        }
     }
     /// A short label such as `k1` or `k20_t0.07`.
     pub fn label(&self) -> String {
@@ -39,7 +45,9 @@ impl KnnConfig {
 
 /// L2-normalises the rows of `x` `(N, D)` (zero rows stay zero).
 pub fn l2_normalize(x: &Tensor) -> Tensor {
-    let norm = x.to_kind(Kind::Float).norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
+    let norm = x
+        .to_kind(Kind::Float)
+        .norm_scalaropt_dim(2.0, [1i64].as_slice(), true);
     x.to_kind(Kind::Float) / norm.clamp_min(1e-12)
 }
 
@@ -47,8 +55,11 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
 /// of per-stream features; with several streams the similarity is the mean of the per-stream cosine
 /// similarities (= the cosine of the concatenated, per-stream normalised features).
 fn similarity(bank: &[Tensor], query: &[Tensor]) -> Tensor {
-    let sims: Vec<Tensor> =
-        bank.iter().zip(query).map(|(b, q)| l2_normalize(q).matmul(&l2_normalize(b).tr())).collect();
+    let sims: Vec<Tensor> = bank
+        .iter()
+        .zip(query)
+        .map(|(b, q)| l2_normalize(q).matmul(&l2_normalize(b).tr()))
+        .collect();
     Tensor::stack(&sims, 0).mean_dim([0i64].as_slice(), false, Kind::Float)
 }
 
@@ -63,17 +74,27 @@ pub fn knn_scores(
     cfg: &KnnConfig,
 ) -> Result<Tensor> {
     if bank.is_empty() || bank.len() != query.len() {
-        return Err(Error::config("k-NN: bank and query must have the same non-zero number of streams"));
+        return Err(Error::config(
+            "k-NN: bank and query must have the same non-zero number of streams",
+        ));
     }
     let n = bank[0].size()[0];
     if n as usize != bank_labels.len() || bank.iter().any(|b| b.size()[0] != n) {
-        return Err(Error::config(format!("k-NN: bank of {n} rows but {} labels", bank_labels.len())));
+        return Err(Error::config(format!(
+            "k-NN: bank of {n} rows but {} labels",
+            bank_labels.len()
+        )));
     }
     if n == 0 || cfg.k == 0 {
         return Err(Error::config("k-NN: the bank is empty or k is 0"));
     }
-    if let Some(&l) = bank_labels.iter().find(|&&l| l < 0 || l as usize >= num_classes) {
-        return Err(Error::config(format!("k-NN: bank label {l} outside 0..{num_classes}")));
+    if let Some(&l) = bank_labels
+        .iter()
+        .find(|&&l| l < 0 || l as usize >= num_classes)
+    {
+        return Err(Error::config(format!(
+            "k-NN: bank label {l} outside 0..{num_classes}"
+        )));
     }
     let device = bank[0].device();
     let labels = Tensor::from_slice(bank_labels).to_device(device);
@@ -90,13 +111,18 @@ pub fn knn_scores(
             Some(t) => (top_sim / t).exp(),
             None => top_sim.ones_like(),
         };
-        let neighbour_labels = labels.index_select(0, &top_idx.flatten(0, 1)).view([len, k]);
+        let neighbour_labels = labels
+            .index_select(0, &top_idx.flatten(0, 1))
+            .view([len, k]);
         let scores = Tensor::zeros([len, num_classes as i64], (Kind::Float, device));
         out.push(scores.scatter_add(1, &neighbour_labels, &votes));
         start += len;
     }
     if out.is_empty() {
-        return Ok(Tensor::zeros([0, num_classes as i64], (Kind::Float, device)));
+        return Ok(Tensor::zeros(
+            [0, num_classes as i64],
+            (Kind::Float, device),
+        ));
     }
     Ok(Tensor::cat(&out, 0))
 }
@@ -121,9 +147,14 @@ pub fn evaluate(
     configs
         .iter()
         .map(|cfg| {
-            let scores = knn_scores(bank, bank_labels, query, num_classes, cfg)?.to_device(tch::Device::Cpu);
+            let scores =
+                knn_scores(bank, bank_labels, query, num_classes, cfg)?.to_device(tch::Device::Cpu);
             let metrics = metrics::evaluate(&scores, query_labels)?;
-            Ok(KnnOutcome { config: *cfg, metrics, scores })
+            Ok(KnnOutcome {
+                config: *cfg,
+                metrics,
+                scores,
+            })
         })
         .collect()
 }

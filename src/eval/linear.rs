@@ -63,7 +63,7 @@ pub fn step_lr(base: f64, steps: &[usize], gamma: f64, epoch: usize) -> f64 {
 
 /// Whether 1-based `epoch` is evaluated: every `interval` epochs and the last one (as official).
 pub fn is_eval_epoch(epoch: usize, interval: usize, epochs: usize) -> bool {
-    epoch == epochs || (interval > 0 && epoch % interval == 0)
+    epoch == epochs || (interval > 0 && epoch.is_multiple_of(interval))
 }
 
 /// One epoch of the log.
@@ -118,7 +118,8 @@ impl LinearHeads {
     /// Heads `Linear(dims[s], classes)` with weights N(0, 0.02) drawn from a seeded ChaCha8 stream
     /// (reproducible whatever else uses the torch generator) and zero biases, on `device`.
     pub fn new(dims: &[i64], classes: i64, seed: u64, device: tch::Device) -> Result<Self> {
-        let normal = Normal::new(0.0f32, HEAD_INIT_STD as f32).map_err(|e| Error::Other(e.to_string()))?;
+        let normal =
+            Normal::new(0.0f32, HEAD_INIT_STD as f32).map_err(|e| Error::Other(e.to_string()))?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut weights = Vec::new();
         let mut biases = Vec::new();
@@ -151,12 +152,19 @@ impl LinearHeads {
             let mut start = 0;
             while start < n {
                 let len = SCORE_CHUNK.min(n - start);
-                let xs: Vec<Tensor> = set.features.iter().map(|f| f.narrow(0, start, len)).collect();
+                let xs: Vec<Tensor> = set
+                    .features
+                    .iter()
+                    .map(|f| f.narrow(0, start, len))
+                    .collect();
                 parts.push(self.forward(&xs).to_device(tch::Device::Cpu));
                 start += len;
             }
             if parts.is_empty() {
-                Tensor::zeros([0, self.weights[0].size()[0]], (Kind::Float, tch::Device::Cpu))
+                Tensor::zeros(
+                    [0, self.weights[0].size()[0]],
+                    (Kind::Float, tch::Device::Cpu),
+                )
             } else {
                 Tensor::cat(&parts, 0)
             }
@@ -188,7 +196,11 @@ impl LinearHeads {
                 .map(|x| dz.tr().mm(x))
                 .chain((0..xs.len()).map(|_| db.shallow_clone()))
                 .collect();
-            sgd.apply(self.weights.iter_mut().chain(self.biases.iter_mut()), grads, lr);
+            sgd.apply(
+                self.weights.iter_mut().chain(self.biases.iter_mut()),
+                grads,
+                lr,
+            );
             (loss, hits)
         })
     }
@@ -196,20 +208,46 @@ impl LinearHeads {
 
 /// SGD with momentum and weight decay with PyTorch's semantics (dampening 0, no Nesterov): the
 /// buffer starts as the first gradient, `buf = m * buf + (g + wd * p)`, `p -= lr * buf`.
-struct Sgd {
+pub struct Sgd {
     momentum: f64,
     weight_decay: f64,
     buffers: Vec<Option<Tensor>>,
 }
 
 impl Sgd {
-    /// Updates `params` in place with their `grads` (same order).
-    fn apply<'a>(&mut self, params: impl Iterator<Item = &'a mut Tensor>, grads: Vec<Tensor>, lr: f64) {
+    pub fn new(momentum: f64, weight_decay: f64) -> Self {
+        Sgd {
+            momentum,
+            weight_decay,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// Updates `params` in place with their `grads` (same order, same parameters every call).
+    pub fn apply<'a>(
+        &mut self,
+        params: impl Iterator<Item = &'a mut Tensor>,
+        grads: Vec<Tensor>,
+        lr: f64,
+    ) {
+        tch::no_grad(|| self.apply_inner(params, grads, lr))
+    }
+
+    fn apply_inner<'a>(
+        &mut self,
+        params: impl Iterator<Item = &'a mut Tensor>,
+        grads: Vec<Tensor>,
+        lr: f64,
+    ) {
         for (i, (p, grad)) in params.zip(grads).enumerate() {
             if self.buffers.len() <= i {
                 self.buffers.push(None);
             }
-            let d_p = if self.weight_decay != 0.0 { grad + &*p * self.weight_decay } else { grad };
+            let d_p = if self.weight_decay != 0.0 {
+                grad + &*p * self.weight_decay
+            } else {
+                grad
+            };
             let buf = match self.buffers[i].take() {
                 Some(mut b) if self.momentum != 0.0 => {
                     let _ = b.f_mul_scalar_(self.momentum).and_then(|_| b.f_add_(&d_p));
@@ -258,7 +296,9 @@ pub fn train_linear(
         check_compatible(train, v, "validation")?;
     }
     if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(Error::config("linear: epochs and batch size must be positive"));
+        return Err(Error::config(
+            "linear: epochs and batch size must be positive",
+        ));
     }
     let n = train.len();
     let batch = cfg.batch_size.min(n);
@@ -268,7 +308,7 @@ pub fn train_linear(
     let device = train.device();
     let classes = train.num_classes as i64;
     let mut heads = LinearHeads::new(&train.dims(), classes, cfg.seed, device)?;
-    let mut sgd = Sgd { momentum: cfg.momentum, weight_decay: cfg.weight_decay, buffers: Vec::new() };
+    let mut sgd = Sgd::new(cfg.momentum, cfg.weight_decay);
     let labels = Tensor::from_slice(&train.labels).to_device(device);
     let mut order: Vec<i64> = (0..n as i64).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
@@ -288,7 +328,11 @@ pub fn train_linear(
         let mut correct = Tensor::zeros([], (Kind::Int64, device));
         for b in 0..batches {
             let idx = perm.narrow(0, (b * batch) as i64, batch as i64);
-            let xs: Vec<Tensor> = train.features.iter().map(|f| f.index_select(0, &idx)).collect();
+            let xs: Vec<Tensor> = train
+                .features
+                .iter()
+                .map(|f| f.index_select(0, &idx))
+                .collect();
             let y = labels.index_select(0, &idx);
             let (loss, hits) = heads.sgd_step(&xs, &y, &mut sgd, lr);
             loss_sum += loss;
@@ -314,17 +358,31 @@ pub fn train_linear(
         }
         bar.set_message(format!(
             "loss {loss:.4} train {train_top1:.1}%{}",
-            test_m.map(|m| format!(" test {:.2}%", m.top1)).unwrap_or_default()
+            test_m
+                .map(|m| format!(" test {:.2}%", m.top1))
+                .unwrap_or_default()
         ));
         bar.inc(1);
-        history.push(EpochRecord { epoch: e1, lr, loss, train_top1, val: val_m, test: test_m });
+        history.push(EpochRecord {
+            epoch: e1,
+            lr,
+            loss,
+            train_top1,
+            val: val_m,
+            test: test_m,
+        });
     }
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     let (best_test, val_selected) = select(&history);
-    let best_test = best_test.ok_or_else(|| Error::Other("linear: no evaluation happened".into()))?;
-    let test_scores = last_scores.ok_or_else(|| Error::Other("linear: no evaluation happened".into()))?;
-    let last = history.last().and_then(|r| r.test).expect("the last epoch is always evaluated");
+    let best_test =
+        best_test.ok_or_else(|| Error::Other("linear: no evaluation happened".into()))?;
+    let test_scores =
+        last_scores.ok_or_else(|| Error::Other("linear: no evaluation happened".into()))?;
+    let last = history
+        .last()
+        .and_then(|r| r.test)
+        .expect("the last epoch is always evaluated");
     let LinearHeads { weights, biases } = heads;
     Ok(LinearOutcome {
         last,
@@ -332,7 +390,11 @@ pub fn train_linear(
         val_selected,
         history,
         test_scores,
-        heads: weights.into_iter().map(|w| w.detach()).zip(biases.into_iter().map(|b| b.detach())).collect(),
+        heads: weights
+            .into_iter()
+            .map(|w| w.detach())
+            .zip(biases.into_iter().map(|b| b.detach()))
+            .collect(),
         seconds,
     })
 }
@@ -345,11 +407,22 @@ pub fn select(history: &[EpochRecord]) -> (Option<Selection>, Option<Selection>)
     for r in history {
         if let Some(t) = r.test {
             if best_test.as_ref().is_none_or(|b| t.top1 > b.test.top1) {
-                best_test = Some(Selection { epoch: r.epoch, test: t, val: r.val });
+                best_test = Some(Selection {
+                    epoch: r.epoch,
+                    test: t,
+                    val: r.val,
+                });
             }
             if let Some(v) = r.val {
-                if by_val.as_ref().is_none_or(|b| v.top1 > b.val.map_or(f64::NEG_INFINITY, |m| m.top1)) {
-                    by_val = Some(Selection { epoch: r.epoch, test: t, val: Some(v) });
+                if by_val
+                    .as_ref()
+                    .is_none_or(|b| v.top1 > b.val.map_or(f64::NEG_INFINITY, |m| m.top1))
+                {
+                    by_val = Some(Selection {
+                        epoch: r.epoch,
+                        test: t,
+                        val: Some(v),
+                    });
                 }
             }
         }

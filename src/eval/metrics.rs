@@ -21,14 +21,25 @@ pub struct Metrics {
 fn check(scores: &Tensor, labels: &[i64]) -> Result<(usize, usize)> {
     let size = scores.size();
     if size.len() != 2 {
-        return Err(Error::config(format!("scores must be (N, classes); got shape {size:?}")));
+        return Err(Error::config(format!(
+            "scores must be (N, classes); got shape {size:?}"
+        )));
     }
     let (n, k) = (size[0] as usize, size[1] as usize);
     if n != labels.len() {
-        return Err(Error::config(format!("{n} score rows but {} labels", labels.len())));
+        return Err(Error::config(format!(
+            "{n} score rows but {} labels",
+            labels.len()
+        )));
     }
-    if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l as usize >= k) {
-        return Err(Error::config(format!("label {l} of sample {i} is outside 0..{k}")));
+    if let Some((i, &l)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l < 0 || l as usize >= k)
+    {
+        return Err(Error::config(format!(
+            "label {l} of sample {i} is outside 0..{k}"
+        )));
     }
     Ok((n, k))
 }
@@ -54,7 +65,11 @@ pub fn predictions(scores: &Tensor) -> Vec<i64> {
 
 /// Confusion matrix `m[true][predicted]` (counts), `num_classes x num_classes`. Labels and
 /// predictions outside `0..num_classes` are an error.
-pub fn confusion_matrix(predicted: &[i64], labels: &[i64], num_classes: usize) -> Result<Vec<Vec<u64>>> {
+pub fn confusion_matrix(
+    predicted: &[i64],
+    labels: &[i64],
+    num_classes: usize,
+) -> Result<Vec<Vec<u64>>> {
     if predicted.len() != labels.len() {
         return Err(Error::config(format!(
             "{} predictions but {} labels",
@@ -96,7 +111,12 @@ pub fn mean_class_accuracy(confusion: &[Vec<u64>]) -> f64 {
 pub fn evaluate(scores: &Tensor, labels: &[i64]) -> Result<Metrics> {
     let (n, k) = check(scores, labels)?;
     if n == 0 {
-        return Ok(Metrics { top1: 0.0, top5: 0.0, mean_class: 0.0, samples: 0 });
+        return Ok(Metrics {
+            top1: 0.0,
+            top5: 0.0,
+            mean_class: 0.0,
+            samples: 0,
+        });
     }
     let pct = |c: usize| 100.0 * c as f64 / n as f64;
     let conf = confusion_matrix(&predictions(scores), labels, k)?;

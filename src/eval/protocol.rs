@@ -31,7 +31,13 @@ pub struct EncoderSetup {
 
 impl EncoderSetup {
     /// Builds the encoders for data with `in_channels` coordinates on `device`.
-    pub fn build(&self, layout: &crate::data::Layout, in_channels: i64, dropout: f64, device: Device) -> Result<Vec<StreamEncoder>> {
+    pub fn build(
+        &self,
+        layout: &crate::data::Layout,
+        in_channels: i64,
+        dropout: f64,
+        device: Device,
+    ) -> Result<Vec<StreamEncoder>> {
         let source = match &self.weights {
             Some(p) => WeightsSource::File(p),
             None => {
@@ -43,7 +49,11 @@ impl EncoderSetup {
     }
 
     fn describe(&self) -> String {
-        self.weights.as_ref().map_or("none (random initialisation)".into(), |p| p.display().to_string())
+        self.weights
+            .as_ref()
+            .map_or("none (random initialisation)".into(), |p| {
+                p.display().to_string()
+            })
     }
 }
 
@@ -62,7 +72,12 @@ pub struct OutputOptions {
 
 impl Default for OutputOptions {
     fn default() -> Self {
-        OutputOptions { work_dir: None, tsne: true, save_features: false, feature_batch: 256 }
+        OutputOptions {
+            work_dir: None,
+            tsne: true,
+            save_features: false,
+            feature_batch: 256,
+        }
     }
 }
 
@@ -76,7 +91,12 @@ pub struct Reported {
 }
 
 fn reported(s: &Selection, rule: &str) -> Reported {
-    Reported { epoch: s.epoch, test: s.test, val: s.val, rule: rule.to_string() }
+    Reported {
+        epoch: s.epoch,
+        test: s.test,
+        val: s.val,
+        rule: rule.to_string(),
+    }
 }
 
 /// Rule text of the optimistic selection the official code prints as "Best".
@@ -109,29 +129,49 @@ pub struct TrainSummary {
 impl TrainSummary {
     /// Human-readable result lines.
     pub fn lines(&self) -> Vec<String> {
-        let f = |m: &Metrics| format!("top-1 {:6.2}%  top-5 {:6.2}%  mean-class {:6.2}%", m.top1, m.top5, m.mean_class);
+        let f = |m: &Metrics| {
+            format!(
+                "top-1 {:6.2}%  top-5 {:6.2}%  mean-class {:6.2}%",
+                m.top1, m.top5, m.mean_class
+            )
+        };
         let mut out = vec![
             format!(
                 "{} ({}; streams {}): {} train / {} validation / {} test samples, {} classes",
                 self.protocol,
                 self.weights,
-                self.streams.iter().map(|s| format!("{}<-{}", s.name(), s.prefix)).collect::<Vec<_>>().join(","),
+                self.streams
+                    .iter()
+                    .map(|s| format!("{}<-{}", s.name(), s.prefix))
+                    .collect::<Vec<_>>()
+                    .join(","),
                 self.train_samples,
                 self.validation_samples,
                 self.test_samples,
                 self.num_classes
             ),
-            format!("  last epoch ({:>3}):                         {}", self.last.epoch, f(&self.last.test)),
+            format!(
+                "  last epoch ({:>3}):                         {}",
+                self.last.epoch,
+                f(&self.last.test)
+            ),
         ];
         if let Some(v) = &self.val_selected {
-            out.push(format!("  best validation epoch ({:>3}), test:        {}", v.epoch, f(&v.test)));
+            out.push(format!(
+                "  best validation epoch ({:>3}), test:        {}",
+                v.epoch,
+                f(&v.test)
+            ));
         }
         out.push(format!(
             "  best test epoch ({:>3}) [test-set selection, as the official code]: {}",
             self.best_test.epoch,
             f(&self.best_test.test)
         ));
-        out.push(format!("  time: features {:.1} s, training {:.1} s", self.feature_seconds, self.train_seconds));
+        out.push(format!(
+            "  time: features {:.1} s, training {:.1} s",
+            self.feature_seconds, self.train_seconds
+        ));
         out
     }
 }
@@ -144,7 +184,15 @@ fn write_training_outputs(
     class_names: &[String],
     opts: &OutputOptions,
 ) -> Result<()> {
-    report::write_scores(dir, "", test_scores, &test.labels, &test.names, class_names, &summary.protocol)?;
+    report::write_scores(
+        dir,
+        "",
+        test_scores,
+        &test.labels,
+        &test.names,
+        class_names,
+        &summary.protocol,
+    )?;
     report::write_curves(dir, &summary.history, &summary.protocol)?;
     if opts.tsne {
         tsne_plot(dir, test, class_names, &summary.protocol)?;
@@ -168,13 +216,19 @@ fn tsne_plot(dir: &Path, set: &FeatureSet, class_names: &[String], what: &str) -
 }
 
 /// Splits off a class-stratified validation part of `train` when `fraction > 0`.
-fn holdout(train: &FeatureSet, fraction: f64, seed: u64) -> Result<(FeatureSet, Option<FeatureSet>)> {
+fn holdout(
+    train: &FeatureSet,
+    fraction: f64,
+    seed: u64,
+) -> Result<(FeatureSet, Option<FeatureSet>)> {
     if fraction <= 0.0 {
         return Ok((train.subset(&(0..train.len()).collect::<Vec<_>>()), None));
     }
     let (tr, va) = split::stratified_split(&train.labels, train.num_classes, fraction, seed)?;
     if va.is_empty() {
-        return Err(Error::config(format!("--val-split {fraction}: no class has enough samples to hold out")));
+        return Err(Error::config(format!(
+            "--val-split {fraction}: no class has enough samples to hold out"
+        )));
     }
     Ok((train.subset(&tr), Some(train.subset(&va))))
 }
@@ -222,9 +276,17 @@ pub fn run_linear(
         validation_samples: val.as_ref().map_or(0, |v| v.len()),
         test_samples: test.len(),
         num_classes: test.num_classes,
-        last: Reported { epoch: last_epoch, test: out.last, val: out.history.last().and_then(|r| r.val), rule: "last epoch".into() },
+        last: Reported {
+            epoch: last_epoch,
+            test: out.last,
+            val: out.history.last().and_then(|r| r.val),
+            rule: "last epoch".into(),
+        },
         best_test: reported(&out.best_test, TEST_SELECTION),
-        val_selected: out.val_selected.as_ref().map(|s| reported(s, VAL_SELECTION)),
+        val_selected: out
+            .val_selected
+            .as_ref()
+            .map(|s| reported(s, VAL_SELECTION)),
         feature_seconds,
         train_seconds: out.seconds,
         config: serde_json::to_value(cfg).unwrap_or_default(),
@@ -233,7 +295,14 @@ pub fn run_linear(
     };
     if let Some(dir) = &opts.work_dir {
         report::ensure_dir(dir)?;
-        write_training_outputs(dir, &summary, &out.test_scores, &test, &splits.class_names, opts)?;
+        write_training_outputs(
+            dir,
+            &summary,
+            &out.test_scores,
+            &test,
+            &splits.class_names,
+            opts,
+        )?;
     }
     Ok(summary)
 }
@@ -262,8 +331,18 @@ pub fn run_knn(
 ) -> Result<KnnSummary> {
     let (bank, test, feature_seconds) = features_of(splits, setup, device, opts)?;
     let (bank_d, test_d) = (bank.to_device(device), test.to_device(device));
-    let outcomes = knn::evaluate(&bank_d.features, &bank.labels, &test_d.features, &test.labels, test.num_classes, configs)?;
-    let results: Vec<(String, Metrics)> = outcomes.iter().map(|o| (o.config.label(), o.metrics)).collect();
+    let outcomes = knn::evaluate(
+        &bank_d.features,
+        &bank.labels,
+        &test_d.features,
+        &test.labels,
+        test.num_classes,
+        configs,
+    )?;
+    let results: Vec<(String, Metrics)> = outcomes
+        .iter()
+        .map(|o| (o.config.label(), o.metrics))
+        .collect();
     let summary = KnnSummary {
         protocol: "knn".into(),
         weights: setup.describe(),
@@ -276,7 +355,15 @@ pub fn run_knn(
     if let Some(dir) = &opts.work_dir {
         for o in &outcomes {
             let suffix = format!("_{}", o.config.label());
-            report::write_scores(dir, &suffix, &o.scores, &test.labels, &test.names, &splits.class_names, &format!("knn {}", o.config.label()))?;
+            report::write_scores(
+                dir,
+                &suffix,
+                &o.scores,
+                &test.labels,
+                &test.names,
+                &splits.class_names,
+                &format!("knn {}", o.config.label()),
+            )?;
         }
         if opts.tsne {
             tsne_plot(dir, &test, &splits.class_names, "knn")?;

@@ -18,12 +18,25 @@ pub const TSNE_MAX_POINTS: usize = 1000;
 /// Class names from `classes.txt` (one name per line) in the folder of `data_path` (a file or a
 /// folder); classes without a line (or without the file) are named by their index.
 pub fn class_names_near(data_path: &Path, num_classes: usize) -> Vec<String> {
-    let dir = if data_path.is_dir() { data_path.to_path_buf() } else { data_path.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let dir = if data_path.is_dir() {
+        data_path.to_path_buf()
+    } else {
+        data_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
     let lines: Vec<String> = std::fs::read_to_string(dir.join("classes.txt"))
         .map(|s| s.lines().map(|l| l.trim().to_string()).collect())
         .unwrap_or_default();
     (0..num_classes)
-        .map(|i| lines.get(i).filter(|l| !l.is_empty()).cloned().unwrap_or_else(|| i.to_string()))
+        .map(|i| {
+            lines
+                .get(i)
+                .filter(|l| !l.is_empty())
+                .cloned()
+                .unwrap_or_else(|| i.to_string())
+        })
         .collect()
 }
 
@@ -34,7 +47,8 @@ pub fn ensure_dir(dir: &Path) -> Result<()> {
 
 /// Writes `value` as pretty JSON to `path` atomically.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     npy::write_atomic(path, text.as_bytes())
 }
 
@@ -51,9 +65,17 @@ pub fn write_lines(path: &Path, lines: &[String]) -> Result<()> {
 pub fn write_matrix(path: &Path, t: &Tensor) -> Result<()> {
     let size = t.size();
     if size.len() != 2 {
-        return Err(Error::Other(format!("{}: expected a 2-D tensor, got {size:?}", path.display())));
+        return Err(Error::Other(format!(
+            "{}: expected a 2-D tensor, got {size:?}",
+            path.display()
+        )));
     }
-    let flat: Vec<f32> = Vec::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().view([-1]))?;
+    let flat: Vec<f32> = Vec::try_from(
+        &t.to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .contiguous()
+            .view([-1]),
+    )?;
     npy::write_f32(path, &[size[0] as usize, size[1] as usize], &flat)
 }
 
@@ -90,12 +112,23 @@ pub fn write_scores(
     };
     write_matrix(&files.scores, scores)?;
     write_lines(&files.names, names)?;
-    npy::write_atomic(&files.confusion_csv, metrics::confusion_csv(&conf, class_names).as_bytes())?;
-    let matrix: Vec<Vec<f64>> = conf.iter().map(|r| r.iter().map(|&v| v as f64).collect()).collect();
-    let labels_k: Vec<String> = (0..k).map(|i| class_names.get(i).cloned().unwrap_or_else(|| i.to_string())).collect();
+    npy::write_atomic(
+        &files.confusion_csv,
+        metrics::confusion_csv(&conf, class_names).as_bytes(),
+    )?;
+    let matrix: Vec<Vec<f64>> = conf
+        .iter()
+        .map(|r| r.iter().map(|&v| v as f64).collect())
+        .collect();
+    let labels_k: Vec<String> = (0..k)
+        .map(|i| class_names.get(i).cloned().unwrap_or_else(|| i.to_string()))
+        .collect();
     plot::heatmap(
         &files.confusion_png,
-        &format!("{title}: top-1 {:.2}%, mean-class {:.2}% (rows: true, cols: predicted)", m.top1, m.mean_class),
+        &format!(
+            "{title}: top-1 {:.2}%, mean-class {:.2}% (rows: true, cols: predicted)",
+            m.top1, m.mean_class
+        ),
         &matrix,
         &labels_k,
         &labels_k,
@@ -115,20 +148,32 @@ pub fn write_tsne(
 ) -> Result<()> {
     let idx = tsne::subsample(labels, TSNE_MAX_CLASSES, TSNE_MAX_POINTS, cfg.seed);
     if idx.len() < 3 {
-        return Err(Error::Other(format!("{}: too few points for t-SNE ({})", path.display(), idx.len())));
+        return Err(Error::Other(format!(
+            "{}: too few points for t-SNE ({})",
+            path.display(),
+            idx.len()
+        )));
     }
     let sel: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
-    let x = features.to_device(Device::Cpu).index_select(0, &Tensor::from_slice(&sel));
+    let x = features
+        .to_device(Device::Cpu)
+        .index_select(0, &Tensor::from_slice(&sel));
     let y = tsne::tsne(&x, cfg)?;
     let ys: Vec<f64> = Vec::try_from(&y.contiguous().view([-1]))?;
-    let points: Vec<(f64, f64, usize)> =
-        idx.iter().enumerate().map(|(j, &i)| (ys[2 * j], ys[2 * j + 1], labels[i] as usize)).collect();
+    let points: Vec<(f64, f64, usize)> = idx
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| (ys[2 * j], ys[2 * j + 1], labels[i] as usize))
+        .collect();
     plot::scatter(path, title, &points, class_names)
 }
 
 /// Per-stream features made comparable and joined: each `(N, D_s)` L2-normalised, concatenated.
 pub fn joined_features(features: &[Tensor]) -> Tensor {
-    let normed: Vec<Tensor> = features.iter().map(crate::eval::knn::l2_normalize).collect();
+    let normed: Vec<Tensor> = features
+        .iter()
+        .map(crate::eval::knn::l2_normalize)
+        .collect();
     Tensor::cat(&normed, 1)
 }
 
@@ -136,16 +181,31 @@ pub fn joined_features(features: &[Tensor]) -> Tensor {
 /// validation, test) in percent on a second chart `accuracy.png`.
 pub fn write_curves(dir: &Path, history: &[EpochRecord], title: &str) -> Result<()> {
     let pts = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
-        history.iter().filter_map(|r| f(r).map(|v| (r.epoch as f64, v))).collect()
+        history
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.epoch as f64, v)))
+            .collect()
     };
-    plot::line_chart(&dir.join("curves.png"), &format!("{title}: training loss"), "epoch", "cross-entropy", &[(
-        "train loss",
-        pts(&|r| Some(r.loss)),
-    )])?;
-    let mut series = vec![("train (batches)", pts(&|r| Some(r.train_top1))), ("test", pts(&|r| r.test.map(|m| m.top1)))];
+    plot::line_chart(
+        &dir.join("curves.png"),
+        &format!("{title}: training loss"),
+        "epoch",
+        "cross-entropy",
+        &[("train loss", pts(&|r| Some(r.loss)))],
+    )?;
+    let mut series = vec![
+        ("train (batches)", pts(&|r| Some(r.train_top1))),
+        ("test", pts(&|r| r.test.map(|m| m.top1))),
+    ];
     let val = pts(&|r| r.val.map(|m| m.top1));
     if !val.is_empty() {
         series.push(("validation", val));
     }
-    plot::line_chart(&dir.join("accuracy.png"), &format!("{title}: top-1 accuracy"), "epoch", "top-1 (%)", &series)
+    plot::line_chart(
+        &dir.join("accuracy.png"),
+        &format!("{title}: top-1 accuracy"),
+        "epoch",
+        "top-1 (%)",
+        &series,
+    )
 }

@@ -11,7 +11,9 @@ pub fn indices_by_class(labels: &[i64], num_classes: usize) -> Result<Vec<Vec<us
     let mut by_class = vec![Vec::new(); num_classes];
     for (i, &l) in labels.iter().enumerate() {
         if l < 0 || l as usize >= num_classes {
-            return Err(Error::config(format!("sample {i}: label {l} is outside 0..{num_classes}")));
+            return Err(Error::config(format!(
+                "sample {i}: label {l} is outside 0..{num_classes}"
+            )));
         }
         by_class[l as usize].push(i);
     }
@@ -22,9 +24,16 @@ pub fn indices_by_class(labels: &[i64], num_classes: usize) -> Result<Vec<Vec<us
 /// `max(1, round(fraction * n_c))` of them (all when `n_c` is smaller), drawn at random with a
 /// ChaCha8 generator seeded by `seed` (class by class in class order). Returns sorted indices.
 /// `fraction` must be in `(0, 1]`.
-pub fn balanced_subset(labels: &[i64], num_classes: usize, fraction: f64, seed: u64) -> Result<Vec<usize>> {
+pub fn balanced_subset(
+    labels: &[i64],
+    num_classes: usize,
+    fraction: f64,
+    seed: u64,
+) -> Result<Vec<usize>> {
     if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(Error::config(format!("labelled fraction {fraction} must be in (0, 1]")));
+        return Err(Error::config(format!(
+            "labelled fraction {fraction} must be in (0, 1]"
+        )));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut chosen = Vec::new();
@@ -51,13 +60,19 @@ pub fn stratified_split(
     seed: u64,
 ) -> Result<(Vec<usize>, Vec<usize>)> {
     if !(0.0..1.0).contains(&fraction) {
-        return Err(Error::config(format!("validation fraction {fraction} must be in [0, 1)")));
+        return Err(Error::config(format!(
+            "validation fraction {fraction} must be in [0, 1)"
+        )));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for mut members in indices_by_class(labels, num_classes)? {
         let n = members.len();
-        let n_val = if n < 2 { 0 } else { ((fraction * n as f64).round() as usize).min(n - 1) };
+        let n_val = if n < 2 {
+            0
+        } else {
+            ((fraction * n as f64).round() as usize).min(n - 1)
+        };
         members.shuffle(&mut rng);
         val.extend_from_slice(&members[..n_val]);
         train.extend_from_slice(&members[n_val..]);

@@ -80,8 +80,11 @@ fn conditional_p(dist: &Tensor, perplexity: f64) -> Tensor {
     let mut p = Tensor::zeros([n, n], (Kind::Double, Device::Cpu));
     for _ in 0..BISECTION_STEPS {
         p = (-(&d * &beta)).exp() * &mask;
-        let sum = p.sum_dim_intlist([1i64].as_slice(), true, Kind::Double).clamp_min(MIN_PROB);
-        let entropy = sum.log() + &beta * (&d * &p).sum_dim_intlist([1i64].as_slice(), true, Kind::Double) / &sum;
+        let sum = p
+            .sum_dim_intlist([1i64].as_slice(), true, Kind::Double)
+            .clamp_min(MIN_PROB);
+        let entropy = sum.log()
+            + &beta * (&d * &p).sum_dim_intlist([1i64].as_slice(), true, Kind::Double) / &sum;
         // Entropy too high -> distribution too flat -> increase beta.
         let too_flat = entropy.gt(target);
         lo = beta.where_self(&too_flat, &lo);
@@ -90,7 +93,9 @@ fn conditional_p(dist: &Tensor, perplexity: f64) -> Tensor {
         let down = (&beta + &lo) / 2.0;
         beta = up.where_self(&too_flat, &down);
     }
-    let sum = p.sum_dim_intlist([1i64].as_slice(), true, Kind::Double).clamp_min(MIN_PROB);
+    let sum = p
+        .sum_dim_intlist([1i64].as_slice(), true, Kind::Double)
+        .clamp_min(MIN_PROB);
     p / sum
 }
 
@@ -99,7 +104,9 @@ fn conditional_p(dist: &Tensor, perplexity: f64) -> Tensor {
 pub fn tsne(x: &Tensor, cfg: &TsneConfig) -> Result<Tensor> {
     let size = x.size();
     if size.len() != 2 || size[0] < 2 {
-        return Err(Error::config(format!("t-SNE needs (N >= 2, D) points; got shape {size:?}")));
+        return Err(Error::config(format!(
+            "t-SNE needs (N >= 2, D) points; got shape {size:?}"
+        )));
     }
     let n = size[0];
     let x = x.to_device(Device::Cpu).to_kind(Kind::Double);
@@ -116,19 +123,28 @@ pub fn tsne(x: &Tensor, cfg: &TsneConfig) -> Result<Tensor> {
     let mut y = Tensor::from_slice(&init).view([n, 2]);
     let mut update = y.zeros_like();
     let mut gains = y.ones_like();
-    let lr = cfg.learning_rate.unwrap_or((n as f64 / cfg.early_exaggeration.max(1.0) / 4.0).max(50.0));
+    let lr = cfg
+        .learning_rate
+        .unwrap_or((n as f64 / cfg.early_exaggeration.max(1.0) / 4.0).max(50.0));
     let eye = Tensor::eye(n, (Kind::Double, Device::Cpu));
     for it in 0..cfg.iterations {
         let exaggerate = it < cfg.exaggeration_iterations;
         let momentum = if exaggerate { 0.5 } else { 0.8 };
-        let p_eff = if exaggerate { &p * cfg.early_exaggeration } else { p.shallow_clone() };
+        let p_eff = if exaggerate {
+            &p * cfg.early_exaggeration
+        } else {
+            p.shallow_clone()
+        };
         let num: Tensor = (squared_distances(&y) + 1.0).reciprocal() * (1.0 - &eye);
         let q = (&num / num.sum(Kind::Double)).clamp_min(MIN_PROB);
         let w = (p_eff - q) * &num;
         // grad_i = 4 * sum_j w_ij (y_i - y_j)
-        let grad = (&y * w.sum_dim_intlist([1i64].as_slice(), true, Kind::Double) - w.matmul(&y)) * 4.0;
+        let grad =
+            (&y * w.sum_dim_intlist([1i64].as_slice(), true, Kind::Double) - w.matmul(&y)) * 4.0;
         let same_sign = grad.sign().eq_tensor(&update.sign());
-        gains = (&gains * 0.8).where_self(&same_sign, &(&gains + 0.2)).clamp_min(MIN_GAIN);
+        gains = (&gains * 0.8)
+            .where_self(&same_sign, &(&gains + 0.2))
+            .clamp_min(MIN_GAIN);
         update = &update * momentum - &gains * &grad * lr;
         y = &y + &update;
         y = &y - y.mean_dim([0i64].as_slice(), true, Kind::Double);
@@ -145,8 +161,11 @@ pub fn subsample(labels: &[i64], max_classes: usize, max_points: usize, seed: u6
     }
     let mut classes: Vec<(i64, usize)> = counts.into_iter().collect();
     classes.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let keep: std::collections::HashSet<i64> = classes.iter().take(max_classes).map(|c| c.0).collect();
-    let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| keep.contains(&labels[i])).collect();
+    let keep: std::collections::HashSet<i64> =
+        classes.iter().take(max_classes).map(|c| c.0).collect();
+    let mut idx: Vec<usize> = (0..labels.len())
+        .filter(|&i| keep.contains(&labels[i]))
+        .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     idx.shuffle(&mut rng);
     idx.truncate(max_points);

@@ -42,7 +42,11 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     pub(crate) fn crossclr_set_tf32(on: c_int, err: *mut *mut c_char) -> c_int;
-    pub(crate) fn crossclr_get_tf32(cublas: *mut c_int, cudnn: *mut c_int, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn crossclr_get_tf32(
+        cublas: *mut c_int,
+        cudnn: *mut c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
     pub(crate) fn crossclr_cuda_device_name(
         device: c_int,
         buf: *mut c_char,
@@ -57,10 +61,18 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     pub(crate) fn crossclr_cuda_reset_peak(device: c_int, err: *mut *mut c_char) -> c_int;
-    pub(crate) fn crossclr_graph_new(device: c_int, out: *mut *mut RawGraph, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn crossclr_graph_new(
+        device: c_int,
+        out: *mut *mut RawGraph,
+        err: *mut *mut c_char,
+    ) -> c_int;
     pub(crate) fn crossclr_graph_stream_enter(g: *mut RawGraph, err: *mut *mut c_char) -> c_int;
     pub(crate) fn crossclr_graph_stream_exit(g: *mut RawGraph, err: *mut *mut c_char) -> c_int;
-    pub(crate) fn crossclr_graph_capture_begin(g: *mut RawGraph, mode: c_int, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn crossclr_graph_capture_begin(
+        g: *mut RawGraph,
+        mode: c_int,
+        err: *mut *mut c_char,
+    ) -> c_int;
     pub(crate) fn crossclr_graph_capture_end(g: *mut RawGraph, err: *mut *mut c_char) -> c_int;
     pub(crate) fn crossclr_graph_replay(g: *mut RawGraph, err: *mut *mut c_char) -> c_int;
     pub(crate) fn crossclr_graph_free(g: *mut RawGraph);
@@ -90,7 +102,9 @@ pub(crate) fn call(what: &str, f: impl FnOnce(*mut *mut c_char) -> c_int) -> Res
         "unknown error (no message)".to_string()
     } else {
         // SAFETY: the shim returns a malloc'd NUL-terminated string that we own and free once.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        let s = unsafe { std::ffi::CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned();
         unsafe { crossclr_shim_free(err) };
         s
     };
@@ -100,5 +114,8 @@ pub(crate) fn call(what: &str, f: impl FnOnce(*mut *mut c_char) -> c_int) -> Res
 /// Raw pointers of a tensor slice, for the shim's `at::Tensor**` arguments. The shim only reads
 /// through them (in-place ops mutate tensor data, never the tch handles).
 pub(crate) fn ptrs<T: std::borrow::Borrow<tch::Tensor>>(tensors: &[T]) -> Vec<TensorPtr> {
-    tensors.iter().map(|t| t.borrow().as_ptr() as TensorPtr).collect()
+    tensors
+        .iter()
+        .map(|t| t.borrow().as_ptr() as TensorPtr)
+        .collect()
 }

@@ -53,8 +53,14 @@ impl CudaGraph {
         {
             let mut raw: *mut ffi::RawGraph = std::ptr::null_mut();
             // SAFETY: `raw` is a valid out-pointer; the shim allocates the graph.
-            ffi::call("CudaGraph::new", |err| unsafe { ffi::crossclr_graph_new(index as i32, &mut raw, err) })?;
-            Ok(CudaGraph { raw, device, captured: false })
+            ffi::call("CudaGraph::new", |err| unsafe {
+                ffi::crossclr_graph_new(index as i32, &mut raw, err)
+            })?;
+            Ok(CudaGraph {
+                raw,
+                device,
+                captured: false,
+            })
         }
         #[cfg(crossclr_no_shim)]
         {
@@ -82,7 +88,10 @@ impl CudaGraph {
         let exit = self.stream_exit();
         match out {
             Ok(v) => exit.map(|_| v),
-            Err(panic) => Err(Error::Other(format!("step panicked on the side stream: {}", panic_message(&panic)))),
+            Err(panic) => Err(Error::Other(format!(
+                "step panicked on the side stream: {}",
+                panic_message(&panic)
+            ))),
         }
     }
 
@@ -90,7 +99,9 @@ impl CudaGraph {
     /// memory pool). If `f` fails or panics, the capture is ended and the error returned.
     pub fn capture<T>(&mut self, mode: CaptureMode, f: impl FnOnce() -> Result<T>) -> Result<T> {
         if self.captured {
-            return Err(Error::Other("CudaGraph::capture: this graph already holds a capture".into()));
+            return Err(Error::Other(
+                "CudaGraph::capture: this graph already holds a capture".into(),
+            ));
         }
         self.capture_begin(mode)?;
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
@@ -115,12 +126,16 @@ impl CudaGraph {
     /// Replays the captured work on the current stream.
     pub fn replay(&self) -> Result<()> {
         if !self.captured {
-            return Err(Error::Other("CudaGraph::replay: nothing captured yet".into()));
+            return Err(Error::Other(
+                "CudaGraph::replay: nothing captured yet".into(),
+            ));
         }
         #[cfg(not(crossclr_no_shim))]
         {
             // SAFETY: self.raw is a live graph.
-            ffi::call("CudaGraph::replay", |err| unsafe { ffi::crossclr_graph_replay(self.raw, err) })
+            ffi::call("CudaGraph::replay", |err| unsafe {
+                ffi::crossclr_graph_replay(self.raw, err)
+            })
         }
         #[cfg(crossclr_no_shim)]
         {
@@ -175,7 +190,9 @@ impl CudaGraph {
         #[cfg(not(crossclr_no_shim))]
         {
             // SAFETY: self.raw is a live graph.
-            ffi::call("CudaGraph: capture_end", |err| unsafe { ffi::crossclr_graph_capture_end(self.raw, err) })
+            ffi::call("CudaGraph: capture_end", |err| unsafe {
+                ffi::crossclr_graph_capture_end(self.raw, err)
+            })
         }
         #[cfg(crossclr_no_shim)]
         {
@@ -243,7 +260,10 @@ impl CapturedStep {
         F: FnMut(&[Tensor]) -> Result<Vec<Tensor>>,
     {
         let mut graph = CudaGraph::new(device)?;
-        let inputs: Vec<Tensor> = example_inputs.iter().map(|x| x.to_device(device).copy()).collect();
+        let inputs: Vec<Tensor> = example_inputs
+            .iter()
+            .map(|x| x.to_device(device).copy())
+            .collect();
         for i in 0..warmup {
             graph
                 .on_side_stream(|| step(&inputs))?
@@ -253,7 +273,11 @@ impl CapturedStep {
             tch::Cuda::synchronize(index as i64);
         }
         let outputs = graph.capture(mode, || step(&inputs))?;
-        Ok(CapturedStep { graph, inputs, outputs })
+        Ok(CapturedStep {
+            graph,
+            inputs,
+            outputs,
+        })
     }
 
     /// Copies a new batch into the static inputs and replays the graph. Shapes must match the

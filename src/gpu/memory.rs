@@ -52,7 +52,9 @@ pub fn reset_peak(device: Device) -> Result<()> {
     #[cfg(not(crossclr_no_shim))]
     {
         // SAFETY: no pointers.
-        ffi::call("reset_peak", |err| unsafe { ffi::crossclr_cuda_reset_peak(index, err) })
+        ffi::call("reset_peak", |err| unsafe {
+            ffi::crossclr_cuda_reset_peak(index, err)
+        })
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -97,7 +99,9 @@ pub fn cpu_name() -> String {
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_string())
     });
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     match model {
         Some(m) => format!("cpu: {m} ({threads} threads)"),
         None => "cpu".to_string(),

@@ -42,8 +42,13 @@ pub mod ops;
 // pub mod step; // enabled once src/ssl/mod.rs exports `model` (H4)
 
 pub use graph::{CaptureMode, CapturedStep, CudaGraph};
-pub use memory::{cpu_name, cuda_memory, device_name, peak_rss_bytes, reset_peak, reset_peak_rss, CudaMemory};
-pub use ops::{ema_, fused_sgd_, set_cudnn_benchmark, set_tf32, tf32_state, zero_grad_, FusedSgd, Lr, SgdConfig};
+pub use memory::{
+    cpu_name, cuda_memory, device_name, peak_rss_bytes, reset_peak, reset_peak_rss, CudaMemory,
+};
+pub use ops::{
+    ema_, fused_sgd_, set_cudnn_benchmark, set_tf32, tf32_state, zero_grad_, FusedSgd, Lr,
+    SgdConfig,
+};
 
 /// What the shim was built with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,14 +22,18 @@ pub fn ema_(keys: &[Tensor], queries: &[Tensor], m: f64) -> Result<()> {
         )));
     }
     if !(0.0..=1.0).contains(&m) {
-        return Err(Error::config(format!("ema_: momentum {m} is outside [0, 1]")));
+        return Err(Error::config(format!(
+            "ema_: momentum {m} is outside [0, 1]"
+        )));
     }
     #[cfg(not(crossclr_no_shim))]
     {
         let k = ffi::ptrs(keys);
         let q = ffi::ptrs(queries);
         // SAFETY: k and q hold `len` valid tensor pointers that outlive the call.
-        ffi::call("ema_", |err| unsafe { ffi::crossclr_ema_(k.as_ptr(), q.as_ptr(), k.len(), m, err) })
+        ffi::call("ema_", |err| unsafe {
+            ffi::crossclr_ema_(k.as_ptr(), q.as_ptr(), k.len(), m, err)
+        })
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -56,7 +60,10 @@ pub struct SgdConfig {
 
 impl Default for SgdConfig {
     fn default() -> Self {
-        SgdConfig { momentum: 0.9, weight_decay: 1e-4 }
+        SgdConfig {
+            momentum: 0.9,
+            weight_decay: 1e-4,
+        }
     }
 }
 
@@ -66,7 +73,13 @@ impl Default for SgdConfig {
 /// `bufs` are the momentum buffers, created as zeros (`p.zeros_like()`): with dampening 0 the
 /// first step then gives `buf = g`, exactly PyTorch's first-step `buf = clone(g)`, so the same
 /// kernel runs on every step. Every parameter must have a gradient (pass only those that do).
-pub fn fused_sgd_(params: &[Tensor], grads: &[Tensor], bufs: &[Tensor], cfg: &SgdConfig, lr: Lr) -> Result<()> {
+pub fn fused_sgd_(
+    params: &[Tensor],
+    grads: &[Tensor],
+    bufs: &[Tensor],
+    cfg: &SgdConfig,
+    lr: Lr,
+) -> Result<()> {
     if params.len() != grads.len() || params.len() != bufs.len() {
         return Err(Error::Other(format!(
             "fused_sgd_: {} params, {} grads, {} momentum buffers",
@@ -136,10 +149,17 @@ pub struct FusedSgd {
 impl FusedSgd {
     /// `params`: the trainable tensors (shallow clones are kept; they share storage).
     pub fn new(params: &[Tensor], lr: f64, cfg: SgdConfig) -> Result<Self> {
-        let first = params.first().ok_or_else(|| Error::config("FusedSgd: empty parameter list"))?;
+        let first = params
+            .first()
+            .ok_or_else(|| Error::config("FusedSgd: empty parameter list"))?;
         let bufs = tch::no_grad(|| params.iter().map(|p| p.zeros_like()).collect());
         let lr = Tensor::from_slice(&[lr as f32]).to_device(first.device());
-        Ok(FusedSgd { params: params.iter().map(|p| p.shallow_clone()).collect(), bufs, lr, cfg })
+        Ok(FusedSgd {
+            params: params.iter().map(|p| p.shallow_clone()).collect(),
+            bufs,
+            lr,
+            cfg,
+        })
     }
 
     /// Sets the learning rate in place on the device (safe between graph replays).
@@ -161,9 +181,17 @@ impl FusedSgd {
     pub fn step(&mut self) -> Result<()> {
         let grads: Vec<Tensor> = self.params.iter().map(|p| p.grad()).collect();
         if let Some(i) = grads.iter().position(|g| !g.defined()) {
-            return Err(Error::Other(format!("FusedSgd::step: parameter {i} has no gradient")));
+            return Err(Error::Other(format!(
+                "FusedSgd::step: parameter {i} has no gradient"
+            )));
         }
-        fused_sgd_(&self.params, &grads, &self.bufs, &self.cfg, Lr::Tensor(&self.lr))
+        fused_sgd_(
+            &self.params,
+            &grads,
+            &self.bufs,
+            &self.cfg,
+            Lr::Tensor(&self.lr),
+        )
     }
 }
 
@@ -174,7 +202,9 @@ pub fn set_tf32(on: bool) -> Result<()> {
     #[cfg(not(crossclr_no_shim))]
     {
         // SAFETY: plain flag setters.
-        ffi::call("set_tf32", |err| unsafe { ffi::crossclr_set_tf32(i32::from(on), err) })
+        ffi::call("set_tf32", |err| unsafe {
+            ffi::crossclr_set_tf32(i32::from(on), err)
+        })
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -189,7 +219,9 @@ pub fn tf32_state() -> Result<(bool, bool)> {
     {
         let (mut cublas, mut cudnn) = (0, 0);
         // SAFETY: the out-pointers are valid for the call.
-        ffi::call("tf32_state", |err| unsafe { ffi::crossclr_get_tf32(&mut cublas, &mut cudnn, err) })?;
+        ffi::call("tf32_state", |err| unsafe {
+            ffi::crossclr_get_tf32(&mut cublas, &mut cudnn, err)
+        })?;
         Ok((cublas != 0, cudnn != 0))
     }
     #[cfg(crossclr_no_shim)]

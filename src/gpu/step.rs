@@ -44,7 +44,9 @@ impl FastStep {
         let device = model.vs_q.device();
         let queue_size = model.spec.queue_size;
         if batch <= 0 || queue_size % batch != 0 {
-            return Err(Error::config(format!("batch {batch} must divide the queue size {queue_size}")));
+            return Err(Error::config(format!(
+                "batch {batch} must divide the queue size {queue_size}"
+            )));
         }
         let parents: Vec<i64> = model.layout.bone_parent.iter().map(|&p| p as i64).collect();
         let bone_index = Tensor::from_slice(&parents).to_device(device);
@@ -54,14 +56,32 @@ impl FastStep {
             .branches
             .iter()
             .map(|b| {
-                let keys = b.ema_pairs.iter().map(|(_, _, k)| k.shallow_clone()).collect();
-                let queries = b.ema_pairs.iter().map(|(_, q, _)| q.shallow_clone()).collect();
+                let keys = b
+                    .ema_pairs
+                    .iter()
+                    .map(|(_, _, k)| k.shallow_clone())
+                    .collect();
+                let queries = b
+                    .ema_pairs
+                    .iter()
+                    .map(|(_, q, _)| q.shallow_clone())
+                    .collect();
                 (keys, queries)
             })
             .collect();
         let params: Vec<Tensor> = model.trainable().into_iter().map(|(_, t)| t).collect();
         let opt = FusedSgd::new(&params, lr, sgd)?;
-        Ok(FastStep { device, batch, queue_size, bone_index, ptr, arange_b, ema, opt, params })
+        Ok(FastStep {
+            device,
+            batch,
+            queue_size,
+            bone_index,
+            ptr,
+            arange_b,
+            ema,
+            opt,
+            params,
+        })
     }
 
     /// Sets the learning rate (device-side; valid across graph replays).
@@ -101,7 +121,13 @@ impl FastStep {
     /// One training step on augmented joint batches `x_q`, `x_k` (B, C, T, V, M), already on the
     /// model's device, in phase 2 (CVC-KM) when `cross`. Returns the total loss (detached scalar on
     /// the device). Queues are written and the pointer advanced on the device.
-    pub fn step(&mut self, model: &SslModel, x_q: &Tensor, x_k: &Tensor, cross: bool) -> Result<Tensor> {
+    pub fn step(
+        &mut self,
+        model: &SslModel,
+        x_q: &Tensor,
+        x_k: &Tensor,
+        cross: bool,
+    ) -> Result<Tensor> {
         if x_q.size().first() != Some(&self.batch) || x_q.size() != x_k.size() {
             return Err(Error::Other(format!(
                 "FastStep: batches of shape {:?} / {:?}, built for batch {}",
@@ -111,26 +137,41 @@ impl FastStep {
             )));
         }
         if x_q.device() != self.device || x_k.device() != self.device {
-            return Err(Error::Other(format!("FastStep: inputs must be on {:?}", self.device)));
+            return Err(Error::Other(format!(
+                "FastStep: inputs must be on {:?}",
+                self.device
+            )));
         }
         let cross = cross && model.spec.cross.is_some();
         let branches = &model.branches;
         let primary_q = &branches[0].head_q;
         let primary_k = &branches[0].head_k;
-        let qs: Vec<Tensor> =
-            branches.iter().map(|b| b.query(&self.view_input(b.view, x_q), Some(primary_q))).collect();
-        let motion_only = cross && model.spec.cross.as_ref().is_some_and(|c| c.phase2_motion_ema_only);
+        let qs: Vec<Tensor> = branches
+            .iter()
+            .map(|b| b.query(&self.view_input(b.view, x_q), Some(primary_q)))
+            .collect();
+        let motion_only = cross
+            && model
+                .spec
+                .cross
+                .as_ref()
+                .is_some_and(|c| c.phase2_motion_ema_only);
         for (b, (keys, queries)) in branches.iter().zip(&self.ema) {
             if !motion_only || b.view == View::Motion {
                 ema_(keys, queries, model.spec.momentum)?;
             }
         }
-        let ks: Vec<Tensor> =
-            branches.iter().map(|b| b.key(&self.view_input(b.view, x_k), Some(primary_k))).collect();
+        let ks: Vec<Tensor> = branches
+            .iter()
+            .map(|b| b.key(&self.view_input(b.view, x_k), Some(primary_k)))
+            .collect();
         let tau = model.spec.temperature;
         let view_losses: Vec<Tensor> = match (&model.spec.cross, cross) {
             (Some(c), true) => {
-                let queues: Vec<Tensor> = branches.iter().map(|b| b.queue.keys.shallow_clone()).collect();
+                let queues: Vec<Tensor> = branches
+                    .iter()
+                    .map(|b| b.queue.keys.shallow_clone())
+                    .collect();
                 cvc_km_losses(&qs, &ks, &queues, tau, c.topk, c.context)
             }
             _ => branches
@@ -139,7 +180,10 @@ impl FastStep {
                 .map(|(b, (q, k))| info_nce(&moco_logits(q, k, &b.queue.keys, tau)))
                 .collect(),
         };
-        let loss = view_losses.iter().skip(1).fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
+        let loss = view_losses
+            .iter()
+            .skip(1)
+            .fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
         self.opt.zero_grad(true)?;
         loss.f_backward()?;
         self.opt.step()?;
@@ -149,7 +193,10 @@ impl FastStep {
                 let mut queue = b.queue.keys.shallow_clone();
                 let _ = queue.f_index_copy_(1, &idx, &k.detach().transpose(0, 1))?;
             }
-            let _ = self.ptr.f_add_scalar_(self.batch)?.f_remainder_(self.queue_size)?;
+            let _ = self
+                .ptr
+                .f_add_scalar_(self.batch)?
+                .f_remainder_(self.queue_size)?;
             Ok(())
         })?;
         Ok(loss.detach())

@@ -563,14 +563,16 @@ mod tests {
             ),
             ("auto", Formulation::ChannelMajor, Aggregation::Auto),
         ];
-        for (_, f, a) in all
+        let variants: Vec<_> = all
             .into_iter()
             .filter(|(n, _, _)| wanted.split(',').any(|w| w == *n))
-        {
-            net.set_formulation(f);
-            net.set_aggregation(a);
-            let mut best = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
-            for _ in 0..reps {
+            .collect();
+        // Interleaved repetitions (fairer on a shared machine); best of `reps` per variant.
+        let mut best = vec![(f64::MAX, f64::MAX, f64::MAX, f64::MAX); variants.len()];
+        for _ in 0..reps {
+            for (i, (_, f, a)) in variants.iter().enumerate() {
+                net.set_formulation(*f);
+                net.set_aggregation(*a);
                 vs.trainable_variables()
                     .iter_mut()
                     .for_each(|t| t.zero_grad());
@@ -579,15 +581,16 @@ mod tests {
                 let (t1, c1) = (std::time::Instant::now(), cpu_seconds());
                 y.sum(Kind::Float).backward();
                 let (t2, c2) = (std::time::Instant::now(), cpu_seconds());
-                let fwd = (t1 - t0).as_secs_f64();
                 let tot = (t2 - t0).as_secs_f64();
-                if tot < best.1 {
-                    best = (fwd, tot, c1 - c0, c2 - c0);
+                if tot < best[i].1 {
+                    best[i] = ((t1 - t0).as_secs_f64(), tot, c1 - c0, c2 - c0);
                 }
             }
+        }
+        for ((_, f, a), b) in variants.iter().zip(&best) {
             println!(
                 "{f:?}/{a:?}: forward {:.3} s, forward+backward {:.3} s wall (cpu {:.2} s / {:.2} s)",
-                best.0, best.1, best.2, best.3
+                b.0, b.1, b.2, b.3
             );
         }
     }

@@ -18,8 +18,8 @@
 use crate::data::views::View;
 use crate::model::stgcn::StGcnConfig;
 pub use crate::ssl::loss::cvc_km_losses;
-use crate::ssl::model::{CrossSpec, SslSpec};
 pub use crate::ssl::model::SslModel;
+use crate::ssl::model::{CrossSpec, SslSpec};
 
 /// Official hyper-parameters for `views` (joint first): K 32768, m 0.999, T 0.07, cross epoch
 /// 150, top-1, context, all quirks on.

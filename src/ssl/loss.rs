@@ -14,7 +14,10 @@ pub fn moco_logits(q: &Tensor, k: &Tensor, queue: &Tensor, tau: f64) -> Tensor {
 
 /// Cross-entropy with target 0 (the positive), mean over the batch: `-mean_n log_softmax(l)[n, 0]`.
 pub fn info_nce(logits: &Tensor) -> Tensor {
-    -logits.log_softmax(1, Kind::Float).select(1, 0).mean(Kind::Float)
+    -logits
+        .log_softmax(1, Kind::Float)
+        .select(1, 0)
+        .mean(Kind::Float)
 }
 
 /// Multi-positive loss per sample: `-(sum_j M_j log_softmax(logits)_j) / sum_j M_j`, shape (N,).
@@ -48,9 +51,16 @@ pub fn cvc_km_losses(
     context: bool,
 ) -> Vec<Tensor> {
     let n_views = q.len();
-    let l_pos: Vec<Tensor> =
-        q.iter().zip(k).map(|(q, k)| (q * k).sum_dim_intlist(&[1i64][..], true, Kind::Float)).collect();
-    let sim: Vec<Tensor> = q.iter().zip(queues).map(|(q, qu)| q.matmul(&qu.detach())).collect();
+    let l_pos: Vec<Tensor> = q
+        .iter()
+        .zip(k)
+        .map(|(q, k)| (q * k).sum_dim_intlist(&[1i64][..], true, Kind::Float))
+        .collect();
+    let sim: Vec<Tensor> = q
+        .iter()
+        .zip(queues)
+        .map(|(q, qu)| q.matmul(&qu.detach()))
+        .collect();
     let mined: Vec<Tensor> = sim.iter().map(|s| topk_onehot(s, topk)).collect();
     (0..n_views)
         .map(|u| {
@@ -74,7 +84,10 @@ pub fn cvc_km_losses(
                     multi_positive(&(logits / tau), &mask)
                 })
                 .collect();
-            let sum = per_pair.iter().skip(1).fold(per_pair[0].shallow_clone(), |a, b| a + b);
+            let sum = per_pair
+                .iter()
+                .skip(1)
+                .fold(per_pair[0].shallow_clone(), |a, b| a + b);
             (sum / partners.len() as f64).mean(Kind::Float)
         })
         .collect()
@@ -116,8 +129,19 @@ mod tests {
         // m<-j: positives {0, 1+0, 1+3+0}.
         let want_m = -((lm[0] + lm[1] + lm[4]) / 3.0 - lse(&lm));
         let queues = [queue.shallow_clone(), queue.shallow_clone()];
-        let got = cvc_km_losses(&[qj.shallow_clone(), qm.shallow_clone()], &[kj.shallow_clone(), km.shallow_clone()], &queues, tau, 1, true);
-        assert!((got[0].double_value(&[]) - want_j).abs() < 1e-5, "{} vs {want_j}", got[0].double_value(&[]));
+        let got = cvc_km_losses(
+            &[qj.shallow_clone(), qm.shallow_clone()],
+            &[kj.shallow_clone(), km.shallow_clone()],
+            &queues,
+            tau,
+            1,
+            true,
+        );
+        assert!(
+            (got[0].double_value(&[]) - want_j).abs() < 1e-5,
+            "{} vs {want_j}",
+            got[0].double_value(&[])
+        );
         assert!((got[1].double_value(&[]) - want_m).abs() < 1e-5);
         // Without context: logits [l_pos, s_u], mask [1, onehot].
         let lj2 = &lj[..4];
@@ -136,7 +160,9 @@ mod tests {
         };
         let q: Vec<Tensor> = (0..3).map(|_| mk(4, 3)).collect();
         let k: Vec<Tensor> = (0..3).map(|_| mk(4, 3)).collect();
-        let qs: Vec<Tensor> = (0..3).map(|_| mk(8, 3).transpose(0, 1).contiguous()).collect();
+        let qs: Vec<Tensor> = (0..3)
+            .map(|_| mk(8, 3).transpose(0, 1).contiguous())
+            .collect();
         let all = cvc_km_losses(&q, &k, &qs, 0.1, 2, true);
         // Pair j<-m alone = the 2-view loss of (j, m) for view j.
         let jm = cvc_km_losses(&q[..2], &k[..2], &qs[..2], 0.1, 2, true);

@@ -125,7 +125,11 @@ impl SslModel {
         let mut vs_k = nn::VarStore::new(device);
         let mut branches = Vec::with_capacity(spec.views.len());
         for (i, &view) in spec.views.iter().enumerate() {
-            let suffix = if spec.per_view_names { view_suffix(view) } else { String::new() };
+            let suffix = if spec.per_view_names {
+                view_suffix(view)
+            } else {
+                String::new()
+            };
             let shared_tail = sharing && i > 0;
             let (encoder_q, head_q) = build_encoder(
                 &(vs_q.root() / format!("encoder_q{suffix}")),
@@ -161,8 +165,11 @@ impl SslModel {
         // head is a shared tail, the primary head's `encoder_q.fc.*` (official `parameters()`).
         let q_vars = vs_q.variables();
         let k_vars = vs_k.variables();
-        let mut param_names: Vec<&String> =
-            q_vars.iter().filter(|(_, t)| t.requires_grad()).map(|(n, _)| n).collect();
+        let mut param_names: Vec<&String> = q_vars
+            .iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(n, _)| n)
+            .collect();
         param_names.sort();
         let primary_fc = format!("encoder_q{}.fc.", branches[0].suffix);
         for b in &mut branches {
@@ -174,7 +181,11 @@ impl SslModel {
                     let k = k_vars.get(&key_name).ok_or_else(|| {
                         Error::Other(format!("key encoder lacks '{key_name}' for '{name}'"))
                     })?;
-                    b.ema_pairs.push(((*name).clone(), q_vars[*name].shallow_clone(), k.shallow_clone()));
+                    b.ema_pairs.push((
+                        (*name).clone(),
+                        q_vars[*name].shallow_clone(),
+                        k.shallow_clone(),
+                    ));
                 }
             }
         }
@@ -187,12 +198,21 @@ impl SslModel {
                 }
             });
         }
-        Ok(SslModel { spec: spec.clone(), layout: layout.clone(), vs_q, vs_k, branches })
+        Ok(SslModel {
+            spec: spec.clone(),
+            layout: layout.clone(),
+            vs_q,
+            vs_k,
+            branches,
+        })
     }
 
     /// Whether 1-based `epoch` runs CVC-KM (phase 2).
     pub fn is_cross_epoch(&self, epoch: usize) -> bool {
-        self.spec.cross.as_ref().is_some_and(|c| epoch > c.cross_epoch)
+        self.spec
+            .cross
+            .as_ref()
+            .is_some_and(|c| epoch > c.cross_epoch)
     }
 
     /// Forward pass of one step on augmented joint batches `x_q`, `x_k` (B, C, T, V, M) already on
@@ -210,8 +230,12 @@ impl SslModel {
             .map(|b| b.query(&b.input(x_q, &self.layout), Some(primary_q)))
             .collect();
         for b in &self.branches {
-            let motion_only =
-                cross && self.spec.cross.as_ref().is_some_and(|c| c.phase2_motion_ema_only);
+            let motion_only = cross
+                && self
+                    .spec
+                    .cross
+                    .as_ref()
+                    .is_some_and(|c| c.phase2_motion_ema_only);
             if !motion_only || b.view == View::Motion {
                 b.momentum_update(self.spec.momentum);
             }
@@ -223,8 +247,16 @@ impl SslModel {
             .collect();
         let tau = self.spec.temperature;
         let view_losses: Vec<Tensor> = if cross {
-            let c = self.spec.cross.as_ref().expect("cross epoch implies a cross spec");
-            let queues: Vec<Tensor> = self.branches.iter().map(|b| b.queue.keys.shallow_clone()).collect();
+            let c = self
+                .spec
+                .cross
+                .as_ref()
+                .expect("cross epoch implies a cross spec");
+            let queues: Vec<Tensor> = self
+                .branches
+                .iter()
+                .map(|b| b.queue.keys.shallow_clone())
+                .collect();
             cvc_km_losses(&qs, &ks, &queues, tau, c.topk, c.context)
         } else {
             self.branches
@@ -237,7 +269,12 @@ impl SslModel {
             .iter()
             .skip(1)
             .fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
-        StepOutput { loss, view_losses, keys: ks, phase: if cross { 2 } else { 1 } }
+        StepOutput {
+            loss,
+            view_losses,
+            keys: ks,
+            phase: if cross { 2 } else { 1 },
+        }
     }
 
     /// Writes each view's keys at the same slots of its queue (aligned queues) and advances the
@@ -256,8 +293,12 @@ impl SslModel {
 
     /// Trainable `(name, tensor)` pairs (query side only).
     pub fn trainable(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> =
-            self.vs_q.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut v: Vec<(String, Tensor)> = self
+            .vs_q
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -312,7 +353,11 @@ impl SslModel {
     /// Loads tensors written by [`SslModel::state_tensors`] (or an official state dict with the
     /// same names). Every variable must be present with the same shape; the shared-head duplicate
     /// names are accepted and ignored; other unknown names are an error.
-    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)], source: &std::path::Path) -> Result<()> {
+    pub fn load_state_tensors(
+        &mut self,
+        tensors: &[(String, Tensor)],
+        source: &std::path::Path,
+    ) -> Result<()> {
         let given: HashMap<&str, &Tensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let aliases: Vec<String> = self.shared_aliases().into_iter().map(|(a, _)| a).collect();
         let mut known: Vec<String> = aliases;
@@ -339,7 +384,11 @@ impl SslModel {
                 .ok_or_else(|| Error::input(source, format!("tensor '{name}'"), "missing"))?;
             let ptr = t.int64_value(&[0]);
             if ptr < 0 || ptr as usize >= b.queue.len() {
-                return Err(Error::input(source, format!("tensor '{name}'"), format!("pointer {ptr} out of range")));
+                return Err(Error::input(
+                    source,
+                    format!("tensor '{name}'"),
+                    format!("pointer {ptr} out of range"),
+                ));
             }
             b.queue.ptr = ptr as usize;
             known.push(name);
@@ -347,7 +396,11 @@ impl SslModel {
         // The official state dict also has per-view pointers we already read; anything else is unknown.
         for (n, _) in tensors {
             if !known.iter().any(|k| k == n) {
-                return Err(Error::input(source, format!("tensor '{n}'"), "not a variable of this model"));
+                return Err(Error::input(
+                    source,
+                    format!("tensor '{n}'"),
+                    "not a variable of this model",
+                ));
             }
         }
         Ok(())

@@ -39,7 +39,7 @@ impl Queue {
     pub fn enqueue(&mut self, keys: &Tensor) -> Result<()> {
         let b = keys.size()[0] as usize;
         let k = self.len();
-        if b == 0 || k % b != 0 || self.ptr + b > k {
+        if b == 0 || !k.is_multiple_of(b) || self.ptr + b > k {
             return Err(Error::Other(format!(
                 "queue: batch {b} does not tile queue size {k} at pointer {}",
                 self.ptr
@@ -71,7 +71,12 @@ mod tests {
         tch::manual_seed(0);
         let mut q = Queue::new(4, 6, Device::Cpu);
         let norms = q.keys.norm_scalaropt_dim(2, [0], false);
-        assert!(norms.allclose(&Tensor::ones([6], (Kind::Float, Device::Cpu)), 1e-5, 1e-6, false));
+        assert!(norms.allclose(
+            &Tensor::ones([6], (Kind::Float, Device::Cpu)),
+            1e-5,
+            1e-6,
+            false
+        ));
         let k1 = Tensor::arange(8, (Kind::Float, Device::Cpu)).view([2, 4]);
         q.enqueue(&k1).unwrap();
         assert_eq!(q.ptr, 2);

@@ -7,8 +7,8 @@
 //! `[q.k, q.Queue] / T`; cross-entropy with target 0; enqueue `k` at the pointer.
 use crate::data::views::View;
 use crate::model::stgcn::StGcnConfig;
-use crate::ssl::model::SslSpec;
 pub use crate::ssl::model::SslModel;
+use crate::ssl::model::SslSpec;
 
 /// Official hyper-parameters: feature 128, K 32768, m 0.999, T 0.07, MLP head, 1/4-width ST-GCN,
 /// independently initialised key encoder.

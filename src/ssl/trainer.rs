@@ -34,11 +34,25 @@ impl Pretrainer {
     /// Builds model + optimizer from a config on `device` (seed torch first for reproducibility).
     pub fn from_config(cfg: &PretrainConfig, layout: &Layout, device: Device) -> Result<Self> {
         let spec = SslSpec::from_config(cfg)?;
-        Self::new(&spec, layout, device, cfg.base_lr, cfg.sgd_momentum, cfg.weight_decay)
+        Self::new(
+            &spec,
+            layout,
+            device,
+            cfg.base_lr,
+            cfg.sgd_momentum,
+            cfg.weight_decay,
+        )
     }
 
     /// Builds from a spec with SGD (`lr`, `momentum`, `weight_decay`).
-    pub fn new(spec: &SslSpec, layout: &Layout, device: Device, lr: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
+    pub fn new(
+        spec: &SslSpec,
+        layout: &Layout,
+        device: Device,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
         let model = SslModel::new(spec, layout, device)?;
         let opt = Sgd::new(model.trainable(), lr, momentum, weight_decay);
         Ok(Pretrainer { model, opt })
@@ -60,7 +74,8 @@ impl Pretrainer {
     /// to the model's). Order as the official code: queries, EMA, keys, logits with the current
     /// queues, loss, backward, SGD step; the keys are enqueued after (equivalent to the official
     /// enqueue-before-backward, which reads a clone of the queues). A NaN/infinite loss returns an
-    /// error starting with [`NON_FINITE`] and changes nothing (no step, no enqueue).
+    /// error starting with [`NON_FINITE`] before the SGD step and the enqueue (the forward's EMA and
+    /// BN running statistics are already applied: stop the run, the checkpoints on disk are intact).
     pub fn train_step(&mut self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepStats> {
         let device = self.model.vs_q.device();
         let x_q = to_device(x_q, device);
@@ -75,13 +90,24 @@ impl Pretrainer {
             .map(|(b, l)| (b.view, l.double_value(&[])))
             .collect();
         if !loss.is_finite() {
-            let per: Vec<String> = view_losses.iter().map(|(v, l)| format!("{v} {l}")).collect();
-            return Err(Error::Other(format!("{NON_FINITE} {loss} (per view: {})", per.join(", "))));
+            let per: Vec<String> = view_losses
+                .iter()
+                .map(|(v, l)| format!("{v} {l}"))
+                .collect();
+            return Err(Error::Other(format!(
+                "{NON_FINITE} {loss} (per view: {})",
+                per.join(", ")
+            )));
         }
         self.opt.zero_grad();
         out.loss.backward();
         self.opt.step();
         self.model.enqueue(&out.keys)?;
-        Ok(StepStats { loss, view_losses, phase: out.phase, batch: x_q.size()[0] as usize })
+        Ok(StepStats {
+            loss,
+            view_losses,
+            phase: out.phase,
+            batch: x_q.size()[0] as usize,
+        })
     }
 }

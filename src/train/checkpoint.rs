@@ -11,8 +11,8 @@
 //! re-derived at the start of each epoch, so resuming at an epoch boundary is exact.
 use crate::error::{Error, Result};
 use crate::ssl::trainer::Pretrainer;
-pub use crate::train::atomic::write_atomic;
 use crate::train::atomic::tmp_of;
+pub use crate::train::atomic::write_atomic;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -55,22 +55,36 @@ pub fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
 
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
     let tmp = tmp_of(path);
-    let cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&cpu, &tmp).map_err(|e| Error::Other(format!("{}: {e}", tmp.display())))?;
-    let bytes = std::fs::metadata(&tmp).map_err(|e| Error::io(&tmp, e))?.len();
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&cpu, &tmp)
+        .map_err(|e| Error::Other(format!("{}: {e}", tmp.display())))?;
+    let bytes = std::fs::metadata(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?
+        .len();
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
     Ok(bytes)
 }
 
 /// Saves checkpoint `name` of `trainer` into `dir`. `meta`'s file fields are filled in here.
-pub fn save(dir: &Path, name: &str, trainer: &Pretrainer, mut meta: CheckpointMeta) -> Result<PathBuf> {
+pub fn save(
+    dir: &Path,
+    name: &str,
+    trainer: &Pretrainer,
+    mut meta: CheckpointMeta,
+) -> Result<PathBuf> {
     let (wp, sp, jp) = paths(dir, name);
     meta.format = FORMAT.into();
     meta.queue_ptr = trainer.model.queue_ptr();
     meta.weights_bytes = write_tensors(&wp, &trainer.model.state_tensors())?;
-    let state: Vec<(String, Tensor)> =
-        trainer.opt.state().into_iter().map(|(n, t)| (format!("momentum_buffer.{n}"), t)).collect();
+    let state: Vec<(String, Tensor)> = trainer
+        .opt
+        .state()
+        .into_iter()
+        .map(|(n, t)| (format!("momentum_buffer.{n}"), t))
+        .collect();
     meta.state_bytes = write_tensors(&sp, &state)?;
     meta.weights_file = file_name(&wp);
     meta.state_file = file_name(&sp);
@@ -80,7 +94,9 @@ pub fn save(dir: &Path, name: &str, trainer: &Pretrainer, mut meta: CheckpointMe
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Reads the JSON of checkpoint `name` in `dir` (None when there is none).
@@ -93,7 +109,11 @@ pub fn read_meta(dir: &Path, name: &str) -> Result<Option<CheckpointMeta>> {
     let meta: CheckpointMeta =
         serde_json::from_str(&text).map_err(|e| Error::input(&jp, "json", e.to_string()))?;
     if meta.format != FORMAT {
-        return Err(Error::input(&jp, "format", format!("'{}', expected '{FORMAT}'", meta.format)));
+        return Err(Error::input(
+            &jp,
+            "format",
+            format!("'{}', expected '{FORMAT}'", meta.format),
+        ));
     }
     Ok(Some(meta))
 }
@@ -109,22 +129,39 @@ pub fn load(dir: &Path, name: &str, trainer: &mut Pretrainer) -> Result<Checkpoi
     for (p, want) in [(&wp, meta.weights_bytes), (&sp, meta.state_bytes)] {
         let got = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
         if got != want {
-            return Err(Error::input(p, "size", format!("{got} bytes, {} says {want}: torn checkpoint", jp.display())));
+            return Err(Error::input(
+                p,
+                "size",
+                format!("{got} bytes, {} says {want}: torn checkpoint", jp.display()),
+            ));
         }
     }
-    let weights = Tensor::read_safetensors(&wp).map_err(|e| Error::input(&wp, "safetensors", e.to_string()))?;
+    let weights = Tensor::read_safetensors(&wp)
+        .map_err(|e| Error::input(&wp, "safetensors", e.to_string()))?;
     trainer.model.load_state_tensors(&weights, &wp)?;
-    let state = Tensor::read_safetensors(&sp).map_err(|e| Error::input(&sp, "safetensors", e.to_string()))?;
+    let state = Tensor::read_safetensors(&sp)
+        .map_err(|e| Error::input(&sp, "safetensors", e.to_string()))?;
     let mut buffers = Vec::with_capacity(state.len());
     for (n, t) in state {
-        let p = n
-            .strip_prefix("momentum_buffer.")
-            .ok_or_else(|| Error::input(&sp, format!("tensor '{n}'"), "expected momentum_buffer.<name>"))?;
+        let p = n.strip_prefix("momentum_buffer.").ok_or_else(|| {
+            Error::input(
+                &sp,
+                format!("tensor '{n}'"),
+                "expected momentum_buffer.<name>",
+            )
+        })?;
         buffers.push((p.to_string(), t));
     }
-    trainer.opt.load_state(&buffers).map_err(|e| Error::input(&sp, "optimizer state", e.to_string()))?;
+    trainer
+        .opt
+        .load_state(&buffers)
+        .map_err(|e| Error::input(&sp, "optimizer state", e.to_string()))?;
     if trainer.model.queue_ptr() != meta.queue_ptr {
-        return Err(Error::input(&jp, "queue_ptr", "differs from the weights file"));
+        return Err(Error::input(
+            &jp,
+            "queue_ptr",
+            "differs from the weights file",
+        ));
     }
     Ok(meta)
 }

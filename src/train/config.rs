@@ -94,7 +94,12 @@ pub struct GraphArgs {
 
 impl Default for GraphArgs {
     fn default() -> Self {
-        Self { layout: "ntu-rgb+d".into(), strategy: "spatial".into(), max_hop: 1, dilation: 1 }
+        Self {
+            layout: "ntu-rgb+d".into(),
+            strategy: "spatial".into(),
+            max_hop: 1,
+            dilation: 1,
+        }
     }
 }
 
@@ -252,7 +257,7 @@ pub struct PretrainConfig {
 impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
-            work_dir: PathBuf::from("work_dir/crossclr_3views"),
+            work_dir: PathBuf::from("work_dirs/crossclr_3views"),
             model: ModelKind::Crossclr3,
             model_args: ModelArgs::default(),
             train_feeder: "feeder.ntu_feeder.Feeder_dual".into(),
@@ -306,20 +311,35 @@ fn de_f64<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error>
 impl PretrainConfig {
     /// The official defaults for `model` (SkeletonCLR: joint view), e.g. for benchmarks.
     pub fn with_model(model: ModelKind) -> Self {
-        let view = if model == ModelKind::Skeletonclr { "joint" } else { "all" };
-        Self { model, view: view.into(), ..Self::default() }
+        let view = if model == ModelKind::Skeletonclr {
+            "joint"
+        } else {
+            "all"
+        };
+        Self {
+            model,
+            view: view.into(),
+            ..Self::default()
+        }
     }
 
     /// Reads `path` (YAML, or TOML when the extension is `.toml`), applies `key=value` overrides
     /// and validates. Errors name the file and the offending key.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let is_toml = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        let is_toml = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
         Self::from_text(&text, is_toml, path, overrides)
     }
 
     /// Parses config `text` (`is_toml` selects the syntax; `source` is for messages).
-    pub fn from_text(text: &str, is_toml: bool, source: &Path, overrides: &[String]) -> Result<Self> {
+    pub fn from_text(
+        text: &str,
+        is_toml: bool,
+        source: &Path,
+        overrides: &[String],
+    ) -> Result<Self> {
         let mut tree: Value = if is_toml {
             toml::from_str(text).map_err(|e| Error::input(source, "toml", e.to_string()))?
         } else {
@@ -335,7 +355,11 @@ impl PretrainConfig {
             tree = Value::Object(Default::default());
         }
         if !tree.is_object() {
-            return Err(Error::input(source, "top level", "expected a mapping of keys"));
+            return Err(Error::input(
+                source,
+                "top level",
+                "expected a mapping of keys",
+            ));
         }
         for o in overrides {
             apply_override(&mut tree, o)?;
@@ -387,21 +411,39 @@ impl PretrainConfig {
             );
         }
         if a.temperature.is_nan() || a.temperature <= 0.0 {
-            return bad("model_args.Temperature", format!("{} must be > 0", a.temperature));
+            return bad(
+                "model_args.Temperature",
+                format!("{} must be > 0", a.temperature),
+            );
         }
         if !(0.0..=1.0).contains(&a.momentum) {
-            return bad("model_args.momentum", format!("{} must be in [0, 1]", a.momentum));
+            return bad(
+                "model_args.momentum",
+                format!("{} must be in [0, 1]", a.momentum),
+            );
         }
         if !(0.0..1.0).contains(&a.dropout) {
-            return bad("model_args.dropout", format!("{} must be in [0, 1)", a.dropout));
+            return bad(
+                "model_args.dropout",
+                format!("{} must be in [0, 1)", a.dropout),
+            );
         }
         if a.feature_dim <= 0 || a.hidden_dim <= 0 || a.hidden_channels <= 0 || a.in_channels <= 0 {
-            return bad("model_args", "feature_dim, hidden_dim, hidden_channels, in_channels must be > 0".into());
+            return bad(
+                "model_args",
+                "feature_dim, hidden_dim, hidden_channels, in_channels must be > 0".into(),
+            );
         }
         if !a.pretrain {
-            return bad("model_args.pretrain", "must be true for pre-training".into());
+            return bad(
+                "model_args.pretrain",
+                "must be true for pre-training".into(),
+            );
         }
-        if a.graph_args.strategy != "spatial" || a.graph_args.max_hop != 1 || a.graph_args.dilation != 1 {
+        if a.graph_args.strategy != "spatial"
+            || a.graph_args.max_hop != 1
+            || a.graph_args.dilation != 1
+        {
             return bad(
                 "model_args.graph_args",
                 "only strategy 'spatial' with max_hop 1 and dilation 1 is implemented".into(),
@@ -414,13 +456,22 @@ impl PretrainConfig {
             return bad("num_epoch", "must be > 0".into());
         }
         if self.start_epoch != 0 {
-            return bad("start_epoch", "must be 0; use --resume to continue a run".into());
+            return bad(
+                "start_epoch",
+                "must be 0; use --resume to continue a run".into(),
+            );
         }
         if !self.optimizer.eq_ignore_ascii_case("sgd") {
-            return bad("optimizer", format!("'{}': only SGD is implemented", self.optimizer));
+            return bad(
+                "optimizer",
+                format!("'{}': only SGD is implemented", self.optimizer),
+            );
         }
         if self.nesterov {
-            return bad("nesterov", "Nesterov momentum is not implemented (the official config uses false)".into());
+            return bad(
+                "nesterov",
+                "Nesterov momentum is not implemented (the official config uses false)".into(),
+            );
         }
         let lr_ok = self.base_lr.is_finite() && self.base_lr > 0.0;
         let wd_ok = self.weight_decay.is_finite() && self.weight_decay >= 0.0;
@@ -439,9 +490,15 @@ impl PretrainConfig {
     pub fn views(&self) -> Result<Vec<View>> {
         match self.model {
             ModelKind::Skeletonclr => {
-                let v = if self.view == "all" { "joint" } else { self.view.as_str() };
+                let v = if self.view == "all" {
+                    "joint"
+                } else {
+                    self.view.as_str()
+                };
                 let view: View = v.parse().map_err(|_| {
-                    Error::config(format!("view: '{v}' (use joint, motion, bone or bone_motion)"))
+                    Error::config(format!(
+                        "view: '{v}' (use joint, motion, bone or bone_motion)"
+                    ))
                 })?;
                 Ok(vec![view])
             }
@@ -501,8 +558,7 @@ pub fn apply_override(tree: &mut Value, spec: &str) -> Result<()> {
     if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
         return Err(Error::config(format!("override '{spec}': empty key")));
     }
-    let value: Value =
-        serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
+    let value: Value = serde_yaml::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
     let parts: Vec<&str> = key.split('.').collect();
     let mut node = tree;
     for (i, part) in parts.iter().enumerate() {
@@ -530,9 +586,17 @@ fn check_known_keys(tree: &Value, schema: &Value, prefix: &str, source: &Path) -
         return Ok(());
     };
     for (k, v) in t {
-        let dotted = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let dotted = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         // `num_worker` is the official alias of `workers`.
-        let lookup = if prefix.is_empty() && k == "num_worker" { "workers" } else { k.as_str() };
+        let lookup = if prefix.is_empty() && k == "num_worker" {
+            "workers"
+        } else {
+            k.as_str()
+        };
         match s.get(lookup) {
             None => {
                 let mut known: Vec<&String> = s.keys().collect();
@@ -572,12 +636,23 @@ mod tests {
 
     #[test]
     fn overrides_and_unknown_keys() {
-        let c = parse("model: skeletonclr\nview: motion\n", &["model_args.queue_size=1024", "step=[3, 5]", "base_lr=1e-2", "batch_size=32"]).unwrap();
+        let c = parse(
+            "model: skeletonclr\nview: motion\n",
+            &[
+                "model_args.queue_size=1024",
+                "step=[3, 5]",
+                "base_lr=1e-2",
+                "batch_size=32",
+            ],
+        )
+        .unwrap();
         assert_eq!(c.model_args.queue_size, 1024);
         assert_eq!(c.step, vec![3, 5]);
         assert_eq!(c.base_lr, 0.01);
         assert_eq!(c.views().unwrap(), vec![View::Motion]);
-        let e = parse("model_args:\n  queue_sise: 10\n", &[]).unwrap_err().to_string();
+        let e = parse("model_args:\n  queue_sise: 10\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_args.queue_sise"), "{e}");
         let e = parse("", &["foo.bar=1"]).unwrap_err().to_string();
         assert!(e.contains("'foo'"), "{e}");

@@ -1,5 +1,6 @@
-//! The work_dir log (`log.txt`, also echoed to stdout) and per-epoch metrics (`metrics.jsonl`,
-//! `metrics.csv`, `loss.png`).
+//! The work_dir log (`log.txt`, also echoed to stdout), per-epoch metrics (`metrics.jsonl`,
+//! `metrics.csv`), per-step losses (`steps.csv`: fractional epoch, total loss) and the loss curve
+//! (`loss.png`: per-step total loss and per-epoch means).
 use crate::error::{Error, Result};
 use crate::train::atomic::write_atomic;
 use indicatif::ProgressBar;
@@ -31,6 +32,9 @@ pub struct RunLogger {
     /// Lines are printed through the bar (so it is not garbled) when one is set.
     bar: Option<ProgressBar>,
     pub echo: bool,
+    /// `(fractional epoch, total loss)` of every step so far (for the curve).
+    steps: Vec<(f64, f64)>,
+    steps_file: Option<std::fs::File>,
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC of the system clock.
@@ -50,7 +54,12 @@ pub fn utc_now() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 impl RunLogger {
@@ -62,7 +71,55 @@ impl RunLogger {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(RunLogger { dir: dir.to_path_buf(), log, bar: None, echo })
+        Ok(RunLogger {
+            dir: dir.to_path_buf(),
+            log,
+            bar: None,
+            echo,
+            steps: Vec::new(),
+            steps_file: None,
+        })
+    }
+
+    /// Loads `steps.csv` keeping the steps of epochs `<= up_to` (rewritten atomically), then
+    /// appends to it. Call once before the first [`RunLogger::step`].
+    pub fn open_steps(&mut self, up_to: usize) -> Result<()> {
+        let path = self.dir.join("steps.csv");
+        let mut kept = String::from("epoch_position,loss\n");
+        self.steps.clear();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            for line in text.lines().skip(1) {
+                let mut it = line.split(',');
+                let (Some(x), Some(y)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let (Ok(x), Ok(y)) = (x.parse::<f64>(), y.parse::<f64>()) else {
+                    continue;
+                };
+                // Step s of epoch e sits at e - 1 + s / steps, in (e - 1, e].
+                if x <= up_to as f64 {
+                    self.steps.push((x, y));
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+        write_atomic(&path, kept.as_bytes())?;
+        self.steps_file = Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?,
+        );
+        Ok(())
+    }
+
+    /// Records one step's total loss at fractional epoch `position`.
+    pub fn step(&mut self, position: f64, loss: f64) {
+        self.steps.push((position, loss));
+        if let Some(f) = &mut self.steps_file {
+            let _ = writeln!(f, "{position},{loss}");
+        }
     }
 
     pub fn set_bar(&mut self, bar: Option<ProgressBar>) {
@@ -89,8 +146,10 @@ impl RunLogger {
             jsonl.push('\n');
         }
         write_atomic(&self.dir.join("metrics.jsonl"), jsonl.as_bytes())?;
-        let views: Vec<String> =
-            records.first().map(|r| r.view_losses.iter().map(|(v, _)| v.clone()).collect()).unwrap_or_default();
+        let views: Vec<String> = records
+            .first()
+            .map(|r| r.view_losses.iter().map(|(v, _)| v.clone()).collect())
+            .unwrap_or_default();
         let mut csv = String::from("epoch,phase,lr,loss");
         for v in &views {
             csv.push_str(&format!(",loss_{v}"));
@@ -101,21 +160,41 @@ impl RunLogger {
             for (_, l) in &r.view_losses {
                 csv.push_str(&format!(",{l}"));
             }
-            csv.push_str(&format!(",{},{:.3},{:.2}\n", r.steps, r.seconds, r.samples_per_second));
+            csv.push_str(&format!(
+                ",{},{:.3},{:.2}\n",
+                r.steps, r.seconds, r.samples_per_second
+            ));
         }
         write_atomic(&self.dir.join("metrics.csv"), csv.as_bytes())?;
-        let mut series: Vec<(String, Vec<(f64, f64)>)> =
-            vec![("total".into(), records.iter().map(|r| (r.epoch as f64, r.loss)).collect())];
+        let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![
+            ("total, per step".into(), self.steps.clone()),
+            (
+                "total, epoch mean".into(),
+                records.iter().map(|r| (r.epoch as f64, r.loss)).collect(),
+            ),
+        ];
         if views.len() > 1 {
             for (i, v) in views.iter().enumerate() {
                 series.push((
-                    v.clone(),
-                    records.iter().filter_map(|r| r.view_losses.get(i).map(|x| (r.epoch as f64, x.1))).collect(),
+                    format!("{v}, epoch mean"),
+                    records
+                        .iter()
+                        .filter_map(|r| r.view_losses.get(i).map(|x| (r.epoch as f64, x.1)))
+                        .collect(),
                 ));
             }
         }
-        let series: Vec<(&str, Vec<(f64, f64)>)> = series.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
-        crate::plot::line_chart(&self.dir.join("loss.png"), "pre-training loss", "epoch", "loss", &series)
+        let series: Vec<(&str, Vec<(f64, f64)>)> = series
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.clone()))
+            .collect();
+        crate::plot::line_chart(
+            &self.dir.join("loss.png"),
+            "pre-training loss",
+            "epoch",
+            "loss",
+            &series,
+        )
     }
 }
 

@@ -4,7 +4,7 @@
 //! epoch, `epoch<N>` every `save_interval`). `--resume` continues from `last` exactly.
 //!
 //! work_dir contents: `config.yaml` (resolved), `log.txt`, `metrics.jsonl`, `metrics.csv`,
-//! `loss.png`, `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
+//! `steps.csv`, `loss.png`, `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
 use crate::data::augment::AugmentConfig;
 use crate::data::loader::{batches_per_epoch, try_epoch_batches, LoaderConfig};
 use crate::data::SkeletonDataset;
@@ -66,7 +66,14 @@ pub fn epoch_seed(seed: u64, epoch: usize) -> i64 {
 
 /// Runs pre-training as the config says (no resume, device from the config).
 pub fn run(cfg: &PretrainConfig) -> Result<Summary> {
-    run_with(cfg, &RunOptions { progress: true, echo: true, ..Default::default() })
+    run_with(
+        cfg,
+        &RunOptions {
+            progress: true,
+            echo: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// Runs pre-training with options.
@@ -144,7 +151,15 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         start_epoch = meta.epoch + 1;
         global_step = meta.global_step;
         records = read_records(&dir, meta.epoch)?;
-        log.line(&format!("resumed from {} at epoch {}", dir.join("last.json").display(), meta.epoch));
+        log.open_steps(meta.epoch)?;
+        log.line(&format!(
+            "resumed from {} at epoch {}",
+            dir.join("last.json").display(),
+            meta.epoch
+        ));
+    }
+    if !opts.resume {
+        log.open_steps(0)?;
     }
     log.line(&format!(
         "model {} views [{}] on {device_name}: {} trainable parameters; {} samples, {steps} steps/epoch, epochs {start_epoch}..={}",
@@ -183,9 +198,12 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         let mut samples = 0usize;
         let mut phase = 1;
         for batch in loader {
-            let (mut x_q, x_k) = (batch.views[0].shallow_clone(), batch.views[1].shallow_clone());
+            let (mut x_q, x_k) = (
+                batch.views[0].shallow_clone(),
+                batch.views[1].shallow_clone(),
+            );
             if opts.inject_nan_from_epoch.is_some_and(|e| epoch >= e) {
-                x_q = x_q * f64::NAN;
+                x_q *= f64::NAN;
             }
             let stats = match trainer.train_step(&x_q, &x_k, epoch) {
                 Ok(s) => s,
@@ -212,11 +230,18 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             samples += stats.batch;
             phase = stats.phase;
             sum += stats.loss;
+            log.step(
+                (epoch - 1) as f64 + n_steps as f64 / steps as f64,
+                stats.loss,
+            );
             for (s, (_, l)) in view_sums.iter_mut().zip(&stats.view_losses) {
                 *s += l;
             }
-            if cfg.log_interval > 0 && global_step % cfg.log_interval as u64 == 0 {
-                log.line(&format!("epoch {epoch} step {n_steps}/{steps}: loss {:.4} lr {lr}", stats.loss));
+            if cfg.log_interval > 0 && global_step.is_multiple_of(cfg.log_interval as u64) {
+                log.line(&format!(
+                    "epoch {epoch} step {n_steps}/{steps}: loss {:.4} lr {lr}",
+                    stats.loss
+                ));
             }
             if let Some(b) = &bar {
                 b.set_message(format!("{epoch}/{} loss {:.3}", cfg.num_epoch, stats.loss));
@@ -240,7 +265,11 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             seconds,
             samples_per_second: samples as f64 / seconds.max(1e-9),
         };
-        let views: Vec<String> = record.view_losses.iter().map(|(v, l)| format!("{v} {l:.4}")).collect();
+        let views: Vec<String> = record
+            .view_losses
+            .iter()
+            .map(|(v, l)| format!("{v} {l:.4}"))
+            .collect();
         log.line(&format!(
             "epoch {epoch} (phase {phase}, lr {lr}): loss {:.4} [{}], {seconds:.1} s, {:.1} samples/s",
             record.loss,
@@ -263,7 +292,9 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             state_file: String::new(),
             state_bytes: 0,
         };
-        if cfg.save_interval > 0 && (epoch % cfg.save_interval as usize == 0 || epoch == cfg.num_epoch) {
+        if cfg.save_interval > 0
+            && (epoch % cfg.save_interval as usize == 0 || epoch == cfg.num_epoch)
+        {
             let p = checkpoint::save(&dir, &format!("epoch{epoch}"), &trainer, meta.clone())?;
             log.line(&format!("saved {}", p.display()));
         }

@@ -18,10 +18,21 @@ pub struct Sgd {
 
 impl Sgd {
     /// `params`: the trainable tensors with their names; sorted by name for a stable order.
-    pub fn new(mut params: Vec<(String, Tensor)>, lr: f64, momentum: f64, weight_decay: f64) -> Self {
+    pub fn new(
+        mut params: Vec<(String, Tensor)>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+    ) -> Self {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let buffers = params.iter().map(|_| None).collect();
-        Sgd { params, buffers, lr, momentum, weight_decay }
+        Sgd {
+            params,
+            buffers,
+            lr,
+            momentum,
+            weight_decay,
+        }
     }
 
     /// Parameters in optimizer order.
@@ -48,7 +59,11 @@ impl Sgd {
                 if !g.defined() {
                     continue;
                 }
-                let mut d = if self.weight_decay != 0.0 { &g + &*p * self.weight_decay } else { g.copy() };
+                let mut d = if self.weight_decay != 0.0 {
+                    &g + &*p * self.weight_decay
+                } else {
+                    g.copy()
+                };
                 if self.momentum != 0.0 {
                     match buf {
                         Some(b) => {
@@ -84,7 +99,9 @@ impl Sgd {
                 .params
                 .iter()
                 .position(|(n, _)| n == name)
-                .ok_or_else(|| Error::Other(format!("optimizer state: unknown parameter '{name}'")))?;
+                .ok_or_else(|| {
+                    Error::Other(format!("optimizer state: unknown parameter '{name}'"))
+                })?;
             let p = &self.params[i].1;
             if p.size() != t.size() {
                 return Err(Error::Other(format!(
