@@ -33,8 +33,8 @@ echo "corpus:  $RAW: $(ls "$RAW" | grep -c '\.skeleton$') files, $(du -sh "$RAW"
 [ "${SKIP_BUILD:-0}" = 1 ] || (cd "$ROOT" && cargo build --release --bin crossclr 2>&1 | tail -1)
 rm -rf "$WORK" && mkdir -p "$WORK"
 
-# Page cache: read the corpus once so both tools start warm.
-cat "$RAW"/*.skeleton > /dev/null
+# Page cache: read the corpus once so both tools start warm (when it fits in memory).
+find "$RAW" -maxdepth 1 -name '*.skeleton' -print0 | xargs -0 cat > /dev/null
 
 # Wall and CPU (user + sys) seconds of a command: "<wall> <cpu>" appended to $WORK/times.
 TIMEFORMAT='%R %U %S'

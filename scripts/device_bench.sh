@@ -8,7 +8,7 @@
 # BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
 # final table on stdout. EXTRA=1 adds a graph run with libtorch's default TF32 flags. Every stage runs under `timeout`, so one hang cannot eat the budget.
-set -u
+set -u -o pipefail
 BIN=${BIN:-.devbin/crossclr}
 OUT=${OUT:-/tmp/device_bench_out}
 PY=${PY:-python3}
@@ -127,7 +127,7 @@ def label(r):
         return 'pytorch ' + r['mode']
     m = r['mode'] + ('' if r['tf32'] == 'default' else ' tf32=' + r['tf32'])
     return 'ours ' + m + (' cudnn-bench' if r['cudnn_benchmark'] else '')
-print(f"{'model':<12}{'ph':>3}  {'run':<40}{'ms med':>9}{'ms min':>9}{'pipel.':>9}{'peak MiB':>10}{'eager/x':>9}{'tuned/x':>9}")
+print(f"{'model':<12}{'ph':>3}  {'run':<40}{'ms med':>9}{'ms min':>9}{'pipel.':>9}{'peak MiB':>10}{'resv MiB':>10}{'eager/x':>9}{'tuned/x':>9}")
 for key in keys:
     rs = [r for r in bench if (r['model'], r['phase']) == key]
     eager = next((r['ms_median'] for r in rs if r['impl'] == 'pytorch' and r['mode'] == 'eager'), None)
@@ -136,10 +136,12 @@ for key in keys:
         ms = r['ms_median']
         pip = r.get('ms_pipelined')
         peak = (r.get('peak_bytes') or 0) / 2**20
+        resv = (r.get('peak_reserved_bytes') or 0) / 2**20
         e = f"{eager / ms:.2f}" if eager else '-'
         t = f"{tuned / ms:.2f}" if tuned else '-'
         print(f"{key[0]:<12}{key[1]:>3}  {label(r):<40}{ms:9.2f}{r['ms_min']:9.2f}"
-              f"{(f'{pip:9.2f}' if pip else '        -')}{peak:10.1f}{e:>9}{t:>9}")
+              f"{(f'{pip:9.2f}' if pip else '        -')}{peak:10.1f}{resv:10.1f}{e:>9}{t:>9}")
 print("eager/x, tuned/x: PyTorch eager / tuned median ms over this row's median ms (> 1 = faster than PyTorch)")
+print("peak MiB: max allocated in the timed region; resv MiB: max reserved (compare graph rows on this one)")
 EOF
 say "done in $(($(date +%s) - T_START)) s; JSON in $JSONL"

@@ -303,8 +303,10 @@ def main():
         losses.append(step(a.warmup + i))
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
+    peak_reserved = None
     if dev.type == 'cuda':
         peak, peak_kind = torch.cuda.max_memory_allocated(dev), 'cuda_max_memory_allocated'
+        peak_reserved = torch.cuda.max_memory_reserved(dev)
         name = torch.cuda.get_device_name(dev)
     else:
         peak, peak_kind = peak_rss_bytes(), 'process_peak_rss'
@@ -317,7 +319,7 @@ def main():
         'mode': a.mode, 'graph': False, 'tf32': a.mode == 'tuned', 'cudnn_benchmark': a.mode == 'tuned',
         'warmup': a.warmup, 'iters': a.iters, 'ms_median': med, 'ms_min': min(times),
         'ms_mean': statistics.fmean(times), 'samples_per_s': a.batch * 1e3 / med, 'peak_bytes': peak,
-        'peak_kind': peak_kind, 'loss_first': losses[0], 'loss_last': losses[-1],
+        'peak_reserved_bytes': peak_reserved, 'peak_kind': peak_kind, 'loss_first': losses[0], 'loss_last': losses[-1],
     }
     if a.json:
         print(json.dumps(out))

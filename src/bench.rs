@@ -194,6 +194,10 @@ pub struct BenchReport {
     /// `batch / ms_median` in samples per second.
     pub samples_per_s: f64,
     pub peak_bytes: Option<i64>,
+    /// CUDA only: peak bytes reserved by the caching allocator over the timed region (includes
+    /// a CUDA graph's private pool, whose intermediates do not count as allocated between replays:
+    /// compare graph rows on this figure).
+    pub peak_reserved_bytes: Option<i64>,
     /// "cuda_max_memory_allocated" or "process_peak_rss".
     pub peak_kind: &'static str,
     pub loss_first: f64,
@@ -277,13 +281,15 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     }
     synchronize(device);
     let ms_pipelined = t0.elapsed().as_secs_f64() * 1e3 / cfg.iters as f64;
-    let (peak_bytes, peak_kind) = if device.is_cuda() {
+    let (peak_bytes, peak_reserved_bytes, peak_kind) = if device.is_cuda() {
+        let m = gpu::cuda_memory(device)?;
         (
-            Some(gpu::cuda_memory(device)?.peak_allocated),
+            Some(m.peak_allocated),
+            Some(m.peak_reserved),
             "cuda_max_memory_allocated",
         )
     } else {
-        (gpu::peak_rss_bytes(), "process_peak_rss")
+        (gpu::peak_rss_bytes(), None, "process_peak_rss")
     };
     let loss_of = |t: Option<&Tensor>| t.map(|t| t.double_value(&[])).unwrap_or(f64::NAN);
     let loss_first = loss_of(losses.first());
@@ -328,6 +334,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         ms_pipelined,
         samples_per_s: cfg.batch as f64 * 1e3 / ms_median,
         peak_bytes,
+        peak_reserved_bytes,
         peak_kind,
         loss_first,
         loss_last,

@@ -665,6 +665,35 @@ fn prepare_end_to_end_with_python_readback() {
 }
 
 #[test]
+fn prepare_cuts_files_longer_than_the_raw_frame_limit() {
+    let raw = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let p = raw.path().join("S001C002P001R001A001.skeleton");
+    std::fs::write(&p, synth_skeleton(12, 1, 0.0)).unwrap();
+    let mut cfg = PrepareConfig::new(NtuVersion::Ntu60, raw.path(), out.path());
+    cfg.benchmarks = vec![Benchmark::Xview];
+    cfg.max_frames = 10;
+    cfg.out_frames = 4;
+    let s = prepare::prepare_ntu(&cfg).unwrap();
+    assert_eq!(
+        s.truncated,
+        vec!["S001C002P001R001A001.skeleton".to_string()]
+    );
+    assert!(
+        s.to_string().contains("longer than the raw frame limit"),
+        "{s}"
+    );
+    let (shape, data) = npy::read_f32(&out.path().join("xview/train_data.npy")).unwrap();
+    assert_eq!(shape, vec![1, 3, 10, 25, 2]);
+    let sk = ntu::read_skeleton(&p).unwrap();
+    let mut first10 = vec![0f32; 3 * 10 * 50];
+    sk.fill_padded(10, &mut first10);
+    assert_eq!(data, first10);
+    let (pshape, _) = npy::read_f32(&out.path().join("xview/train_position.npy")).unwrap();
+    assert_eq!(pshape, vec![1, 3, 4, 25, 2]);
+}
+
+#[test]
 fn prepare_fail_mode_leaves_no_output_files() {
     let raw = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();

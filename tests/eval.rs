@@ -338,17 +338,17 @@ fn tsne_separates_clusters() {
 }
 
 /// Speed of the linear protocol on NTU-60-size random features (40k x 256, 60 classes, 100 epochs).
-/// Run with `cargo test --release --test eval -- --ignored --nocapture linear_speed`.
+/// Run with `cargo test --test eval -- --ignored --nocapture linear_speed` (SPEED_EPOCHS,
+/// SPEED_THREADS optional).
 #[test]
 #[ignore]
 fn linear_speed_ntu60_size() {
     tch::manual_seed(0);
-    if let Some(t) = std::env::var("SPEED_THREADS")
+    // SPEED_THREADS: libtorch threads of the training loop (default 1, LinearConfig's default).
+    let threads = std::env::var("SPEED_THREADS")
         .ok()
         .and_then(|e| e.parse().ok())
-    {
-        tch::set_num_threads(t);
-    }
+        .unwrap_or(1);
     let n = 40_000;
     let labels: Vec<i64> = (0..n).map(|i| (i % 60) as i64).collect();
     let names: Vec<String> = (0..n).map(|i| i.to_string()).collect();
@@ -366,6 +366,7 @@ fn linear_speed_ntu60_size() {
         &test,
         &LinearConfig {
             epochs,
+            cpu_threads: threads,
             ..Default::default()
         },
     )
@@ -487,6 +488,20 @@ fn linear_end_to_end_on_demo_data() {
     assert!(json["last"]["test"]["top1"].as_f64().is_some());
     let csv = std::fs::read_to_string(work.path().join("confusion.csv")).unwrap();
     assert_eq!(csv.lines().count(), k + 1);
+
+    // A feature cache is written on the first run and reused (same results) on the second.
+    let cache = work.path().join("cache");
+    let opts = OutputOptions {
+        feature_cache: Some(cache.clone()),
+        tsne: false,
+        ..Default::default()
+    };
+    let setup = tiny_encoder("joint,motion", None);
+    let a = protocol::run_linear(&splits, &setup, &cfg, 0.25, tch::Device::Cpu, &opts).unwrap();
+    assert!(cache.join("features_key.json").is_file());
+    let b = protocol::run_linear(&splits, &setup, &cfg, 0.25, tch::Device::Cpu, &opts).unwrap();
+    assert_eq!(a.last.test, b.last.test);
+    assert_eq!(a.last.test, s.last.test);
 }
 
 #[test]

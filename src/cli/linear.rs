@@ -20,6 +20,10 @@ pub struct OutputArgs {
     /// Samples per encoder forward pass when computing features.
     #[arg(long, default_value_t = 256)]
     pub feature_batch: usize,
+    /// Cache the frozen features in this folder and reuse them on later runs with the same
+    /// weights file, streams and data (linear, knn).
+    #[arg(long)]
+    pub feature_cache: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -35,6 +39,7 @@ impl OutputArgs {
             tsne: !self.no_tsne,
             save_features: self.save_features,
             feature_batch: self.feature_batch,
+            feature_cache: self.feature_cache.clone(),
         }
     }
 
@@ -107,6 +112,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch_size: args.batch,
         eval_interval: args.eval_interval,
         seed: args.seed,
+        cpu_threads: if args.output.threads > 0 {
+            args.output.threads
+        } else {
+            1
+        },
     };
     let summary = protocol::run_linear(
         &splits,

@@ -68,6 +68,9 @@ pub struct OutputOptions {
     pub save_features: bool,
     /// Samples per encoder forward pass when computing features.
     pub feature_batch: usize,
+    /// Folder where frozen features are cached between runs (`linear`, `knn`), keyed by the
+    /// weights file, streams and data.
+    pub feature_cache: Option<PathBuf>,
 }
 
 impl Default for OutputOptions {
@@ -77,6 +80,7 @@ impl Default for OutputOptions {
             tsne: true,
             save_features: false,
             feature_batch: 256,
+            feature_cache: None,
         }
     }
 }
@@ -233,7 +237,66 @@ fn holdout(
     Ok((train.subset(&tr), Some(train.subset(&va))))
 }
 
-/// Frozen features of both splits (eval-mode encoders, no augmentation), saved when asked.
+/// What the cached features were computed from: weights file (path, size, modification time) or
+/// the random-encoder config and seed, the streams, and both splits' sources and sizes. A cache
+/// whose key differs is recomputed, never reused.
+fn cache_key(splits: &Splits, setup: &EncoderSetup) -> serde_json::Value {
+    let weights = match &setup.weights {
+        Some(p) => {
+            let meta = std::fs::metadata(p).ok();
+            let modified = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            serde_json::json!({"path": p, "bytes": meta.map(|m| m.len()), "modified": modified})
+        }
+        None => serde_json::json!({"random": setup.random, "seed": setup.seed}),
+    };
+    serde_json::json!({
+        "weights": weights,
+        "streams": setup.streams,
+        "train": {"source": splits.train.source, "shape": splits.train.shape},
+        "val": {"source": splits.val.source, "shape": splits.val.shape},
+    })
+}
+
+/// Features of one split from `dir` (`features_<split>_<stream>.npy`, `names_<split>.txt`), or
+/// `None` when a file is missing or does not match the dataset (sample count, names).
+fn load_cached(
+    dir: &Path,
+    split_name: &str,
+    ds: &SkeletonDataset,
+    streams: &[StreamSpec],
+) -> Option<FeatureSet> {
+    let names = std::fs::read_to_string(dir.join(format!("names_{split_name}.txt"))).ok()?;
+    if names.lines().count() != ds.len() || names.lines().zip(&ds.names).any(|(a, b)| a != b) {
+        return None;
+    }
+    let mut features = Vec::new();
+    for s in streams {
+        let path = dir.join(format!("features_{split_name}_{}.npy", s.name()));
+        let (shape, data) = crate::data::npy::read_f32(&path).ok()?;
+        if shape.len() != 2 || shape[0] != ds.len() {
+            return None;
+        }
+        features.push(tch::Tensor::from_slice(&data).view([shape[0] as i64, shape[1] as i64]));
+    }
+    let stream_names = streams.iter().map(|s| s.name().to_string()).collect();
+    FeatureSet::new(
+        stream_names,
+        features,
+        ds.labels.clone(),
+        ds.names.clone(),
+        ds.num_classes,
+    )
+    .ok()
+}
+
+/// Frozen features of both splits (eval-mode encoders, no augmentation). With
+/// `opts.feature_cache`, features computed earlier from the same weights, streams and data are
+/// read back from there instead (and fresh ones are written there); with `opts.save_features`
+/// they are also written to the work_dir.
 pub fn features_of(
     splits: &Splits,
     setup: &EncoderSetup,
@@ -241,6 +304,22 @@ pub fn features_of(
     opts: &OutputOptions,
 ) -> Result<(FeatureSet, FeatureSet, f64)> {
     let start = std::time::Instant::now();
+    let key = cache_key(splits, setup);
+    if let Some(dir) = &opts.feature_cache {
+        let stored: Option<serde_json::Value> =
+            std::fs::read_to_string(dir.join("features_key.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+        if stored.as_ref() == Some(&key) {
+            if let (Some(train), Some(test)) = (
+                load_cached(dir, "train", &splits.train, &setup.streams),
+                load_cached(dir, "val", &splits.val, &setup.streams),
+            ) {
+                eprintln!("features: reusing the cache in {}", dir.display());
+                return Ok((train, test, start.elapsed().as_secs_f64()));
+            }
+        }
+    }
     let in_channels = splits.train.shape[1] as i64;
     let encoders = setup.build(&splits.train.layout, in_channels, 0.0, device)?;
     let train = extract(&splits.train, &encoders, opts.feature_batch)?;
@@ -248,6 +327,11 @@ pub fn features_of(
     if let (Some(dir), true) = (&opts.work_dir, opts.save_features) {
         train.save(dir, "train")?;
         test.save(dir, "val")?;
+    }
+    if let Some(dir) = &opts.feature_cache {
+        train.save(dir, "train")?;
+        test.save(dir, "val")?;
+        report::write_json(&dir.join("features_key.json"), &key)?;
     }
     Ok((train, test, start.elapsed().as_secs_f64()))
 }

@@ -39,7 +39,7 @@ mod ffi;
 pub mod graph;
 pub mod memory;
 pub mod ops;
-// pub mod step; // enabled once src/ssl/mod.rs exports `model` (H4)
+pub mod step;
 
 pub use graph::{CaptureMode, CapturedStep, CudaGraph};
 pub use memory::{
@@ -49,6 +49,7 @@ pub use ops::{
     ema_, fused_sgd_, set_cudnn_benchmark, set_tf32, tf32_state, zero_grad_, FusedSgd, Lr,
     SgdConfig,
 };
+pub use step::FastStep;
 
 /// What the shim was built with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,6 +6,9 @@
 //!   small pickle machine in [`pickle`], without Python;
 //! - a safetensors file.
 //!
+//! (libtorch's own loaders do not read these files: `Tensor::loadz_multi` fails with "Expected
+//! GenericDict but got None" and `Tensor::load_multi` looks for TorchScript's `constants.pkl`.)
+//!
 //! [`load_into`] copies named tensors into a [`VarStore`], optionally stripping a prefix such as
 //! `encoder_q.` (and `module.` from DataParallel checkpoints), and reports loaded, missing and
 //! unexpected names; shape mismatches are errors naming both shapes.
