@@ -31,7 +31,12 @@ MISSING=$ROOT/resources/ntu/NTU_RGBD_samples_with_missing_skeletons.txt
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "corpus:  $RAW: $(ls "$RAW" | grep -c '\.skeleton$') files, $(du -sh "$RAW" | cut -f1)"
 [ "${SKIP_BUILD:-0}" = 1 ] || (cd "$ROOT" && cargo build --release --bin crossclr 2>&1 | tail -1)
-rm -rf "$WORK" && mkdir -p "$WORK"
+# Clear the scratch folder, but only one made by this script (or an empty one).
+if [ -d "$WORK" ] && [ -n "$(ls -A "$WORK")" ] && [ ! -e "$WORK/times" ] && [ ! -d "$WORK/rust" ]; then
+    echo "refusing to clear $WORK: not a bench_prepare.sh work folder" >&2
+    exit 1
+fi
+rm -rf "$WORK" && mkdir -p "$WORK" && touch "$WORK/times"
 
 # Page cache: read the corpus once so both tools start warm (when it fits in memory).
 find "$RAW" -maxdepth 1 -name '*.skeleton' -print0 | xargs -0 cat > /dev/null

@@ -1,5 +1,6 @@
 //! Raw bindings of the C++ shim (csrc/shim.h) and the one helper that turns its status + message
 //! convention into [`crate::Error`]. Everything here is private to [`crate::gpu`].
+#![cfg_attr(crossclr_no_shim, allow(unused_imports, dead_code))]
 use crate::error::{Error, Result};
 use std::ffi::{c_char, c_int};
 

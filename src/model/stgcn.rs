@@ -65,9 +65,10 @@ pub enum Formulation {
 /// (they commute: both are linear).
 ///
 /// Measured on the 2-core CPU (batch 128 × 2 bodies × 50 frames, forward + backward, best of 3,
-/// process CPU seconds on a shared, busy machine): PyTorch official 11.9-12.1,
-/// [`Formulation::Reference`] 11.8, `ConvFirst` 10.8, `Auto` 10.3, `AggFirst` 9.9-10.1, hence
-/// `AggFirst` is the default. (`cargo test --lib bench_formulations -- --ignored --nocapture`.)
+/// process CPU seconds on a shared, busy machine, runs interleaved): PyTorch official 10.2-13.9,
+/// [`Formulation::Reference`] 11.1-11.8, `ConvFirst` 10.8, `Auto` 10.2, `AggFirst` 8.9-10.1,
+/// hence `AggFirst` is the default.
+/// (`cargo test --lib bench_formulations -- --ignored --nocapture`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Aggregation {
     /// `K` products `W_k x + b_k` (`C_out` channels each), then `sum_k y_k @ (A_k ⊙ E_k)`.
