@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole GPU check in one device call: scripts/device_bench.sh (our step vs the PyTorch
+# baseline, parity on CUDA), then the throughput of a real `pretrain` loop (CrosSCLR-3, batch 128,
+# NTU-shaped synthetic data, loader workers on the host) to compare with the step benchmark.
+# Usage on the GPU machine: BIN=.devbin/crossclr bash scripts/device_run.sh
+set -u -o pipefail
+BIN=${BIN:-.devbin/crossclr}
+OUT=${OUT:-/tmp/device_run_out}
+export OUT
+mkdir -p "$OUT"
+bash scripts/device_bench.sh
+TORCH_DIR=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')
+export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "== whole-loop throughput: crossclr pretrain, CrosSCLR-3, batch 128, 1,284 NTU-shaped sequences"
+timeout 60 "$BIN" synth --out /tmp/ntu_synth --classes 12 --train-per-class 107 --val-per-class 1 \
+    --frames 50 --bodies 2 >/dev/null
+for phase in 1 2; do
+    cross=$([ $phase = 1 ] && echo 10 || echo 0)
+    timeout 150 "$BIN" pretrain --config configs/crossclr/3s_ntu60_xview.yaml --device cuda --quiet \
+        work_dir=/tmp/loop$phase num_epoch=4 cross_epoch=$cross workers=8 save_interval=100 \
+        dataset.format=npy dataset.data=/tmp/ntu_synth/train_data.npy \
+        dataset.label=/tmp/ntu_synth/train_label.pkl dataset.layout=ntu25 dataset.mmap=false \
+        >"$OUT/loop$phase.log" 2>&1 || echo "loop phase $phase failed (see loop$phase.log)"
+    cp /tmp/loop$phase/metrics.csv "$OUT/loop_phase$phase.csv" 2>/dev/null
+    grep "(phase" "$OUT/loop$phase.log" | tail -3
+done
