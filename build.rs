@@ -48,7 +48,9 @@ fn main() {
 /// `triton` wheel (a dependency of torch) bundles provide them, searched after the runtime folder so
 /// that only `crt/*` comes from there. `None` if no complete set is found.
 fn cuda_includes(libtorch: &Path) -> Option<Vec<PathBuf>> {
-    let root = libtorch.canonicalize().unwrap_or_else(|_| libtorch.to_path_buf());
+    let root = libtorch
+        .canonicalize()
+        .unwrap_or_else(|_| libtorch.to_path_buf());
     let site = root.join("..");
     let mut system: Vec<PathBuf> = Vec::new();
     if let Ok(home) = std::env::var("CUDA_HOME") {
@@ -61,12 +63,18 @@ fn cuda_includes(libtorch: &Path) -> Option<Vec<PathBuf>> {
         .collect();
     runtime.push(site.join("nvidia").join("cuda_runtime").join("include"));
     runtime.extend(system.iter().cloned());
-    let runtime = runtime.into_iter().find(|dir| dir.join("cuda_runtime_api.h").exists())?;
+    let runtime = runtime
+        .into_iter()
+        .find(|dir| dir.join("cuda_runtime_api.h").exists())?;
     let has_crt = |dir: &Path| dir.join("crt").join("host_config.h").exists();
     if has_crt(&runtime) {
         return Some(vec![runtime]);
     }
-    let mut crt = vec![site.join("triton").join("backends").join("nvidia").join("include")];
+    let mut crt = vec![site
+        .join("triton")
+        .join("backends")
+        .join("nvidia")
+        .join("include")];
     crt.extend(system);
     let crt = crt.into_iter().find(|dir| has_crt(dir))?;
     Some(vec![runtime, crt])
@@ -112,7 +120,9 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
         ),
     }
     if let Err(e) = build.try_compile("crossclr_shim") {
-        println!("cargo:warning=crossclr: the C++ shim failed to compile ({e}); building without it");
+        println!(
+            "cargo:warning=crossclr: the C++ shim failed to compile ({e}); building without it"
+        );
         println!("cargo:rustc-cfg=crossclr_no_shim");
     }
 }

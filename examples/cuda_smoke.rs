@@ -6,7 +6,11 @@ fn main() {
     println!("cuda available: {}", tch::Cuda::is_available());
     println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
     println!("device count: {}", tch::Cuda::device_count());
-    let device = if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu };
+    let device = if tch::Cuda::is_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    };
     let x = Tensor::randn([256, 64, 50, 25], (Kind::Float, device)).set_requires_grad(true);
     let w = Tensor::randn([64, 64, 9, 1], (Kind::Float, device)).set_requires_grad(true);
     for i in 0..3 {
@@ -17,6 +21,10 @@ fn main() {
         if device.is_cuda() {
             tch::Cuda::synchronize(0);
         }
-        println!("iter {i}: conv fwd+bwd {:.2} ms, loss {:.4}", t.elapsed().as_secs_f64() * 1e3, loss.double_value(&[]));
+        println!(
+            "iter {i}: conv fwd+bwd {:.2} ms, loss {:.4}",
+            t.elapsed().as_secs_f64() * 1e3,
+            loss.double_value(&[])
+        );
     }
 }

@@ -14,7 +14,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
         i.parse::<usize>()
             .map_err(|_| Error::config(format!("device '{s}': expected cuda:<index>")))?
     } else {
-        return Err(Error::config(format!("unknown device '{s}' (use cpu, cuda or cuda:N)")));
+        return Err(Error::config(format!(
+            "unknown device '{s}' (use cpu, cuda or cuda:N)"
+        )));
     };
     if !tch::Cuda::is_available() {
         return Err(Error::config(format!(
@@ -23,7 +25,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
     let count = tch::Cuda::device_count() as usize;
     if index >= count {
-        return Err(Error::config(format!("device '{s}': only {count} CUDA device(s) present")));
+        return Err(Error::config(format!(
+            "device '{s}': only {count} CUDA device(s) present"
+        )));
     }
     Ok(Device::Cuda(index))
 }

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// Bad input data: `file`, `place` (e.g. "line 12", "sample 3", "header"), `what` went wrong.
     #[error("{}: {place}: {what}", file.display())]
-    Input { file: PathBuf, place: String, what: String },
+    Input {
+        file: PathBuf,
+        place: String,
+        what: String,
+    },
     /// An I/O failure on a file.
     #[error("{}: {err}", file.display())]
     Io { file: PathBuf, err: std::io::Error },
@@ -26,12 +30,23 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Bad input at `place` of `file`.
-    pub fn input(file: impl AsRef<Path>, place: impl Into<String>, what: impl Into<String>) -> Self {
-        Error::Input { file: file.as_ref().to_path_buf(), place: place.into(), what: what.into() }
+    pub fn input(
+        file: impl AsRef<Path>,
+        place: impl Into<String>,
+        what: impl Into<String>,
+    ) -> Self {
+        Error::Input {
+            file: file.as_ref().to_path_buf(),
+            place: place.into(),
+            what: what.into(),
+        }
     }
     /// I/O error on `file`.
     pub fn io(file: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { file: file.as_ref().to_path_buf(), err: source }
+        Error::Io {
+            file: file.as_ref().to_path_buf(),
+            err: source,
+        }
     }
     pub fn config(msg: impl Into<String>) -> Self {
         Error::Config(msg.into())

@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 mod cli;
 
 #[derive(Parser)]
-#[command(name = "crossclr", version, about = "CrosSCLR / SkeletonCLR skeleton action representation learning")]
+#[command(
+    name = "crossclr",
+    version,
+    about = "CrosSCLR / SkeletonCLR skeleton action representation learning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

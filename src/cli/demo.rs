@@ -99,7 +99,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         format!("model_args.num_class={}", args.classes),
     ];
     overrides.extend(args.overrides.iter().cloned());
-    let cfg = PretrainConfig::from_text(DEMO_CONFIG, false, Path::new("configs/demo.yaml"), &overrides)?;
+    let cfg = PretrainConfig::from_text(
+        DEMO_CONFIG,
+        false,
+        Path::new("configs/demo.yaml"),
+        &overrides,
+    )?;
     println!(
         "[2/3] pre-training {} ({} epochs, CVC-KM from epoch {}, batch {}, queue {}) on {:?} -> {}",
         cfg.model.name(),
@@ -116,7 +121,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             device: Some(args.device.clone()),
             progress: true,
             echo: true,
-            dataset: Some(Arc::new(train.subset(&(0..train.len()).collect::<Vec<_>>()))),
+            dataset: Some(Arc::new(
+                train.subset(&(0..train.len()).collect::<Vec<_>>()),
+            )),
             ..Default::default()
         },
     )?;
@@ -167,16 +174,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let knn_random = protocol::run_knn(&splits, &random, &knn_cfgs, device, &out("knn_random"))?;
 
     println!();
-    println!("== demo results (3-stream CrosSCLR, {} test sequences, chance {:.1}%) ==", splits.val.len(), 100.0 / args.classes as f64);
+    println!(
+        "== demo results (3-stream CrosSCLR, {} test sequences, chance {:.1}%) ==",
+        splits.val.len(),
+        100.0 / args.classes as f64
+    );
     println!("linear evaluation (official recipe, joint+motion+bone heads on averaged logits):");
     for l in linear.lines() {
         println!("  {l}");
     }
     for (label, m) in &knn.results {
-        println!("k-NN {label:<10} pre-trained encoder: top-1 {:6.2}%", m.top1);
+        println!(
+            "k-NN {label:<10} pre-trained encoder: top-1 {:6.2}%",
+            m.top1
+        );
     }
     for (label, m) in &knn_random.results {
-        println!("k-NN {label:<10} random encoder:      top-1 {:6.2}%", m.top1);
+        println!(
+            "k-NN {label:<10} random encoder:      top-1 {:6.2}%",
+            m.top1
+        );
     }
     println!(
         "outputs in {} (pretrain/: config, log, metrics, loss.png, checkpoints; linear/, knn/: scores, confusion, t-SNE); {:.0} s in all",

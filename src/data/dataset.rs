@@ -8,7 +8,11 @@ use std::sync::Arc;
 pub enum F32Buf {
     Owned(Vec<f32>),
     /// `offset` in bytes into `mmap` (4-byte aligned), `len` in f32 elements.
-    Mapped { mmap: Arc<Mmap>, offset: usize, len: usize },
+    Mapped {
+        mmap: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl F32Buf {

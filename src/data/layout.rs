@@ -38,16 +38,58 @@ pub struct Layout {
 }
 
 const NTU25_NAMES: [&str; 25] = [
-    "spine_base", "spine_mid", "neck", "head", "left_shoulder", "left_elbow", "left_wrist",
-    "left_hand", "right_shoulder", "right_elbow", "right_wrist", "right_hand", "left_hip",
-    "left_knee", "left_ankle", "left_foot", "right_hip", "right_knee", "right_ankle", "right_foot",
-    "spine_shoulder", "left_hand_tip", "left_thumb", "right_hand_tip", "right_thumb",
+    "spine_base",
+    "spine_mid",
+    "neck",
+    "head",
+    "left_shoulder",
+    "left_elbow",
+    "left_wrist",
+    "left_hand",
+    "right_shoulder",
+    "right_elbow",
+    "right_wrist",
+    "right_hand",
+    "left_hip",
+    "left_knee",
+    "left_ankle",
+    "left_foot",
+    "right_hip",
+    "right_knee",
+    "right_ankle",
+    "right_foot",
+    "spine_shoulder",
+    "left_hand_tip",
+    "left_thumb",
+    "right_hand_tip",
+    "right_thumb",
 ];
 /// Official `ntu-rgb+d` neighbour links, 1-based (graph.py / data-formats.md 1a).
 const NTU25_EDGES: [(usize, usize); 24] = [
-    (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
-    (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
-    (22, 23), (23, 8), (24, 25), (25, 12),
+    (1, 2),
+    (2, 21),
+    (3, 21),
+    (4, 3),
+    (5, 21),
+    (6, 5),
+    (7, 6),
+    (8, 7),
+    (9, 21),
+    (10, 9),
+    (11, 10),
+    (12, 11),
+    (13, 1),
+    (14, 13),
+    (15, 14),
+    (16, 15),
+    (17, 1),
+    (18, 17),
+    (19, 18),
+    (20, 19),
+    (22, 23),
+    (23, 8),
+    (24, 25),
+    (25, 12),
 ];
 /// CrosSCLR bone list p(v) for v = 1..25, 1-based (joint 21 is its own parent: zero bone).
 const NTU25_BONE_PARENT: [usize; 25] = [
@@ -55,26 +97,93 @@ const NTU25_BONE_PARENT: [usize; 25] = [
 ];
 
 const KINECT20_NAMES: [&str; 20] = [
-    "hip_center", "spine", "shoulder_center", "head", "left_shoulder", "left_elbow", "left_wrist",
-    "left_hand", "right_shoulder", "right_elbow", "right_wrist", "right_hand", "left_hip",
-    "left_knee", "left_ankle", "left_foot", "right_hip", "right_knee", "right_ankle", "right_foot",
+    "hip_center",
+    "spine",
+    "shoulder_center",
+    "head",
+    "left_shoulder",
+    "left_elbow",
+    "left_wrist",
+    "left_hand",
+    "right_shoulder",
+    "right_elbow",
+    "right_wrist",
+    "right_hand",
+    "left_hip",
+    "left_knee",
+    "left_ankle",
+    "left_foot",
+    "right_hip",
+    "right_knee",
+    "right_ankle",
+    "right_foot",
 ];
 const KINECT20_EDGES: [(usize, usize); 19] = [
-    (1, 2), (2, 3), (3, 4), (3, 5), (5, 6), (6, 7), (7, 8), (3, 9), (9, 10), (10, 11), (11, 12),
-    (1, 13), (13, 14), (14, 15), (15, 16), (1, 17), (17, 18), (18, 19), (19, 20),
+    (1, 2),
+    (2, 3),
+    (3, 4),
+    (3, 5),
+    (5, 6),
+    (6, 7),
+    (7, 8),
+    (3, 9),
+    (9, 10),
+    (10, 11),
+    (11, 12),
+    (1, 13),
+    (13, 14),
+    (14, 15),
+    (15, 16),
+    (1, 17),
+    (17, 18),
+    (18, 19),
+    (19, 20),
 ];
 
 /// MSR Action3D joint order (1-based): 7 = hip centre, 3 = shoulder centre, 20 = head.
 const MSR20_NAMES: [&str; 20] = [
-    "left_shoulder", "right_shoulder", "shoulder_center", "spine", "left_hip", "right_hip",
-    "hip_center", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hand",
-    "right_hand", "left_knee", "right_knee", "left_ankle", "right_ankle", "left_foot",
-    "right_foot", "head",
+    "left_shoulder",
+    "right_shoulder",
+    "shoulder_center",
+    "spine",
+    "left_hip",
+    "right_hip",
+    "hip_center",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hand",
+    "right_hand",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
+    "left_foot",
+    "right_foot",
+    "head",
 ];
 /// Edges of MSR's `drawskt.m`, 1-based.
 const MSR20_EDGES: [(usize, usize); 19] = [
-    (20, 3), (1, 3), (2, 3), (1, 8), (8, 10), (10, 12), (2, 9), (9, 11), (11, 13), (3, 4), (4, 7),
-    (7, 5), (7, 6), (5, 14), (6, 15), (14, 16), (15, 17), (16, 18), (17, 19),
+    (20, 3),
+    (1, 3),
+    (2, 3),
+    (1, 8),
+    (8, 10),
+    (10, 12),
+    (2, 9),
+    (9, 11),
+    (11, 13),
+    (3, 4),
+    (4, 7),
+    (7, 5),
+    (7, 6),
+    (5, 14),
+    (6, 15),
+    (14, 16),
+    (15, 17),
+    (16, 18),
+    (17, 19),
 ];
 
 fn zero_based(edges: &[(usize, usize)]) -> Vec<(usize, usize)> {
@@ -149,9 +258,7 @@ impl Layout {
         let file: LayoutFile = match path.extension().and_then(|e| e.to_str()) {
             Some("yaml") | Some("yml") => serde_yaml::from_str(&text)
                 .map_err(|e| Error::input(path, yaml_place(&e), e.to_string()))?,
-            _ => toml::from_str(&text).map_err(|e| {
-                Error::input(path, "toml", e.to_string())
-            })?,
+            _ => toml::from_str(&text).map_err(|e| Error::input(path, "toml", e.to_string()))?,
         };
         file.into_layout(path)
     }
@@ -160,11 +267,19 @@ impl Layout {
     pub fn validate(&self, source: &Path) -> Result<()> {
         let v = self.num_joints();
         if v == 0 {
-            return Err(Error::input(source, "joints", "a layout needs at least one joint"));
+            return Err(Error::input(
+                source,
+                "joints",
+                "a layout needs at least one joint",
+            ));
         }
         let check = |j: usize, what: &str| -> Result<()> {
             if j >= v {
-                Err(Error::input(source, what, format!("unknown joint index {j} (layout has {v} joints)")))
+                Err(Error::input(
+                    source,
+                    what,
+                    format!("unknown joint index {j} (layout has {v} joints)"),
+                ))
             } else {
                 Ok(())
             }
@@ -192,7 +307,9 @@ impl Layout {
 }
 
 fn yaml_place(e: &serde_yaml::Error) -> String {
-    e.location().map(|l| format!("line {}", l.line())).unwrap_or_else(|| "yaml".into())
+    e.location()
+        .map(|l| format!("line {}", l.line()))
+        .unwrap_or_else(|| "yaml".into())
 }
 
 /// For each joint, its neighbour one hop closer to `root` (root maps to itself), by BFS.
@@ -204,7 +321,13 @@ pub fn parents_towards(v: usize, edges: &[(usize, usize)], root: usize) -> Vec<u
         let mut next = Vec::new();
         for &u in &frontier {
             for &(a, b) in edges {
-                let w = if a == u { b } else if b == u { a } else { continue };
+                let w = if a == u {
+                    b
+                } else if b == u {
+                    a
+                } else {
+                    continue;
+                };
                 if parent[w] == usize::MAX {
                     parent[w] = u;
                     next.push(w);
@@ -214,7 +337,11 @@ pub fn parents_towards(v: usize, edges: &[(usize, usize)], root: usize) -> Vec<u
         frontier = next;
     }
     // Joints not connected to the root get a zero bone.
-    parent.iter().enumerate().map(|(i, &p)| if p == usize::MAX { i } else { p }).collect()
+    parent
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| if p == usize::MAX { i } else { p })
+        .collect()
 }
 
 /// On-disk layout description (TOML or YAML). Example (TOML):
@@ -262,7 +389,10 @@ impl LayoutFile {
                 Err(Error::input(
                     source,
                     what,
-                    format!("unknown joint {j} (joints are numbered {base}..{} here)", v + base - 1),
+                    format!(
+                        "unknown joint {j} (joints are numbered {base}..{} here)",
+                        v + base - 1
+                    ),
                 ))
             } else {
                 Ok(j - base)
@@ -270,7 +400,10 @@ impl LayoutFile {
         };
         let mut edges = Vec::with_capacity(self.edges.len());
         for (i, e) in self.edges.iter().enumerate() {
-            edges.push((idx(e[0], format!("edges[{i}]"))?, idx(e[1], format!("edges[{i}]"))?));
+            edges.push((
+                idx(e[0], format!("edges[{i}]"))?,
+                idx(e[1], format!("edges[{i}]"))?,
+            ));
         }
         let center = idx(self.center, "center".into())?;
         let shoulders = (
@@ -340,7 +473,13 @@ mod tests {
             index_base: 1,
             partition: PartitionKind::OfficialSpatial,
         };
-        let e = f.into_layout(Path::new("rig.toml")).unwrap_err().to_string();
-        assert!(e.contains("rig.toml") && e.contains("edges[0]") && e.contains("unknown joint 3"), "{e}");
+        let e = f
+            .into_layout(Path::new("rig.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rig.toml") && e.contains("edges[0]") && e.contains("unknown joint 3"),
+            "{e}"
+        );
     }
 }
