@@ -146,17 +146,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         weights: None,
         ..trained.clone()
     };
+    // The official linear recipe (lr 3.0, step 80, 100 epochs) with batches of 32 for 240 samples.
     let linear_cfg = LinearConfig {
-        epochs: 100,
-        lr: 3.0,
-        steps: vec![80],
-        gamma: 0.1,
-        momentum: 0.9,
-        weight_decay: 0.0,
         batch_size: 32,
-        eval_interval: 5,
         seed: args.seed,
-        cpu_threads: 1,
+        ..LinearConfig::default()
     };
     let out = |name: &str| OutputOptions {
         work_dir: Some(args.work_dir.join(name)),
