@@ -82,11 +82,11 @@ pub enum Aggregation {
     Auto,
 }
 
-/// The formulation a new encoder uses on `device`: the environment variable `CROSSCLR_STGCN`
-/// (`reference`, `agg_first`, `conv_first`, `auto`) overrides the default, which is
-/// channel-major / aggregate-first (fastest measured on the CPU) on every device.
-pub fn formulation_for(device: tch::Device) -> (Formulation, Aggregation) {
-    let _ = device;
+/// The formulation a new encoder uses: the environment variable `CROSSCLR_STGCN` (`reference`,
+/// `agg_first`, `conv_first`, `auto`) overrides the default, channel-major / aggregate-first, which
+/// was the fastest measured both on the 2-core CPU and on an H200 (26.8 vs 31.4 ms per SkeletonCLR
+/// step against the official layout, docs/results/h200_bench.jsonl).
+pub fn default_formulation() -> (Formulation, Aggregation) {
     match std::env::var("CROSSCLR_STGCN").as_deref() {
         Ok("reference") => (Formulation::Reference, Aggregation::Auto),
         Ok("conv_first") => (Formulation::ChannelMajor, Aggregation::ConvFirst),
@@ -206,7 +206,7 @@ impl StGcn {
         } else {
             Vec::new()
         };
-        let (formulation, aggregation) = formulation_for(p.device());
+        let (formulation, aggregation) = default_formulation();
         StGcn {
             cfg: cfg.clone(),
             a,
