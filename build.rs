@@ -4,7 +4,8 @@
 //!   of it is referenced directly) and the binary never sees CUDA (tch-rs #980).
 //! * an rpath to libtorch's lib folder, so that users need no LD_LIBRARY_PATH.
 //! * `csrc/shim.cpp` (CUDA graphs, TF32 switches, fused EMA / SGD over parameter lists, CUDA memory
-//!   statistics; see src/gpu/): compiled with the `cc` crate against libtorch's headers. Its CUDA
+//!   statistics; see src/gpu/) and `csrc/cpu_cache.cpp` (the caching CPU tensor allocator, see
+//!   src/cpu_cache.rs): compiled with the `cc` crate against libtorch's headers. Its CUDA
 //!   half needs the CUDA runtime headers (the wheel ships them in `site-packages/nvidia/cu13/include`)
 //!   and `libtorch_cuda.so`; without them the shim is built CPU-only (`CROSSCLR_SHIM_CUDA` undefined,
 //!   the CUDA entry points then return "built without CUDA support"). Without libtorch headers, or
@@ -19,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/shim.h");
+    println!("cargo:rerun-if-changed=csrc/cpu_cache.cpp");
     println!("cargo:rustc-check-cfg=cfg(crossclr_no_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:rustc-cfg=crossclr_no_shim");
@@ -91,6 +93,7 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
     build
         .cpp(true)
         .file("csrc/shim.cpp")
+        .file("csrc/cpu_cache.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -6,6 +6,7 @@
 //! [`train`] (config, schedule, loop, checkpoints, logs) -> [`eval`] (linear, KNN, semi, fine-tune,
 //! ensemble, metrics, plots). [`device`] resolves `--device cpu|cuda[:N]`; [`bench`] times steps.
 pub mod bench;
+pub mod cpu_cache;
 pub mod data;
 pub mod device;
 pub mod error;

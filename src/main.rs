@@ -44,6 +44,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Before any tensor exists: reuse large CPU tensor blocks across steps (src/cpu_cache.rs).
+    if let Err(e) = crossclr::cpu_cache::install_from_env() {
+        eprintln!("warning: {e:#}; continuing with libtorch's default CPU allocator");
+    }
     let result = match cli.command {
         Command::Prepare(a) => cli::prepare::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
