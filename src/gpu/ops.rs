@@ -172,6 +172,39 @@ impl FusedSgd {
         &self.bufs
     }
 
+    /// Overwrites the momentum buffers in place (their addresses stay valid for a captured graph),
+    /// in parameter order: `Some(t)` copies `t` (any device, cast to the buffer's dtype), `None`
+    /// zeroes the buffer. A zero buffer is exactly `torch.optim.SGD`'s "no buffer yet" state (the
+    /// next step gives `buf = 0.9 * 0 + g = g` bit for bit), so a state exported by
+    /// `train::sgd::Sgd::state` (buffers only for parameters already stepped) loads exactly.
+    pub fn load_momentum(&mut self, bufs: &[Option<&Tensor>]) -> Result<()> {
+        if bufs.len() != self.bufs.len() {
+            return Err(Error::Other(format!(
+                "FusedSgd::load_momentum: {} buffers given, {} parameters",
+                bufs.len(),
+                self.bufs.len()
+            )));
+        }
+        for (i, (dst, src)) in self.bufs.iter_mut().zip(bufs).enumerate() {
+            match src {
+                Some(src) => {
+                    if src.size() != dst.size() {
+                        return Err(Error::Other(format!(
+                            "FusedSgd::load_momentum: buffer {i} has shape {:?}, parameter has {:?}",
+                            src.size(),
+                            dst.size()
+                        )));
+                    }
+                    tch::no_grad(|| dst.f_copy_(src))?;
+                }
+                None => {
+                    let _ = tch::no_grad(|| dst.f_zero_())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Clears the gradients (see [`zero_grad_`]).
     pub fn zero_grad(&self, set_to_none: bool) -> Result<()> {
         zero_grad_(&self.params, set_to_none)

@@ -11,6 +11,12 @@
 //! * SGD: [`FusedSgd`] (one fused kernel over all parameters; device-resident lr, so a schedule
 //!   change needs no recapture); gradients are dropped, not zeroed, before backward.
 //!
+//! For the training loop (`train::pretrain`, `step_impl: fast | graph`):
+//! [`FastStep::step_with_views`] also returns the per-view losses (stacked on the device), and
+//! [`FastStep::momentum_state`] / [`FastStep::load_momentum_state`] exchange the momentum buffers
+//! with `train::sgd::Sgd`'s checkpoint format (the state carries over exactly both ways: a zero
+//! buffer is SGD's "not stepped yet").
+//!
 //! Numerically it matches `train_step` (same ops in the same order for the forward and the loss,
 //! the same SGD formula; tested on CPU in tests/gpu_step.rs).
 use super::ops::{ema_, FusedSgd, SgdConfig};
@@ -35,6 +41,16 @@ pub struct FastStep {
     ema: Vec<(Vec<Tensor>, Vec<Tensor>)>,
     opt: FusedSgd,
     params: Vec<Tensor>,
+    /// Names of `params` (the model's `trainable()` names, sorted: `train::sgd::Sgd`'s order).
+    names: Vec<String>,
+}
+
+/// The losses of one step, detached, on the model's device (no host sync).
+pub struct StepLosses {
+    /// () f32: the total loss (the left fold `v0 + v1 + ...` of the view losses, as the reference).
+    pub total: Tensor,
+    /// (V,) f32: the per-view losses in view order.
+    pub views: Tensor,
 }
 
 impl FastStep {
@@ -69,7 +85,7 @@ impl FastStep {
                 (keys, queries)
             })
             .collect();
-        let params: Vec<Tensor> = model.trainable().into_iter().map(|(_, t)| t).collect();
+        let (names, params): (Vec<String>, Vec<Tensor>) = model.trainable().into_iter().unzip();
         let opt = FusedSgd::new(&params, lr, sgd)?;
         Ok(FastStep {
             device,
@@ -81,6 +97,7 @@ impl FastStep {
             ema,
             opt,
             params,
+            names,
         })
     }
 
@@ -92,6 +109,35 @@ impl FastStep {
     /// The optimiser (momentum buffers for checkpoints).
     pub fn optimizer(&self) -> &FusedSgd {
         &self.opt
+    }
+
+    /// The momentum buffers as `(parameter name, copy of the buffer)`, every parameter, in the
+    /// format of `train::sgd::Sgd::state` / `load_state` (a buffer never stepped is zeros, which
+    /// `Sgd` continues exactly: `0.9 * 0 + g = g`).
+    pub fn momentum_state(&self) -> Vec<(String, Tensor)> {
+        tch::no_grad(|| {
+            self.names
+                .iter()
+                .zip(self.opt.momentum_buffers())
+                .map(|(n, b)| (n.clone(), b.copy()))
+                .collect()
+        })
+    }
+
+    /// Loads momentum buffers by parameter name (e.g. `Sgd::state()` after a checkpoint load),
+    /// in place; parameters without an entry get zeros (= not stepped yet, exact). Unknown names
+    /// are an error.
+    pub fn load_momentum_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let mut bufs: Vec<Option<&Tensor>> = vec![None; self.names.len()];
+        for (name, t) in state {
+            let i = self.names.iter().position(|n| n == name).ok_or_else(|| {
+                Error::Other(format!(
+                    "FastStep: momentum state names unknown parameter '{name}'"
+                ))
+            })?;
+            bufs[i] = Some(t);
+        }
+        self.opt.load_momentum(&bufs)
     }
 
     /// The device queue pointer, (1,) i64.
@@ -128,6 +174,35 @@ impl FastStep {
         x_k: &Tensor,
         cross: bool,
     ) -> Result<Tensor> {
+        let (loss, _) = self.step_inner(model, x_q, x_k, cross)?;
+        Ok(loss.detach())
+    }
+
+    /// [`FastStep::step`] that also returns the per-view losses, stacked on the device (one more
+    /// small kernel; still no host sync, capture-safe).
+    pub fn step_with_views(
+        &mut self,
+        model: &SslModel,
+        x_q: &Tensor,
+        x_k: &Tensor,
+        cross: bool,
+    ) -> Result<StepLosses> {
+        let (loss, view_losses) = self.step_inner(model, x_q, x_k, cross)?;
+        let detached: Vec<Tensor> = view_losses.iter().map(|l| l.detach()).collect();
+        Ok(StepLosses {
+            total: loss.detach(),
+            views: Tensor::f_stack(&detached, 0)?,
+        })
+    }
+
+    /// The step; returns the total loss and the per-view losses (scalars, still in the graph).
+    fn step_inner(
+        &mut self,
+        model: &SslModel,
+        x_q: &Tensor,
+        x_k: &Tensor,
+        cross: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         if x_q.size().first() != Some(&self.batch) || x_q.size() != x_k.size() {
             return Err(Error::Other(format!(
                 "FastStep: batches of shape {:?} / {:?}, built for batch {}",
@@ -199,7 +274,7 @@ impl FastStep {
                 .f_remainder_(self.queue_size)?;
             Ok(())
         })?;
-        Ok(loss.detach())
+        Ok((loss, view_losses))
     }
 
     /// The trainable parameters, in optimiser order.

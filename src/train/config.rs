@@ -1,7 +1,8 @@
 //! Pre-training configuration mirroring the official CrosSCLR YAML keys (`work_dir`, `base_lr`,
 //! `step`, `num_epoch`, `batch_size`, `weight_decay`, `model_args`, `train_feeder_args`, `topk`,
 //! `context`, `cross_epoch`, `save_interval`, `view`, ...) plus our own keys (`model`, `seed`,
-//! `device`, `workers`, `layout`, `dataset` and the faithfulness flags).
+//! `device`, `workers`, `layout`, `dataset`, the faithfulness flags and the step implementation /
+//! numeric-mode switches `step_impl`, `tf32`, `cudnn_benchmark`).
 //!
 //! A config is read from YAML or TOML (by extension; YAML otherwise), then `key=value` overrides with
 //! dotted paths (`model_args.queue_size=1024`) are applied, values parsed as YAML scalars or lists.
@@ -51,6 +52,106 @@ impl<'de> Deserialize<'de> for ModelKind {
         ModelKind::parse(&s).ok_or_else(|| {
             serde::de::Error::custom(format!(
                 "unknown model '{s}' (use skeletonclr, crossclr2, crossclr3 or an official class path)"
+            ))
+        })
+    }
+}
+
+/// `step_impl`: which implementation of the training step the loop runs.
+///
+/// * `reference`: `ssl::trainer::Pretrainer::train_step` (eager; reads the loss on the host and
+///   checks it every step; `train::sgd::Sgd`).
+/// * `fast`: `gpu::FastStep` (capture-safe, multi-tensor EMA, fused SGD, device-side queue
+///   pointer; losses stay on the device and are read every `log_interval` steps and at epoch end).
+/// * `graph`: `fast` captured into a CUDA graph per phase and replayed (CUDA only).
+/// * `auto`: `graph` on CUDA (`fast` when the shim was built without CUDA graphs), `reference` on
+///   CPU (the fast step is not faster there: the cost is in the encoder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepImpl {
+    #[default]
+    Auto,
+    Reference,
+    Fast,
+    Graph,
+}
+
+impl StepImpl {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "auto" => Some(Self::Auto),
+            "reference" => Some(Self::Reference),
+            "fast" => Some(Self::Fast),
+            "graph" => Some(Self::Graph),
+            _ => None,
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Reference => "reference",
+            Self::Fast => "fast",
+            Self::Graph => "graph",
+        }
+    }
+}
+
+/// `tf32`: TF32 for float32 matmuls and convolutions on CUDA. `default` leaves libtorch's defaults
+/// (cuBLAS matmul off, cuDNN conv on); `on` / `off` force both. Ignored on CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tf32Mode {
+    #[default]
+    Default,
+    On,
+    Off,
+}
+
+impl Tf32Mode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "default" => Some(Self::Default),
+            "on" | "true" => Some(Self::On),
+            "off" | "false" => Some(Self::Off),
+            _ => None,
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StepImpl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        StepImpl::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "step_impl: unknown value '{s}' (use auto, reference, fast or graph)"
+            ))
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Tf32Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        // A YAML 1.1 writer may emit `on` / `off` as booleans.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum BoolOrStr {
+            Bool(bool),
+            Str(String),
+        }
+        let s = match BoolOrStr::deserialize(d)? {
+            BoolOrStr::Bool(b) => b.to_string(),
+            BoolOrStr::Str(s) => s,
+        };
+        Tf32Mode::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "tf32: unknown value '{s}' (use default, on or off)"
             ))
         })
     }
@@ -252,6 +353,13 @@ pub struct PretrainConfig {
     /// Loader worker threads (official `num_worker`).
     #[serde(alias = "num_worker")]
     pub workers: usize,
+    // --- speed switches (no effect on the math beyond float rounding; TF32 lowers precision) ---
+    /// `auto | reference | fast | graph`; see [`StepImpl`].
+    pub step_impl: StepImpl,
+    /// `default | on | off`; see [`Tf32Mode`] (CUDA only).
+    pub tf32: Tf32Mode,
+    /// cuDNN autotuning (`torch.backends.cudnn.benchmark`; CUDA only).
+    pub cudnn_benchmark: bool,
 }
 
 impl Default for PretrainConfig {
@@ -287,6 +395,9 @@ impl Default for PretrainConfig {
             seed: 0,
             device: DeviceArg::Name("cpu".into()),
             workers: 4,
+            step_impl: StepImpl::Auto,
+            tf32: Tf32Mode::Default,
+            cudnn_benchmark: false,
         }
     }
 }

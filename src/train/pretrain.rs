@@ -1,7 +1,13 @@
 //! The pre-training loop: per epoch set the lr (step schedule) and the torch seed from
-//! (seed, epoch), run the loader's batches (a pure function of (seed, epoch)) through
-//! [`Pretrainer::train_step`], then write metrics, the loss curve and checkpoints (`last` every
-//! epoch, `epoch<N>` every `save_interval`). `--resume` continues from `last` exactly.
+//! (seed, epoch), run the loader's batches (a pure function of (seed, epoch)) through the training
+//! step, then write metrics, the loss curve and checkpoints (`last` every epoch, `epoch<N>` every
+//! `save_interval`). `--resume` continues from `last` exactly.
+//!
+//! The step is chosen by `step_impl` (see [`step_engine`]): `reference` =
+//! [`Pretrainer::train_step`] (losses read and checked every step); `fast` = `gpu::FastStep`
+//! (losses stay on the device and are read every `log_interval` steps and at epoch end, where
+//! a non-finite loss stops the run before any checkpoint is written); `graph` = `fast` replayed
+//! from a CUDA graph per phase; `auto` = `graph` on CUDA, `reference` on CPU.
 //!
 //! work_dir contents: `config.yaml` (resolved), `log.txt`, `metrics.jsonl`, `metrics.csv`,
 //! `steps.csv`, `loss.png`, `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
@@ -11,7 +17,7 @@ use crate::data::SkeletonDataset;
 use crate::error::{Error, Result};
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
 use crate::train::checkpoint::{self, CheckpointMeta};
-use crate::train::config::PretrainConfig;
+use crate::train::config::{PretrainConfig, StepImpl};
 use crate::train::logger::{read_records, EpochRecord, RunLogger};
 use crate::train::schedule::step_lr;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -19,6 +25,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::Device;
+
+pub mod step_engine;
+
+use step_engine::{FastEngine, GraphOptions, HostLosses};
 
 /// Name of the rolling checkpoint written after every epoch.
 pub const LAST: &str = "last";
@@ -38,6 +48,9 @@ pub struct RunOptions {
     pub dataset: Option<Arc<SkeletonDataset>>,
     /// Fault injection for tests: make the inputs NaN from this 1-based epoch on.
     pub inject_nan_from_epoch: Option<usize>,
+    /// Tests: run `step_impl: graph` with an eager stand-in for the CUDA graph (any device), to
+    /// check its warm-up / capture / replay bookkeeping without a GPU (see [`step_engine`]).
+    pub emulate_graph: bool,
 }
 
 /// What a run did.
@@ -53,6 +66,8 @@ pub struct Summary {
     pub last_checkpoint: PathBuf,
     pub device: Device,
     pub steps_per_epoch: usize,
+    /// The step implementation that ran (`step_impl` resolved: never `Auto`).
+    pub step_impl: StepImpl,
 }
 
 /// The torch seed of 1-based `epoch` (SplitMix64 of the run seed and the epoch), so dropout is
@@ -84,6 +99,8 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         None => cfg.device.as_device_string()?,
     };
     let device = crate::device::parse_device(&device_name)?;
+    let (step_impl, step_why) = step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?;
+    let modes = step_engine::apply_numeric_modes(cfg, device)?;
     let dir = cfg.work_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let existing = checkpoint::read_meta(&dir, LAST)?;
@@ -183,20 +200,63 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         None
     };
     log.set_bar(bar.clone());
+    log.line(&format!(
+        "step {} (step_impl {}: {step_why}), {modes}",
+        step_impl.name(),
+        cfg.step_impl.name()
+    ));
+    let mut engine = match step_impl {
+        StepImpl::Fast => Some(FastEngine::new(&trainer, cfg, cfg.batch_size as i64, None)?),
+        StepImpl::Graph => {
+            let graph = GraphOptions {
+                fallback: cfg.step_impl == StepImpl::Auto,
+                emulate: opts.emulate_graph,
+            };
+            Some(FastEngine::new(
+                &trainer,
+                cfg,
+                cfg.batch_size as i64,
+                Some(graph),
+            )?)
+        }
+        _ => None,
+    };
     let (_, _, last_json) = checkpoint::paths(&dir, LAST);
     let mut last_weights = checkpoint::paths(&dir, LAST).0;
+    let view_kinds: Vec<crate::data::views::View> =
+        trainer.model.branches.iter().map(|b| b.view).collect();
+    // The message of a non-finite-loss stop (same format for every step implementation).
+    let stop_message = |e: &str, epoch: usize, step: usize, lr: f64, last_weights: &PathBuf| {
+        let good = if last_json.exists() {
+            format!("the last good checkpoint is {}", last_weights.display())
+        } else {
+            "no checkpoint was written yet".to_string()
+        };
+        format!("stopping: {e} at epoch {epoch}, step {step} of {steps} (lr {lr}); {good}")
+    };
 
     for epoch in start_epoch..=cfg.num_epoch {
         let lr = step_lr(cfg.base_lr, &cfg.step, epoch);
         trainer.set_lr(lr);
+        if let Some(f) = engine.as_mut() {
+            f.set_lr(lr);
+        }
         tch::manual_seed(epoch_seed(cfg.seed, epoch));
+        let cross = trainer.model.is_cross_epoch(epoch);
         let started = Instant::now();
         let loader = try_epoch_batches(Arc::clone(&dataset), &loader_cfg, epoch)?;
-        let mut sum = 0.0;
-        let mut view_sums = vec![0.0; trainer.model.branches.len()];
+        let mut tally = EpochTally::new(view_kinds.len(), global_step);
+        // Steps run this epoch (with the fast step, some may not be read back yet).
         let mut n_steps = 0usize;
         let mut samples = 0usize;
-        let mut phase = 1;
+        let mut phase = if cross { 2 } else { 1 };
+        let stop = |log: &mut RunLogger, msg: String| {
+            log.line(&msg);
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            Error::Other(msg)
+        };
         for batch in loader {
             let (mut x_q, x_k) = (
                 batch.views[0].shallow_clone(),
@@ -205,49 +265,92 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             if opts.inject_nan_from_epoch.is_some_and(|e| epoch >= e) {
                 x_q *= f64::NAN;
             }
-            let stats = match trainer.train_step(&x_q, &x_k, epoch) {
-                Ok(s) => s,
-                Err(e) if e.to_string().starts_with(NON_FINITE) => {
-                    let good = if last_json.exists() {
-                        format!("the last good checkpoint is {}", last_weights.display())
-                    } else {
-                        "no checkpoint was written yet".to_string()
-                    };
-                    let msg = format!(
-                        "stopping: {e} at epoch {epoch}, step {} of {steps} (lr {lr}); {good}",
-                        n_steps + 1
-                    );
-                    log.line(&msg);
-                    if let Some(b) = &bar {
-                        b.abandon();
+            let Some(fast) = engine.as_mut() else {
+                let stats = match trainer.train_step(&x_q, &x_k, epoch) {
+                    Ok(s) => s,
+                    Err(e) if e.to_string().starts_with(NON_FINITE) => {
+                        let msg =
+                            stop_message(&e.to_string(), epoch, n_steps + 1, lr, &last_weights);
+                        return Err(stop(&mut log, msg));
                     }
-                    return Err(Error::Other(msg));
+                    Err(e) => return Err(e),
+                };
+                global_step += 1;
+                n_steps += 1;
+                samples += stats.batch;
+                phase = stats.phase;
+                let losses = HostLosses {
+                    total: stats.loss,
+                    views: stats.view_losses.iter().map(|(_, l)| *l).collect(),
+                };
+                tally.record(&mut log, &losses, epoch, steps, lr, cfg.log_interval);
+                if let Some(b) = &bar {
+                    b.set_message(format!("{epoch}/{} loss {:.3}", cfg.num_epoch, stats.loss));
+                    b.inc(1);
                 }
-                Err(e) => return Err(e),
+                continue;
             };
-            global_step += 1;
-            n_steps += 1;
-            samples += stats.batch;
-            phase = stats.phase;
-            sum += stats.loss;
-            log.step(
-                (epoch - 1) as f64 + n_steps as f64 / steps as f64,
-                stats.loss,
-            );
-            for (s, (_, l)) in view_sums.iter_mut().zip(&stats.view_losses) {
-                *s += l;
-            }
-            if cfg.log_interval > 0 && global_step.is_multiple_of(cfg.log_interval as u64) {
-                log.line(&format!(
-                    "epoch {epoch} step {n_steps}/{steps}: loss {:.4} lr {lr}",
-                    stats.loss
-                ));
-            }
+            let ran = fast.step(&trainer.model, &x_q, &x_k, cross, &mut log)?;
+            let before = global_step;
+            global_step += ran as u64;
+            n_steps += ran;
+            samples += ran * cfg.batch_size;
             if let Some(b) = &bar {
-                b.set_message(format!("{epoch}/{} loss {:.3}", cfg.num_epoch, stats.loss));
-                b.inc(1);
+                b.inc(ran as u64);
+            }
+            // Read the losses back when a log line is due (at most once per log_interval steps).
+            let interval = cfg.log_interval as u64;
+            if interval > 0 && global_step / interval > before / interval {
+                if let Some((e, step)) = tally.read(
+                    fast,
+                    &mut log,
+                    epoch,
+                    steps,
+                    lr,
+                    cfg.log_interval,
+                    &view_kinds,
+                )? {
+                    let msg = fast_stop(&stop_message(&e, epoch, step, lr, &last_weights), n_steps);
+                    return Err(stop(&mut log, msg));
+                }
+                if let Some(b) = &bar {
+                    b.set_message(format!(
+                        "{epoch}/{} loss {:.3}",
+                        cfg.num_epoch, tally.last_loss
+                    ));
+                }
             }
         }
+        if let Some(fast) = engine.as_mut() {
+            let ran = fast.finish_epoch(&trainer.model, cross)?;
+            global_step += ran as u64;
+            n_steps += ran;
+            samples += ran * cfg.batch_size;
+            if let Some(b) = &bar {
+                b.inc(ran as u64);
+            }
+            if let Some((e, step)) = tally.read(
+                fast,
+                &mut log,
+                epoch,
+                steps,
+                lr,
+                cfg.log_interval,
+                &view_kinds,
+            )? {
+                let msg = fast_stop(&stop_message(&e, epoch, step, lr, &last_weights), n_steps);
+                return Err(stop(&mut log, msg));
+            }
+            if tally.recorded != n_steps {
+                return Err(Error::Other(format!(
+                    "internal: epoch {epoch} ran {n_steps} steps but read {} losses",
+                    tally.recorded
+                )));
+            }
+            // Checkpoints below read the pointer and momentum buffers from the trainer.
+            fast.sync_to(&mut trainer)?;
+        }
+        let (sum, view_sums) = (tally.sum, tally.view_sums.clone());
         let seconds = started.elapsed().as_secs_f64();
         let record = EpochRecord {
             epoch,
@@ -312,5 +415,91 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         last_checkpoint: last_weights,
         device,
         steps_per_epoch: steps,
+        step_impl,
     })
+}
+
+/// The fast-step suffix of a stop message: when the losses were read, and what that implies.
+fn fast_stop(msg: &str, read_at: usize) -> String {
+    format!(
+        "{msg} (the fast step reads its losses every log_interval steps and at epoch end: this was \
+         found at step {read_at} of the epoch; the steps in between were applied in memory, no \
+         checkpoint was written after the non-finite loss)"
+    )
+}
+
+/// Host-side sums of an epoch's losses, fed in step order.
+struct EpochTally {
+    /// Sum of the total loss over the steps read so far.
+    sum: f64,
+    /// Per-view sums, in view order.
+    view_sums: Vec<f64>,
+    /// Steps read so far this epoch.
+    recorded: usize,
+    /// Global step count before the epoch.
+    global_start: u64,
+    last_loss: f64,
+}
+
+impl EpochTally {
+    fn new(num_views: usize, global_start: u64) -> Self {
+        EpochTally {
+            sum: 0.0,
+            view_sums: vec![0.0; num_views],
+            recorded: 0,
+            global_start,
+            last_loss: f64::NAN,
+        }
+    }
+
+    /// Adds one step: its `steps.csv` row, the sums, and the step log line every `log_interval`
+    /// global steps.
+    fn record(
+        &mut self,
+        log: &mut RunLogger,
+        l: &HostLosses,
+        epoch: usize,
+        steps: usize,
+        lr: f64,
+        log_interval: usize,
+    ) {
+        self.recorded += 1;
+        let n = self.recorded;
+        self.sum += l.total;
+        self.last_loss = l.total;
+        for (s, v) in self.view_sums.iter_mut().zip(&l.views) {
+            *s += v;
+        }
+        log.step((epoch - 1) as f64 + n as f64 / steps as f64, l.total);
+        let global = self.global_start + n as u64;
+        if log_interval > 0 && global.is_multiple_of(log_interval as u64) {
+            log.line(&format!(
+                "epoch {epoch} step {n}/{steps}: loss {:.4} lr {lr}",
+                l.total
+            ));
+        }
+    }
+
+    /// Reads the fast step's pending losses (one host sync) and records them in order. The first
+    /// non-finite one ends the reading with `Some((reference error text, its 1-based step in the
+    /// epoch))`, recording nothing from it on.
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &mut self,
+        fast: &mut FastEngine,
+        log: &mut RunLogger,
+        epoch: usize,
+        steps: usize,
+        lr: f64,
+        log_interval: usize,
+        views: &[crate::data::views::View],
+    ) -> Result<Option<(String, usize)>> {
+        for l in &fast.take_losses()? {
+            if !l.total.is_finite() {
+                return Ok(Some((l.non_finite_text(views), self.recorded + 1)));
+            }
+            self.record(log, l, epoch, steps, lr, log_interval);
+        }
+        Ok(None)
+    }
 }
