@@ -88,6 +88,12 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
         --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
     run_json "pytorch tuned $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode tuned \
         --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
+    # The official code itself, unchanged (scripts/bench_official.py), where a checkout was carried:
+    # OFFICIAL_DIR (default .official, git-ignored) holds LinguoLi/CrosSCLR's net/ folder.
+    if [ -d "${OFFICIAL_DIR:-.official}/net" ]; then
+        run_json "official eager $model p$phase" $PY scripts/bench_official.py --official-dir "${OFFICIAL_DIR:-.official}" \
+            --model "$model" --phase "$phase" --mode eager --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
+    fi
     if [ $HAVE_BIN = 1 ]; then
         run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference
         run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast
@@ -128,8 +134,8 @@ for r in rows:
               f"tol {r.get('tolerance'):g} -> {'PASS' if r.get('pass') else 'FAIL'}")
 keys = sorted({(r['model'], r['phase']) for r in bench}, key=lambda k: (k[0] != 'skeletonclr', k))
 def label(r):
-    if r['impl'] == 'pytorch':
-        return 'pytorch ' + r['mode']
+    if r['impl'] in ('pytorch', 'official'):
+        return r['impl'] + ' ' + r['mode']
     m = r['mode'] + ('' if r['tf32'] == 'default' else ' tf32=' + r['tf32'])
     return 'ours ' + m + (' cudnn-bench' if r['cudnn_benchmark'] else '')
 print(f"{'model':<12}{'ph':>3}  {'run':<40}{'ms med':>9}{'ms min':>9}{'pipel.':>9}{'peak MiB':>10}{'resv MiB':>10}{'eager/x':>9}{'tuned/x':>9}")
