@@ -21,6 +21,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/shim.h");
     println!("cargo:rerun-if-changed=csrc/cpu_cache.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused_bn.cpp");
     println!("cargo:rustc-check-cfg=cfg(crossclr_no_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:rustc-cfg=crossclr_no_shim");
@@ -94,6 +95,7 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
         .cpp(true)
         .file("csrc/shim.cpp")
         .file("csrc/cpu_cache.cpp")
+        .file("csrc/fused_bn.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

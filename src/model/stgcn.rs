@@ -21,6 +21,7 @@ use tch::nn::Path;
 use tch::Tensor;
 
 mod dropout;
+mod fused_bn;
 pub mod layers;
 
 pub use dropout::dropout;
@@ -420,8 +421,7 @@ impl Block {
     /// `tcn`: BN -> ReLU -> (kt, 1) conv with stride (s, 1) -> BN -> dropout.
     /// `(1, C, N·M, T, V) -> (1, C, N·M, T', V)`.
     fn tcn(&self, y: &Tensor, train: bool) -> Tensor {
-        let mut y = self.bn1.forward(y, train);
-        let _ = y.relu_(); // in place: batch-norm backward does not need its output
+        let y = self.bn1.forward_relu(y, train);
         let w = &self.conv.weight;
         let pad = (w.size()[2] - 1) / 2;
         let y = y.conv3d(

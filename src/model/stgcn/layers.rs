@@ -48,9 +48,36 @@ impl BatchNorm {
         }
     }
 
-    /// Normalises channel dim 1 of `x` (any rank >= 2). Train mode uses batch statistics and
-    /// updates the running statistics (momentum 0.1, unbiased variance) and the batch counter.
+    /// Normalises channel dim 1 of `x` (any rank >= 2); same shape out. Train mode uses batch
+    /// statistics and updates the running statistics (momentum 0.1, unbiased variance) and the
+    /// batch counter, through the fused CPU op where it applies (see `stgcn/fused_bn.rs`).
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_act(x, train, false)
+    }
+
+    /// [`BatchNorm::forward`] followed by ReLU (fused into the batch norm in train mode on the CPU).
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_act(x, train, true)
+    }
+
+    fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Tensor {
+        if train {
+            match super::fused_bn::bn_train(x, self, relu) {
+                Ok(y) => return y,
+                // Only a broken invariant gets here (the fused op checks before it writes
+                // anything): the tch path gives the same result, or libtorch's own error.
+                Err(e) => warn_fused_failed(&e),
+            }
+        }
+        let mut y = self.forward_native(x, train);
+        if relu {
+            let _ = y.relu_(); // batch-norm backward does not need its output
+        }
+        y
+    }
+
+    /// The tch path (`Tensor::batch_norm`), batch counter included.
+    pub(crate) fn forward_native(&self, x: &Tensor, train: bool) -> Tensor {
         if train {
             tch::no_grad(|| {
                 let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
@@ -67,6 +94,12 @@ impl BatchNorm {
             true,
         )
     }
+}
+
+/// Reports (once per process) that the fused batch norm failed and the tch path is used instead.
+fn warn_fused_failed(e: &crate::error::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("crossclr: fused batch norm failed ({e}); using the tch path"));
 }
 
 /// A convolution with the official weight shape `(c_out, c_in, kt, 1)` and a bias `(c_out,)`.
