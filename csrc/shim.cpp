@@ -198,6 +198,9 @@ int crossclr_cuda_memory_stats(int, int64_t *, int64_t *, int64_t *, char **err)
 int crossclr_cuda_reset_peak(int, char **err) {
   return guarded(err, [] { throw std::runtime_error(kNoCuda); });
 }
+int crossclr_cuda_empty_cache(char **err) {
+  return guarded(err, [] { throw std::runtime_error(kNoCuda); });
+}
 int crossclr_graph_new(int, CrossclrGraph **, char **err) {
   return guarded(err, [] { throw std::runtime_error(kNoCuda); });
 }
@@ -294,6 +297,10 @@ int crossclr_cuda_memory_stats(int device, int64_t *peak_allocated, int64_t *cur
 
 int crossclr_cuda_reset_peak(int device, char **err) {
   return guarded(err, [&] { c10::cuda::CUDACachingAllocator::resetPeakStats(cuda_device(device).index()); });
+}
+
+int crossclr_cuda_empty_cache(char **err) {
+  return guarded(err, [] { c10::cuda::CUDACachingAllocator::emptyCache(); });
 }
 
 int crossclr_graph_new(int device, CrossclrGraph **out, char **err) {

@@ -44,6 +44,8 @@ int crossclr_cuda_device_name(int device, char *buf, size_t len, char **err);
 int crossclr_cuda_memory_stats(int device, int64_t *peak_allocated, int64_t *current_allocated,
                                int64_t *peak_reserved, char **err);
 int crossclr_cuda_reset_peak(int device, char **err);
+// Releases the caching allocator's unused cached blocks (torch.cuda.empty_cache()).
+int crossclr_cuda_empty_cache(char **err);
 
 // CUDA graphs (at::cuda::CUDAGraph with a private memory pool, captured on a side stream).
 int crossclr_graph_new(int device, CrossclrGraph **out, char **err);

@@ -62,6 +62,7 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     pub(crate) fn crossclr_cuda_reset_peak(device: c_int, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn crossclr_cuda_empty_cache(err: *mut *mut c_char) -> c_int;
     pub(crate) fn crossclr_graph_new(
         device: c_int,
         out: *mut *mut RawGraph,

@@ -63,6 +63,22 @@ pub fn reset_peak(device: Device) -> Result<()> {
     }
 }
 
+/// Returns the CUDA caching allocator's unused cached blocks to the driver
+/// (`torch.cuda.empty_cache()`). Used after a CUDA-graph capture: the warm-up steps leave a full
+/// step's worth of activations cached in the regular pool, which the graph (with its own private
+/// pool) never uses again.
+pub fn empty_cache() -> Result<()> {
+    #[cfg(not(crossclr_no_shim))]
+    {
+        // SAFETY: no pointers.
+        ffi::call("empty_cache", |err| unsafe { ffi::crossclr_cuda_empty_cache(err) })
+    }
+    #[cfg(crossclr_no_shim)]
+    {
+        Err(ffi::no_shim("empty_cache"))
+    }
+}
+
 /// The device's name: the CUDA device name (e.g. "NVIDIA H100 80GB HBM3"), or "cpu: <model>"
 /// from /proc/cpuinfo.
 pub fn device_name(device: Device) -> Result<String> {
