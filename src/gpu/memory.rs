@@ -71,7 +71,9 @@ pub fn empty_cache() -> Result<()> {
     #[cfg(not(crossclr_no_shim))]
     {
         // SAFETY: no pointers.
-        ffi::call("empty_cache", |err| unsafe { ffi::crossclr_cuda_empty_cache(err) })
+        ffi::call("empty_cache", |err| unsafe {
+            ffi::crossclr_cuda_empty_cache(err)
+        })
     }
     #[cfg(crossclr_no_shim)]
     {
