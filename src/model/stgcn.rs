@@ -418,31 +418,31 @@ impl Block {
         }
     }
 
-    /// `tcn`: BN -> ReLU -> (kt, 1) conv with stride (s, 1) -> BN -> dropout.
+    /// `tcn` up to its convolution: BN -> ReLU -> (kt, 1) conv with stride (s, 1) (the second BN
+    /// and the dropout are fused with the residual sum in [`Block::add_residual`]).
     /// `(1, C, N·M, T, V) -> (1, C, N·M, T', V)`.
     fn tcn(&self, y: &Tensor, train: bool) -> Tensor {
         let y = self.bn1.forward_relu(y, train);
         let w = &self.conv.weight;
         let pad = (w.size()[2] - 1) / 2;
-        let y = y.conv3d(
+        y.conv3d(
             &w.unsqueeze(2),
             Some(&self.conv.bias),
             [1, self.stride, 1],
             [0, pad, 0],
             [1, 1, 1],
             1,
-        );
-        dropout(&self.bn2.forward(&y, train), self.dropout, train)
+        )
     }
 
-    /// `relu(y + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` `(1, C_out, N·M, T', V)`.
-    /// Adds and ReLU work in place on `y` (no backward pass needs the overwritten values).
-    fn add_residual(&self, mut y: Tensor, x: &Tensor, train: bool) -> Tensor {
-        match &self.residual {
-            Residual::None => {}
-            Residual::Identity => {
-                let _ = y.g_add_(x);
-            }
+    /// `relu(dropout(bn2(y)) + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` the temporal
+    /// convolution output `(1, C_out, N·M, T', V)`. The residual is computed first, then the tail
+    /// runs as one fused op on the CPU in train mode (see `stgcn/fused_bn.rs`
+    /// `bn_dropout_add_relu`), else as BN -> dropout -> in-place add -> in-place ReLU.
+    fn add_residual(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
+        let r = match &self.residual {
+            Residual::None => None,
+            Residual::Identity => Some(x.shallow_clone()),
             Residual::Conv(conv, bn) => {
                 let xs = if self.stride > 1 {
                     x.slice(3, 0, None, self.stride).contiguous()
@@ -454,12 +454,10 @@ impl Block {
                     .bias
                     .view([-1, 1])
                     .addmm(&conv.matrix(), &xs.view([s[1], -1]));
-                let r = bn.forward(&r.view([1, conv.c_out(), s[2], s[3], s[4]]), train);
-                let _ = y.g_add_(&r);
+                Some(bn.forward(&r.view([1, conv.c_out(), s[2], s[3], s[4]]), train))
             }
-        }
-        let _ = y.relu_();
-        y
+        };
+        fused_bn::bn_dropout_add_relu(&y, &self.bn2, self.dropout, r.as_ref(), train)
     }
 }
 
