@@ -86,7 +86,6 @@ extern "C" {
         misses: *mut i64,
     );
     fn crossclr_cpu_cache_release();
-    fn crossclr_shim_free(s: *mut std::ffi::c_char);
 }
 
 /// Installs the caching allocator as libtorch's CPU allocator. Only the first call in a process
@@ -107,16 +106,7 @@ pub fn install(cfg: CpuCacheConfig) -> Result<()> {
         if status == 0 {
             return Ok(());
         }
-        let msg = if err.is_null() {
-            "unknown error".to_string()
-        } else {
-            // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed right after.
-            let s = unsafe { std::ffi::CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { crossclr_shim_free(err) };
-            s
-        };
+        let msg = crate::gpu::ffi::take_message(err, "unknown error");
         Err(Error::Other(format!(
             "installing the caching CPU allocator: {msg}"
         )))
@@ -170,6 +160,7 @@ pub fn is_active() -> bool {
 
 /// The allocator's counters (all zero when it is not installed).
 pub fn stats() -> CpuCacheStats {
+    #[cfg_attr(crossclr_no_shim, allow(unused_mut))]
     let mut s = CpuCacheStats::default();
     #[cfg(not(crossclr_no_shim))]
     // SAFETY: four valid out-pointers.

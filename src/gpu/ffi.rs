@@ -100,17 +100,24 @@ pub(crate) fn call(what: &str, f: impl FnOnce(*mut *mut c_char) -> c_int) -> Res
     if status == 0 {
         return Ok(());
     }
-    let msg = if err.is_null() {
-        "unknown error (no message)".to_string()
-    } else {
-        // SAFETY: the shim returns a malloc'd NUL-terminated string that we own and free once.
-        let s = unsafe { std::ffi::CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        unsafe { crossclr_shim_free(err) };
-        s
-    };
-    Err(Error::Other(format!("{what}: {msg}")))
+    Err(Error::Other(format!(
+        "{what}: {}",
+        take_message(err, "unknown error (no message)")
+    )))
+}
+
+/// The message a failed shim call left in `err` (freed here), or `none` when it left none.
+#[cfg(not(crossclr_no_shim))]
+pub(crate) fn take_message(err: *mut c_char, none: &str) -> String {
+    if err.is_null() {
+        return none.to_string();
+    }
+    // SAFETY: the shim returns a malloc'd NUL-terminated string that we own and free once.
+    let s = unsafe { std::ffi::CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { crossclr_shim_free(err) };
+    s
 }
 
 /// Raw pointers of a tensor slice, for the shim's `at::Tensor**` arguments. The shim only reads

@@ -35,7 +35,7 @@
 //! 6. Warm up (>= 3 steps) on the graph's side stream before capturing ([`CapturedStep`] does),
 //!    so that cuBLAS workspaces, cuDNN autotuning (`--cudnn-benchmark on`) and autograd state
 //!    exist before the capture; shared-module EMA updates stay in separate [`ema_`] calls.
-mod ffi;
+pub(crate) mod ffi;
 pub mod graph;
 pub mod memory;
 pub mod ops;

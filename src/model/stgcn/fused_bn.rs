@@ -23,6 +23,8 @@
 //! user+sys 27.4-27.8 s vs 30.7-37.0 s per bench run, peak RSS 3204 vs 3637 MiB.
 use super::layers::BatchNorm;
 use crate::error::{Error, Result};
+#[cfg(not(crossclr_no_shim))]
+use crate::gpu::ffi::take_message;
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
@@ -61,7 +63,6 @@ extern "C" {
         out: *mut *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
-    fn crossclr_shim_free(s: *mut std::ffi::c_char);
 }
 
 /// Whether the environment variable `name` says `off` (or `0`, `false`).
@@ -147,17 +148,10 @@ pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
             )
         };
         if status != 0 || out.is_null() {
-            let msg = if err.is_null() {
-                "no output tensor".to_string()
-            } else {
-                // SAFETY: a NUL-terminated malloc'd string from the shim, freed right after.
-                let s = unsafe { std::ffi::CStr::from_ptr(err) }
-                    .to_string_lossy()
-                    .into_owned();
-                unsafe { crossclr_shim_free(err) };
-                s
-            };
-            return Err(Error::Other(format!("fused batch norm: {msg}")));
+            return Err(Error::Other(format!(
+                "fused batch norm: {}",
+                take_message(err, "no output tensor")
+            )));
         }
         tch::no_grad(|| {
             let _ = bn.num_batches_tracked.shallow_clone().g_add_scalar_(1);
@@ -274,7 +268,7 @@ pub(crate) fn fused_tail(
         if status != 0 || out.is_null() {
             return Err(Error::Other(format!(
                 "fused block tail: {}",
-                take_shim_error(err)
+                take_message(err, "no output tensor")
             )));
         }
         tch::no_grad(|| {
@@ -290,20 +284,6 @@ pub(crate) fn fused_tail(
             "fused block tail: built without the C++ shim".into(),
         ))
     }
-}
-
-/// The message of a failed shim call (freed here); "no output tensor" when there is none.
-#[cfg(not(crossclr_no_shim))]
-fn take_shim_error(err: *mut std::ffi::c_char) -> String {
-    if err.is_null() {
-        return "no output tensor".to_string();
-    }
-    // SAFETY: a NUL-terminated malloc'd string from the shim, freed right after.
-    let s = unsafe { std::ffi::CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { crossclr_shim_free(err) };
-    s
 }
 
 #[cfg(all(test, not(crossclr_no_shim)))]
