@@ -1,5 +1,7 @@
 //! Pre-training tests on tiny synthetic data (CPU): losses, queues, EMA, shared head, resume,
 //! NaN stop, config overrides. Official-width ST-GCN, tiny queue (64), batch 8, T 20.
+mod common;
+use common::{opts, serial, tiny_config, tiny_data};
 use crossclr::data::synth::{generate, SynthConfig};
 use crossclr::data::views::View;
 use crossclr::data::SkeletonDataset;
@@ -9,53 +11,7 @@ use crossclr::ssl::Pretrainer;
 use crossclr::train::config::PretrainConfig;
 use crossclr::train::pretrain::{run_with, RunOptions};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{Device, Kind, Tensor};
-
-/// The torch RNG is process-global: tests that seed it and rely on the stream run one at a time.
-static TORCH_RNG: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    // One intra-op thread: the tensors are tiny, and on a loaded 2-core machine extra threads
-    // only add synchronisation stalls.
-    tch::set_num_threads(1);
-    guard
-}
-
-/// 16 training samples (4 classes x 4), 20 frames, ntu25, 2 bodies: 2 batches of 8.
-fn tiny_data() -> Arc<SkeletonDataset> {
-    let cfg = SynthConfig {
-        num_classes: 4,
-        train_per_class: 4,
-        val_per_class: 1,
-        frames: 20,
-        ..SynthConfig::default()
-    };
-    Arc::new(generate(&cfg).0)
-}
-
-fn tiny_config(model: &str, work_dir: &Path, extra: &[&str]) -> PretrainConfig {
-    let mut ov: Vec<String> = vec![
-        format!("model={model}"),
-        format!("work_dir={}", work_dir.display()),
-        "model_args.queue_size=64".into(),
-        "batch_size=8".into(),
-        "num_epoch=2".into(),
-        "cross_epoch=1".into(),
-        "workers=1".into(),
-        "save_interval=1".into(),
-        "device=cpu".into(),
-        "log_interval=0".into(),
-    ];
-    if model == "skeletonclr" {
-        ov.push("view=joint".into());
-    } else {
-        ov.push("view=all".into());
-    }
-    ov.extend(extra.iter().map(|s| s.to_string()));
-    PretrainConfig::from_text("", false, Path::new("<test>"), &ov).unwrap()
-}
 
 fn fixed_batch(ds: &SkeletonDataset, n: usize) -> Tensor {
     let mut v = Vec::new();
@@ -64,13 +20,6 @@ fn fixed_batch(ds: &SkeletonDataset, n: usize) -> Tensor {
     }
     let s = ds.sample_shape();
     Tensor::from_slice(&v).view([n as i64, s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64])
-}
-
-fn opts(ds: &Arc<SkeletonDataset>) -> RunOptions {
-    RunOptions {
-        dataset: Some(Arc::clone(ds)),
-        ..Default::default()
-    }
 }
 
 /// With the queue held fixed, repeated SGD steps on one batch lower the loss (both phases).

@@ -2,23 +2,13 @@
 //! (16 samples, T 20, batch 8: 2 steps per epoch; queue 64): same losses and weights as the
 //! reference step, exact resume, NaN stop with the last good checkpoint kept, `graph` refused on
 //! CPU, and the config keys (`step_impl`, `tf32`, `cudnn_benchmark`) in files and overrides.
-use crossclr::data::synth::{generate, SynthConfig};
-use crossclr::data::SkeletonDataset;
+mod common;
+use common::{opts, serial, tiny_config, tiny_data};
 use crossclr::gpu::ShimStatus;
 use crossclr::train::config::{PretrainConfig, StepImpl, Tf32Mode};
 use crossclr::train::pretrain::{run_with, RunOptions, Summary};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{Kind, Tensor};
-
-/// The torch RNG is process-global: runs that seed it execute one at a time.
-static TORCH_RNG: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    tch::set_num_threads(1);
-    guard
-}
 
 fn have_shim() -> bool {
     let ok = crossclr::gpu::shim_status() != ShimStatus::Missing;
@@ -26,51 +16,6 @@ fn have_shim() -> bool {
         eprintln!("skipping: built without the C++ shim (gpu::FastStep needs it)");
     }
     ok
-}
-
-/// 16 training samples (4 classes x 4), 20 frames, ntu25, 2 bodies: 2 batches of 8.
-fn tiny_data() -> Arc<SkeletonDataset> {
-    let cfg = SynthConfig {
-        num_classes: 4,
-        train_per_class: 4,
-        val_per_class: 1,
-        frames: 20,
-        ..SynthConfig::default()
-    };
-    Arc::new(generate(&cfg).0)
-}
-
-/// The tiny config of tests/pretrain.rs (2 epochs, phase 2 from epoch 2) plus `extra` overrides.
-fn tiny_config(model: &str, work_dir: &Path, extra: &[&str]) -> PretrainConfig {
-    let mut ov: Vec<String> = vec![
-        format!("model={model}"),
-        format!("work_dir={}", work_dir.display()),
-        "model_args.queue_size=64".into(),
-        "batch_size=8".into(),
-        "num_epoch=2".into(),
-        "cross_epoch=1".into(),
-        "workers=1".into(),
-        "save_interval=1".into(),
-        "device=cpu".into(),
-        "log_interval=0".into(),
-        format!(
-            "view={}",
-            if model == "skeletonclr" {
-                "joint"
-            } else {
-                "all"
-            }
-        ),
-    ];
-    ov.extend(extra.iter().map(|s| s.to_string()));
-    PretrainConfig::from_text("", false, Path::new("<test>"), &ov).unwrap()
-}
-
-fn opts(ds: &Arc<SkeletonDataset>) -> RunOptions {
-    RunOptions {
-        dataset: Some(Arc::clone(ds)),
-        ..Default::default()
-    }
 }
 
 /// `last` checkpoint tensors (weights, queues, pointers, momentum buffers), sorted by name.
