@@ -280,6 +280,24 @@ inline void affine(double mean, double invstd, float w, float b, float *scale, f
 
 int64_t grain(const Shape &s) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, s.n * s.l)); }
 
+// Channel c's batch statistics of x (N, C, L) in one pass (double accumulators): stores the mean
+// and 1/sqrt(biased var + eps) in mean_p[c] / invstd_p[c] and updates the running statistics as
+// PyTorch does (momentum, unbiased variance). Returns the mean.
+double channel_stats(const Kernels &k, const float *x, const Shape &s, int64_t c, double eps, double momentum,
+                     float *rm, float *rv, double *mean_p, double *invstd_p) {
+  const int64_t count = s.n * s.l;
+  double sum = 0, sumsq = 0;
+  for (int64_t i = 0; i < s.n; ++i) k.stats(x + (i * s.c + c) * s.l, s.l, &sum, &sumsq);
+  const double mean = sum / static_cast<double>(count);
+  const double var = std::max(sumsq / static_cast<double>(count) - mean * mean, 0.0);
+  const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
+  mean_p[c] = mean;
+  invstd_p[c] = 1.0 / std::sqrt(var + eps);
+  rm[c] = static_cast<float>(momentum * mean + (1.0 - momentum) * static_cast<double>(rm[c]));
+  rv[c] = static_cast<float>(momentum * var * unbias + (1.0 - momentum) * static_cast<double>(rv[c]));
+  return mean;
+}
+
 class FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
  public:
   // x (N, C, ...), w / b / running_mean / running_var (C,). Returns y of x's shape.
@@ -301,18 +319,10 @@ class FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     double *mean_p = stats.mutable_data_ptr<double>();
     double *invstd_p = mean_p + s.c;
     const Kernels &k = kernels();
-    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
     at::parallel_for(0, s.c, grain(s), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        double sum = 0, sumsq = 0;
-        for (int64_t i = 0; i < s.n; ++i) k.stats(xp + (i * s.c + c) * s.l, s.l, &sum, &sumsq);
-        const double mean = sum / static_cast<double>(count);
-        const double var = std::max(sumsq / static_cast<double>(count) - mean * mean, 0.0);
-        const double invstd = 1.0 / std::sqrt(var + eps);
-        mean_p[c] = mean;
-        invstd_p[c] = invstd;
-        rm[c] = static_cast<float>(momentum * mean + (1.0 - momentum) * static_cast<double>(rm[c]));
-        rv[c] = static_cast<float>(momentum * var * unbias + (1.0 - momentum) * static_cast<double>(rv[c]));
+        const double mean = channel_stats(k, xp, s, c, eps, momentum, rm, rv, mean_p, invstd_p);
+        const double invstd = invstd_p[c];
         float scale, shift;
         affine(mean, invstd, wp[c], bp[c], &scale, &shift);
         for (int64_t i = 0; i < s.n; ++i) {
@@ -652,19 +662,11 @@ class FusedBnTail : public torch::autograd::Function<FusedBnTail> {
     const Kernels &k = kernels();
     const TailKernels &tk = tail_kernels();
     const DropMask dm = drop_mask(p, seed);
-    const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
     at::parallel_for(0, s.c, grain(s), [&](int64_t c0, int64_t c1) {
       float mbuf[kMaskChunk];
       for (int64_t c = c0; c < c1; ++c) {
-        double sum = 0, sumsq = 0;
-        for (int64_t i = 0; i < s.n; ++i) k.stats(yp + (i * s.c + c) * s.l, s.l, &sum, &sumsq);
-        const double mean = sum / static_cast<double>(count);
-        const double var = std::max(sumsq / static_cast<double>(count) - mean * mean, 0.0);
-        const double invstd = 1.0 / std::sqrt(var + eps);
-        mean_p[c] = mean;
-        invstd_p[c] = invstd;
-        rm[c] = static_cast<float>(momentum * mean + (1.0 - momentum) * static_cast<double>(rm[c]));
-        rv[c] = static_cast<float>(momentum * var * unbias + (1.0 - momentum) * static_cast<double>(rv[c]));
+        const double mean = channel_stats(k, yp, s, c, eps, momentum, rm, rv, mean_p, invstd_p);
+        const double invstd = invstd_p[c];
         float scale, shift;
         affine(mean, invstd, wp[c], bp[c], &scale, &shift);
         for (int64_t i = 0; i < s.n; ++i) {
