@@ -124,16 +124,44 @@ pub(crate) fn native(x: &Tensor, bn: &BatchNorm, relu: bool) -> Tensor {
     y
 }
 
+/// A live tch tensor as the shim's `at::Tensor*`.
+#[cfg(not(crossclr_no_shim))]
+fn ptr(t: &Tensor) -> *mut std::ffi::c_void {
+    t.as_ptr() as *mut std::ffi::c_void
+}
+
+/// Runs a fused-op entry point `f(out, err) -> status` and takes ownership of the tensor it
+/// returns; on success counts one batch in `bn.num_batches_tracked` (the C side updates the
+/// running statistics, not the counter). `what` names the op in the error.
+#[cfg(not(crossclr_no_shim))]
+fn call_fused(
+    what: &str,
+    bn: &BatchNorm,
+    f: impl FnOnce(*mut *mut std::ffi::c_void, *mut *mut std::ffi::c_char) -> std::ffi::c_int,
+) -> Result<Tensor> {
+    let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
+    let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
+    let status = f(&mut out, &mut err);
+    if status != 0 || out.is_null() {
+        return Err(Error::Other(format!(
+            "{what}: {}",
+            take_message(err, "no output tensor")
+        )));
+    }
+    tch::no_grad(|| {
+        let _ = bn.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+    });
+    // SAFETY: `out` is a fresh `at::Tensor*` owned by us; tch's drop deletes it.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+}
+
 /// The fused op; `x` and the parameters must be contiguous float32 CPU tensors (else an error).
 pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
-        let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
-        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
         // SAFETY: every pointer is a live tch tensor borrowed for the call; the C side checks them
         // (null, undefined, device, dtype, layout, shape) and never lets an exception escape.
-        let status = unsafe {
+        call_fused("fused batch norm", bn, |out, err| unsafe {
             crossclr_fused_bn_train(
                 ptr(x),
                 ptr(&bn.weight),
@@ -143,21 +171,10 @@ pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
                 super::layers::BN_MOMENTUM,
                 super::layers::BN_EPS,
                 std::ffi::c_int::from(relu),
-                &mut out,
-                &mut err,
+                out,
+                err,
             )
-        };
-        if status != 0 || out.is_null() {
-            return Err(Error::Other(format!(
-                "fused batch norm: {}",
-                take_message(err, "no output tensor")
-            )));
-        }
-        tch::no_grad(|| {
-            let _ = bn.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-        });
-        // SAFETY: `out` is a fresh `at::Tensor*` owned by us; tch's drop deletes it.
-        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+        })
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -244,12 +261,9 @@ pub(crate) fn fused_tail(
 ) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
-        let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
-        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
         // SAFETY: every pointer is a live tch tensor borrowed for the call (or null for an absent
         // residual); the C side checks them and never lets an exception escape.
-        let status = unsafe {
+        call_fused("fused block tail", bn, |out, err| unsafe {
             crossclr_fused_bn_tail_train(
                 ptr(y),
                 r.map_or(std::ptr::null_mut(), ptr),
@@ -261,21 +275,10 @@ pub(crate) fn fused_tail(
                 super::layers::BN_EPS,
                 p,
                 seed,
-                &mut out,
-                &mut err,
+                out,
+                err,
             )
-        };
-        if status != 0 || out.is_null() {
-            return Err(Error::Other(format!(
-                "fused block tail: {}",
-                take_message(err, "no output tensor")
-            )));
-        }
-        tch::no_grad(|| {
-            let _ = bn.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-        });
-        // SAFETY: `out` is a fresh `at::Tensor*` owned by us; tch's drop deletes it.
-        Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+        })
     }
     #[cfg(crossclr_no_shim)]
     {
