@@ -22,6 +22,9 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.h");
     println!("cargo:rerun-if-changed=csrc/cpu_cache.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_bn.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_kernels.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused_kernels.cuh");
     println!("cargo:rustc-check-cfg=cfg(crossclr_no_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:rustc-cfg=crossclr_no_shim");
@@ -90,14 +93,26 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
         println!("cargo:rustc-cfg=crossclr_no_shim");
         return;
     }
+    // csrc/cuda_kernels.cpp embeds the NVRTC source as a raw string literal.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kernels = std::fs::read_to_string("csrc/fused_kernels.cuh")
+        .expect("csrc/fused_kernels.cuh is part of the repository");
+    std::fs::write(
+        out_dir.join("fused_kernels_src.inc"),
+        format!("R\"CROSSCLR_SRC({kernels})CROSSCLR_SRC\"\n"),
+    )
+    .expect("OUT_DIR is writable");
     let mut build = cc::Build::new();
     build
         .cpp(true)
         .file("csrc/shim.cpp")
         .file("csrc/cpu_cache.cpp")
         .file("csrc/fused_bn.cpp")
+        .file("csrc/profiler.cpp")
+        .file("csrc/cuda_kernels.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        .include(&out_dir)
         .flag("-std=c++17")
         .flag("-O2")
         .flag(format!(

@@ -22,6 +22,7 @@ use tch::Tensor;
 
 mod dropout;
 mod fused_bn;
+pub mod fused_cuda;
 pub mod layers;
 
 pub use dropout::dropout;

@@ -19,7 +19,7 @@ const CHUNK: usize = 1 << 14;
 /// SplitMix64 (Steele, Lea, Flood 2014): the `i`-th output of the stream whose state starts at
 /// `base`. Counter-based: output `i` needs no previous state, so loops do not serialise on it.
 #[inline]
-fn splitmix64_at(base: u64, i: u64) -> u64 {
+pub(super) fn splitmix64_at(base: u64, i: u64) -> u64 {
     let mut z = base.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

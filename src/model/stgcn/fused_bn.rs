@@ -66,7 +66,7 @@ extern "C" {
 }
 
 /// Whether the environment variable `name` says `off` (or `0`, `false`).
-fn switched_off(name: &str) -> bool {
+pub(super) fn switched_off(name: &str) -> bool {
     std::env::var(name)
         .map(|v| {
             matches!(
@@ -108,6 +108,12 @@ fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 /// the running statistics and `num_batches_tracked` of `bn`. Returns a tensor of `x`'s shape.
 /// Uses the fused op when it applies (see the module docs), else the tch path.
 pub fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        if super::fused_cuda::fits(x, bn) && super::fused_cuda::usable(x.device()) {
+            return super::fused_cuda::bn_train(x, bn, relu);
+        }
+        return Ok(native(x, bn, relu));
+    }
     if enabled() && fits(x, bn) {
         fused(x, bn, relu)
     } else {
@@ -134,7 +140,7 @@ fn ptr(t: &Tensor) -> *mut std::ffi::c_void {
 /// returns; on success counts one batch in `bn.num_batches_tracked` (the C side updates the
 /// running statistics, not the counter). `what` names the op in the error.
 #[cfg(not(crossclr_no_shim))]
-fn call_fused(
+pub(super) fn call_fused(
     what: &str,
     bn: &BatchNorm,
     f: impl FnOnce(*mut *mut std::ffi::c_void, *mut *mut std::ffi::c_char) -> std::ffi::c_int,
@@ -208,6 +214,25 @@ pub fn bn_dropout_add_relu(
     r: Option<&Tensor>,
     train: bool,
 ) -> Tensor {
+    if train && y.device().is_cuda() {
+        let r_fits = r.is_none_or(|r| {
+            r.device() == y.device()
+                && r.kind() == Kind::Float
+                && r.is_contiguous()
+                && r.size() == y.size()
+        });
+        if (0.0..1.0).contains(&p)
+            && r_fits
+            && super::fused_cuda::fits(y, bn)
+            && super::fused_cuda::usable(y.device())
+        {
+            match super::fused_cuda::tail(y, bn, p, r, 0) {
+                Ok(out) => return out,
+                Err(e) => warn_tail_failed(&e),
+            }
+        }
+        return tail_native(y, bn, p, r, train);
+    }
     let r_fits = match r {
         None => true,
         Some(r) => is_plain_cpu_f32(r) && r.size() == y.size(),
