@@ -181,19 +181,19 @@ struct HostBackend {
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
     for (u32 i = 0; i < d.numel; ++i) fk_bn_apply_at(i, x, y, coef, d.c, d.l, relu);
   }
-  void bn_bwd_partials(const Dims &d, const float *x, const float *y, const float *g, const double *stats, int relu,
-                       float *partials) {
+  void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
+                       int relu, float *partials) {
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_bn_bwd_accum(x, y, g, d.c, d.l, d.count, c, start, stride, static_cast<float>(stats[c]), relu, s, q);
+      fk_bn_bwd_accum(x, coef, g, d.c, d.l, d.count, c, start, stride, static_cast<float>(stats[c]), relu, s, q);
     });
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
                        float *db, float *bcoef) {
     for (u32 c = 0; c < d.c; ++c) fk_bn_bwd_finalize(c, partials, d.blocks, d.c, d.count, stats, w, dw, db, bcoef);
   }
-  void bn_bwd_apply(const Dims &d, const float *x, const float *y, const float *g, float *dx, const float *bcoef,
-                    int relu) {
-    for (u32 i = 0; i < d.numel; ++i) fk_bn_bwd_apply_at(i, x, y, g, dx, bcoef, d.c, d.l, relu);
+  void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
+                    const float *bcoef, int relu) {
+    for (u32 i = 0; i < d.numel; ++i) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, d.c, d.l, relu);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
@@ -495,18 +495,18 @@ struct CudaBackend {
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
     launch(kBnApply, elementwise_blocks(d.numel), 1, x, y, coef, d.c, d.l, d.numel, relu);
   }
-  void bn_bwd_partials(const Dims &d, const float *x, const float *y, const float *g, const double *stats, int relu,
-                       float *partials) {
-    launch(kBnBwdPartials, d.blocks, d.c, x, y, g, stats, d.c, d.l, d.count, relu, partials);
+  void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
+                       int relu, float *partials) {
+    launch(kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.c, d.l, d.count, relu, partials);
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
                        float *db, float *bcoef) {
     launch(kBnBwdFinalize, (d.c + FK_THREADS - 1) / FK_THREADS, 1, partials, d.blocks, d.c, d.count, stats, w, dw,
            db, bcoef);
   }
-  void bn_bwd_apply(const Dims &d, const float *x, const float *y, const float *g, float *dx, const float *bcoef,
-                    int relu) {
-    launch(kBnBwdApply, elementwise_blocks(d.numel), 1, x, y, g, dx, bcoef, d.c, d.l, d.numel, relu);
+  void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
+                    const float *bcoef, int relu) {
+    launch(kBnBwdApply, elementwise_blocks(d.numel), 1, x, coef, g, dx, bcoef, d.c, d.l, d.numel, relu);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
@@ -574,9 +574,10 @@ class FusedBnFn : public torch::autograd::Function<FusedBnFn<Backend>> {
     auto [stats, coef] = forward_stats(bk, d, x, w, b, rm, rv, momentum, eps);
     at::Tensor y = at::empty_like(x);
     bk.bn_apply(d, f32(x), f32m(y), f32(coef), relu ? 1 : 0);
-    // y is kept for the ReLU mask (the next layer keeps it alive anyway); an empty tensor otherwise.
-    ctx->save_for_backward({x, relu ? y : at::empty({0}, x.options()), w});
+    // The ReLU mask is recomputed in backward from x and the affine coefficients (y is not read).
+    ctx->save_for_backward({x, w});
     ctx->saved_data["stats"] = stats;
+    ctx->saved_data["coef"] = coef;
     ctx->saved_data["relu"] = relu;
     return y;
   }
@@ -584,8 +585,9 @@ class FusedBnFn : public torch::autograd::Function<FusedBnFn<Backend>> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &y = saved[1], &w = saved[2];
+    const at::Tensor &x = saved[0], &w = saved[1];
     const at::Tensor stats = ctx->saved_data["stats"].toTensor();
+    const at::Tensor coef = ctx->saved_data["coef"].toTensor();
     const int relu = ctx->saved_data["relu"].toBool() ? 1 : 0;
     const at::Tensor g = grad_outputs[0].to(at::kFloat).contiguous();
     TORCH_CHECK(g.sizes() == x.sizes(), "fused batch norm: gradient of shape ", g.sizes(), " for output ",
@@ -596,12 +598,12 @@ class FusedBnFn : public torch::autograd::Function<FusedBnFn<Backend>> {
     at::Tensor dw = at::empty({int64_t{d.c}}, x.options()), db = at::empty({int64_t{d.c}}, x.options());
     at::Tensor bcoef = at::empty({4 * int64_t{d.c}}, x.options());
     const double *sp = stats.template const_data_ptr<double>();
-    bk.bn_bwd_partials(d, f32(x), f32(y), f32(g), sp, relu, f32m(partials));
+    bk.bn_bwd_partials(d, f32(x), f32(coef), f32(g), sp, relu, f32m(partials));
     bk.bn_bwd_finalize(d, f32(partials), sp, f32(w), f32m(dw), f32m(db), f32m(bcoef));
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       dx = at::empty_like(x);
-      bk.bn_bwd_apply(d, f32(x), f32(y), f32(g), f32m(dx), f32(bcoef), relu);
+      bk.bn_bwd_apply(d, f32(x), f32(coef), f32(g), f32m(dx), f32(bcoef), relu);
     }
     // One entry per forward argument: x, w, b, running_mean, running_var, momentum, eps, relu.
     return {dx,

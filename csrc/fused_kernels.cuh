@@ -115,19 +115,23 @@ FK_DEVICE void fk_bn_finalize(u32 c, const float *x, const float *partials, u32 
 // Forward of batch norm (+ ReLU) at flat element i.
 FK_DEVICE void fk_bn_apply_at(u32 i, const float *x, float *y, const float *coef, u32 C, u32 L, int relu) {
   const u32 c = fk_chan_of(i, C, L);
-  float v = x[i] * coef[c] + coef[C + c];
-  if (relu && v < 0.0f) v = 0.0f;  // keeps a NaN, as torch.relu does
-  y[i] = v;
+  const float v = x[i] * coef[c] + coef[C + c];
+  y[i] = (relu && !(v > 0.0f)) ? 0.0f : v;  // the mask of fk_relu_kept
 }
 
-// Backward statistics of batch norm (+ ReLU): with g' = g masked by y > 0 when relu,
+// The ReLU mask of the forward output, recomputed from x with the forward's own expression
+// (same operations, same rounding): true where the output was positive.
+FK_DEVICE bool fk_relu_kept(float x, const float *coef, u32 c, u32 C) { return x * coef[c] + coef[C + c] > 0.0f; }
+
+// Backward statistics of batch norm (+ ReLU): with g' = g masked by the forward output > 0 when
+// relu (recomputed from x and the forward coefficients `coef`, so the output is not read),
 // s += sum(g'), d += sum(g' * (x - mean)) over the elements of channel c as in fk_stats_accum.
-FK_DEVICE void fk_bn_bwd_accum(const float *x, const float *y, const float *g, u32 C, u32 L, u32 count, u32 c,
+FK_DEVICE void fk_bn_bwd_accum(const float *x, const float *coef, const float *g, u32 C, u32 L, u32 count, u32 c,
                                u32 start, u32 stride, float mean, int relu, float *s, float *d) {
   float a = 0.0f, b = 0.0f;
   for (u32 j = start; j < count; j += stride) {
     const u32 o = fk_chan_offset(c, j, C, L);
-    const float gp = (relu && !(y[o] > 0.0f)) ? 0.0f : g[o];
+    const float gp = (relu && !fk_relu_kept(x[o], coef, c, C)) ? 0.0f : g[o];
     a += gp;
     b += gp * (x[o] - mean);
   }
@@ -158,10 +162,10 @@ FK_DEVICE void fk_bn_bwd_finalize(u32 c, const float *partials, u32 B, u32 C, u3
 }
 
 // Backward of batch norm (+ ReLU) at flat element i.
-FK_DEVICE void fk_bn_bwd_apply_at(u32 i, const float *x, const float *y, const float *g, float *dx,
+FK_DEVICE void fk_bn_bwd_apply_at(u32 i, const float *x, const float *coef, const float *g, float *dx,
                                   const float *bcoef, u32 C, u32 L, int relu) {
   const u32 c = fk_chan_of(i, C, L);
-  const float gp = (relu && !(y[i] > 0.0f)) ? 0.0f : g[i];
+  const float gp = (relu && !fk_relu_kept(x[i], coef, c, C)) ? 0.0f : g[i];
   dx[i] = gp * bcoef[c] + (x[i] - bcoef[3 * C + c]) * bcoef[C + c] + bcoef[2 * C + c];
 }
 
@@ -268,11 +272,11 @@ extern "C" __global__ void __launch_bounds__(FK_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_bwd_partials(const float *x, const float *y, const float *g, const double *stats, u32 C, u32 L,
+    fk_bn_bwd_partials(const float *x, const float *coef, const float *g, const double *stats, u32 C, u32 L,
                        u32 count, int relu, float *partials) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
   float s, d;
-  fk_bn_bwd_accum(x, y, g, C, L, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
+  fk_bn_bwd_accum(x, coef, g, C, L, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
                   relu, &s, &d);
   fk_block_sum2(&s, &d);
   if (threadIdx.x == 0) {
@@ -289,9 +293,9 @@ extern "C" __global__ void fk_bn_bwd_finalize_kernel(const float *partials, u32 
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_bwd_apply(const float *x, const float *y, const float *g, float *dx, const float *bcoef, u32 C, u32 L,
-                    u32 numel, int relu) {
-  FK_GRID_STRIDE(i, numel) fk_bn_bwd_apply_at(i, x, y, g, dx, bcoef, C, L, relu);
+    fk_bn_bwd_apply(const float *x, const float *coef, const float *g, float *dx, const float *bcoef, u32 C,
+                    u32 L, u32 numel, int relu) {
+  FK_GRID_STRIDE(i, numel) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, C, L, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)

@@ -7,7 +7,9 @@
 #   BIN=.devbin/crossclr bash scripts/device_bench.sh
 # BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
-# final table on stdout. EXTRA=1 adds a graph run with libtorch's default TF32 flags. Every stage runs under `timeout`, so one hang cannot eat the budget.
+# final table on stdout. EXTRA=1 adds a graph run with libtorch's default TF32 flags; FULL=1 adds
+# the reference and plain fast steps. Every stage runs under `timeout`, so one hang cannot eat the
+# budget.
 set -u -o pipefail
 BIN=${BIN:-.devbin/crossclr}
 OUT=${OUT:-/tmp/device_bench_out}
@@ -95,8 +97,11 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
             --model "$model" --phase "$phase" --mode eager --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
     fi
     if [ $HAVE_BIN = 1 ]; then
-        run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference
-        run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast
+        # Rows measured in earlier runs (docs/results/h200_bench.jsonl); FULL=1 repeats them.
+        if [ "${FULL:-0}" = 1 ]; then
+            run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference
+            run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast
+        fi
         run_json "ours fast+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \

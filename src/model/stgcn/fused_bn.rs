@@ -65,6 +65,41 @@ extern "C" {
     ) -> std::ffi::c_int;
 }
 
+/// Signature of the fused batch-norm entry points (`crossclr_fused_bn_train` here,
+/// `crossclr_fk_bn_train` of the CUDA kernels): x, weight, bias, running mean, running var,
+/// momentum, eps, relu, out, err -> status.
+#[cfg(not(crossclr_no_shim))]
+pub(super) type BnEntry = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    f64,
+    f64,
+    std::ffi::c_int,
+    *mut *mut std::ffi::c_void,
+    *mut *mut std::ffi::c_char,
+) -> std::ffi::c_int;
+
+/// Signature of the fused block-tail entry points: y, residual (or null), weight, bias, running
+/// mean, running var, momentum, eps, p, seed, out, err -> status.
+#[cfg(not(crossclr_no_shim))]
+pub(super) type TailEntry = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    *mut std::ffi::c_void,
+    f64,
+    f64,
+    f64,
+    i64,
+    *mut *mut std::ffi::c_void,
+    *mut *mut std::ffi::c_char,
+) -> std::ffi::c_int;
+
 /// Whether the environment variable `name` says `off` (or `0`, `false`).
 pub(super) fn switched_off(name: &str) -> bool {
     std::env::var(name)
@@ -136,11 +171,70 @@ fn ptr(t: &Tensor) -> *mut std::ffi::c_void {
     t.as_ptr() as *mut std::ffi::c_void
 }
 
-/// Runs a fused-op entry point `f(out, err) -> status` and takes ownership of the tensor it
-/// returns; on success counts one batch in `bn.num_batches_tracked` (the C side updates the
-/// running statistics, not the counter). `what` names the op in the error.
+/// Runs the fused batch-norm entry point `entry` (CPU op, or CUDA kernels) on live tensors and
+/// takes ownership of the tensor it returns; on success counts one batch in
+/// `bn.num_batches_tracked` (the C side updates the running statistics, not the counter). `what`
+/// names the op in the error.
 #[cfg(not(crossclr_no_shim))]
-pub(super) fn call_fused(
+pub(super) fn run_bn(
+    entry: BnEntry,
+    what: &str,
+    x: &Tensor,
+    bn: &BatchNorm,
+    relu: bool,
+) -> Result<Tensor> {
+    // SAFETY: every pointer is a live tch tensor borrowed for the call; the C side checks them
+    // (null, undefined, device, dtype, layout, shape) and never lets an exception escape.
+    call_fused(what, bn, |out, err| unsafe {
+        entry(
+            ptr(x),
+            ptr(&bn.weight),
+            ptr(&bn.bias),
+            ptr(&bn.running_mean),
+            ptr(&bn.running_var),
+            super::layers::BN_MOMENTUM,
+            super::layers::BN_EPS,
+            std::ffi::c_int::from(relu),
+            out,
+            err,
+        )
+    })
+}
+
+/// [`run_bn`] for the block-tail entry points (`r` `None`: a null residual).
+#[cfg(not(crossclr_no_shim))]
+pub(super) fn run_tail(
+    entry: TailEntry,
+    what: &str,
+    y: &Tensor,
+    bn: &BatchNorm,
+    p: f64,
+    r: Option<&Tensor>,
+    seed: i64,
+) -> Result<Tensor> {
+    // SAFETY: as in `run_bn`; a null residual means none.
+    call_fused(what, bn, |out, err| unsafe {
+        entry(
+            ptr(y),
+            r.map_or(std::ptr::null_mut(), ptr),
+            ptr(&bn.weight),
+            ptr(&bn.bias),
+            ptr(&bn.running_mean),
+            ptr(&bn.running_var),
+            super::layers::BN_MOMENTUM,
+            super::layers::BN_EPS,
+            p,
+            seed,
+            out,
+            err,
+        )
+    })
+}
+
+/// Runs a fused-op entry point `f(out, err) -> status` and takes ownership of the tensor it
+/// returns; on success counts one batch in `bn.num_batches_tracked`.
+#[cfg(not(crossclr_no_shim))]
+fn call_fused(
     what: &str,
     bn: &BatchNorm,
     f: impl FnOnce(*mut *mut std::ffi::c_void, *mut *mut std::ffi::c_char) -> std::ffi::c_int,
@@ -165,22 +259,7 @@ pub(super) fn call_fused(
 pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        // SAFETY: every pointer is a live tch tensor borrowed for the call; the C side checks them
-        // (null, undefined, device, dtype, layout, shape) and never lets an exception escape.
-        call_fused("fused batch norm", bn, |out, err| unsafe {
-            crossclr_fused_bn_train(
-                ptr(x),
-                ptr(&bn.weight),
-                ptr(&bn.bias),
-                ptr(&bn.running_mean),
-                ptr(&bn.running_var),
-                super::layers::BN_MOMENTUM,
-                super::layers::BN_EPS,
-                std::ffi::c_int::from(relu),
-                out,
-                err,
-            )
-        })
+        run_bn(crossclr_fused_bn_train, "fused batch norm", x, bn, relu)
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -286,24 +365,15 @@ pub(crate) fn fused_tail(
 ) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        // SAFETY: every pointer is a live tch tensor borrowed for the call (or null for an absent
-        // residual); the C side checks them and never lets an exception escape.
-        call_fused("fused block tail", bn, |out, err| unsafe {
-            crossclr_fused_bn_tail_train(
-                ptr(y),
-                r.map_or(std::ptr::null_mut(), ptr),
-                ptr(&bn.weight),
-                ptr(&bn.bias),
-                ptr(&bn.running_mean),
-                ptr(&bn.running_var),
-                super::layers::BN_MOMENTUM,
-                super::layers::BN_EPS,
-                p,
-                seed,
-                out,
-                err,
-            )
-        })
+        run_tail(
+            crossclr_fused_bn_tail_train,
+            "fused block tail",
+            y,
+            bn,
+            p,
+            r,
+            seed,
+        )
     }
     #[cfg(crossclr_no_shim)]
     {

@@ -25,8 +25,7 @@
 //! On the CPU the same kernel bodies run under a host emulation of the launch grid
 //! ([`emulated_bn_train`], [`emulated_tail`]): the tests check the kernels' indexing and arithmetic
 //! there, and that the NVRTC compile succeeds ([`nvrtc_compile`]), without a GPU.
-use super::fused_bn::call_fused;
-use super::layers::{BatchNorm, BN_EPS, BN_MOMENTUM};
+use super::layers::BatchNorm;
 use crate::error::{Error, Result};
 use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
@@ -215,34 +214,13 @@ pub(crate) fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
             .all(|t| plain_f32_on(t, device))
 }
 
-/// A live tch tensor as the shim's `at::Tensor*`.
-#[cfg(not(crossclr_no_shim))]
-fn ptr(t: &Tensor) -> *mut std::ffi::c_void {
-    t.as_ptr() as *mut std::ffi::c_void
-}
-
 /// Training batch norm (+ ReLU) of `x` `(N, C, ...)` with the fused kernels: CUDA kernels for
 /// CUDA tensors, the host emulation for CPU tensors. Updates the running statistics and
 /// `num_batches_tracked` of `bn`. Errors (nothing updated) when the inputs do not fit.
 pub(crate) fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        // SAFETY: live tch tensors borrowed for the call; the C side checks them and never lets
-        // an exception escape.
-        call_fused("fused CUDA batch norm", bn, |out, err| unsafe {
-            crossclr_fk_bn_train(
-                ptr(x),
-                ptr(&bn.weight),
-                ptr(&bn.bias),
-                ptr(&bn.running_mean),
-                ptr(&bn.running_var),
-                BN_MOMENTUM,
-                BN_EPS,
-                std::ffi::c_int::from(relu),
-                out,
-                err,
-            )
-        })
+        super::fused_bn::run_bn(crossclr_fk_bn_train, "fused CUDA batch norm", x, bn, relu)
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -262,23 +240,15 @@ pub(crate) fn tail(
 ) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        // SAFETY: as in `bn_train`; a null residual means none.
-        call_fused("fused CUDA block tail", bn, |out, err| unsafe {
-            crossclr_fk_tail_train(
-                ptr(y),
-                r.map_or(std::ptr::null_mut(), ptr),
-                ptr(&bn.weight),
-                ptr(&bn.bias),
-                ptr(&bn.running_mean),
-                ptr(&bn.running_var),
-                BN_MOMENTUM,
-                BN_EPS,
-                p,
-                seed,
-                out,
-                err,
-            )
-        })
+        super::fused_bn::run_tail(
+            crossclr_fk_tail_train,
+            "fused CUDA block tail",
+            y,
+            bn,
+            p,
+            r,
+            seed,
+        )
     }
     #[cfg(crossclr_no_shim)]
     {
