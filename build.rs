@@ -20,6 +20,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/shim.h");
+    println!("cargo:rerun-if-changed=csrc/ffi_util.h");
     println!("cargo:rerun-if-changed=csrc/cpu_cache.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_bn.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");

@@ -13,6 +13,8 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
+#include "ffi_util.h"
+
 #include <malloc.h>
 #include <sys/mman.h>
 
@@ -169,13 +171,6 @@ class CachingCpuAllocator final : public c10::Allocator {
 
 CachingCpuAllocator *CachingCpuAllocator::instance = nullptr;
 
-char *dup_message(const std::string &msg) {
-  char *s = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (s != nullptr) {
-    std::memcpy(s, msg.c_str(), msg.size() + 1);
-  }
-  return s;
-}
 
 }  // namespace
 
@@ -201,9 +196,9 @@ int crossclr_cpu_cache_install(size_t min_bytes, size_t max_cached_bytes, int hu
     c10::SetCPUAllocator(a, /*priority=*/1);
     return 0;
   } catch (const std::exception &e) {
-    if (err != nullptr) *err = dup_message(e.what());
+    if (err != nullptr) *err = crossclr::dup_message(e.what());
   } catch (...) {
-    if (err != nullptr) *err = dup_message("unknown C++ exception");
+    if (err != nullptr) *err = crossclr::dup_message("unknown C++ exception");
   }
   return 1;
 }

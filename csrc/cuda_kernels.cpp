@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "ffi_util.h"
 #include "fused_kernels.cuh"
 
 #ifdef CROSSCLR_SHIM_CUDA
@@ -62,33 +63,7 @@ const char *const kKernelSource =
 #include "fused_kernels_src.inc"
     ;
 
-char *dup_message(const std::string &msg) {
-  char *s = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (s != nullptr) std::memcpy(s, msg.c_str(), msg.size() + 1);
-  return s;
-}
-
-template <typename F>
-int guarded(char **err, F &&body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error &e) {
-    if (err != nullptr) *err = dup_message(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    if (err != nullptr) *err = dup_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = dup_message("unknown C++ exception");
-  }
-  return 1;
-}
-
-const at::Tensor &borrow(void *p, const char *what) {
-  TORCH_CHECK(p != nullptr, "fused CUDA op: ", what, " is a null pointer");
-  const at::Tensor &t = *static_cast<at::Tensor *>(p);
-  TORCH_CHECK(t.defined(), "fused CUDA op: ", what, " is an undefined tensor");
-  return t;
-}
+using crossclr::guarded;
 
 // ---------------------------------------------------------------------------------------------
 // Shapes and launch geometry.
@@ -679,27 +654,6 @@ class FusedTailFn : public torch::autograd::Function<FusedTailFn<Backend>> {
   }
 };
 
-// Checks that t is a contiguous float32 tensor on `device` of shape `sizes`.
-void check_like(const at::Tensor &t, const at::Device &device, at::IntArrayRef sizes, const char *what) {
-  TORCH_CHECK(t.device() == device && t.scalar_type() == at::kFloat && t.is_contiguous() && t.sizes() == sizes,
-              "fused CUDA op: ", what, " must be a contiguous float32 tensor of shape ", sizes, " on ", device,
-              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-}
-
-struct Params {
-  const at::Tensor &w, &b, &rm, &rv;
-};
-
-Params borrow_params(void *w, void *b, void *rm, void *rv, const at::Tensor &x) {
-  Params p{borrow(w, "weight"), borrow(b, "bias"), borrow(rm, "running_mean"), borrow(rv, "running_var")};
-  const int64_t c = x.size(1);
-  check_like(p.w, x.device(), {c}, "weight");
-  check_like(p.b, x.device(), {c}, "bias");
-  check_like(p.rm, x.device(), {c}, "running_mean");
-  check_like(p.rv, x.device(), {c}, "running_var");
-  return p;
-}
-
 // Whether the op runs on the host emulation (CPU tensors, tests) or on CUDA; anything else throws.
 bool use_host(const at::Tensor &x) {
   if (x.device().is_cpu()) return true;
@@ -767,19 +721,15 @@ int crossclr_fk_capturing(int device, int *capturing, char **err) {
 int crossclr_fk_bn_train(void *x, void *w, void *b, void *running_mean, void *running_var, double momentum,
                          double eps, int relu, void **out, char **err) {
   return guarded(err, [&] {
-    TORCH_CHECK(out != nullptr, "fused CUDA op: null output pointer");
-    const at::Tensor &xt = borrow(x, "input");
-    TORCH_CHECK(xt.scalar_type() == at::kFloat && xt.is_contiguous() && xt.dim() >= 2,
-                "fused batch norm: the input must be a contiguous float32 tensor of rank >= 2, got ",
-                xt.scalar_type(), " ", xt.sizes());
-    const Params p = borrow_params(w, b, running_mean, running_var, xt);
+    TORCH_CHECK(out != nullptr, "fused CUDA batch norm: null output pointer");
+    const auto a = crossclr::borrow_bn_args("fused CUDA batch norm", x, w, b, running_mean, running_var);
     at::Tensor y;
-    if (use_host(xt)) {
-      y = FusedBnFn<HostBackend>::apply(xt, p.w, p.b, p.rm, p.rv, momentum, eps, relu != 0);
+    if (use_host(a.x)) {
+      y = FusedBnFn<HostBackend>::apply(a.x, a.w, a.b, a.running_mean, a.running_var, momentum, eps, relu != 0);
     } else {
 #ifdef CROSSCLR_SHIM_CUDA
-      const c10::DeviceGuard guard(xt.device());
-      y = FusedBnFn<CudaBackend>::apply(xt, p.w, p.b, p.rm, p.rv, momentum, eps, relu != 0);
+      const c10::DeviceGuard guard(a.x.device());
+      y = FusedBnFn<CudaBackend>::apply(a.x, a.w, a.b, a.running_mean, a.running_var, momentum, eps, relu != 0);
 #endif
     }
     *out = new at::Tensor(std::move(y));
@@ -792,27 +742,19 @@ int crossclr_fk_bn_train(void *x, void *w, void *b, void *running_mean, void *ru
 int crossclr_fk_tail_train(void *y, void *r, void *w, void *b, void *running_mean, void *running_var,
                            double momentum, double eps, double p, int64_t seed, void **out, char **err) {
   return guarded(err, [&] {
-    TORCH_CHECK(out != nullptr, "fused CUDA op: null output pointer");
-    const at::Tensor &yt = borrow(y, "input");
-    TORCH_CHECK(yt.scalar_type() == at::kFloat && yt.is_contiguous() && yt.dim() >= 2,
-                "fused block tail: the input must be a contiguous float32 tensor of rank >= 2, got ",
-                yt.scalar_type(), " ", yt.sizes());
-    TORCH_CHECK(p >= 0.0 && p < 1.0, "fused block tail: dropout probability ", p, " outside [0, 1)");
-    at::Tensor rt = at::empty({0}, yt.options());
-    if (r != nullptr) {
-      rt = borrow(r, "residual");
-      check_like(rt, yt.device(), yt.sizes(), "residual");
-    }
-    const Params prm = borrow_params(w, b, running_mean, running_var, yt);
+    const char *op = "fused CUDA block tail";
+    TORCH_CHECK(out != nullptr, op, ": null output pointer");
+    const auto a = crossclr::borrow_bn_args(op, y, w, b, running_mean, running_var);
+    const at::Tensor rt = crossclr::borrow_tail_residual(op, r, a.x, p);
     at::Tensor o;
-    if (use_host(yt)) {
-      o = FusedTailFn<HostBackend>::apply(yt, rt, prm.w, prm.b, prm.rm, prm.rv, r != nullptr, momentum, eps, p,
-                                          seed);
+    if (use_host(a.x)) {
+      o = FusedTailFn<HostBackend>::apply(a.x, rt, a.w, a.b, a.running_mean, a.running_var, r != nullptr, momentum,
+                                          eps, p, seed);
     } else {
 #ifdef CROSSCLR_SHIM_CUDA
-      const c10::DeviceGuard guard(yt.device());
-      o = FusedTailFn<CudaBackend>::apply(yt, rt, prm.w, prm.b, prm.rm, prm.rv, r != nullptr, momentum, eps, p,
-                                          seed);
+      const c10::DeviceGuard guard(a.x.device());
+      o = FusedTailFn<CudaBackend>::apply(a.x, rt, a.w, a.b, a.running_mean, a.running_var, r != nullptr, momentum,
+                                          eps, p, seed);
 #endif
     }
     *out = new at::Tensor(std::move(o));

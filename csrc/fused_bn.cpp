@@ -26,6 +26,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "ffi_util.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define CROSSCLR_BN_AVX512 1
@@ -44,13 +46,6 @@ namespace {
 // Elements a parallel task should at least cover (below this, threading costs more than it saves).
 constexpr int64_t kGrainElements = 32768;
 
-char *dup_message(const std::string &msg) {
-  char *s = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (s != nullptr) {
-    std::memcpy(s, msg.c_str(), msg.size() + 1);
-  }
-  return s;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Kernels over one contiguous run of `n` floats. Accumulating ones add into their outputs.
@@ -261,14 +256,6 @@ Shape shape_of(const at::Tensor &x) {
   Shape s{x.size(0), x.size(1), 1};
   for (int64_t d = 2; d < x.dim(); ++d) s.l *= x.size(d);
   return s;
-}
-
-void check_param(const at::Tensor &t, int64_t c, const char *name) {
-  TORCH_CHECK(t.defined(), "fused batch norm: ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
-                  t.size(0) == c,
-              "fused batch norm: ", name, " must be a contiguous float32 CPU tensor of shape (", c, "), got ",
-              t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
 // The per-channel affine map of the forward, computed identically in forward and backward.
@@ -768,12 +755,6 @@ class FusedBnTail : public torch::autograd::Function<FusedBnTail> {
   }
 };
 
-const at::Tensor &borrow(void *p, const char *what) {
-  TORCH_CHECK(p != nullptr, "fused batch norm: ", what, " is a null pointer");
-  const at::Tensor &t = *static_cast<at::Tensor *>(p);
-  TORCH_CHECK(t.defined(), "fused batch norm: ", what, " is an undefined tensor");
-  return t;
-}
 
 }  // namespace
 
@@ -789,32 +770,14 @@ int crossclr_fused_bn_uses_avx512(void) { return has_avx512() ? 1 : 0; }
 // failure 1 and a malloc'd message in `*err` (free it with crossclr_shim_free).
 int crossclr_fused_bn_train(void *x, void *w, void *b, void *running_mean, void *running_var, double momentum,
                             double eps, int relu, void **out, char **err) {
-  try {
-    TORCH_CHECK(out != nullptr, "fused batch norm: null output pointer");
-    const at::Tensor &xt = borrow(x, "input");
-    TORCH_CHECK(xt.device().is_cpu() && xt.scalar_type() == at::kFloat && xt.is_contiguous() && xt.dim() >= 2,
-                "fused batch norm: the input must be a contiguous float32 CPU tensor of rank >= 2, got ",
-                xt.scalar_type(), " ", xt.sizes(), " on ", xt.device());
-    const int64_t c = xt.size(1);
-    const at::Tensor &wt = borrow(w, "weight");
-    const at::Tensor &bt = borrow(b, "bias");
-    const at::Tensor &rm = borrow(running_mean, "running_mean");
-    const at::Tensor &rv = borrow(running_var, "running_var");
-    check_param(wt, c, "weight");
-    check_param(bt, c, "bias");
-    check_param(rm, c, "running_mean");
-    check_param(rv, c, "running_var");
-    at::Tensor y = FusedBatchNorm::apply(xt, wt, bt, rm, rv, momentum, eps, relu != 0);
+  return crossclr::guarded(err, [&] {
+    const char *op = "fused batch norm";
+    TORCH_CHECK(out != nullptr, op, ": null output pointer");
+    const auto a = crossclr::borrow_bn_args(op, x, w, b, running_mean, running_var);
+    TORCH_CHECK(a.x.device().is_cpu(), op, ": CPU tensors only, got one on ", a.x.device());
+    at::Tensor y = FusedBatchNorm::apply(a.x, a.w, a.b, a.running_mean, a.running_var, momentum, eps, relu != 0);
     *out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const c10::Error &e) {
-    if (err != nullptr) *err = dup_message(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    if (err != nullptr) *err = dup_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = dup_message("unknown C++ exception");
-  }
-  return 1;
+  });
 }
 
 // The fused tail of an ST-GCN block: relu(dropout_p(bn(y)) + r) with training-mode batch norm
@@ -824,41 +787,16 @@ int crossclr_fused_bn_train(void *x, void *w, void *b, void *running_mean, void 
 // mask seed. Same ownership and error convention as crossclr_fused_bn_train.
 int crossclr_fused_bn_tail_train(void *y, void *r, void *w, void *b, void *running_mean, void *running_var,
                                  double momentum, double eps, double p, int64_t seed, void **out, char **err) {
-  try {
-    TORCH_CHECK(out != nullptr, "fused block tail: null output pointer");
-    const at::Tensor &yt = borrow(y, "input");
-    TORCH_CHECK(yt.device().is_cpu() && yt.scalar_type() == at::kFloat && yt.is_contiguous() && yt.dim() >= 2,
-                "fused block tail: the input must be a contiguous float32 CPU tensor of rank >= 2, got ",
-                yt.scalar_type(), " ", yt.sizes(), " on ", yt.device());
-    TORCH_CHECK(p >= 0.0 && p < 1.0, "fused block tail: dropout probability ", p, " outside [0, 1)");
-    at::Tensor rt = at::empty({0}, yt.options());  // stands for "no residual"
-    if (r != nullptr) {
-      rt = borrow(r, "residual");
-      TORCH_CHECK(rt.device().is_cpu() && rt.scalar_type() == at::kFloat && rt.is_contiguous() &&
-                      rt.sizes() == yt.sizes(),
-                  "fused block tail: the residual must be a contiguous float32 CPU tensor of shape ", yt.sizes(),
-                  ", got ", rt.scalar_type(), " ", rt.sizes(), " on ", rt.device());
-    }
-    const int64_t c = yt.size(1);
-    const at::Tensor &wt = borrow(w, "weight");
-    const at::Tensor &bt = borrow(b, "bias");
-    const at::Tensor &rm = borrow(running_mean, "running_mean");
-    const at::Tensor &rv = borrow(running_var, "running_var");
-    check_param(wt, c, "weight");
-    check_param(bt, c, "bias");
-    check_param(rm, c, "running_mean");
-    check_param(rv, c, "running_var");
-    at::Tensor o = FusedBnTail::apply(yt, rt, wt, bt, rm, rv, r != nullptr, momentum, eps, p, seed);
+  return crossclr::guarded(err, [&] {
+    const char *op = "fused block tail";
+    TORCH_CHECK(out != nullptr, op, ": null output pointer");
+    const auto a = crossclr::borrow_bn_args(op, y, w, b, running_mean, running_var);
+    TORCH_CHECK(a.x.device().is_cpu(), op, ": CPU tensors only, got one on ", a.x.device());
+    const at::Tensor rt = crossclr::borrow_tail_residual(op, r, a.x, p);
+    at::Tensor o = FusedBnTail::apply(a.x, rt, a.w, a.b, a.running_mean, a.running_var, r != nullptr, momentum,
+                                      eps, p, seed);
     *out = new at::Tensor(std::move(o));
-    return 0;
-  } catch (const c10::Error &e) {
-    if (err != nullptr) *err = dup_message(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    if (err != nullptr) *err = dup_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = dup_message("unknown C++ exception");
-  }
-  return 1;
+  });
 }
 
 }  // extern "C"

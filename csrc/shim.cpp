@@ -2,6 +2,7 @@
 // kernels, CUDA caching-allocator statistics). See csrc/shim.h for the contract and src/gpu/ for the
 // safe Rust wrappers. Only the headers that are needed are included, to keep compile times short.
 #include "shim.h"
+#include "ffi_util.h"
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
@@ -40,30 +41,7 @@ cudaDeviceProp *getDeviceProperties(c10::DeviceIndex device);
 
 namespace {
 
-char *dup_message(const std::string &msg) {
-  char *s = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (s != nullptr) {
-    std::memcpy(s, msg.c_str(), msg.size() + 1);
-  }
-  return s;
-}
-
-// Runs `body`, turning any exception into status 1 and a message; never lets one escape.
-template <typename F>
-int guarded(char **err, F &&body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error &e) {
-    // what_without_backtrace keeps the message readable (the backtrace is dozens of lines).
-    if (err != nullptr) *err = dup_message(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    if (err != nullptr) *err = dup_message(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = dup_message("unknown C++ exception");
-  }
-  return 1;
-}
+using crossclr::guarded;
 
 // Borrows `n` tensors given as tch pointers; rejects null pointers and undefined tensors.
 std::vector<at::Tensor> borrow(crossclr_tensor *ptrs, size_t n, const char *what) {

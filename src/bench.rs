@@ -9,6 +9,9 @@
 //! with one synchronisation at the end (`ms_pipelined`). Memory: CUDA caching-allocator peak
 //! allocated bytes (reset after warm-up, like `torch.cuda.reset_peak_memory_stats`), or the
 //! process's peak RSS on CPU.
+//!
+//! [`loader`] (`crossclr bench --loader`) times the host side instead: the pre-training data
+//! pipeline (dataset -> augmented copies -> batch tensors [-> device]).
 use crate::data::layout::Layout;
 use crate::error::{Error, Result};
 use crate::gpu;
@@ -16,6 +19,7 @@ use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+pub mod loader;
 pub mod parity;
 mod ssl_steps;
 

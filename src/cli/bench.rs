@@ -1,6 +1,13 @@
-//! `crossclr bench`: time one pre-training step (see `crossclr::bench`).
+//! `crossclr bench`: time one pre-training step (see `crossclr::bench`), or with `--loader` the
+//! pre-training data pipeline (see `crossclr::bench::loader`).
 use clap::ValueEnum;
+use crossclr::bench::loader::{self as loader_bench, DataSource, LoaderBenchConfig, PinChoice};
 use crossclr::bench::{self, BenchConfig, BenchModel, StepKind, Tf32};
+use crossclr::train::config::{ModelKind, PretrainConfig};
+use std::path::{Path, PathBuf};
+
+/// Synthetic samples generated in memory when `--loader` has no other data (about 123 MB).
+const DEFAULT_SYNTHETIC_SAMPLES: usize = 4096;
 
 /// `on` / `off` switches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -18,14 +25,16 @@ impl Switch {
 #[derive(clap::Args)]
 pub struct Args {
     /// Model: skeletonclr, crossclr2 (joint + motion) or crossclr3 (joint + motion + bone).
+    /// With --loader: the model of the default config (the loader is the same for all).
     #[arg(long, value_enum, default_value = "skeletonclr")]
     model: BenchModel,
     /// 1 = MoCo phase, 2 = CVC-KM phase (CrosSCLR only).
     #[arg(long, default_value_t = 1)]
     phase: u8,
-    #[arg(long, default_value_t = 128)]
-    batch: i64,
-    /// cpu, cuda or cuda:N.
+    /// Batch size [default: 128; with --loader: the config's batch_size].
+    #[arg(long)]
+    batch: Option<i64>,
+    /// cpu, cuda or cuda:N (--loader: cuda adds the host -> device copy of every batch).
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long, default_value_t = 50)]
@@ -37,6 +46,7 @@ pub struct Args {
     bodies: i64,
     #[arg(long, default_value_t = 32768)]
     queue_size: i64,
+    /// Untimed steps first (--loader: untimed batches).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     #[arg(long, default_value_t = 20)]
@@ -60,15 +70,66 @@ pub struct Args {
     seed: i64,
     /// Instead of timing: check the encoder on --device against the official fixture in DIR
     /// (tests/fixtures/official) and report the differences.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "loader")]
     parity_fixture: Option<std::path::PathBuf>,
-    /// Print one JSON object instead of a sentence.
+    /// Print one JSON object per result line instead of a sentence.
     #[arg(long)]
     json: bool,
+
+    /// Time the pre-training data pipeline instead of the step: the loader `crossclr pretrain`
+    /// builds (augmented query/key copies, batch tensors), per worker count.
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "phase", "step", "graph", "tf32", "cudnn_benchmark", "queue_size", "iters", "inputs",
+            "seed", "frames", "joints", "bodies",
+        ]
+    )]
+    loader: bool,
+    /// --loader: pre-training config whose loader (and dataset) to time; key=value overrides
+    /// follow as for `crossclr pretrain` (e.g. `batch_size=64 seed=1`).
+    #[arg(long, short = 'c', requires = "loader", conflicts_with = "model")]
+    config: Option<PathBuf>,
+    /// --loader: key=value overrides of the config (dotted keys, YAML values).
+    #[arg(requires = "loader")]
+    overrides: Vec<String>,
+    /// --loader: a `crossclr synth` output folder to read (train split, memory-mapped), instead
+    /// of the config's dataset.
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "loader",
+        conflicts_with = "synthetic_samples"
+    )]
+    data: Option<PathBuf>,
+    /// --loader: generate this many NTU-shaped synthetic samples (3 x 50 x 25 x 2) in memory
+    /// [default without --config or --data: 4096].
+    #[arg(long, value_name = "N", requires = "loader")]
+    synthetic_samples: Option<usize>,
+    /// --loader: worker thread counts to time, comma-separated (0 = no worker thread)
+    /// [default: the config's workers].
+    #[arg(long, value_delimiter = ',', num_args = 1.., requires = "loader")]
+    workers: Option<Vec<usize>>,
+    /// --loader: timed batches per run.
+    #[arg(long, default_value_t = 40, requires = "loader")]
+    batches: usize,
+    /// --loader: timed runs per row (the row reports the median).
+    #[arg(long, default_value_t = 3, requires = "loader")]
+    repeats: usize,
+    /// --loader: host memory of the batches: auto = pinned and pageable rows on CUDA, pageable
+    /// on CPU; on = pinned (CUDA only); off = pageable.
+    #[arg(long, value_enum, default_value = "auto", requires = "loader")]
+    pin: PinChoice,
+    /// --loader: also split one thread's per-sample time into stages.
+    #[arg(long, requires = "loader")]
+    stages: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = crossclr::device::parse_device(&args.device)?;
+    if args.loader {
+        return run_loader(&args, device);
+    }
     if let Some(dir) = &args.parity_fixture {
         bench::apply_modes(device, args.tf32, false)?;
         let tf32 = format!("{:?}", args.tf32).to_lowercase();
@@ -98,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = BenchConfig {
         model: args.model,
         phase: args.phase,
-        batch: args.batch,
+        batch: args.batch.unwrap_or(128),
         frames: args.frames,
         joints: args.joints,
         bodies: args.bodies,
@@ -118,6 +179,75 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("{}", report.summary());
+    }
+    Ok(())
+}
+
+/// The model kind of the default config for `--model`.
+fn model_kind(model: BenchModel) -> ModelKind {
+    match model {
+        BenchModel::Skeletonclr => ModelKind::Skeletonclr,
+        BenchModel::Crossclr2 => ModelKind::Crossclr2,
+        BenchModel::Crossclr3 => ModelKind::Crossclr3,
+    }
+}
+
+/// `--loader`: the config (file or the official defaults of `--model`) with the overrides, then
+/// `--batch` on top.
+fn loader_pretrain_config(args: &Args) -> anyhow::Result<PretrainConfig> {
+    let mut overrides = args.overrides.clone();
+    if let Some(b) = args.batch {
+        overrides.push(format!("batch_size={b}"));
+    }
+    Ok(match &args.config {
+        Some(path) => PretrainConfig::load(path, &overrides)?,
+        None => {
+            let defaults = PretrainConfig::with_model(model_kind(args.model));
+            let source = format!("<official defaults of --model {}>", args.model.name());
+            PretrainConfig::from_text(&defaults.to_yaml()?, false, Path::new(&source), &overrides)?
+        }
+    })
+}
+
+fn run_loader(args: &Args, device: tch::Device) -> anyhow::Result<()> {
+    let pretrain = loader_pretrain_config(args)?;
+    let source = match (&args.data, args.synthetic_samples, &args.config) {
+        (Some(dir), _, _) => DataSource::SynthFolder(dir.clone()),
+        (None, Some(samples), _) => DataSource::Synthetic { samples },
+        (None, None, Some(_)) => DataSource::Config,
+        (None, None, None) => DataSource::Synthetic {
+            samples: DEFAULT_SYNTHETIC_SAMPLES,
+        },
+    };
+    let cfg = LoaderBenchConfig {
+        workers: args.workers.clone().unwrap_or(vec![pretrain.workers]),
+        pretrain,
+        source,
+        warmup: args.warmup,
+        batches: args.batches,
+        repeats: args.repeats,
+        device,
+        pin: args.pin,
+        stages: args.stages,
+    };
+    let json = args.json;
+    let print = |line: anyhow::Result<String>| match line {
+        Ok(l) => println!("{l}"),
+        Err(e) => eprintln!("cannot print a result: {e}"),
+    };
+    let out = loader_bench::run(&cfg, |row| {
+        print(if json {
+            serde_json::to_string(row).map_err(Into::into)
+        } else {
+            Ok(row.summary())
+        })
+    })?;
+    if let Some(stages) = &out.stages {
+        print(if json {
+            serde_json::to_string(stages).map_err(Into::into)
+        } else {
+            Ok(stages.summary())
+        });
     }
     Ok(())
 }

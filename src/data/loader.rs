@@ -12,6 +12,14 @@
 //! `prefetch` finished batches wait in memory. Each view of a batch is one contiguous buffer: the
 //! samples are written straight into the storage of a fresh CPU tensor `(B, C, T, V, M)` on the
 //! worker (no zero-fill, no extra copy, unlike `Tensor::from_slice`).
+//!
+//! Host memory ([`HostMemory`]): for a CUDA target the workers write each view straight into
+//! page-locked (pinned) memory, so that a `non_blocking` host -> device copy of the batch is a
+//! true asynchronous DMA and the host thread goes on at once. Every batch gets fresh tensors
+//! (never a reused buffer): libtorch's caching host allocator records the copy's stream event on
+//! a pinned block and hands the block out again only after that copy has finished, so dropping a
+//! batch right after starting its copy is safe. On a CPU target nothing is pinned (and no CUDA
+//! call is made).
 use crate::data::augment::{augment_into, AugmentConfig};
 use crate::data::dataset::SkeletonDataset;
 use crate::error::{Error, Result};
@@ -27,6 +35,103 @@ use tch::{Device, Kind, Tensor};
 /// Domain tags that separate the shuffle stream from the augmentation streams.
 const SHUFFLE_DOMAIN: u64 = 0x5348_5546_464c_4531; // "SHUFFLE1"
 const AUGMENT_DOMAIN: u64 = 0x4155_474d_454e_5431; // "AUGMENT1"
+
+/// Where the loader puts the batch tensors (all on the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostMemory {
+    /// Ordinary (pageable) memory: the only choice without CUDA.
+    #[default]
+    Pageable,
+    /// Page-locked memory registered for copies to this CUDA device.
+    Pinned(Device),
+}
+
+impl HostMemory {
+    /// Pinned for a CUDA `target`, pageable otherwise (CPU training never touches CUDA).
+    pub fn for_target(target: Device) -> Self {
+        if target.is_cuda() {
+            HostMemory::Pinned(target)
+        } else {
+            HostMemory::Pageable
+        }
+    }
+
+    /// `pageable` or `pinned`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostMemory::Pageable => "pageable",
+            HostMemory::Pinned(_) => "pinned",
+        }
+    }
+
+    /// Checks that pinned memory can be allocated (one tiny pinned tensor): an error names the
+    /// device and libtorch's reason. Pageable memory always works.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            HostMemory::Pageable => Ok(()),
+            HostMemory::Pinned(device) if !device.is_cuda() => Err(Error::config(format!(
+                "pinned host memory needs a CUDA target device, got {device:?}"
+            ))),
+            HostMemory::Pinned(device) => Tensor::zeros([1], (Kind::Float, Device::Cpu))
+                .f_internal_pin_memory(device)
+                .map(|_| ())
+                .map_err(|e| {
+                    Error::Other(format!(
+                        "cannot allocate pinned host memory for {device:?}: {e}"
+                    ))
+                }),
+        }
+    }
+
+    /// A fresh, uninitialised, contiguous CPU f32 tensor of shape `dims` in this kind of
+    /// memory. Pinned tensors are allocated without copying any data: see [`empty_pinned`].
+    /// Should pinning fail (pinned memory exhausted), the tensor is pageable: the batch holds the
+    /// same values, only its copy to the device is then synchronous.
+    fn empty(&self, dims: [i64; 5]) -> Tensor {
+        match *self {
+            HostMemory::Pageable => Tensor::empty(dims, (Kind::Float, Device::Cpu)),
+            HostMemory::Pinned(device) => empty_pinned(dims, device)
+                .unwrap_or_else(|_| Tensor::empty(dims, (Kind::Float, Device::Cpu))),
+        }
+    }
+}
+
+/// A fresh, uninitialised, contiguous f32 tensor of shape `dims` in pinned host memory for
+/// `device`, from libtorch's caching host allocator, with no data copy.
+///
+/// libtorch has no "empty pinned" constructor in the C API, and `pin_memory` copies the whole
+/// source (an intra-op parallel copy: an OpenMP team per loader thread). But `_pin_memory`
+/// sizes the pinned storage from the source's sizes *and strides*, and copies only its
+/// elements: a 2-element source with stride `numel - 1` spans exactly `numel` elements, so its
+/// pinned copy owns a `numel`-element pinned storage after a 2-element copy. The batch tensor is
+/// the contiguous view of that whole storage. (`_pin_memory` is called directly because
+/// `pin_memory(device)` prints a deprecation warning on every call in libtorch 2.x.)
+fn empty_pinned(dims: [i64; 5], device: Device) -> std::result::Result<Tensor, tch::TchError> {
+    let numel: i64 = dims.iter().product();
+    let (size, stride) = spanning_sizes(numel);
+    let source = Tensor::f_empty_strided([size], [stride], (Kind::Float, Device::Cpu))?;
+    let pinned = source.f_internal_pin_memory(device)?;
+    pinned.f_as_strided(dims, contiguous_strides(dims), 0)
+}
+
+/// Size and stride of a 1-d tensor of at most 2 elements whose storage spans exactly `numel`
+/// elements (`1 + (size - 1) * stride = numel`; no elements for `numel == 0`).
+fn spanning_sizes(numel: i64) -> (i64, i64) {
+    match numel {
+        0 => (0, 1),
+        1 => (1, 1),
+        n => (2, n - 1),
+    }
+}
+
+/// Row-major (contiguous) strides of `dims`, in elements.
+fn contiguous_strides(dims: [i64; 5]) -> [i64; 5] {
+    let mut strides = [1i64; 5];
+    for d in (0..4).rev() {
+        strides[d] = strides[d + 1] * dims[d + 1].max(1);
+    }
+    strides
+}
 
 /// How batches are made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,8 +210,9 @@ impl LoaderConfig {
     }
 }
 
-/// One batch: `num_views` tensors `(B, C, T, V, M)` f32 on the CPU, labels `(B,)` i64 on the
-/// CPU, and the dataset indices of the `B` samples.
+/// One batch: `num_views` tensors `(B, C, T, V, M)` f32 on the CPU (pinned when the loader was
+/// made for a CUDA target, see [`HostMemory`]), labels `(B,)` i64 on the CPU (pageable), and the
+/// dataset indices of the `B` samples.
 #[derive(Debug)]
 pub struct Batch {
     pub views: Vec<Tensor>,
@@ -163,7 +269,7 @@ pub fn sample_rng(seed: u64, epoch: usize, position: usize) -> ChaCha8Rng {
 }
 
 /// The storage of a freshly created, contiguous CPU f32 tensor of `numel` elements as a slice.
-/// Only for tensors fresh from `Tensor::empty` that share their storage with nothing.
+/// Only for tensors fresh from [`HostMemory::empty`] that share their storage with nothing.
 ///
 /// This skips `Tensor::from_slice`, which zero-fills a new tensor (an intra-op parallel fill) and
 /// then copies the data in: writing the batch straight into the tensor is several times faster.
@@ -176,7 +282,7 @@ fn storage_mut(t: &mut Tensor, numel: usize) -> &mut [f32] {
     if numel == 0 {
         return &mut [];
     }
-    // SAFETY: `t` was just created by `Tensor::empty` in `Plan::build` and is not shared: its
+    // SAFETY: `t` was just created by `HostMemory::empty` in `Plan::build` and is not shared: its
     // storage holds `numel` contiguous, properly aligned f32 values that nothing else reads or
     // writes while the slice lives (the slices are dropped before the tensors leave `build`).
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) }
@@ -188,11 +294,13 @@ struct Plan {
     cfg: LoaderConfig,
     epoch: usize,
     order: Vec<usize>,
+    memory: HostMemory,
 }
 
 impl Plan {
     /// Builds batch `b` (positions `b*B .. min((b+1)*B, n)` of the epoch order), writing the
-    /// samples straight into the storage of fresh CPU tensors (one contiguous buffer per view).
+    /// samples straight into the storage of fresh CPU tensors (one contiguous buffer per view,
+    /// pinned when the plan says so).
     fn build(&self, b: usize) -> Batch {
         let bs = self.cfg.batch_size;
         let start = b * bs;
@@ -209,7 +317,7 @@ impl Plan {
             shape[3] as i64,
         ];
         let mut views: Vec<Tensor> = (0..self.cfg.num_views)
-            .map(|_| Tensor::empty(dims, (Kind::Float, Device::Cpu)))
+            .map(|_| self.memory.empty(dims))
             .collect();
         {
             let mut bufs: Vec<&mut [f32]> = views
@@ -278,6 +386,32 @@ pub fn epoch_batches_from(
     epoch: usize,
     first_batch: usize,
 ) -> Loader {
+    start_loader(dataset, cfg, epoch, first_batch, HostMemory::Pageable)
+}
+
+/// As [`epoch_batches_from`] with the batch views in `memory` (pinned for a CUDA target, see
+/// [`HostMemory::for_target`]); returns config errors, and an error when pinned memory cannot be
+/// allocated, instead of panicking. The batches hold the same values whatever the memory.
+pub fn try_epoch_batches_in(
+    dataset: Arc<SkeletonDataset>,
+    cfg: &LoaderConfig,
+    epoch: usize,
+    first_batch: usize,
+    memory: HostMemory,
+) -> Result<Loader> {
+    cfg.validate(&dataset)?;
+    memory.check()?;
+    Ok(start_loader(dataset, cfg, epoch, first_batch, memory))
+}
+
+/// Starts the workers of an epoch (see the module doc). Panics on an invalid config.
+fn start_loader(
+    dataset: Arc<SkeletonDataset>,
+    cfg: &LoaderConfig,
+    epoch: usize,
+    first_batch: usize,
+    memory: HostMemory,
+) -> Loader {
     if let Err(e) = cfg.validate(&dataset) {
         panic!("invalid loader config: {e}");
     }
@@ -288,6 +422,7 @@ pub fn epoch_batches_from(
         cfg: cfg.clone(),
         epoch,
         order,
+        memory,
     });
     let first = first_batch.min(end);
     let workers = cfg.workers.min(end - first);
@@ -373,6 +508,165 @@ impl Drop for Loader {
         self.receivers.clear();
         for h in self.handles.drain(..) {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::augment::augment;
+    use crate::data::dataset::F32Buf;
+    use crate::data::layout::Layout;
+
+    /// `n` samples of shape (3, 6, 25, 2) with distinct, non-linear values; label = index % 3.
+    fn dataset(n: usize) -> Arc<SkeletonDataset> {
+        let shape = [n, 3, 6, 25, 2];
+        let len: usize = shape.iter().product();
+        let data = (0..len)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01 - 5.0)
+            .collect();
+        Arc::new(SkeletonDataset {
+            data: F32Buf::Owned(data),
+            shape,
+            labels: (0..n as i64).map(|i| i % 3).collect(),
+            names: (0..n).map(|i| format!("s{i}")).collect(),
+            num_classes: 3,
+            layout: Layout::ntu25(),
+            source: "<test>".into(),
+        })
+    }
+
+    fn cfg(workers: usize) -> LoaderConfig {
+        LoaderConfig {
+            batch_size: 4,
+            seed: 7,
+            workers,
+            prefetch: 2,
+            ..LoaderConfig::default()
+        }
+    }
+
+    /// FNV-1a over the bit patterns of every value of every view of every batch, in order.
+    fn fingerprint(batches: &[Batch]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in batches {
+            for v in &b.views {
+                for x in Vec::<f32>::try_from(v.flatten(0, -1)).unwrap() {
+                    for byte in x.to_bits().to_le_bytes() {
+                        h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+                    }
+                }
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn batches_are_the_per_sample_augmentations_and_unchanged() {
+        let ds = dataset(10);
+        let c = cfg(2);
+        let batches: Vec<Batch> = epoch_batches(Arc::clone(&ds), &c, 3).collect();
+        assert_eq!(batches.len(), 2, "10 samples, batch 4, drop_last");
+        let order = epoch_order(ds.len(), &c, 3);
+        let aug = c.augment.unwrap();
+        for (b, batch) in batches.iter().enumerate() {
+            assert_eq!(batch.indices, order[b * 4..(b + 1) * 4].to_vec());
+            assert_eq!(batch.views.len(), 2);
+            let views: Vec<Vec<f32>> = batch
+                .views
+                .iter()
+                .map(|v| Vec::<f32>::try_from(v.flatten(0, -1)).unwrap())
+                .collect();
+            let len = ds.sample_len();
+            for (row, &i) in batch.indices.iter().enumerate() {
+                // The loader's batch = `augment` of the sample with its position's stream, one
+                // call per copy in copy order.
+                let mut rng = sample_rng(c.seed, 3, b * 4 + row);
+                for view in &views {
+                    let want = augment(ds.sample(i), ds.sample_shape(), &aug, &mut rng);
+                    assert_eq!(&view[row * len..(row + 1) * len], &want[..]);
+                }
+            }
+            let labels = Vec::<i64>::try_from(&batch.labels).unwrap();
+            let want: Vec<i64> = batch.indices.iter().map(|&i| ds.labels[i]).collect();
+            assert_eq!(labels, want);
+        }
+        // Golden value: any change of the order, the draws or the arithmetic shows up here.
+        assert_eq!(fingerprint(&batches), GOLDEN_FINGERPRINT);
+        let inline: Vec<Batch> = epoch_batches(ds, &cfg(0), 3).collect();
+        assert_eq!(fingerprint(&inline), GOLDEN_FINGERPRINT);
+    }
+
+    /// `fingerprint` of epoch 3 of `dataset(10)` under `cfg(_)` (recorded from the loader).
+    const GOLDEN_FINGERPRINT: u64 = 6_179_891_754_798_461_763;
+
+    #[test]
+    fn pinned_layout_math_spans_the_whole_batch() {
+        assert_eq!(contiguous_strides([2, 3, 4, 5, 6]), [360, 120, 30, 6, 1]);
+        for numel in [0i64, 1, 2, 7, 128 * 7500] {
+            let (size, stride) = spanning_sizes(numel);
+            let span = if size == 0 {
+                0
+            } else {
+                1 + (size - 1) * stride
+            };
+            assert_eq!(span, numel, "numel {numel}");
+        }
+        // The same view construction on ordinary memory: a contiguous tensor over the whole
+        // storage of the small strided source (the pinned path does this on pinned storage).
+        let dims = [2i64, 3, 4, 5, 2];
+        let numel: i64 = dims.iter().product();
+        let (size, stride) = spanning_sizes(numel);
+        let source = Tensor::empty_strided([size], [stride], (Kind::Float, Device::Cpu));
+        let mut view = source.as_strided(dims, contiguous_strides(dims), 0);
+        assert!(view.is_contiguous());
+        assert_eq!(view.size(), dims.to_vec());
+        assert_eq!(view.data_ptr(), source.data_ptr());
+        let filled = view.fill_(1.5);
+        assert_eq!(
+            filled.sum(Kind::Double).double_value(&[]),
+            1.5 * numel as f64
+        );
+    }
+
+    #[test]
+    fn cpu_targets_never_pin() {
+        assert_eq!(HostMemory::for_target(Device::Cpu), HostMemory::Pageable);
+        assert_eq!(
+            HostMemory::for_target(Device::Cuda(0)),
+            HostMemory::Pinned(Device::Cuda(0))
+        );
+        assert!(HostMemory::Pageable.check().is_ok());
+        let e = HostMemory::Pinned(Device::Cpu).check().unwrap_err();
+        assert!(e.to_string().contains("CUDA"), "{e}");
+        let ds = dataset(8);
+        let loader = try_epoch_batches_in(ds, &cfg(1), 1, 0, HostMemory::Pageable).unwrap();
+        assert_eq!(loader.count(), 2);
+    }
+
+    /// CUDA only (skipped otherwise): pinned batches hold the same values as pageable ones,
+    /// really are pinned, and copy to the device asynchronously with the same result.
+    #[test]
+    fn pinned_batches_match_pageable_ones_on_cuda() {
+        if !tch::Cuda::is_available() {
+            eprintln!("skipped: no CUDA device (pinned memory needs one)");
+            return;
+        }
+        let device = Device::Cuda(0);
+        let memory = HostMemory::for_target(device);
+        let pinned: Vec<Batch> = try_epoch_batches_in(dataset(10), &cfg(2), 3, 0, memory)
+            .unwrap()
+            .collect();
+        assert_eq!(fingerprint(&pinned), GOLDEN_FINGERPRINT);
+        for b in &pinned {
+            for v in &b.views {
+                assert!(v.is_contiguous());
+                assert!(v.is_pinned(device), "a batch view is not pinned");
+                let on_device = v.to_device_(device, Kind::Float, true, false);
+                let back = on_device.to_device(Device::Cpu);
+                assert!(back.equal(v));
+            }
         }
     }
 }

@@ -12,7 +12,7 @@
 //! work_dir contents: `config.yaml` (resolved), `log.txt`, `metrics.jsonl`, `metrics.csv`,
 //! `steps.csv`, `loss.png`, `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
 use crate::data::augment::AugmentConfig;
-use crate::data::loader::{batches_per_epoch, try_epoch_batches, LoaderConfig};
+use crate::data::loader::{batches_per_epoch, try_epoch_batches_in, HostMemory, LoaderConfig};
 use crate::data::SkeletonDataset;
 use crate::error::{Error, Result};
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
@@ -79,6 +79,26 @@ pub fn epoch_seed(seed: u64, epoch: usize) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
+/// The loader of a pre-training run (the official `Feeder_dual`): `batch_size`, shuffled,
+/// drop_last, two independently augmented copies (query, key) of every sample with the config's
+/// shear and temporal padding, `workers` threads, two batches prefetched per worker. The views
+/// (motion, bone) are computed from these joint batches on the device, inside the step.
+pub fn loader_config(cfg: &PretrainConfig) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: cfg.batch_size,
+        shuffle: true,
+        drop_last: true,
+        num_views: 2,
+        augment: Some(AugmentConfig {
+            shear_amplitude: cfg.train_feeder_args.shear_amplitude,
+            temporal_padding_ratio: cfg.train_feeder_args.temperal_padding_ratio,
+        }),
+        seed: cfg.seed,
+        workers: cfg.workers,
+        prefetch: 2 * cfg.workers.max(1),
+    }
+}
+
 /// Runs pre-training as the config says (no resume, device from the config).
 pub fn run(cfg: &PretrainConfig) -> Result<Summary> {
     run_with(
@@ -117,20 +137,11 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         Some(d) => Arc::clone(d),
         None => Arc::new(crate::data::formats::open(&cfg.dataset_spec())?),
     };
-    let loader_cfg = LoaderConfig {
-        batch_size: cfg.batch_size,
-        shuffle: true,
-        drop_last: true,
-        num_views: 2,
-        augment: Some(AugmentConfig {
-            shear_amplitude: cfg.train_feeder_args.shear_amplitude,
-            temporal_padding_ratio: cfg.train_feeder_args.temperal_padding_ratio,
-        }),
-        seed: cfg.seed,
-        workers: cfg.workers,
-        prefetch: 2 * cfg.workers.max(1),
-    };
+    let loader_cfg = loader_config(cfg);
     loader_cfg.validate(&dataset)?;
+    // Batches for a CUDA device come in pinned memory, so the step's `non_blocking` copies are
+    // truly asynchronous; on CPU they stay in ordinary memory.
+    let host_memory = HostMemory::for_target(device);
     let steps = batches_per_epoch(dataset.len(), &loader_cfg);
     if steps == 0 {
         return Err(Error::config(format!(
@@ -244,7 +255,8 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         tch::manual_seed(epoch_seed(cfg.seed, epoch));
         let cross = trainer.model.is_cross_epoch(epoch);
         let started = Instant::now();
-        let loader = try_epoch_batches(Arc::clone(&dataset), &loader_cfg, epoch)?;
+        let loader =
+            try_epoch_batches_in(Arc::clone(&dataset), &loader_cfg, epoch, 0, host_memory)?;
         let mut tally = EpochTally::new(view_kinds.len(), global_step);
         // Steps run this epoch (with the fast step, some may not be read back yet).
         let mut n_steps = 0usize;
