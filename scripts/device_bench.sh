@@ -8,8 +8,9 @@
 # BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
 # final table on stdout. EXTRA=1 adds a graph run with libtorch's default TF32 flags; FULL=1 adds
-# the reference and plain fast steps. Every stage runs under `timeout`, so one hang cannot eat the
-# budget.
+# the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles; BUDGET (seconds,
+# default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
+# so one hang cannot eat the budget.
 set -u -o pipefail
 BIN=${BIN:-.devbin/crossclr}
 OUT=${OUT:-/tmp/device_bench_out}
@@ -26,6 +27,10 @@ export PYTHONUNBUFFERED=1
 T_START=$(date +%s)
 
 say() { echo "[$(($(date +%s) - T_START))s] $*" | tee -a "$LOG"; }
+# BUDGET: seconds this script may take (default 420); optional stages (profile, parity) are
+# skipped when fewer than the seconds they need are left.
+BUDGET=${BUDGET:-420}
+have_time() { [ $(($(date +%s) - T_START + $1)) -le "$BUDGET" ]; }
 
 # Runs one benchmark command under a timeout; its last stdout line (the JSON object) goes to $JSONL.
 run_json() {
@@ -118,7 +123,43 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
     fi
 done
 
-if [ $HAVE_BIN = 1 ] && [ -d tests/fixtures/official ]; then
+# Per-kernel breakdown (libtorch's Kineto profiler; eager fast step, since per-kernel times inside
+# CUDA graphs are not reliable before CUDA 13.1): ours with and without the fused CUDA kernels,
+# and the PyTorch baseline. Traces stay in /tmp (large); tables (.txt) and rows (.jsonl) go to $OUT.
+if [ "${PROFILE:-1}" = 1 ] && ! have_time 120; then
+    say "skip profile: budget ($BUDGET s) nearly spent"
+elif [ "${PROFILE:-1}" = 1 ]; then
+    PROF=/tmp/crossclr_prof
+    mkdir -p "$PROF" "$OUT/profile"
+    for cfg in "skeletonclr 1" "crossclr3 2"; do
+        set -- $cfg
+        say "== profile $1 phase $2"
+        if [ $HAVE_BIN = 1 ]; then
+            for fused in on off; do
+                tag="ours_${1}_p$2_fused-$fused"
+                CROSSCLR_FUSED_CUDA=$([ $fused = on ] && echo on || echo off) timeout "$STAGE_TIMEOUT" "$BIN" bench \
+                    --model "$1" --phase "$2" --batch 128 --warmup "$WARMUP" --iters 3 --device cuda --step fast \
+                    --tf32 on --cudnn-benchmark on --profile "$PROF/$tag.json" --profile-steps 3 --json \
+                    >>"$LOG" 2>&1 || say "FAIL profile $tag"
+                cp "$PROF/$tag.txt" "$PROF/$tag.jsonl" "$OUT/profile/" 2>/dev/null
+            done
+        fi
+        tag="pytorch_${1}_p$2_tuned"
+        timeout "$STAGE_TIMEOUT" $PY scripts/pytorch_baseline.py --model "$1" --phase "$2" --mode tuned --batch 128 \
+            --warmup "$WARMUP" --iters 3 --device cuda --json --profile "$PROF/$tag.json" --profile-steps 3 \
+            >>"$LOG" 2>&1 || say "FAIL profile $tag"
+        cp "$PROF/$tag.json.txt" "$OUT/profile/$tag.txt" 2>/dev/null
+        head -n 25 "$OUT/profile/ours_${1}_p$2_fused-on.txt" 2>/dev/null | tee -a "$LOG"
+    done
+    if [ -f scripts/profile_summary.py ]; then
+        $PY scripts/profile_summary.py "$PROF/ours_skeletonclr_p1_fused-on.json" "$PROF/pytorch_skeletonclr_p1_tuned.json" --steps 3 3 \
+            >"$OUT/profile/skeletonclr_side_by_side.txt" 2>&1 || true
+    fi
+fi
+
+if [ $HAVE_BIN = 1 ] && [ -d tests/fixtures/official ] && ! have_time 30; then
+    say "skip parity: budget ($BUDGET s) nearly spent"
+elif [ $HAVE_BIN = 1 ] && [ -d tests/fixtures/official ]; then
     say "== parity: encoder on CUDA vs the official fixture"
     for tf in off default on; do
         timeout 60 "$BIN" bench --parity-fixture tests/fixtures/official --device cuda --tf32 "$tf" --json \

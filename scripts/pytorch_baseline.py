@@ -15,6 +15,8 @@ Usage:
   python3 scripts/pytorch_baseline.py --model skeletonclr|crossclr2|crossclr3 --phase 1|2 \
       --batch 128 --device cpu|cuda --mode eager|tuned [--warmup 3 --iters 20] --json
 `tuned` = torch.backends.cudnn.benchmark + TF32 for cuBLAS and cuDNN.
+`--profile trace.json [--profile-steps 5]`: after the timed steps, records more steps with torch.profiler
+(Chrome trace + a key_averages table in trace.json.txt) without changing the reported timings.
 """
 import argparse
 import json
@@ -240,6 +242,45 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# Rows of the --profile table, and the width of its name column (CUDA kernel names are long).
+PROFILE_TOP = 30
+PROFILE_NAME_WIDTH = 100
+
+
+def write_atomic_text(path, text):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def profile_steps(a, dev, step, sync):
+    """Runs a.profile_steps steps under torch.profiler; writes the Chrome trace to a.profile and the
+    key_averages table to a.profile + '.txt' (both atomically)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    activities = [ProfilerActivity.CPU]
+    if dev.type == 'cuda':
+        activities.append(ProfilerActivity.CUDA)
+    sync()
+    # acc_events: one cycle anyway; it only silences torch 2.11's "clears events" warning.
+    with profile(activities=activities, acc_events=True) as prof:
+        for i in range(a.profile_steps):
+            with record_function('train_step'):
+                step(i)
+        sync()
+    tmp = a.profile + '.tmp'
+    prof.export_chrome_trace(tmp)
+    if not os.path.exists(tmp):
+        sys.exit(f'error: torch.profiler did not write {tmp}')
+    os.replace(tmp, a.profile)
+    sort_by = 'self_device_time_total' if dev.type == 'cuda' else 'self_cpu_time_total'
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=PROFILE_TOP,
+                                      max_name_column_width=PROFILE_NAME_WIDTH)
+    header = (f'# pytorch {torch.__version__} {a.model} phase {a.phase} batch {a.batch} frames {a.frames} '
+              f'on {dev} ({a.mode}): totals over {a.profile_steps} profiled steps, sorted by {sort_by}\n')
+    write_atomic_text(a.profile + '.txt', header + table + '\n')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--model', choices=sorted(MODELS), default='skeletonclr')
@@ -254,11 +295,20 @@ def main():
     ap.add_argument('--inputs', type=int, default=4, help='distinct random batches to rotate through')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--json', action='store_true')
+    ap.add_argument('--profile', metavar='PATH',
+                    help='after the timed steps, profile --profile-steps more steps with torch.profiler (CPU + '
+                         'CUDA activities): Chrome trace to PATH, key_averages table (top 30 by self device '
+                         'time, or self CPU time on CPU) to PATH.txt. The timings above stay unprofiled.')
+    ap.add_argument('--profile-steps', type=int, default=5, help='steps recorded by --profile')
     a = ap.parse_args()
     if a.phase == 2 and a.model == 'skeletonclr':
         ap.error('SkeletonCLR has no phase 2')
     if a.queue_size % a.batch:
         ap.error('--queue-size must be divisible by --batch')
+    if a.profile is not None and a.profile_steps < 1:
+        ap.error('--profile-steps must be at least 1')
+    if a.profile is not None and not os.path.isdir(os.path.dirname(os.path.abspath(a.profile))):
+        ap.error(f'--profile: the folder of {a.profile} does not exist')
     dev = torch.device(a.device)
     if dev.type == 'cuda' and not torch.cuda.is_available():
         sys.exit('error: CUDA requested but torch sees no GPU')
@@ -303,6 +353,10 @@ def main():
         losses.append(step(a.warmup + i))
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
+    if a.profile is not None:
+        # After the timed steps, so that the profiler's overhead does not touch the timings.
+        first = a.warmup + a.iters
+        profile_steps(a, dev, lambda i: step(first + i), sync)
     peak_reserved = None
     if dev.type == 'cuda':
         peak, peak_kind = torch.cuda.max_memory_allocated(dev), 'cuda_max_memory_allocated'
@@ -321,6 +375,9 @@ def main():
         'ms_mean': statistics.fmean(times), 'samples_per_s': a.batch * 1e3 / med, 'peak_bytes': peak,
         'peak_reserved_bytes': peak_reserved, 'peak_kind': peak_kind, 'loss_first': losses[0], 'loss_last': losses[-1],
     }
+    if a.profile is not None:
+        out['profile'] = a.profile
+        out['profile_steps'] = a.profile_steps
     if a.json:
         print(json.dumps(out))
     else:

@@ -16,6 +16,7 @@ use crate::data::layout::Layout;
 use crate::error::{Error, Result};
 use crate::gpu;
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -85,6 +86,10 @@ pub struct BenchConfig {
     /// Distinct random batch pairs rotated through (so caches do not flatter the numbers).
     pub inputs: usize,
     pub seed: i64,
+    /// After the timed region: profile `profile_steps` more steps, Chrome trace to this path
+    /// (rows `.jsonl` and table `.txt` beside it); see [`profile_steps`].
+    pub profile: Option<PathBuf>,
+    pub profile_steps: usize,
 }
 
 impl BenchConfig {
@@ -107,6 +112,8 @@ impl BenchConfig {
             cudnn_benchmark: false,
             inputs: 4,
             seed: 0,
+            profile: None,
+            profile_steps: 5,
         }
     }
 
@@ -204,6 +211,11 @@ pub struct BenchReport {
     pub peak_reserved_bytes: Option<i64>,
     /// "cuda_max_memory_allocated" or "process_peak_rss".
     pub peak_kind: &'static str,
+    /// CUDA: whether the encoders' batch norms ran on the fused CUDA kernels
+    /// (`model::stgcn::fused_cuda`; off with CROSSCLR_FUSED_CUDA=off or after a failed self-check).
+    pub fused_cuda: bool,
+    /// The Chrome trace written by `--profile`, if any.
+    pub profile: Option<String>,
     pub loss_first: f64,
     pub loss_last: f64,
 }
@@ -295,6 +307,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     } else {
         (gpu::peak_rss_bytes(), None, "process_peak_rss")
     };
+    if let Some(path) = &cfg.profile {
+        let first = cfg.warmup + 2 * cfg.iters;
+        profile_steps(device, path, cfg.profile_steps, |i| {
+            let (q, k) = pair(first + i);
+            losses.push(runner.run(q, k)?);
+            Ok(())
+        })?;
+    }
     let loss_of = |t: Option<&Tensor>| t.map(|t| t.double_value(&[])).unwrap_or(f64::NAN);
     let loss_first = loss_of(losses.first());
     let loss_last = loss_of(losses.last());
@@ -340,9 +360,35 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peak_bytes,
         peak_reserved_bytes,
         peak_kind,
+        fused_cuda: crate::model::stgcn::fused_cuda::usable(device),
+        profile: cfg.profile.as_ref().map(|p| p.display().to_string()),
         loss_first,
         loss_last,
     })
+}
+
+/// Profiles `steps` calls of `step(i)` with libtorch's profiler (CUDA activities on a CUDA
+/// device): Chrome trace to `trace`, per-kernel / per-op rows to `trace` with extension `.jsonl`,
+/// and the table (top 30 rows, per step) to `.txt` and stderr.
+pub fn profile_steps(
+    device: Device,
+    trace: &Path,
+    steps: usize,
+    mut step: impl FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    if steps == 0 {
+        return Err(Error::config("--profile-steps must be at least 1"));
+    }
+    let profiler = gpu::profiler::Profiler::start(device.is_cuda())?;
+    for i in 0..steps {
+        step(i)?;
+    }
+    let summary = profiler.stop(Some(trace))?;
+    summary.write_jsonl(&trace.with_extension("jsonl"))?;
+    let table = summary.table(30, steps);
+    crate::train::atomic::write_atomic(&trace.with_extension("txt"), table.as_bytes())?;
+    eprint!("{table}");
+    Ok(())
 }
 
 impl BenchReport {

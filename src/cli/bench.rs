@@ -75,6 +75,13 @@ pub struct Args {
     /// Print one JSON object per result line instead of a sentence.
     #[arg(long)]
     json: bool,
+    /// After the timed steps, profile --profile-steps more with libtorch's profiler (Kineto):
+    /// Chrome trace to PATH, per-kernel rows to PATH with extension .jsonl, table to .txt.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["loader", "parity_fixture"])]
+    profile: Option<PathBuf>,
+    /// Steps profiled with --profile.
+    #[arg(long, default_value_t = 5, requires = "profile")]
+    profile_steps: usize,
 
     /// Time the pre-training data pipeline instead of the step: the loader `crossclr pretrain`
     /// builds (augmented query/key copies, batch tensors), per worker count.
@@ -173,6 +180,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cudnn_benchmark: args.cudnn_benchmark.on(),
         inputs: args.inputs,
         seed: args.seed,
+        profile: args.profile.clone(),
+        profile_steps: args.profile_steps,
     };
     let report = bench::run(&cfg)?;
     if args.json {
