@@ -39,6 +39,7 @@ pub(crate) mod ffi;
 pub mod graph;
 pub mod memory;
 pub mod ops;
+pub mod profiler;
 pub mod step;
 
 pub use graph::{CaptureMode, CapturedStep, CudaGraph};
