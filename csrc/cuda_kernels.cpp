@@ -537,6 +537,23 @@ CudaBackend make_backend<CudaBackend>(const at::Tensor &x) {
 }
 #endif
 
+// The backward pass's common part: the incoming gradient (checked against the output's shape)
+// and the per-channel results of the reduction (partials, dgamma, dbeta, the dx coefficients).
+struct BwdBuffers {
+  at::Tensor g, partials, dw, db, bcoef;
+
+  BwdBuffers(const at::Tensor &grad, const at::Tensor &out_like, const Dims &d, const char *op)
+      : g(grad.to(at::kFloat).contiguous()) {
+    TORCH_CHECK(g.sizes() == out_like.sizes(), op, ": gradient of shape ", g.sizes(), " for output ",
+                out_like.sizes());
+    const auto o = out_like.options();
+    partials = at::empty({int64_t{d.c} * d.blocks * 2}, o);
+    dw = at::empty({int64_t{d.c}}, o);
+    db = at::empty({int64_t{d.c}}, o);
+    bcoef = at::empty({4 * int64_t{d.c}}, o);
+  }
+};
+
 template <typename Backend>
 class FusedBnFn : public torch::autograd::Function<FusedBnFn<Backend>> {
  public:
@@ -564,26 +581,22 @@ class FusedBnFn : public torch::autograd::Function<FusedBnFn<Backend>> {
     const at::Tensor stats = ctx->saved_data["stats"].toTensor();
     const at::Tensor coef = ctx->saved_data["coef"].toTensor();
     const int relu = ctx->saved_data["relu"].toBool() ? 1 : 0;
-    const at::Tensor g = grad_outputs[0].to(at::kFloat).contiguous();
-    TORCH_CHECK(g.sizes() == x.sizes(), "fused batch norm: gradient of shape ", g.sizes(), " for output ",
-                x.sizes());
     const Dims d = dims_of(x);
     Backend bk = make_backend<Backend>(x);
-    at::Tensor partials = at::empty({int64_t{d.c} * d.blocks * 2}, x.options());
-    at::Tensor dw = at::empty({int64_t{d.c}}, x.options()), db = at::empty({int64_t{d.c}}, x.options());
-    at::Tensor bcoef = at::empty({4 * int64_t{d.c}}, x.options());
+    const BwdBuffers buf(grad_outputs[0], x, d, "fused batch norm");
+    const at::Tensor &g = buf.g;
     const double *sp = stats.template const_data_ptr<double>();
-    bk.bn_bwd_partials(d, f32(x), f32(coef), f32(g), sp, relu, f32m(partials));
-    bk.bn_bwd_finalize(d, f32(partials), sp, f32(w), f32m(dw), f32m(db), f32m(bcoef));
+    bk.bn_bwd_partials(d, f32(x), f32(coef), f32(g), sp, relu, f32m(buf.partials));
+    bk.bn_bwd_finalize(d, f32(buf.partials), sp, f32(w), f32m(buf.dw), f32m(buf.db), f32m(buf.bcoef));
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       dx = at::empty_like(x);
-      bk.bn_bwd_apply(d, f32(x), f32(coef), f32(g), f32m(dx), f32(bcoef), relu);
+      bk.bn_bwd_apply(d, f32(x), f32(coef), f32(g), f32m(dx), f32(buf.bcoef), relu);
     }
     // One entry per forward argument: x, w, b, running_mean, running_var, momentum, eps, relu.
     return {dx,
-            ctx->needs_input_grad(1) ? dw : at::Tensor(),
-            ctx->needs_input_grad(2) ? db : at::Tensor(),
+            ctx->needs_input_grad(1) ? buf.dw : at::Tensor(),
+            ctx->needs_input_grad(2) ? buf.db : at::Tensor(),
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
@@ -624,26 +637,22 @@ class FusedTailFn : public torch::autograd::Function<FusedTailFn<Backend>> {
     const at::Tensor rng = ctx->saved_data["rng"].toTensor();
     const Drop dr = drop_of(ctx->saved_data["p"].toDouble());
     const bool has_r = ctx->saved_data["has_r"].toBool();
-    const at::Tensor g = grad_outputs[0].to(at::kFloat).contiguous();
-    TORCH_CHECK(g.sizes() == y.sizes(), "fused block tail: gradient of shape ", g.sizes(), " for output ",
-                y.sizes());
     const Dims d = dims_of(y);
     Backend bk = make_backend<Backend>(y);
-    at::Tensor partials = at::empty({int64_t{d.c} * d.blocks * 2}, y.options());
-    at::Tensor dw = at::empty({int64_t{d.c}}, y.options()), db = at::empty({int64_t{d.c}}, y.options());
-    at::Tensor bcoef = at::empty({4 * int64_t{d.c}}, y.options());
+    const BwdBuffers buf(grad_outputs[0], y, d, "fused block tail");
+    const at::Tensor &g = buf.g;
     const double *sp = stats.template const_data_ptr<double>();
-    bk.tail_bwd_partials(d, f32(y), f32(out), f32(g), sp, dr, rng, f32m(partials));
-    bk.bn_bwd_finalize(d, f32(partials), sp, f32(w), f32m(dw), f32m(db), f32m(bcoef));
+    bk.tail_bwd_partials(d, f32(y), f32(out), f32(g), sp, dr, rng, f32m(buf.partials));
+    bk.bn_bwd_finalize(d, f32(buf.partials), sp, f32(w), f32m(buf.dw), f32m(buf.db), f32m(buf.bcoef));
     at::Tensor dy = at::empty_like(y);
     at::Tensor dres = has_r && ctx->needs_input_grad(1) ? at::empty_like(y) : at::Tensor();
-    bk.tail_bwd_apply(d, f32(y), f32(out), f32(g), f32m(dy), dres.defined() ? f32m(dres) : nullptr, f32(bcoef), dr,
+    bk.tail_bwd_apply(d, f32(y), f32(out), f32(g), f32m(dy), dres.defined() ? f32m(dres) : nullptr, f32(buf.bcoef), dr,
                       rng);
     // One entry per forward argument: y, r, w, b, rm, rv, has_r, momentum, eps, p, seed.
     return {ctx->needs_input_grad(0) ? dy : at::Tensor(),
             dres,
-            ctx->needs_input_grad(2) ? dw : at::Tensor(),
-            ctx->needs_input_grad(3) ? db : at::Tensor(),
+            ctx->needs_input_grad(2) ? buf.dw : at::Tensor(),
+            ctx->needs_input_grad(3) ? buf.db : at::Tensor(),
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),

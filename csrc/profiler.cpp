@@ -23,6 +23,8 @@
 #include <kineto/ActivityType.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
+#include "ffi_util.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -43,29 +45,7 @@ namespace {
 
 namespace tap = torch::autograd::profiler;
 
-char *dup_text(const std::string &msg) {
-  char *s = static_cast<char *>(std::malloc(msg.size() + 1));
-  if (s != nullptr) {
-    std::memcpy(s, msg.c_str(), msg.size() + 1);
-  }
-  return s;
-}
-
-// Runs `body`, turning any exception into status 1 and a message; never lets one escape.
-template <typename F>
-int guarded(char **err, F &&body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error &e) {
-    if (err != nullptr) *err = dup_text(e.what_without_backtrace());
-  } catch (const std::exception &e) {
-    if (err != nullptr) *err = dup_text(e.what());
-  } catch (...) {
-    if (err != nullptr) *err = dup_text("unknown C++ exception");
-  }
-  return 1;
-}
+using crossclr::guarded;
 
 // The one profiling session of the process (Kineto's activity profiler is a process-wide singleton).
 struct Session {
@@ -266,7 +246,7 @@ int crossclr_profiler_stop(const char *trace_path, char **table, char **err) {
     std::string rows = table != nullptr ? aggregate(*result) : std::string();
     if (trace_path != nullptr) result->save(trace_path);
     if (table != nullptr) {
-      *table = dup_text(rows);
+      *table = crossclr::dup_message(rows);
       TORCH_CHECK(*table != nullptr, "out of memory for the profile table");
     }
   });

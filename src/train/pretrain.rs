@@ -269,6 +269,23 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             }
             Error::Other(msg)
         };
+        // Reads the fast step's pending losses into the epoch tally (log lines included); a
+        // non-finite one becomes the run's stop error.
+        let read_fast = |tally: &mut EpochTally,
+                         fast: &mut FastEngine,
+                         log: &mut RunLogger,
+                         n_steps: usize,
+                         last_weights: &PathBuf|
+         -> Result<()> {
+            let read = tally.read(fast, log, epoch, steps, lr, cfg.log_interval, &view_kinds)?;
+            match read {
+                Some((e, step)) => {
+                    let msg = fast_stop(&stop_message(&e, epoch, step, lr, last_weights), n_steps);
+                    Err(stop(log, msg))
+                }
+                None => Ok(()),
+            }
+        };
         for batch in loader {
             let (mut x_q, x_k) = (
                 batch.views[0].shallow_clone(),
@@ -313,18 +330,7 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             // Read the losses back when a log line is due (at most once per log_interval steps).
             let interval = cfg.log_interval as u64;
             if interval > 0 && global_step / interval > before / interval {
-                if let Some((e, step)) = tally.read(
-                    fast,
-                    &mut log,
-                    epoch,
-                    steps,
-                    lr,
-                    cfg.log_interval,
-                    &view_kinds,
-                )? {
-                    let msg = fast_stop(&stop_message(&e, epoch, step, lr, &last_weights), n_steps);
-                    return Err(stop(&mut log, msg));
-                }
+                read_fast(&mut tally, fast, &mut log, n_steps, &last_weights)?;
                 if let Some(b) = &bar {
                     b.set_message(format!(
                         "{epoch}/{} loss {:.3}",
@@ -341,18 +347,7 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             if let Some(b) = &bar {
                 b.inc(ran as u64);
             }
-            if let Some((e, step)) = tally.read(
-                fast,
-                &mut log,
-                epoch,
-                steps,
-                lr,
-                cfg.log_interval,
-                &view_kinds,
-            )? {
-                let msg = fast_stop(&stop_message(&e, epoch, step, lr, &last_weights), n_steps);
-                return Err(stop(&mut log, msg));
-            }
+            read_fast(&mut tally, fast, &mut log, n_steps, &last_weights)?;
             if tally.recorded != n_steps {
                 return Err(Error::Other(format!(
                     "internal: epoch {epoch} ran {n_steps} steps but read {} losses",

@@ -35,9 +35,25 @@ pub const ENV_SWITCH: &str = "CROSSCLR_FUSED_BN";
 /// ([`bn_dropout_add_relu`]); independent of [`ENV_SWITCH`].
 pub const TAIL_ENV_SWITCH: &str = "CROSSCLR_FUSED_TAIL";
 
-#[cfg(not(crossclr_no_shim))]
-extern "C" {
-    fn crossclr_fused_bn_train(
+/// Declares a family of C entry points of one signature, and `$alias`, the type of a pointer to
+/// any of them (so that one Rust wrapper serves them all).
+macro_rules! fused_entries {
+    ($(#[$doc:meta])* $alias:ident = fn $params:tt; $($name:ident),+ $(,)?) => {
+        $(#[$doc])*
+        #[cfg(not(crossclr_no_shim))]
+        pub(super) type $alias = unsafe extern "C" fn $params -> std::ffi::c_int;
+        #[cfg(not(crossclr_no_shim))]
+        extern "C" {
+            $(pub(super) fn $name $params -> std::ffi::c_int;)+
+        }
+    };
+}
+
+fused_entries!(
+    /// Fused training batch norm (+ ReLU): `crossclr_fused_bn_train` (CPU, csrc/fused_bn.cpp) and
+    /// `crossclr_fk_bn_train` (CUDA kernels, csrc/cuda_kernels.cpp). Tensors are `at::Tensor*`;
+    /// returns 0 and a new tensor in `out`, or 1 and a message in `err`.
+    BnEntry = fn(
         x: *mut std::ffi::c_void,
         w: *mut std::ffi::c_void,
         b: *mut std::ffi::c_void,
@@ -48,8 +64,15 @@ extern "C" {
         relu: std::ffi::c_int,
         out: *mut *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
-    ) -> std::ffi::c_int;
-    fn crossclr_fused_bn_tail_train(
+    );
+    crossclr_fused_bn_train,
+    crossclr_fk_bn_train,
+);
+
+fused_entries!(
+    /// Fused block tail `relu(dropout_p(bn(y)) + r)` (`r` null: no residual):
+    /// `crossclr_fused_bn_tail_train` (CPU) and `crossclr_fk_tail_train` (CUDA kernels).
+    TailEntry = fn(
         y: *mut std::ffi::c_void,
         r: *mut std::ffi::c_void,
         w: *mut std::ffi::c_void,
@@ -62,43 +85,10 @@ extern "C" {
         seed: i64,
         out: *mut *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
-    ) -> std::ffi::c_int;
-}
-
-/// Signature of the fused batch-norm entry points (`crossclr_fused_bn_train` here,
-/// `crossclr_fk_bn_train` of the CUDA kernels): x, weight, bias, running mean, running var,
-/// momentum, eps, relu, out, err -> status.
-#[cfg(not(crossclr_no_shim))]
-pub(super) type BnEntry = unsafe extern "C" fn(
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    f64,
-    f64,
-    std::ffi::c_int,
-    *mut *mut std::ffi::c_void,
-    *mut *mut std::ffi::c_char,
-) -> std::ffi::c_int;
-
-/// Signature of the fused block-tail entry points: y, residual (or null), weight, bias, running
-/// mean, running var, momentum, eps, p, seed, out, err -> status.
-#[cfg(not(crossclr_no_shim))]
-pub(super) type TailEntry = unsafe extern "C" fn(
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    *mut std::ffi::c_void,
-    f64,
-    f64,
-    f64,
-    i64,
-    *mut *mut std::ffi::c_void,
-    *mut *mut std::ffi::c_char,
-) -> std::ffi::c_int;
+    );
+    crossclr_fused_bn_tail_train,
+    crossclr_fk_tail_train,
+);
 
 /// Whether the environment variable `name` says `off` (or `0`, `false`).
 pub(super) fn switched_off(name: &str) -> bool {

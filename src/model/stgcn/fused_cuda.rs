@@ -46,32 +46,6 @@ extern "C" {
         capturing: *mut std::ffi::c_int,
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
-    fn crossclr_fk_bn_train(
-        x: *mut std::ffi::c_void,
-        w: *mut std::ffi::c_void,
-        b: *mut std::ffi::c_void,
-        running_mean: *mut std::ffi::c_void,
-        running_var: *mut std::ffi::c_void,
-        momentum: f64,
-        eps: f64,
-        relu: std::ffi::c_int,
-        out: *mut *mut std::ffi::c_void,
-        err: *mut *mut std::ffi::c_char,
-    ) -> std::ffi::c_int;
-    fn crossclr_fk_tail_train(
-        y: *mut std::ffi::c_void,
-        r: *mut std::ffi::c_void,
-        w: *mut std::ffi::c_void,
-        b: *mut std::ffi::c_void,
-        running_mean: *mut std::ffi::c_void,
-        running_var: *mut std::ffi::c_void,
-        momentum: f64,
-        eps: f64,
-        p: f64,
-        seed: i64,
-        out: *mut *mut std::ffi::c_void,
-        err: *mut *mut std::ffi::c_char,
-    ) -> std::ffi::c_int;
 }
 
 #[cfg(not(crossclr_no_shim))]
@@ -220,7 +194,13 @@ pub(crate) fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 pub(crate) fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
-        super::fused_bn::run_bn(crossclr_fk_bn_train, "fused CUDA batch norm", x, bn, relu)
+        super::fused_bn::run_bn(
+            super::fused_bn::crossclr_fk_bn_train,
+            "fused CUDA batch norm",
+            x,
+            bn,
+            relu,
+        )
     }
     #[cfg(crossclr_no_shim)]
     {
@@ -241,7 +221,7 @@ pub(crate) fn tail(
     #[cfg(not(crossclr_no_shim))]
     {
         super::fused_bn::run_tail(
-            crossclr_fk_tail_train,
+            super::fused_bn::crossclr_fk_tail_train,
             "fused CUDA block tail",
             y,
             bn,
