@@ -199,6 +199,15 @@ for key in keys:
         print(f"{key[0]:<12}{key[1]:>3}  {label(r):<40}{ms:9.2f}{r['ms_min']:9.2f}"
               f"{(f'{pip:9.2f}' if pip else '        -')}{peak:10.1f}{resv:10.1f}{e:>9}{t:>9}")
 print("eager/x, tuned/x: PyTorch eager / tuned median ms over this row's median ms (> 1 = faster than PyTorch)")
+seen = set()
+for r in bench:
+    ops = r.get('fused_cuda_ops') or []
+    if not ops or r['model'] in seen:
+        continue
+    seen.add(r['model'])
+    print(f"fused CUDA kernels vs tch ops, fwd+bwd ms per call ({r['model']} p{r['phase']}, {r['mode']}):")
+    for o in ops:
+        print(f"  {o['op']:<24}{str(o['shape']):<26}fused {o['fused_ms']:8.3f}  tch {o['native_ms']:8.3f}  -> {'fused' if o['fused'] else 'tch'}")
 print("peak MiB: max allocated in the timed region; resv MiB: max reserved (compare graph rows on this one)")
 EOF
 say "done in $(($(date +%s) - T_START)) s; JSON in $JSONL"

@@ -214,6 +214,9 @@ pub struct BenchReport {
     /// CUDA: whether the encoders' batch norms ran on the fused CUDA kernels
     /// (`model::stgcn::fused_cuda`; off with CROSSCLR_FUSED_CUDA=off or after a failed self-check).
     pub fused_cuda: bool,
+    /// CUDA: per op and shape, the fused kernels' and the tch ops' forward + backward times and
+    /// which one was chosen (`model::stgcn::fused_cuda::choices`).
+    pub fused_cuda_ops: Vec<crate::model::stgcn::fused_cuda::FusedChoice>,
     /// The Chrome trace written by `--profile`, if any.
     pub profile: Option<String>,
     pub loss_first: f64,
@@ -361,6 +364,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peak_reserved_bytes,
         peak_kind,
         fused_cuda: crate::model::stgcn::fused_cuda::usable(device),
+        fused_cuda_ops: crate::model::stgcn::fused_cuda::choices(),
         profile: cfg.profile.as_ref().map(|p| p.display().to_string()),
         loss_first,
         loss_last,

@@ -386,6 +386,19 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             views.join(", "),
             record.samples_per_second
         ));
+        if epoch == start_epoch && device.is_cuda() {
+            // Which batch norms run on the fused CUDA kernels (timed per shape on first use).
+            for c in crate::model::stgcn::fused_cuda::choices() {
+                log.line(&format!(
+                    "fused CUDA {} {:?}: fused {:.3} ms, tch {:.3} ms -> {}",
+                    c.op,
+                    c.shape,
+                    c.fused_ms,
+                    c.native_ms,
+                    if c.fused { "fused" } else { "tch" }
+                ));
+            }
+        }
         records.push(record);
         log.write_metrics(&records)?;
         let meta = CheckpointMeta {

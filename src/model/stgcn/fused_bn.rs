@@ -21,6 +21,7 @@
 //! batch-norm output, the dropout output and the sum are never materialised. Single-thread
 //! SkeletonCLR step at batch 128 on the 2-core Xeon (AVX-512): 5.29-5.41 s vs 5.50-5.68 s unfused,
 //! user+sys 27.4-27.8 s vs 30.7-37.0 s per bench run, peak RSS 3204 vs 3637 MiB.
+use super::fused_cuda::FusedOp;
 use super::layers::BatchNorm;
 use crate::error::{Error, Result};
 #[cfg(not(crossclr_no_shim))]
@@ -134,7 +135,10 @@ fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 /// Uses the fused op when it applies (see the module docs), else the tch path.
 pub fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     if x.device().is_cuda() {
-        if super::fused_cuda::fits(x, bn) && super::fused_cuda::usable(x.device()) {
+        if super::fused_cuda::fits(x, bn)
+            && super::fused_cuda::usable(x.device())
+            && super::fused_cuda::prefer_fused(FusedOp::BatchNorm { relu }, x, bn, None)
+        {
             return super::fused_cuda::bn_train(x, bn, relu);
         }
         return Ok(native(x, bn, relu));
@@ -294,6 +298,15 @@ pub fn bn_dropout_add_relu(
             && r_fits
             && super::fused_cuda::fits(y, bn)
             && super::fused_cuda::usable(y.device())
+            && super::fused_cuda::prefer_fused(
+                FusedOp::Tail {
+                    p_bits: p.to_bits(),
+                    residual: r.is_some(),
+                },
+                y,
+                bn,
+                r,
+            )
         {
             match super::fused_cuda::tail(y, bn, p, r, 0) {
                 Ok(out) => return out,

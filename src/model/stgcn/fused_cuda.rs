@@ -25,6 +25,11 @@
 //! On the CPU the same kernel bodies run under a host emulation of the launch grid
 //! ([`emulated_bn_train`], [`emulated_tail`]): the tests check the kernels' indexing and arithmetic
 //! there, and that the NVRTC compile succeeds ([`nvrtc_compile`]), without a GPU.
+mod choice;
+
+pub use choice::{choices, FusedChoice};
+pub(crate) use choice::{prefer_fused, FusedOp};
+
 use super::layers::BatchNorm;
 use crate::error::{Error, Result};
 use std::sync::{Mutex, OnceLock};
@@ -408,17 +413,17 @@ pub fn self_check(device: Device) -> Result<()> {
                 res,
                 c,
                 |x, r, bn| tail(x, bn, 0.0, r, 0),
-                |x, r, bn| native_tail_p0(x, bn, r),
+                |x, r, bn| native_tail(x, bn, 0.0, r),
             )?;
         }
     }
     check_dropout(device)
 }
 
-/// The unfused tail without dropout, `relu(bn(y) + r)`, on the tch batch norm (not through
+/// The unfused tail `relu(dropout_p(bn(y)) + r)` on the tch ops (the batch norm not through
 /// [`BatchNorm::forward`], which would come back here).
-fn native_tail_p0(y: &Tensor, bn: &BatchNorm, r: Option<&Tensor>) -> Tensor {
-    let z = bn.forward_native(y, true);
+fn native_tail(y: &Tensor, bn: &BatchNorm, p: f64, r: Option<&Tensor>) -> Tensor {
+    let z = super::dropout(&bn.forward_native(y, true), p, true);
     match r {
         Some(r) => (z + r).relu(),
         None => z.relu(),
