@@ -381,6 +381,23 @@ fn linear_speed_ntu60_size() {
 
 /// A small slice of the demo dataset written in the generic format: (train, val) subsets with
 /// `per_class_train` / `per_class_val` samples of each class.
+/// [`small_demo`] in a temporary folder, opened as the evaluation commands open it (the folder
+/// lives as long as the returned guard).
+fn small_demo_splits(
+    per_class_train: usize,
+    per_class_val: usize,
+) -> (tempfile::TempDir, crossclr::eval::args::Splits) {
+    let data = tempfile::tempdir().unwrap();
+    small_demo(data.path(), per_class_train, per_class_val);
+    let args = crossclr::eval::args::DatasetArgs {
+        data_dir: Some(data.path().to_path_buf()),
+        format: "npy".into(),
+        ..Default::default()
+    };
+    let splits = args.open().unwrap();
+    (data, splits)
+}
+
 fn small_demo(dir: &Path, per_class_train: usize, per_class_val: usize) {
     use crossclr::data::synth;
     let (train, val) = synth::demo_dataset(3);
@@ -419,18 +436,10 @@ fn tiny_encoder(
 
 #[test]
 fn linear_end_to_end_on_demo_data() {
-    use crossclr::eval::args::DatasetArgs;
     use crossclr::eval::protocol::{self, OutputOptions};
     // Tests share the process: keep libtorch from oversubscribing the CPU.
     tch::set_num_threads(1);
-    let data = tempfile::tempdir().unwrap();
-    small_demo(data.path(), 4, 2);
-    let args = DatasetArgs {
-        data_dir: Some(data.path().to_path_buf()),
-        format: "npy".into(),
-        ..Default::default()
-    };
-    let splits = args.open().unwrap();
+    let (_data, splits) = small_demo_splits(4, 2);
     let k = splits.train.num_classes;
     assert_eq!(splits.class_names.len(), k);
     let work = tempfile::tempdir().unwrap();
@@ -600,18 +609,10 @@ fn ensemble_weighting() {
 
 #[test]
 fn semi_end_to_end_writes_balanced_indices() {
-    use crossclr::eval::args::DatasetArgs;
     use crossclr::eval::finetune::{self, BnMode, FinetuneConfig};
     use crossclr::eval::protocol::OutputOptions;
     tch::set_num_threads(1);
-    let data = tempfile::tempdir().unwrap();
-    small_demo(data.path(), 4, 1);
-    let args = DatasetArgs {
-        data_dir: Some(data.path().to_path_buf()),
-        format: "npy".into(),
-        ..Default::default()
-    };
-    let splits = args.open().unwrap();
+    let (_data, splits) = small_demo_splits(4, 1);
     let k = splits.train.num_classes;
     let train_names = splits.train.names.clone();
     let train_labels = splits.train.labels.clone();
