@@ -206,11 +206,40 @@ constexpr std::array<const char *, 9> kKernelNames = {
 enum Kernel { kStats, kBnFinalize, kBnApply, kBnBwdPartials, kBnBwdFinalize, kBnBwdApply, kTailApply,
               kTailBwdPartials, kTailBwdApply };
 
-template <typename T>
-T symbol(void *lib, const char *name, const char *lib_name) {
+// A library opened with dlopen on first use, with its function table bound.
+struct LazyLib {
+  void *lib = nullptr;
+  std::string failure;  // why it is unusable, when lib is null
+};
+
+// Binds `fn` to the symbol `name` of `lib` (throws when it is missing).
+template <typename F>
+void bind(F &fn, void *lib, const char *name) {
   void *p = dlsym(lib, name);
-  TORCH_CHECK(p != nullptr, "fused CUDA op: ", lib_name, " has no symbol ", name);
-  return reinterpret_cast<T>(p);
+  TORCH_CHECK(p != nullptr, "fused CUDA op: no symbol ", name, " in the loaded library");
+  fn = reinterpret_cast<F>(p);
+}
+
+// Opens the first of `candidates` that loads (`before(candidate)` runs before each try), then
+// runs `bind_all(lib)`; any failure is kept in `l.failure` with `l.lib` null.
+template <typename Before, typename BindAll>
+void open_lib(LazyLib &l, const std::vector<std::string> &candidates, const std::string &not_found, Before before,
+              BindAll bind_all) {
+  for (const auto &c : candidates) {
+    before(c);
+    l.lib = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (l.lib != nullptr) break;
+  }
+  if (l.lib == nullptr) {
+    l.failure = not_found;
+    return;
+  }
+  try {
+    bind_all(l.lib);
+  } catch (const c10::Error &e) {
+    l.failure = e.what_without_backtrace();
+    l.lib = nullptr;
+  }
 }
 
 // The folder of the loaded libtorch_cuda.so (where the wheel's nvidia/ libraries are relative to).
@@ -242,9 +271,7 @@ void preload_builtins(const std::string &nvrtc_path) {
   closedir(d);
 }
 
-struct Nvrtc {
-  void *lib = nullptr;
-  std::string path;
+struct Nvrtc : LazyLib {
   decltype(&::nvrtcCreateProgram) create = nullptr;
   decltype(&::nvrtcCompileProgram) compile = nullptr;
   decltype(&::nvrtcGetProgramLogSize) log_size = nullptr;
@@ -259,44 +286,29 @@ struct Nvrtc {
 const Nvrtc &nvrtc() {
   static std::once_flag once;
   static Nvrtc n;
-  static std::string failure;
   std::call_once(once, [] {
     std::vector<std::string> candidates;
     const std::string dir = torch_cuda_dir();
-    for (const char *v : {"cu13", "cu12"}) {
-      const std::string major = std::string(v).substr(2);
-      if (!dir.empty()) candidates.push_back(dir + "/../../nvidia/" + v + "/lib/libnvrtc.so." + major);
+    if (!dir.empty()) {
+      candidates.push_back(dir + "/../../nvidia/cu13/lib/libnvrtc.so.13");
+      candidates.push_back(dir + "/../../nvidia/cu12/lib/libnvrtc.so.12");
+      candidates.push_back(dir + "/../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
     }
-    if (!dir.empty()) candidates.push_back(dir + "/../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12");
     for (const char *name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) candidates.emplace_back(name);
-    for (const auto &c : candidates) {
-      preload_builtins(c);
-      n.lib = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
-      if (n.lib != nullptr) {
-        n.path = c;
-        break;
-      }
-    }
-    if (n.lib == nullptr) {
-      failure = "libnvrtc not found (looked next to libtorch_cuda and on the library path)";
-      return;
-    }
-    try {
-      n.create = symbol<decltype(n.create)>(n.lib, "nvrtcCreateProgram", "libnvrtc");
-      n.compile = symbol<decltype(n.compile)>(n.lib, "nvrtcCompileProgram", "libnvrtc");
-      n.log_size = symbol<decltype(n.log_size)>(n.lib, "nvrtcGetProgramLogSize", "libnvrtc");
-      n.log = symbol<decltype(n.log)>(n.lib, "nvrtcGetProgramLog", "libnvrtc");
-      n.cubin_size = symbol<decltype(n.cubin_size)>(n.lib, "nvrtcGetCUBINSize", "libnvrtc");
-      n.cubin = symbol<decltype(n.cubin)>(n.lib, "nvrtcGetCUBIN", "libnvrtc");
-      n.destroy = symbol<decltype(n.destroy)>(n.lib, "nvrtcDestroyProgram", "libnvrtc");
-      n.error_string = symbol<decltype(n.error_string)>(n.lib, "nvrtcGetErrorString", "libnvrtc");
-      n.version = symbol<decltype(n.version)>(n.lib, "nvrtcVersion", "libnvrtc");
-    } catch (const c10::Error &e) {
-      failure = e.what_without_backtrace();
-      n.lib = nullptr;
-    }
+    open_lib(n, candidates, "libnvrtc not found (looked next to libtorch_cuda and on the library path)",
+             preload_builtins, [](void *lib) {
+               bind(n.create, lib, "nvrtcCreateProgram");
+               bind(n.compile, lib, "nvrtcCompileProgram");
+               bind(n.log_size, lib, "nvrtcGetProgramLogSize");
+               bind(n.log, lib, "nvrtcGetProgramLog");
+               bind(n.cubin_size, lib, "nvrtcGetCUBINSize");
+               bind(n.cubin, lib, "nvrtcGetCUBIN");
+               bind(n.destroy, lib, "nvrtcDestroyProgram");
+               bind(n.error_string, lib, "nvrtcGetErrorString");
+               bind(n.version, lib, "nvrtcVersion");
+             });
   });
-  TORCH_CHECK(n.lib != nullptr, "fused CUDA op: ", failure);
+  TORCH_CHECK(n.lib != nullptr, "fused CUDA op: ", n.failure);
   return n;
 }
 
@@ -328,8 +340,7 @@ std::string compile_cubin(const std::string &arch) {
   return cubin;
 }
 
-struct Driver {
-  void *lib = nullptr;
+struct Driver : LazyLib {
   PFN_cuModuleLoadData_v2000 module_load = nullptr;
   PFN_cuModuleGetFunction_v2000 get_function = nullptr;
   PFN_cuLaunchKernel_v4000 launch = nullptr;
@@ -344,29 +355,21 @@ struct Driver {
 const Driver &driver() {
   static std::once_flag once;
   static Driver d;
-  static std::string failure;
   std::call_once(once, [] {
-    d.lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (d.lib == nullptr) {
-      failure = "libcuda.so.1 (the NVIDIA driver) not found";
-      return;
-    }
-    try {
-      d.module_load = symbol<decltype(d.module_load)>(d.lib, "cuModuleLoadData", "libcuda");
-      d.get_function = symbol<decltype(d.get_function)>(d.lib, "cuModuleGetFunction", "libcuda");
-      d.launch = symbol<decltype(d.launch)>(d.lib, "cuLaunchKernel", "libcuda");
-      d.error_string = symbol<decltype(d.error_string)>(d.lib, "cuGetErrorString", "libcuda");
-      d.ctx_get = symbol<decltype(d.ctx_get)>(d.lib, "cuCtxGetCurrent", "libcuda");
-      d.ctx_set = symbol<decltype(d.ctx_set)>(d.lib, "cuCtxSetCurrent", "libcuda");
-      d.device_get = symbol<decltype(d.device_get)>(d.lib, "cuDeviceGet", "libcuda");
-      d.primary_retain = symbol<decltype(d.primary_retain)>(d.lib, "cuDevicePrimaryCtxRetain", "libcuda");
-      d.is_capturing = symbol<decltype(d.is_capturing)>(d.lib, "cuStreamIsCapturing", "libcuda");
-    } catch (const c10::Error &e) {
-      failure = e.what_without_backtrace();
-      d.lib = nullptr;
-    }
+    open_lib(d, {"libcuda.so.1"}, "libcuda.so.1 (the NVIDIA driver) not found", [](const std::string &) {},
+             [](void *lib) {
+               bind(d.module_load, lib, "cuModuleLoadData");
+               bind(d.get_function, lib, "cuModuleGetFunction");
+               bind(d.launch, lib, "cuLaunchKernel");
+               bind(d.error_string, lib, "cuGetErrorString");
+               bind(d.ctx_get, lib, "cuCtxGetCurrent");
+               bind(d.ctx_set, lib, "cuCtxSetCurrent");
+               bind(d.device_get, lib, "cuDeviceGet");
+               bind(d.primary_retain, lib, "cuDevicePrimaryCtxRetain");
+               bind(d.is_capturing, lib, "cuStreamIsCapturing");
+             });
   });
-  TORCH_CHECK(d.lib != nullptr, "fused CUDA op: ", failure);
+  TORCH_CHECK(d.lib != nullptr, "fused CUDA op: ", d.failure);
   return d;
 }
 
