@@ -43,10 +43,16 @@ macro_rules! fused_entries {
         $(#[$doc])*
         #[cfg(not(crossclr_no_shim))]
         pub(super) type $alias = unsafe extern "C" fn $params -> std::ffi::c_int;
+        #[cfg(crossclr_no_shim)]
+        pub(super) type $alias = ();
         #[cfg(not(crossclr_no_shim))]
         extern "C" {
             $(pub(super) fn $name $params -> std::ffi::c_int;)+
         }
+        // Without the shim: placeholders, so that the wrappers compile unchanged (and fail).
+        $(#[cfg(crossclr_no_shim)]
+        #[allow(non_upper_case_globals)]
+        pub(super) const $name: $alias = ();)+
     };
 }
 
@@ -251,17 +257,26 @@ fn call_fused(
 
 /// The fused op; `x` and the parameters must be contiguous float32 CPU tensors (else an error).
 pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
-    #[cfg(not(crossclr_no_shim))]
-    {
-        run_bn(crossclr_fused_bn_train, "fused batch norm", x, bn, relu)
-    }
-    #[cfg(crossclr_no_shim)]
-    {
-        let _ = (x, bn, relu);
-        Err(Error::Other(
-            "fused batch norm: built without the C++ shim".into(),
-        ))
-    }
+    run_bn(crossclr_fused_bn_train, "fused batch norm", x, bn, relu)
+}
+
+/// [`run_bn`] and [`run_tail`] without the shim: the error.
+#[cfg(crossclr_no_shim)]
+pub(super) fn run_bn(_: BnEntry, what: &str, _: &Tensor, _: &BatchNorm, _: bool) -> Result<Tensor> {
+    Err(Error::Other(format!("{what}: built without the C++ shim")))
+}
+
+#[cfg(crossclr_no_shim)]
+pub(super) fn run_tail(
+    _: TailEntry,
+    what: &str,
+    _: &Tensor,
+    _: &BatchNorm,
+    _: f64,
+    _: Option<&Tensor>,
+    _: i64,
+) -> Result<Tensor> {
+    Err(Error::Other(format!("{what}: built without the C++ shim")))
 }
 
 /// The tail of an ST-GCN block in training or eval mode: `relu(dropout_p(bn(y)) + r)`.
@@ -366,25 +381,15 @@ pub(crate) fn fused_tail(
     r: Option<&Tensor>,
     seed: i64,
 ) -> Result<Tensor> {
-    #[cfg(not(crossclr_no_shim))]
-    {
-        run_tail(
-            crossclr_fused_bn_tail_train,
-            "fused block tail",
-            y,
-            bn,
-            p,
-            r,
-            seed,
-        )
-    }
-    #[cfg(crossclr_no_shim)]
-    {
-        let _ = (y, bn, p, r, seed);
-        Err(Error::Other(
-            "fused block tail: built without the C++ shim".into(),
-        ))
-    }
+    run_tail(
+        crossclr_fused_bn_tail_train,
+        "fused block tail",
+        y,
+        bn,
+        p,
+        r,
+        seed,
+    )
 }
 
 #[cfg(all(test, not(crossclr_no_shim)))]

@@ -197,21 +197,13 @@ pub(crate) fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 /// CUDA tensors, the host emulation for CPU tensors. Updates the running statistics and
 /// `num_batches_tracked` of `bn`. Errors (nothing updated) when the inputs do not fit.
 pub(crate) fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
-    #[cfg(not(crossclr_no_shim))]
-    {
-        super::fused_bn::run_bn(
-            super::fused_bn::crossclr_fk_bn_train,
-            "fused CUDA batch norm",
-            x,
-            bn,
-            relu,
-        )
-    }
-    #[cfg(crossclr_no_shim)]
-    {
-        let _ = (x, bn, relu);
-        no_shim("fused CUDA batch norm")
-    }
+    super::fused_bn::run_bn(
+        super::fused_bn::crossclr_fk_bn_train,
+        "fused CUDA batch norm",
+        x,
+        bn,
+        relu,
+    )
 }
 
 /// The block tail `relu(dropout_p(bn(y)) + r)` with the fused kernels (`r` `None`: no residual).
@@ -223,23 +215,15 @@ pub(crate) fn tail(
     r: Option<&Tensor>,
     seed: i64,
 ) -> Result<Tensor> {
-    #[cfg(not(crossclr_no_shim))]
-    {
-        super::fused_bn::run_tail(
-            super::fused_bn::crossclr_fk_tail_train,
-            "fused CUDA block tail",
-            y,
-            bn,
-            p,
-            r,
-            seed,
-        )
-    }
-    #[cfg(crossclr_no_shim)]
-    {
-        let _ = (y, bn, p, r, seed);
-        no_shim("fused CUDA block tail")
-    }
+    super::fused_bn::run_tail(
+        super::fused_bn::crossclr_fk_tail_train,
+        "fused CUDA block tail",
+        y,
+        bn,
+        p,
+        r,
+        seed,
+    )
 }
 
 /// [`bn_train`] on CPU tensors: the CUDA kernels' bodies under the host emulation (tests).
