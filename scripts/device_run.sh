@@ -26,7 +26,8 @@ for phase in 1 2; do
     timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 cross_epoch=$cross \
         >"$OUT/loop$phase.log" 2>&1 || echo "loop phase $phase failed (see loop$phase.log)"
     cp /tmp/loop$phase/metrics.csv "$OUT/loop_phase$phase.csv" 2>/dev/null
-    grep "(phase" "$OUT/loop$phase.log" | tail -3
+    cp /tmp/loop$phase/log.txt "$OUT/loop_phase${phase}_log.txt" 2>/dev/null
+    grep -h "(phase\|fused CUDA\|graph\|captur" /tmp/loop$phase/log.txt "$OUT/loop$phase.log" 2>/dev/null | tail -12
 done
 # Resume with the graph step: phase 1 run extended by one epoch from its last checkpoint.
 if [ $(($(date +%s) - T_RUN + 60)) -le "$RUN_BUDGET" ]; then
