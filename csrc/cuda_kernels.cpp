@@ -71,6 +71,7 @@ using crossclr::guarded;
 struct Dims {
   u32 c, l, count, numel;  // x viewed as (N, C, L); count = N * L elements per channel
   u32 blocks;              // statistics blocks per channel (B)
+  FkLayout lay;            // (C, L) with their dividers, as the kernels take them
 };
 
 // Elements each statistics thread should at least cover (fewer blocks, fewer partials to add).
@@ -89,8 +90,9 @@ Dims dims_of(const at::Tensor &x) {
   TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training, got input size ", x.sizes());
   const int64_t per_block = int64_t{FK_THREADS} * kElementsPerThread;
   const int64_t blocks = std::clamp<int64_t>((count + per_block - 1) / per_block, 1, kMaxBlocksPerChannel);
-  return Dims{static_cast<u32>(c), static_cast<u32>(l), static_cast<u32>(count), static_cast<u32>(numel),
-              static_cast<u32>(blocks)};
+  const auto c32 = static_cast<u32>(c), l32 = static_cast<u32>(l);
+  return Dims{c32, l32, static_cast<u32>(count), static_cast<u32>(numel), static_cast<u32>(blocks),
+              FkLayout{c32, l32, fk_make_div(c32), fk_make_div(l32)}};
 }
 
 // The dropout mask parameters (the same rule as csrc/fused_bn.cpp's DropMask).
@@ -145,21 +147,21 @@ struct HostBackend {
 
   void stats_partials(const Dims &d, const float *x, float *partials) {
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_stats_accum(x, d.c, d.l, d.count, c, start, stride, x[fk_chan_offset(c, 0, d.c, d.l)], s, q);
+      fk_stats_accum(x, d.lay, d.count, c, start, stride, x[fk_chan_offset(c, 0, d.lay)], s, q);
     });
   }
   void bn_finalize(const Dims &d, const float *x, const float *partials, double eps, double momentum,
                    const float *w, const float *b, float *rm, float *rv, double *stats, float *coef) {
     for (u32 c = 0; c < d.c; ++c)
-      fk_bn_finalize(c, x, partials, d.blocks, d.c, d.l, d.count, eps, momentum, w, b, rm, rv, stats, coef);
+      fk_bn_finalize(c, x, partials, d.blocks, d.lay, d.count, eps, momentum, w, b, rm, rv, stats, coef);
   }
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
-    for (u32 i = 0; i < d.numel; ++i) fk_bn_apply_at(i, x, y, coef, d.c, d.l, relu);
+    for (u32 i = 0; i < d.numel; ++i) fk_bn_apply_at(i, x, y, coef, d.lay, relu);
   }
   void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
                        int relu, float *partials) {
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_bn_bwd_accum(x, coef, g, d.c, d.l, d.count, c, start, stride, static_cast<float>(stats[c]), relu, s, q);
+      fk_bn_bwd_accum(x, coef, g, d.lay, d.count, c, start, stride, static_cast<float>(stats[c]), relu, s, q);
     });
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
@@ -168,19 +170,19 @@ struct HostBackend {
   }
   void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
                     const float *bcoef, int relu) {
-    for (u32 i = 0; i < d.numel; ++i) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, d.c, d.l, relu);
+    for (u32 i = 0; i < d.numel; ++i) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, d.lay, relu);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
     for (u32 i = 0; i < d.numel; ++i)
-      fk_tail_apply_at(i, y, r, out, coef, d.c, d.l, dr.on, seed, dr.lanes16, dr.threshold, dr.scale);
+      fk_tail_apply_at(i, y, r, out, coef, d.lay, dr.on, seed, dr.lanes16, dr.threshold, dr.scale);
   }
   void tail_bwd_partials(const Dims &d, const float *y, const float *out, const float *g, const double *stats,
                          const Drop &dr, const at::Tensor &rng, float *partials) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_tail_bwd_accum(y, out, g, d.c, d.l, d.count, c, start, stride, static_cast<float>(stats[c]), dr.on, seed,
+      fk_tail_bwd_accum(y, out, g, d.lay, d.count, c, start, stride, static_cast<float>(stats[c]), dr.on, seed,
                         dr.lanes16, dr.threshold, dr.scale, s, q);
     });
   }
@@ -188,7 +190,7 @@ struct HostBackend {
                       const float *bcoef, const Drop &dr, const at::Tensor &rng) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
     for (u32 i = 0; i < d.numel; ++i)
-      fk_tail_bwd_apply_at(i, y, out, g, dy, dres, bcoef, d.c, d.l, dr.on, seed, dr.lanes16, dr.threshold,
+      fk_tail_bwd_apply_at(i, y, out, g, dy, dres, bcoef, d.lay, dr.on, seed, dr.lanes16, dr.threshold,
                            dr.scale);
   }
 };
@@ -463,19 +465,19 @@ struct CudaBackend {
   }
 
   void stats_partials(const Dims &d, const float *x, float *partials) {
-    launch(kStats, d.blocks, d.c, x, d.c, d.l, d.count, partials);
+    launch(kStats, d.blocks, d.c, x, d.lay, d.count, partials);
   }
   void bn_finalize(const Dims &d, const float *x, const float *partials, double eps, double momentum,
                    const float *w, const float *b, float *rm, float *rv, double *stats, float *coef) {
-    launch(kBnFinalize, (d.c + FK_THREADS - 1) / FK_THREADS, 1, x, partials, d.blocks, d.c, d.l, d.count, eps,
+    launch(kBnFinalize, (d.c + FK_THREADS - 1) / FK_THREADS, 1, x, partials, d.blocks, d.lay, d.count, eps,
            momentum, w, b, rm, rv, stats, coef);
   }
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
-    launch(kBnApply, elementwise_blocks(d.numel), 1, x, y, coef, d.c, d.l, d.numel, relu);
+    launch(kBnApply, elementwise_blocks(d.numel), 1, x, y, coef, d.lay, d.numel, relu);
   }
   void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
                        int relu, float *partials) {
-    launch(kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.c, d.l, d.count, relu, partials);
+    launch(kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.lay, d.count, relu, partials);
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
                        float *db, float *bcoef) {
@@ -484,21 +486,21 @@ struct CudaBackend {
   }
   void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
                     const float *bcoef, int relu) {
-    launch(kBnBwdApply, elementwise_blocks(d.numel), 1, x, coef, g, dx, bcoef, d.c, d.l, d.numel, relu);
+    launch(kBnBwdApply, elementwise_blocks(d.numel), 1, x, coef, g, dx, bcoef, d.lay, d.numel, relu);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
-    launch(kTailApply, elementwise_blocks(d.numel), 1, y, r, out, coef, d.c, d.l, d.numel, dr.on, rng_ptr(rng),
+    launch(kTailApply, elementwise_blocks(d.numel), 1, y, r, out, coef, d.lay, d.numel, dr.on, rng_ptr(rng),
            dr.lanes16, dr.threshold, dr.scale);
   }
   void tail_bwd_partials(const Dims &d, const float *y, const float *out, const float *g, const double *stats,
                          const Drop &dr, const at::Tensor &rng, float *partials) {
-    launch(kTailBwdPartials, d.blocks, d.c, y, out, g, stats, d.c, d.l, d.count, dr.on, rng_ptr(rng), dr.lanes16,
+    launch(kTailBwdPartials, d.blocks, d.c, y, out, g, stats, d.lay, d.count, dr.on, rng_ptr(rng), dr.lanes16,
            dr.threshold, dr.scale, partials);
   }
   void tail_bwd_apply(const Dims &d, const float *y, const float *out, const float *g, float *dy, float *dres,
                       const float *bcoef, const Drop &dr, const at::Tensor &rng) {
-    launch(kTailBwdApply, elementwise_blocks(d.numel), 1, y, out, g, dy, dres, bcoef, d.c, d.l, d.numel, dr.on,
+    launch(kTailBwdApply, elementwise_blocks(d.numel), 1, y, out, g, dy, dres, bcoef, d.lay, d.numel, dr.on,
            rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale);
   }
 };
@@ -685,6 +687,21 @@ bool use_host(const at::Tensor &x) {
 }  // namespace
 
 extern "C" {
+
+// Test hook: compares the kernels' division by a constant (fk_div) with `/` for every divisor in
+// min_d..=max_d and dividends 0..4095, every 977th up to 2^20, and the largest below 2^31. Returns the
+// number of mismatches.
+int64_t crossclr_fk_div_mismatches(uint32_t min_d, uint32_t max_d) {
+  int64_t bad = 0;
+  for (u32 d = std::max<u32>(min_d, 1); d <= max_d; ++d) {
+    const FkDiv v = fk_make_div(d);
+    auto check = [&](u32 n) { bad += fk_div(n, v) != n / d ? 1 : 0; };
+    for (u32 n = 0; n < 4096; ++n) check(n);
+    for (u32 n = 4096; n < (1u << 20); n += 977) check(n);
+    for (u32 n = (1u << 31) - 64; n < (1u << 31); ++n) check(n);
+  }
+  return bad;
+}
 
 // Compiles the kernel source with NVRTC for `arch` (e.g. "sm_90"), without a GPU; `*cubin_bytes`
 // receives the CUBIN size and `*nvrtc_version` major * 1000 + minor * 10. Status/err as the shim.

@@ -31,14 +31,51 @@ typedef uint64_t u64;
 // Threads per block of every kernel (the reduction below assumes a multiple of 32, at most 1024).
 #define FK_THREADS 256
 
+// Division by a run-time constant with a multiply-high and a shift (the method of ATen's
+// IntDivider): exact for dividends below 2^31, and much cheaper than a hardware-less 32-bit
+// division on the GPU, which the element-wise kernels would otherwise do for every element.
+struct FkDiv {
+  u32 d, m, s;  // divisor, magic multiplier, shift (see fk_make_div)
+};
+
+FK_DEVICE u32 fk_umulhi(u32 a, u32 b) {
+#ifdef __CUDACC_RTC__
+  return __umulhi(a, b);
+#else
+  return (u32)(((u64)a * (u64)b) >> 32);
+#endif
+}
+
+// n / v.d for n < 2^31.
+FK_DEVICE u32 fk_div(u32 n, FkDiv v) { return (fk_umulhi(n, v.m) + n) >> v.s; }
+
+#ifndef __CUDACC_RTC__
+// The divider of d >= 1 (host side): s = ceil(log2(d)), m = 2^32 (2^s - d) / d + 1 (< 2^32).
+inline FkDiv fk_make_div(u32 d) {
+  u32 s = 0;
+  while (s < 32 && ((u64)1 << s) < (u64)d) ++s;
+  const u64 m = (((u64)1 << 32) * (((u64)1 << s) - (u64)d)) / (u64)d + 1;
+  return FkDiv{d, (u32)m, s};
+}
+#endif
+
+// The tensor layout (N, C, L) with the two divisors the kernels need.
+struct FkLayout {
+  u32 C, L;
+  FkDiv div_c, div_l;
+};
+
 // Flat offset of element j (0 <= j < N * L) of channel c.
-FK_DEVICE u32 fk_chan_offset(u32 c, u32 j, u32 C, u32 L) {
-  const u32 n = j / L;
-  return (n * C + c) * L + (j - n * L);
+FK_DEVICE u32 fk_chan_offset(u32 c, u32 j, FkLayout lay) {
+  const u32 n = fk_div(j, lay.div_l);
+  return (n * lay.C + c) * lay.L + (j - n * lay.L);
 }
 
 // Channel of flat element i.
-FK_DEVICE u32 fk_chan_of(u32 i, u32 C, u32 L) { return (i / L) % C; }
+FK_DEVICE u32 fk_chan_of(u32 i, FkLayout lay) {
+  const u32 run = fk_div(i, lay.div_l);
+  return run - fk_div(run, lay.div_c) * lay.C;
+}
 
 // SplitMix64 (Steele, Lea, Flood 2014): output `i` of the stream starting at `base` (the same
 // function as src/model/stgcn/dropout.rs and csrc/fused_bn.cpp).
@@ -72,11 +109,11 @@ FK_DEVICE float fk_drop_factor(u64 seed, u32 i, int lanes16, u64 threshold, floa
 
 // Statistics: s += sum(x - shift), q += sum((x - shift)^2) over elements j = start, start + stride,
 // ... of channel c (the shift, the channel's first value, keeps E[x^2] - E[x]^2 accurate).
-FK_DEVICE void fk_stats_accum(const float *x, u32 C, u32 L, u32 count, u32 c, u32 start, u32 stride,
+FK_DEVICE void fk_stats_accum(const float *x, FkLayout lay, u32 count, u32 c, u32 start, u32 stride,
                               float shift, float *s, float *q) {
   float a = 0.0f, b = 0.0f;
   for (u32 j = start; j < count; j += stride) {
-    const float v = x[fk_chan_offset(c, j, C, L)] - shift;
+    const float v = x[fk_chan_offset(c, j, lay)] - shift;
     a += v;
     b += v * v;
   }
@@ -88,7 +125,7 @@ FK_DEVICE void fk_stats_accum(const float *x, u32 C, u32 L, u32 count, u32 c, u3
 // stats[c] = mean, stats[C + c] = 1 / sqrt(biased var + eps) (double); coef[c] = scale,
 // coef[C + c] = shift of the affine map (float, as the CPU op's `affine`); running statistics
 // moved with `momentum` (unbiased variance), as PyTorch does.
-FK_DEVICE void fk_bn_finalize(u32 c, const float *x, const float *partials, u32 B, u32 C, u32 L, u32 count,
+FK_DEVICE void fk_bn_finalize(u32 c, const float *x, const float *partials, u32 B, FkLayout lay, u32 count,
                               double eps, double momentum, const float *w, const float *b, float *rm, float *rv,
                               double *stats, float *coef) {
   double s = 0.0, q = 0.0;
@@ -97,25 +134,25 @@ FK_DEVICE void fk_bn_finalize(u32 c, const float *x, const float *partials, u32 
     q += (double)partials[(c * B + k) * 2 + 1];
   }
   const double n = (double)count;
-  const double shift = (double)x[fk_chan_offset(c, 0, C, L)];
+  const double shift = (double)x[fk_chan_offset(c, 0, lay)];
   const double ms = s / n;
   double var = q / n - ms * ms;
   if (var < 0.0) var = 0.0;
   const double mean = shift + ms;
   const double invstd = 1.0 / sqrt(var + eps);
   stats[c] = mean;
-  stats[C + c] = invstd;
+  stats[lay.C + c] = invstd;
   const double sc = invstd * (double)w[c];
   coef[c] = (float)sc;
-  coef[C + c] = (float)((double)b[c] - mean * sc);
+  coef[lay.C + c] = (float)((double)b[c] - mean * sc);
   rm[c] = (float)(momentum * mean + (1.0 - momentum) * (double)rm[c]);
   rv[c] = (float)(momentum * var * (n / (n - 1.0)) + (1.0 - momentum) * (double)rv[c]);
 }
 
 // Forward of batch norm (+ ReLU) at flat element i.
-FK_DEVICE void fk_bn_apply_at(u32 i, const float *x, float *y, const float *coef, u32 C, u32 L, int relu) {
-  const u32 c = fk_chan_of(i, C, L);
-  const float v = x[i] * coef[c] + coef[C + c];
+FK_DEVICE void fk_bn_apply_at(u32 i, const float *x, float *y, const float *coef, FkLayout lay, int relu) {
+  const u32 c = fk_chan_of(i, lay);
+  const float v = x[i] * coef[c] + coef[lay.C + c];
   y[i] = (relu && !(v > 0.0f)) ? 0.0f : v;  // the mask of fk_relu_kept
 }
 
@@ -126,12 +163,12 @@ FK_DEVICE bool fk_relu_kept(float x, const float *coef, u32 c, u32 C) { return x
 // Backward statistics of batch norm (+ ReLU): with g' = g masked by the forward output > 0 when
 // relu (recomputed from x and the forward coefficients `coef`, so the output is not read),
 // s += sum(g'), d += sum(g' * (x - mean)) over the elements of channel c as in fk_stats_accum.
-FK_DEVICE void fk_bn_bwd_accum(const float *x, const float *coef, const float *g, u32 C, u32 L, u32 count, u32 c,
+FK_DEVICE void fk_bn_bwd_accum(const float *x, const float *coef, const float *g, FkLayout lay, u32 count, u32 c,
                                u32 start, u32 stride, float mean, int relu, float *s, float *d) {
   float a = 0.0f, b = 0.0f;
   for (u32 j = start; j < count; j += stride) {
-    const u32 o = fk_chan_offset(c, j, C, L);
-    const float gp = (relu && !fk_relu_kept(x[o], coef, c, C)) ? 0.0f : g[o];
+    const u32 o = fk_chan_offset(c, j, lay);
+    const float gp = (relu && !fk_relu_kept(x[o], coef, c, lay.C)) ? 0.0f : g[o];
     a += gp;
     b += gp * (x[o] - mean);
   }
@@ -163,18 +200,17 @@ FK_DEVICE void fk_bn_bwd_finalize(u32 c, const float *partials, u32 B, u32 C, u3
 
 // Backward of batch norm (+ ReLU) at flat element i.
 FK_DEVICE void fk_bn_bwd_apply_at(u32 i, const float *x, const float *coef, const float *g, float *dx,
-                                  const float *bcoef, u32 C, u32 L, int relu) {
-  const u32 c = fk_chan_of(i, C, L);
-  const float gp = (relu && !fk_relu_kept(x[i], coef, c, C)) ? 0.0f : g[i];
-  dx[i] = gp * bcoef[c] + (x[i] - bcoef[3 * C + c]) * bcoef[C + c] + bcoef[2 * C + c];
+                                  const float *bcoef, FkLayout lay, int relu) {
+  const u32 c = fk_chan_of(i, lay);
+  const float gp = (relu && !fk_relu_kept(x[i], coef, c, lay.C)) ? 0.0f : g[i];
+  dx[i] = gp * bcoef[c] + (x[i] - bcoef[3 * lay.C + c]) * bcoef[lay.C + c] + bcoef[2 * lay.C + c];
 }
 
 // Forward of the block tail at flat element i: out = relu((y * scale + shift) * m_i + r_i)
 // (m_i = 1 without dropout, r_i = 0 without residual).
-FK_DEVICE void fk_tail_apply_at(u32 i, const float *y, const float *r, float *out, const float *coef, u32 C,
-                                u32 L, int drop, u64 seed, int lanes16, u64 threshold, float scale) {
-  const u32 c = fk_chan_of(i, C, L);
-  float v = y[i] * coef[c] + coef[C + c];
+FK_DEVICE void fk_tail_apply_at(u32 i, const float *y, const float *r, float *out, const float *coef, FkLayout lay, int drop, u64 seed, int lanes16, u64 threshold, float scale) {
+  const u32 c = fk_chan_of(i, lay);
+  float v = y[i] * coef[c] + coef[lay.C + c];
   if (drop) v *= fk_drop_factor(seed, i, lanes16, threshold, scale);
   if (r) v += r[i];
   out[i] = v < 0.0f ? 0.0f : v;
@@ -182,12 +218,12 @@ FK_DEVICE void fk_tail_apply_at(u32 i, const float *y, const float *r, float *ou
 
 // Backward statistics of the tail: with g' = out > 0 ? g : 0 and gz = g' * m,
 // s += sum(gz), d += sum(gz * (y - mean)) over the elements of channel c.
-FK_DEVICE void fk_tail_bwd_accum(const float *y, const float *out, const float *g, u32 C, u32 L, u32 count,
+FK_DEVICE void fk_tail_bwd_accum(const float *y, const float *out, const float *g, FkLayout lay, u32 count,
                                  u32 c, u32 start, u32 stride, float mean, int drop, u64 seed, int lanes16,
                                  u64 threshold, float scale, float *s, float *d) {
   float a = 0.0f, b = 0.0f;
   for (u32 j = start; j < count; j += stride) {
-    const u32 o = fk_chan_offset(c, j, C, L);
+    const u32 o = fk_chan_offset(c, j, lay);
     float gz = out[o] > 0.0f ? g[o] : 0.0f;
     if (drop) gz *= fk_drop_factor(seed, o, lanes16, threshold, scale);
     a += gz;
@@ -199,13 +235,13 @@ FK_DEVICE void fk_tail_bwd_accum(const float *y, const float *out, const float *
 
 // Backward of the tail at flat element i: dy = gz * a + (y - mean) * bc + cc; dr = g' (when dr).
 FK_DEVICE void fk_tail_bwd_apply_at(u32 i, const float *y, const float *out, const float *g, float *dy,
-                                    float *dr, const float *bcoef, u32 C, u32 L, int drop, u64 seed, int lanes16,
+                                    float *dr, const float *bcoef, FkLayout lay, int drop, u64 seed, int lanes16,
                                     u64 threshold, float scale) {
-  const u32 c = fk_chan_of(i, C, L);
+  const u32 c = fk_chan_of(i, lay);
   const float gp = out[i] > 0.0f ? g[i] : 0.0f;
   if (dr) dr[i] = gp;
   const float gz = drop ? gp * fk_drop_factor(seed, i, lanes16, threshold, scale) : gp;
-  dy[i] = gz * bcoef[c] + (y[i] - bcoef[3 * C + c]) * bcoef[C + c] + bcoef[2 * C + c];
+  dy[i] = gz * bcoef[c] + (y[i] - bcoef[3 * lay.C + c]) * bcoef[lay.C + c] + bcoef[2 * lay.C + c];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,11 +282,11 @@ __device__ __forceinline__ void fk_block_sum2(float *a, float *b) {
   for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_stats_partials(const float *x, u32 C, u32 L, u32 count, float *partials) {
+    fk_stats_partials(const float *x, FkLayout lay, u32 count, float *partials) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
-  const float shift = x[fk_chan_offset(c, 0, C, L)];
+  const float shift = x[fk_chan_offset(c, 0, lay)];
   float s, q;
-  fk_stats_accum(x, C, L, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
+  fk_stats_accum(x, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
   fk_block_sum2(&s, &q);
   if (threadIdx.x == 0) {
     partials[(c * B + blk) * 2] = s;
@@ -258,25 +294,25 @@ extern "C" __global__ void __launch_bounds__(FK_THREADS)
   }
 }
 
-extern "C" __global__ void fk_bn_finalize_kernel(const float *x, const float *partials, u32 B, u32 C, u32 L,
+extern "C" __global__ void fk_bn_finalize_kernel(const float *x, const float *partials, u32 B, FkLayout lay,
                                                  u32 count, double eps, double momentum, const float *w,
                                                  const float *b, float *rm, float *rv, double *stats,
                                                  float *coef) {
   const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c < C) fk_bn_finalize(c, x, partials, B, C, L, count, eps, momentum, w, b, rm, rv, stats, coef);
+  if (c < lay.C) fk_bn_finalize(c, x, partials, B, lay, count, eps, momentum, w, b, rm, rv, stats, coef);
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_apply(const float *x, float *y, const float *coef, u32 C, u32 L, u32 numel, int relu) {
-  FK_GRID_STRIDE(i, numel) fk_bn_apply_at(i, x, y, coef, C, L, relu);
+    fk_bn_apply(const float *x, float *y, const float *coef, FkLayout lay, u32 numel, int relu) {
+  FK_GRID_STRIDE(i, numel) fk_bn_apply_at(i, x, y, coef, lay, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_bwd_partials(const float *x, const float *coef, const float *g, const double *stats, u32 C, u32 L,
+    fk_bn_bwd_partials(const float *x, const float *coef, const float *g, const double *stats, FkLayout lay,
                        u32 count, int relu, float *partials) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
   float s, d;
-  fk_bn_bwd_accum(x, coef, g, C, L, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
+  fk_bn_bwd_accum(x, coef, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
                   relu, &s, &d);
   fk_block_sum2(&s, &d);
   if (threadIdx.x == 0) {
@@ -293,26 +329,26 @@ extern "C" __global__ void fk_bn_bwd_finalize_kernel(const float *partials, u32 
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_bwd_apply(const float *x, const float *coef, const float *g, float *dx, const float *bcoef, u32 C,
-                    u32 L, u32 numel, int relu) {
-  FK_GRID_STRIDE(i, numel) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, C, L, relu);
+    fk_bn_bwd_apply(const float *x, const float *coef, const float *g, float *dx, const float *bcoef, FkLayout lay,
+                     u32 numel, int relu) {
+  FK_GRID_STRIDE(i, numel) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, lay, relu);
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_tail_apply(const float *y, const float *r, float *out, const float *coef, u32 C, u32 L, u32 numel,
+    fk_tail_apply(const float *y, const float *r, float *out, const float *coef, FkLayout lay, u32 numel,
                   int drop, const u64 *rng, int lanes16, u64 threshold, float scale) {
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
-  FK_GRID_STRIDE(i, numel) fk_tail_apply_at(i, y, r, out, coef, C, L, drop, seed, lanes16, threshold, scale);
+  FK_GRID_STRIDE(i, numel) fk_tail_apply_at(i, y, r, out, coef, lay, drop, seed, lanes16, threshold, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_tail_bwd_partials(const float *y, const float *out, const float *g, const double *stats, u32 C, u32 L,
+    fk_tail_bwd_partials(const float *y, const float *out, const float *g, const double *stats, FkLayout lay,
                          u32 count, int drop, const u64 *rng, int lanes16, u64 threshold, float scale,
                          float *partials) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
   float s, d;
-  fk_tail_bwd_accum(y, out, g, C, L, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS,
+  fk_tail_bwd_accum(y, out, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS,
                     (float)stats[c], drop, seed, lanes16, threshold, scale, &s, &d);
   fk_block_sum2(&s, &d);
   if (threadIdx.x == 0) {
@@ -323,11 +359,11 @@ extern "C" __global__ void __launch_bounds__(FK_THREADS)
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
     fk_tail_bwd_apply(const float *y, const float *out, const float *g, float *dy, float *dr, const float *bcoef,
-                      u32 C, u32 L, u32 numel, int drop, const u64 *rng, int lanes16, u64 threshold,
+                      FkLayout lay, u32 numel, int drop, const u64 *rng, int lanes16, u64 threshold,
                       float scale) {
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
   FK_GRID_STRIDE(i, numel)
-  fk_tail_bwd_apply_at(i, y, out, g, dy, dr, bcoef, C, L, drop, seed, lanes16, threshold, scale);
+  fk_tail_bwd_apply_at(i, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
 }
 
 #endif  // __CUDACC_RTC__

@@ -535,6 +535,29 @@ mod tests {
         assert!(bn.running_mean.equal(&before));
     }
 
+    /// The kernels' division by a run-time constant (multiply-high and shift) is exact.
+    #[test]
+    fn constant_division_is_exact() {
+        extern "C" {
+            fn crossclr_fk_div_mismatches(min_d: u32, max_d: u32) -> i64;
+        }
+        // Small divisors (channels, frames x joints) and large ones (a channel-major run: batch
+        // 128 x 2 bodies x 50 frames x 25 joints = 320,000), powers of two included.
+        for (lo, hi) in [
+            (1, 3000),
+            (319_000, 321_000),
+            (65_530, 65_540),
+            (1 << 20, (1 << 20) + 8),
+        ] {
+            // SAFETY: a pure function of its arguments.
+            assert_eq!(
+                unsafe { crossclr_fk_div_mismatches(lo, hi) },
+                0,
+                "{lo}..={hi}"
+            );
+        }
+    }
+
     /// The kernel source compiles with NVRTC for Ampere and Hopper (needs libnvrtc from the
     /// torch wheel, not a GPU; skipped with a message where libnvrtc is absent).
     #[test]
