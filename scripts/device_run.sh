@@ -18,7 +18,9 @@ export LD_LIBRARY_PATH="$TORCH_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== whole-loop throughput: crossclr pretrain, CrosSCLR-3, batch 128, 4,104 NTU-shaped sequences (32 steps/epoch)"
 timeout 90 "$BIN" synth --out /tmp/ntu_synth --classes 12 --train-per-class 342 --val-per-class 1 \
     --frames 50 --bodies 2 >/dev/null || echo "synth failed"
+# Same numeric modes as the bench's graph+tf32+cudnn rows, so that loop and step compare directly.
 LOOP_ARGS=(--config configs/crossclr/3s_ntu60_xview.yaml --device cuda --quiet workers=8 save_interval=100
+    tf32=on cudnn_benchmark=true
     dataset.format=npy dataset.data=/tmp/ntu_synth/train_data.npy dataset.label=/tmp/ntu_synth/train_label.pkl
     dataset.layout=ntu25 dataset.mmap=false)
 for phase in 1 2; do
