@@ -20,7 +20,10 @@
 //! ops on small inputs (forward, running statistics, gradients; the tail with and without
 //! dropout); if the kernels fail to compile or disagree, a warning is printed once and the tch
 //! path is used for the rest of the process. Never validated inside a CUDA-graph capture: a
-//! capture that starts before any eager use runs the tch ops. Switch: `CROSSCLR_FUSED_CUDA=off`.
+//! capture that starts before any eager use runs the tch ops. Then, per op and shape, the faster
+//! of the fused kernels and the tch ops is chosen by timing both once ([`choice`]), so the fused
+//! kernels never slow a step down. Switch: `CROSSCLR_FUSED_CUDA=off` (never), `on` (always, no
+//! timing), unset (timed choice).
 //!
 //! On the CPU the same kernel bodies run under a host emulation of the launch grid
 //! ([`emulated_bn_train`], [`emulated_tail`]): the tests check the kernels' indexing and arithmetic
