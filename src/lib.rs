@@ -4,7 +4,7 @@
 //! [`data`] (formats, layouts, preprocessing, views, augmentation, loaders, synthetic data) ->
 //! [`model`] (graph, ST-GCN, heads, weight import) -> [`ssl`] (queues, SkeletonCLR, CrosSCLR) ->
 //! [`train`] (config, schedule, loop, checkpoints, logs) -> [`eval`] (linear, KNN, semi, fine-tune,
-//! ensemble, metrics, plots). [`device`] resolves `--device cpu|cuda[:N]`; [`bench`] times steps.
+//! ensemble, metrics, plots). [`device`] resolves `--device cpu|cuda[:N]`; [`bench`](mod@bench) times steps.
 pub mod bench;
 pub mod cpu_cache;
 pub mod data;

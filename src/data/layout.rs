@@ -28,7 +28,7 @@ pub struct Layout {
     pub edges: Vec<(usize, usize)>,
     /// Centre joint of the spatial partition and origin of the 50-frame preprocessing.
     pub center: usize,
-    /// Bone view: bone of joint v = x[v] - x[bone_parent[v]] (parent == v gives a zero bone).
+    /// Bone view: bone of joint v = `x[v] - x[bone_parent[v]]` (parent == v gives a zero bone).
     pub bone_parent: Vec<usize>,
     /// (left, right) shoulder joints for the y-rotation of the preprocessing.
     pub shoulders: (usize, usize),

@@ -81,7 +81,7 @@ pub fn empty_cache() -> Result<()> {
     }
 }
 
-/// The device's name: the CUDA device name (e.g. "NVIDIA H100 80GB HBM3"), or "cpu: <model>"
+/// The device's name: the CUDA device name (e.g. "NVIDIA H100 80GB HBM3"), or `"cpu: <model>"`
 /// from /proc/cpuinfo.
 pub fn device_name(device: Device) -> Result<String> {
     match device {
@@ -109,7 +109,7 @@ fn cuda_name(index: i32) -> Result<String> {
     }
 }
 
-/// "cpu: <model name> (<n> threads)" from /proc/cpuinfo, or "cpu".
+/// `"cpu: <model name> (<n> threads)"` from /proc/cpuinfo, or `"cpu"`.
 pub fn cpu_name() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
         s.lines()

@@ -304,7 +304,7 @@ impl SslModel {
     }
 
     /// Every tensor of the model under its official state-dict name, on the CPU: query and key
-    /// variables, queues, `queue_ptr{suffix}` (i64, shape [1]) and, with the shared head, the
+    /// variables, queues, `queue_ptr{suffix}` (i64, shape `[1]`) and, with the shared head, the
     /// official duplicate names of the shared layers (`encoder_q_motion.fc.2.0.weight` = a copy
     /// of `encoder_q.fc.0.weight`, ...).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {

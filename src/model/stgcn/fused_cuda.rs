@@ -10,7 +10,7 @@
 //! (libtorch's channel-first batch-norm kernels use one block per channel: 16 blocks for a
 //! 16-channel layer).
 //!
-//! Semantics: those of the CPU ops in [`super::fused_bn`] (biased variance normalises, unbiased
+//! Semantics: those of the CPU ops in `super::fused_bn` (biased variance normalises, unbiased
 //! variance enters `running_var`, momentum 0.1; the tail's mask is exactly Bernoulli(1 - p) for
 //! p = 0.5). The mask seed comes from libtorch's CUDA generator (philox seed and offset, resolved
 //! on the device), so `tch::manual_seed` fixes it and every CUDA-graph replay draws a new mask.
@@ -21,7 +21,7 @@
 //! dropout); if the kernels fail to compile or disagree, a warning is printed once and the tch
 //! path is used for the rest of the process. Never validated inside a CUDA-graph capture: a
 //! capture that starts before any eager use runs the tch ops. Then, per op and shape, the faster
-//! of the fused kernels and the tch ops is chosen by timing both once ([`choice`]), so the fused
+//! of the fused kernels and the tch ops is chosen by timing both once (module `choice`), so the fused
 //! kernels never slow a step down. Switch: `CROSSCLR_FUSED_CUDA=off` (never), `on` (always, no
 //! timing), unset (timed choice).
 //!
@@ -229,7 +229,7 @@ pub(crate) fn tail(
     )
 }
 
-/// [`bn_train`] on CPU tensors: the CUDA kernels' bodies under the host emulation (tests).
+/// `bn_train` on CPU tensors: the CUDA kernels' bodies under the host emulation (tests).
 pub fn emulated_bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     if x.device() != Device::Cpu {
         return Err(Error::Other(
@@ -239,7 +239,7 @@ pub fn emulated_bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tenso
     bn_train(x, bn, relu)
 }
 
-/// [`tail`] on CPU tensors with an explicit mask `seed` (the CPU fused tail with the same seed
+/// `tail` on CPU tensors with an explicit mask `seed` (the CPU fused tail with the same seed
 /// draws the same mask).
 pub fn emulated_tail(
     y: &Tensor,
