@@ -111,9 +111,10 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
             --tf32 on --cudnn-benchmark on
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on --graph on
-        # Without the fused CUDA kernels (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
-        # add as separate libtorch kernels), to measure what the fused kernels bring.
-        CROSSCLR_FUSED_CUDA=off run_json "ours graph+tf32+cudnn unfused $model p$phase" "$BIN" bench --model "$model" \
+        # Without this session's levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
+        # add as separate libtorch kernels; CROSSCLR_AGG_OP=off: the graph product + permuting copy),
+        # i.e. the step measured on 2026-11-26, to measure what they bring together.
+        CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off run_json "ours graph+tf32+cudnn unfused $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unfused"/' "$JSONL"
         if [ "${EXTRA:-0}" = 1 ]; then
@@ -137,7 +138,7 @@ elif [ "${PROFILE:-1}" = 1 ]; then
         if [ $HAVE_BIN = 1 ]; then
             for fused in on off; do
                 tag="ours_${1}_p$2_fused-$fused"
-                CROSSCLR_FUSED_CUDA=$([ $fused = on ] && echo on || echo off) timeout "$STAGE_TIMEOUT" "$BIN" bench \
+                CROSSCLR_FUSED_CUDA=$fused CROSSCLR_AGG_OP=$fused timeout "$STAGE_TIMEOUT" "$BIN" bench \
                     --model "$1" --phase "$2" --batch 128 --warmup "$WARMUP" --iters 3 --device cuda --step fast \
                     --tf32 on --cudnn-benchmark on --profile "$PROF/$tag.json" --profile-steps 3 --json \
                     >>"$LOG" 2>&1 || say "FAIL profile $tag"
