@@ -522,9 +522,7 @@ std::pair<at::Tensor, at::Tensor> forward_stats(Backend &bk, const Dims &d, cons
   bk.stats_partials(d, f32(x), f32m(partials));
   bk.bn_finalize(d, f32(x), f32(partials), eps, momentum, f32(w), f32(b), f32m(rm), f32m(rv),
                  stats.template mutable_data_ptr<double>(), f32m(coef));
-  for (const at::Tensor *t : {&rm, &rv}) {
-    if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
-  }
+  crossclr::bump_versions(rm, rv);
   return {stats, coef};
 }
 
@@ -548,9 +546,7 @@ struct BwdBuffers {
   at::Tensor g, partials, dw, db, bcoef;
 
   BwdBuffers(const at::Tensor &grad, const at::Tensor &out_like, const Dims &d, const char *op)
-      : g(grad.to(at::kFloat).contiguous()) {
-    TORCH_CHECK(g.sizes() == out_like.sizes(), op, ": gradient of shape ", g.sizes(), " for output ",
-                out_like.sizes());
+      : g(crossclr::checked_grad(grad, out_like, op)) {
     const auto o = out_like.options();
     partials = at::empty({int64_t{d.c} * d.blocks * 2}, o);
     dw = at::empty({int64_t{d.c}}, o);

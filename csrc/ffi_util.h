@@ -90,6 +90,22 @@ inline at::Tensor borrow_tail_residual(const char *op, void *r, const at::Tensor
   return rt;
 }
 
+// Marks running statistics written in place (outside autograd) as modified, as ATen's batch norm
+// does, so that a stale saved copy would be detected.
+inline void bump_versions(const at::Tensor &running_mean, const at::Tensor &running_var) {
+  for (const at::Tensor *t : {&running_mean, &running_var}) {
+    if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+// The incoming gradient of a fused op as a contiguous float32 tensor of the output's shape.
+inline at::Tensor checked_grad(const at::Tensor &grad, const at::Tensor &output_like, const char *op) {
+  at::Tensor g = grad.to(at::kFloat).contiguous();
+  TORCH_CHECK(g.sizes() == output_like.sizes(), op, ": gradient of shape ", g.sizes(), " for output ",
+              output_like.sizes());
+  return g;
+}
+
 }  // namespace crossclr
 
 #endif  // CROSSCLR_FFI_UTIL_H

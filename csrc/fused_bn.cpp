@@ -318,9 +318,7 @@ class FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
         }
       }
     });
-    for (const at::Tensor *t : {&running_mean, &running_var}) {
-      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
-    }
+    crossclr::bump_versions(running_mean, running_var);
     ctx->save_for_backward({x, w, b});
     ctx->saved_data["stats"] = stats;
     ctx->saved_data["relu"] = relu;
@@ -335,9 +333,7 @@ class FusedBatchNorm : public torch::autograd::Function<FusedBatchNorm> {
     const at::Tensor &b = saved[2];
     const at::Tensor stats = ctx->saved_data["stats"].toTensor();
     const bool relu = ctx->saved_data["relu"].toBool();
-    const at::Tensor g = grad_outputs[0].to(at::kFloat).contiguous();
-    TORCH_CHECK(g.sizes() == x.sizes(), "fused batch norm: gradient of shape ", g.sizes(), " for output ",
-                x.sizes());
+    const at::Tensor g = crossclr::checked_grad(grad_outputs[0], x, "fused batch norm");
     const Shape s = shape_of(x);
     const int64_t count = s.n * s.l;
     const bool need_dx = ctx->needs_input_grad(0);
@@ -667,9 +663,7 @@ class FusedBnTail : public torch::autograd::Function<FusedBnTail> {
         }
       }
     });
-    for (const at::Tensor *t : {&running_mean, &running_var}) {
-      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
-    }
+    crossclr::bump_versions(running_mean, running_var);
     ctx->save_for_backward({y, w, b, out});
     ctx->saved_data["stats"] = stats;
     ctx->saved_data["p"] = p;
@@ -687,9 +681,7 @@ class FusedBnTail : public torch::autograd::Function<FusedBnTail> {
     const at::Tensor stats = ctx->saved_data["stats"].toTensor();
     const DropMask dm = drop_mask(ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt());
     const bool has_r = ctx->saved_data["has_r"].toBool();
-    const at::Tensor g = grad_outputs[0].to(at::kFloat).contiguous();
-    TORCH_CHECK(g.sizes() == y.sizes(), "fused block tail: gradient of shape ", g.sizes(), " for output ",
-                y.sizes());
+    const at::Tensor g = crossclr::checked_grad(grad_outputs[0], y, "fused block tail");
     const Shape s = shape_of(y);
     const int64_t count = s.n * s.l;
     const bool need_dy = ctx->needs_input_grad(0);
