@@ -198,10 +198,31 @@ int crossclr_graph_replay(CrossclrGraph *, char **err) {
   return guarded(err, [] { throw std::runtime_error(kNoCuda); });
 }
 void crossclr_graph_free(CrossclrGraph *) {}
+int crossclr_stream_from_pool(int, CrossclrStream **, char **err) {
+  return guarded(err, [] { throw std::runtime_error(kNoCuda); });
+}
+int crossclr_stream_current(int, CrossclrStream **, char **err) {
+  return guarded(err, [] { throw std::runtime_error(kNoCuda); });
+}
+int crossclr_stream_set_current(const CrossclrStream *, char **err) {
+  return guarded(err, [] { throw std::runtime_error(kNoCuda); });
+}
+int crossclr_stream_wait(const CrossclrStream *, const CrossclrStream *, char **err) {
+  return guarded(err, [] { throw std::runtime_error(kNoCuda); });
+}
+int crossclr_stream_same(const CrossclrStream *a, const CrossclrStream *b) { return a == b ? 1 : 0; }
+int crossclr_record_stream(crossclr_tensor, const CrossclrStream *, char **err) {
+  return guarded(err, [] { throw std::runtime_error(kNoCuda); });
+}
+void crossclr_stream_free(CrossclrStream *) {}
 
 #else  // CROSSCLR_SHIM_CUDA
 
 }  // extern "C"
+
+struct CrossclrStream {
+  c10::cuda::CUDAStream stream;
+};
 
 struct CrossclrGraph {
   c10::DeviceIndex device;
@@ -369,6 +390,55 @@ void crossclr_graph_free(CrossclrGraph *g) {
   } catch (...) {
   }
 }
+
+int crossclr_stream_from_pool(int device, CrossclrStream **out, char **err) {
+  return guarded(err, [&] {
+    TORCH_CHECK(out != nullptr, "null output pointer");
+    const auto dev = cuda_device(device);
+    c10::DeviceGuard guard(dev);
+    *out = new CrossclrStream{c10::cuda::getStreamFromPool(/*isHighPriority=*/false, dev.index())};
+  });
+}
+
+int crossclr_stream_current(int device, CrossclrStream **out, char **err) {
+  return guarded(err, [&] {
+    TORCH_CHECK(out != nullptr, "null output pointer");
+    *out = new CrossclrStream{c10::cuda::getCurrentCUDAStream(cuda_device(device).index())};
+  });
+}
+
+int crossclr_stream_set_current(const CrossclrStream *s, char **err) {
+  return guarded(err, [&] {
+    TORCH_CHECK(s != nullptr, "null stream");
+    c10::cuda::setCurrentCUDAStream(s->stream);
+  });
+}
+
+int crossclr_stream_wait(const CrossclrStream *waiter, const CrossclrStream *done, char **err) {
+  return guarded(err, [&] {
+    TORCH_CHECK(waiter != nullptr && done != nullptr, "null stream");
+    TORCH_CHECK(waiter->stream.device_index() == done->stream.device_index(),
+                "streams on different devices");
+    c10::DeviceGuard guard(cuda_device(waiter->stream.device_index()));
+    stream_wait(waiter->stream, done->stream);
+  });
+}
+
+int crossclr_stream_same(const CrossclrStream *a, const CrossclrStream *b) {
+  if (a == nullptr || b == nullptr) return a == b ? 1 : 0;
+  return a->stream == b->stream ? 1 : 0;
+}
+
+int crossclr_record_stream(crossclr_tensor t, const CrossclrStream *s, char **err) {
+  return guarded(err, [&] {
+    TORCH_CHECK(s != nullptr, "null stream");
+    const at::Tensor &x = crossclr::borrow_tensor(t, "record_stream", "tensor");
+    if (!x.is_cuda() || !x.has_storage() || x.storage().data() == nullptr) return;
+    c10::cuda::CUDACachingAllocator::recordStream(x.storage().data_ptr(), s->stream);
+  });
+}
+
+void crossclr_stream_free(CrossclrStream *s) { delete s; }
 
 #endif  // CROSSCLR_SHIM_CUDA
 

@@ -16,6 +16,7 @@ extern "C" {
 
 typedef void *crossclr_tensor;            // at::Tensor*
 typedef struct CrossclrGraph CrossclrGraph;  // opaque
+typedef struct CrossclrStream CrossclrStream;  // opaque: one c10::cuda::CUDAStream
 
 void crossclr_shim_free(char *s);
 // 1 when the shim was compiled with its CUDA half (graphs, memory statistics, device names).
@@ -58,6 +59,23 @@ int crossclr_graph_capture_begin(CrossclrGraph *g, int mode, char **err);
 // Ends the capture (instantiating the graph) and always restores the previous stream.
 int crossclr_graph_capture_end(CrossclrGraph *g, char **err);
 int crossclr_graph_replay(CrossclrGraph *g, char **err);
+
+// CUDA streams for independent work inside a step (fork / join; capture-safe: the waits are
+// event record / wait pairs, which a capture turns into graph edges).
+// A stream from libtorch's pool on `device`.
+int crossclr_stream_from_pool(int device, CrossclrStream **out, char **err);
+// The current stream of `device`.
+int crossclr_stream_current(int device, CrossclrStream **out, char **err);
+// Makes `s` the current stream of its device.
+int crossclr_stream_set_current(const CrossclrStream *s, char **err);
+// `waiter` waits (on the device) for the work queued so far on `done`; no-op when they are equal.
+int crossclr_stream_wait(const CrossclrStream *waiter, const CrossclrStream *done, char **err);
+// 1 when `a` and `b` are the same stream.
+int crossclr_stream_same(const CrossclrStream *a, const CrossclrStream *b);
+// Tells the caching allocator that tensor `t`'s memory is used on stream `s` (record_stream), so
+// that freeing it on its allocation stream cannot hand the block out while `s` may still use it.
+int crossclr_record_stream(crossclr_tensor t, const CrossclrStream *s, char **err);
+void crossclr_stream_free(CrossclrStream *s);
 void crossclr_graph_free(CrossclrGraph *g);
 
 #ifdef __cplusplus

@@ -36,7 +36,7 @@ have_time() { [ $(($(date +%s) - T_START + $1)) -le "$BUDGET" ]; }
 run_json() {
     local label=$1
     shift
-    local tmp
+    local tmp status=1
     tmp=$(mktemp)
     if timeout "$STAGE_TIMEOUT" "$@" >"$tmp" 2>>"$LOG"; then
         local line
@@ -44,6 +44,7 @@ run_json() {
         if [ -n "$line" ]; then
             echo "$line" >>"$JSONL"
             say "ok   $label"
+            status=0
         else
             say "FAIL $label: no JSON output"
         fi
@@ -52,6 +53,8 @@ run_json() {
         tail -n 5 "$tmp" | tee -a "$LOG"
     fi
     rm -f "$tmp"
+    # Non-zero when no row was written, so that a caller's `&& sed` never relabels the row before.
+    return $status
 }
 
 say "== device"
@@ -111,7 +114,12 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
             --tf32 on --cudnn-benchmark on
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on --graph on
-        # Without this session's levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
+        # The same without side streams (CROSSCLR_VIEW_STREAMS=off: every query / key pass on one
+        # stream), to measure what running the views' encoders concurrently brings.
+        CROSSCLR_VIEW_STREAMS=off run_json "ours graph+tf32+cudnn one-stream $model p$phase" "$BIN" bench --model "$model" \
+            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-one-stream"/' "$JSONL"
+        # Without the earlier levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
         # add as separate libtorch kernels; CROSSCLR_AGG_OP=off: the graph product + permuting copy),
         # i.e. the step measured on 2026-11-26, to measure what they bring together.
         CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off run_json "ours graph+tf32+cudnn unfused $model p$phase" "$BIN" bench --model "$model" \

@@ -3,6 +3,7 @@
 # baseline, parity on CUDA), then the throughput of a real `pretrain` loop (CrosSCLR-3, batch 128,
 # NTU-shaped synthetic data, loader workers on the host) to compare with the step benchmark.
 # Usage on the GPU machine: BIN=.devbin/crossclr bash scripts/device_run.sh
+# (LOADER=0 skips the loader bench; PROFILE=0, FULL=1, EXTRA=1 pass on to device_bench.sh)
 set -u -o pipefail
 BIN=${BIN:-.devbin/crossclr}
 OUT=${OUT:-/tmp/device_run_out}
@@ -25,8 +26,14 @@ LOOP_ARGS=(--config configs/crossclr/3s_ntu60_xview.yaml --device cuda --quiet w
     dataset.layout=ntu25 dataset.mmap=false)
 for phase in 1 2; do
     cross=$([ $phase = 1 ] && echo 10 || echo 0)
-    timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 cross_epoch=$cross \
-        >"$OUT/loop$phase.log" 2>&1 || echo "loop phase $phase failed (see loop$phase.log)"
+    if ! timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 cross_epoch=$cross \
+        >"$OUT/loop$phase.log" 2>&1; then
+        echo "loop phase $phase failed (see loop$phase.log); again with CROSSCLR_VIEW_STREAMS=off"
+        tail -n 4 "$OUT/loop$phase.log"
+        rm -rf /tmp/loop$phase
+        CROSSCLR_VIEW_STREAMS=off timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 \
+            cross_epoch=$cross >"$OUT/loop${phase}_one_stream.log" 2>&1 || echo "loop phase $phase failed again"
+    fi
     cp /tmp/loop$phase/metrics.csv "$OUT/loop_phase$phase.csv" 2>/dev/null
     cp /tmp/loop$phase/log.txt "$OUT/loop_phase${phase}_log.txt" 2>/dev/null
     grep -h "(phase\|fused CUDA\|graph\|captur" /tmp/loop$phase/log.txt "$OUT/loop$phase.log" 2>/dev/null | tail -12
@@ -37,6 +44,9 @@ if [ $(($(date +%s) - T_RUN + 60)) -le "$RUN_BUDGET" ]; then
         >"$OUT/loop1_resume.log" 2>&1 || echo "loop resume failed (see loop1_resume.log)"
     cp /tmp/loop1/metrics.csv "$OUT/loop_phase1_resumed.csv" 2>/dev/null
     tail -n 2 "$OUT/loop_phase1_resumed.csv" 2>/dev/null
+fi
+if [ "${LOADER:-1}" != 1 ]; then
+    exit 0
 fi
 if [ $(($(date +%s) - T_RUN + 40)) -gt "$RUN_BUDGET" ]; then
     echo "skip loader bench: run budget ($RUN_BUDGET s) spent"

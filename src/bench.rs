@@ -217,6 +217,9 @@ pub struct BenchReport {
     /// CUDA: per op and shape, the fused kernels' and the tch ops' forward + backward times and
     /// which one was chosen (`model::stgcn::fused_cuda::choices`).
     pub fused_cuda_ops: Vec<crate::model::stgcn::fused_cuda::FusedChoice>,
+    /// CUDA, fast step: whether each view's query and key passes ran on their own side streams
+    /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
+    pub view_streams: bool,
     /// The Chrome trace written by `--profile`, if any.
     pub profile: Option<String>,
     pub loss_first: f64,
@@ -365,6 +368,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peak_kind,
         fused_cuda: crate::model::stgcn::fused_cuda::usable(device),
         fused_cuda_ops: crate::model::stgcn::fused_cuda::choices(),
+        view_streams: matches!(device, Device::Cuda(_))
+            && cfg.step == StepKind::Fast
+            && gpu::streams::enabled()
+            && gpu::shim_status() == gpu::ShimStatus::Cuda,
         profile: cfg.profile.as_ref().map(|p| p.display().to_string()),
         loss_first,
         loss_last,

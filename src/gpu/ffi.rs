@@ -13,6 +13,12 @@ pub(crate) struct RawGraph {
     _private: [u8; 0],
 }
 
+/// Opaque `CrossclrStream` of the shim (one `c10::cuda::CUDAStream`).
+#[repr(C)]
+pub(crate) struct RawStream {
+    _private: [u8; 0],
+}
+
 #[cfg(not(crossclr_no_shim))]
 #[allow(dead_code)]
 extern "C" {
@@ -78,6 +84,29 @@ extern "C" {
     pub(crate) fn crossclr_graph_capture_end(g: *mut RawGraph, err: *mut *mut c_char) -> c_int;
     pub(crate) fn crossclr_graph_replay(g: *mut RawGraph, err: *mut *mut c_char) -> c_int;
     pub(crate) fn crossclr_graph_free(g: *mut RawGraph);
+    pub(crate) fn crossclr_stream_from_pool(
+        device: c_int,
+        out: *mut *mut RawStream,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn crossclr_stream_current(
+        device: c_int,
+        out: *mut *mut RawStream,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn crossclr_stream_set_current(s: *const RawStream, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn crossclr_stream_wait(
+        waiter: *const RawStream,
+        done: *const RawStream,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn crossclr_stream_same(a: *const RawStream, b: *const RawStream) -> c_int;
+    pub(crate) fn crossclr_record_stream(
+        t: TensorPtr,
+        s: *const RawStream,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    pub(crate) fn crossclr_stream_free(s: *mut RawStream);
 }
 
 /// The error every shim call returns when the crate was built without the shim.

@@ -41,6 +41,7 @@ pub mod memory;
 pub mod ops;
 pub mod profiler;
 pub mod step;
+pub mod streams;
 
 pub use graph::{CaptureMode, CapturedStep, CudaGraph};
 pub use memory::{

@@ -20,6 +20,7 @@
 //! Numerically it matches `train_step` (same ops in the same order for the forward and the loss,
 //! the same SGD formula; tested on CPU in tests/gpu_step.rs).
 use super::ops::{ema_, FusedSgd, SgdConfig};
+use super::streams::SideStreams;
 use crate::data::views::{motion, View};
 use crate::error::{Error, Result};
 use crate::ssl::loss::{cvc_km_losses, info_nce, moco_logits};
@@ -43,6 +44,8 @@ pub struct FastStep {
     params: Vec<Tensor>,
     /// Names of `params` (the model's `trainable()` names, sorted: `train::sgd::Sgd`'s order).
     names: Vec<String>,
+    /// Side streams for the query and key passes of each view (CUDA only; [`SideStreams`]).
+    streams: Option<SideStreams>,
 }
 
 /// The losses of one step, detached, on the model's device (no host sync).
@@ -87,6 +90,7 @@ impl FastStep {
             .collect();
         let (names, params): (Vec<String>, Vec<Tensor>) = model.trainable().into_iter().unzip();
         let opt = FusedSgd::new(&params, lr, sgd)?;
+        let streams = SideStreams::new(device, 2 * model.branches.len())?;
         Ok(FastStep {
             device,
             batch,
@@ -98,6 +102,7 @@ impl FastStep {
             opt,
             params,
             names,
+            streams,
         })
     }
 
@@ -221,25 +226,38 @@ impl FastStep {
         let branches = &model.branches;
         let primary_q = &branches[0].head_q;
         let primary_k = &branches[0].head_k;
-        let qs: Vec<Tensor> = branches
-            .iter()
-            .map(|b| b.query(&self.view_input(b.view, x_q), Some(primary_q)))
-            .collect();
         let motion_only = cross
             && model
                 .spec
                 .cross
                 .as_ref()
                 .is_some_and(|c| c.phase2_motion_ema_only);
+        // EMA before the query passes (the reference updates between queries and keys): it reads
+        // the query parameters, which a forward pass does not change, and writes only the key
+        // parameters, so the result is the same and the query and key passes become independent.
         for (b, (keys, queries)) in branches.iter().zip(&self.ema) {
             if !motion_only || b.view == View::Motion {
                 ema_(keys, queries, model.spec.momentum)?;
             }
         }
-        let ks: Vec<Tensor> = branches
-            .iter()
-            .map(|b| b.key(&self.view_input(b.view, x_k), Some(primary_k)))
-            .collect();
+        let n = branches.len();
+        let pass = |i: usize| -> Result<Tensor> {
+            Ok(if i < n {
+                let b = &branches[i];
+                b.query(&self.view_input(b.view, x_q), Some(primary_q))
+            } else {
+                let b = &branches[i - n];
+                b.key(&self.view_input(b.view, x_k), Some(primary_k))
+            })
+        };
+        // Queries then keys, in view order (the reference's issue order, so the same dropout draws),
+        // each on its own side stream when the device has them.
+        let mut passes = match &self.streams {
+            Some(streams) => streams.fork_join(2 * n, &[x_q, x_k], pass)?,
+            None => (0..2 * n).map(pass).collect::<Result<Vec<_>>>()?,
+        };
+        let ks = passes.split_off(n);
+        let qs = passes;
         let tau = model.spec.temperature;
         let view_losses: Vec<Tensor> = match (&model.spec.cross, cross) {
             (Some(c), true) => {
@@ -261,6 +279,10 @@ impl FastStep {
             .fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
         self.opt.zero_grad(true)?;
         loss.f_backward()?;
+        if let Some(streams) = &self.streams {
+            // Autograd ran each view's backward on its forward's stream; the update reads all grads.
+            streams.join_all()?;
+        }
         self.opt.step()?;
         tch::no_grad(|| -> Result<()> {
             let idx = (&self.ptr + &self.arange_b).remainder(self.queue_size);
@@ -275,6 +297,11 @@ impl FastStep {
             Ok(())
         })?;
         Ok((loss, view_losses))
+    }
+
+    /// True when the query and key passes run on side streams ([`SideStreams`]).
+    pub fn uses_side_streams(&self) -> bool {
+        self.streams.is_some()
     }
 
     /// The trainable parameters, in optimiser order.
