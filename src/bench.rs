@@ -220,6 +220,9 @@ pub struct BenchReport {
     /// CUDA, fast step: whether each view's query and key passes ran on their own side streams
     /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
     pub view_streams: bool,
+    /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
+    /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
+    pub cuda_alloc_conf: Option<String>,
     /// The Chrome trace written by `--profile`, if any.
     pub profile: Option<String>,
     pub loss_first: f64,
@@ -372,6 +375,9 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             && cfg.step == StepKind::Fast
             && gpu::streams::enabled()
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
+        cuda_alloc_conf: std::env::var("PYTORCH_CUDA_ALLOC_CONF")
+            .or_else(|_| std::env::var("PYTORCH_ALLOC_CONF"))
+            .ok(),
         profile: cfg.profile.as_ref().map(|p| p.display().to_string()),
         loss_first,
         loss_last,

@@ -44,6 +44,9 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Before any CUDA tensor exists and any thread starts: expandable segments unless the user
+    // configured the CUDA allocator (less reserved memory with the step's side streams).
+    crossclr::gpu::default_cuda_alloc_conf();
     // Before any tensor exists: reuse large CPU tensor blocks across steps (src/cpu_cache.rs).
     if let Err(e) = crossclr::cpu_cache::install_from_env() {
         eprintln!("warning: {e:#}; continuing with libtorch's default CPU allocator");

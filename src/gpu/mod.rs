@@ -54,6 +54,28 @@ pub use ops::{
 };
 pub use step::FastStep;
 
+/// The CUDA caching-allocator setting this tool uses unless the user sets one:
+/// `expandable_segments:True`. Measured on an H200 (graph step, batch 128, 2026-11-27): peak
+/// reserved memory 3448 -> 2956 MiB for SkeletonCLR and 10744 -> 8960 MiB for CrosSCLR-3 phase 2
+/// (the side streams of [`streams`] keep separate block caches, which fragment without it), at the
+/// same speed (17.31 / 17.24 ms, 46.96 / 46.75 ms).
+pub const DEFAULT_CUDA_ALLOC_CONF: &str = "expandable_segments:True";
+
+/// Sets `PYTORCH_CUDA_ALLOC_CONF` to [`DEFAULT_CUDA_ALLOC_CONF`] when neither it nor
+/// `PYTORCH_ALLOC_CONF` is set. libtorch reads the variable when the CUDA allocator first starts,
+/// so call this at the start of `main`, before any CUDA tensor exists and before other threads
+/// start (it changes the process environment). Returns the setting now in force, if any.
+pub fn default_cuda_alloc_conf() -> Option<String> {
+    let user = std::env::var("PYTORCH_CUDA_ALLOC_CONF")
+        .or_else(|_| std::env::var("PYTORCH_ALLOC_CONF"))
+        .ok();
+    if user.is_some() {
+        return user;
+    }
+    std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF);
+    Some(DEFAULT_CUDA_ALLOC_CONF.to_string())
+}
+
 /// What the shim was built with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShimStatus {
