@@ -121,6 +121,7 @@ fn fast_step_rejects_wrong_batches() {
         "5 does not divide K = 16"
     );
     let mut fast = FastStep::new(&pre.model, 4, LR, SGD).unwrap();
+    assert!(!fast.uses_side_streams(), "side streams are CUDA-only");
     let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Float, Device::Cpu));
     assert!(fast.step(&pre.model, &x, &x, false).is_err());
 }

@@ -275,8 +275,8 @@ impl CapturedStep {
         let outputs = graph.capture(mode, || step(&inputs))?;
         // The warm-up steps' intermediates sit in the regular pool's cache; replays use only the
         // graph's private pool, so give that cache back (peak reserved memory otherwise holds a
-        // step's activations twice). Not measured on a GPU yet (no device in the session that
-        // added it); failure here only costs memory.
+        // step's activations twice; docs/gpu.md has the H200 figures). Failure here only costs
+        // memory.
         if let Device::Cuda(index) = device {
             tch::Cuda::synchronize(index as i64);
             let _ = super::memory::empty_cache();

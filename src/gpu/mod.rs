@@ -66,14 +66,55 @@ pub const DEFAULT_CUDA_ALLOC_CONF: &str = "expandable_segments:True";
 /// so call this at the start of `main`, before any CUDA tensor exists and before other threads
 /// start (it changes the process environment). Returns the setting now in force, if any.
 pub fn default_cuda_alloc_conf() -> Option<String> {
-    let user = std::env::var("PYTORCH_CUDA_ALLOC_CONF")
-        .or_else(|_| std::env::var("PYTORCH_ALLOC_CONF"))
-        .ok();
-    if user.is_some() {
-        return user;
+    let cuda = std::env::var("PYTORCH_CUDA_ALLOC_CONF").ok();
+    let generic = std::env::var("PYTORCH_ALLOC_CONF").ok();
+    let (in_force, set) = alloc_conf_choice(cuda, generic);
+    if set {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF);
     }
-    std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF);
-    Some(DEFAULT_CUDA_ALLOC_CONF.to_string())
+    Some(in_force)
+}
+
+/// The allocator setting in force given the user's `PYTORCH_CUDA_ALLOC_CONF` and
+/// `PYTORCH_ALLOC_CONF`, and whether [`DEFAULT_CUDA_ALLOC_CONF`] must be set (neither was).
+fn alloc_conf_choice(cuda: Option<String>, generic: Option<String>) -> (String, bool) {
+    match cuda.or(generic) {
+        Some(user) => (user, false),
+        None => (DEFAULT_CUDA_ALLOC_CONF.to_string(), true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_allocator_settings_win_over_the_default() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            alloc_conf_choice(None, None),
+            (DEFAULT_CUDA_ALLOC_CONF.to_string(), true)
+        );
+        assert_eq!(
+            alloc_conf_choice(s("max_split_size_mb:128"), None),
+            ("max_split_size_mb:128".to_string(), false)
+        );
+        assert_eq!(
+            alloc_conf_choice(None, s("expandable_segments:False")),
+            ("expandable_segments:False".to_string(), false)
+        );
+        assert_eq!(
+            alloc_conf_choice(s("a:1"), s("b:2")),
+            ("a:1".to_string(), false)
+        );
+    }
+
+    #[test]
+    fn no_side_streams_on_the_cpu() {
+        assert!(streams::SideStreams::new(tch::Device::Cpu, 6)
+            .unwrap()
+            .is_none());
+    }
 }
 
 /// What the shim was built with.
