@@ -1,6 +1,7 @@
 //! GPU acceleration through a small C++ shim over libtorch (csrc/shim.cpp, built by build.rs):
-//! CUDA-graph capture of whole training steps, TF32 / cuDNN-autotuning switches, multi-tensor EMA
-//! and fused SGD updates, and CUDA memory statistics.
+//! CUDA-graph capture of whole training steps, side streams for the independent encoder passes
+//! ([`streams`]), TF32 / cuDNN-autotuning switches, multi-tensor EMA and fused SGD updates, and
+//! CUDA memory statistics.
 //!
 //! The shim is optional: without libtorch headers the crate is built with `--cfg crossclr_no_shim`
 //! and every function here returns an error saying so; without CUDA headers it is built CPU-only
