@@ -7,7 +7,7 @@
 #   BIN=.devbin/crossclr bash scripts/device_bench.sh
 # BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
-# final table on stdout. EXTRA=1 adds a graph run with libtorch's default TF32 flags; FULL=1 adds
+# final table on stdout. EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
 # the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles; BUDGET (seconds,
 # default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
 # so one hang cannot eat the budget.
@@ -128,6 +128,10 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
         if [ "${EXTRA:-0}" = 1 ]; then
             run_json "ours graph (defaults) $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
                 --step fast --graph on
+            # TF32 off: cuDNN's fp32 kernels may work on NCHW directly, without the NCHW<->NHWC
+            # transposes its TF32 kernels need (9 % of the step in the 2026-11-27 profile).
+            run_json "ours graph tf32=off $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
+                --step fast --tf32 off --cudnn-benchmark on --graph on
         fi
     fi
 done
