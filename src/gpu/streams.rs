@@ -29,20 +29,26 @@ pub struct Stream {
 #[cfg(not(crossclr_no_shim))]
 impl Stream {
     fn from_pool(index: usize) -> Result<Self> {
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: `raw` is a valid out-pointer; the shim allocates the handle.
-        ffi::call("Stream::from_pool", |err| unsafe {
-            ffi::crossclr_stream_from_pool(index as i32, &mut raw, err)
-        })?;
-        Ok(Stream { raw })
+        // SAFETY: `out` is a valid out-pointer; the shim allocates the handle.
+        Self::made_by("Stream::from_pool", |out, err| unsafe {
+            ffi::crossclr_stream_from_pool(index as i32, out, err)
+        })
     }
 
     fn current(index: usize) -> Result<Self> {
-        let mut raw = std::ptr::null_mut();
         // SAFETY: as above.
-        ffi::call("Stream::current", |err| unsafe {
-            ffi::crossclr_stream_current(index as i32, &mut raw, err)
-        })?;
+        Self::made_by("Stream::current", |out, err| unsafe {
+            ffi::crossclr_stream_current(index as i32, out, err)
+        })
+    }
+
+    /// A handle from a shim constructor `make(out, err) -> status`.
+    fn made_by(
+        what: &str,
+        make: impl FnOnce(*mut *mut ffi::RawStream, *mut *mut std::ffi::c_char) -> std::ffi::c_int,
+    ) -> Result<Self> {
+        let mut raw = std::ptr::null_mut();
+        ffi::call(what, |err| make(&mut raw, err))?;
         Ok(Stream { raw })
     }
 
