@@ -122,18 +122,7 @@ mod tests {
     fn bad_shapes_are_refused() {
         let x = Tensor::zeros([4, 25], (Kind::Float, Device::Cpu));
         let g = Tensor::zeros([3, 20, 25], (Kind::Float, Device::Cpu));
-        let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
-        let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
-        let status = unsafe {
-            crossclr_aggregate_first(
-                x.as_ptr() as *mut _,
-                g.as_ptr() as *mut _,
-                &mut out,
-                &mut err,
-            )
-        };
-        assert_eq!(status, 1);
-        let msg = crate::gpu::ffi::take_message(err, "");
+        let msg = run_op(&x, &g).expect_err("mismatched shapes must be refused");
         assert!(msg.contains("graph must be (K, 25, W)"), "{msg}");
     }
 }
