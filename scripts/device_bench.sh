@@ -7,7 +7,8 @@
 #   BIN=.devbin/crossclr bash scripts/device_bench.sh
 # BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
-# final table on stdout. EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
+# final table on stdout. TUNED=0 skips the tuned PyTorch rows, UNFUSED=0 the rows without the fused kernels;
+# TEST_BIN runs a carried test binary first. EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
 # the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles; BUDGET (seconds,
 # default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
 # so one hang cannot eat the budget.
@@ -88,6 +89,12 @@ else
     fi
 fi
 
+# TEST_BIN: a carried test binary (e.g. tests/gpu_step.rs's) whose CUDA tests run here first.
+if [ -n "${TEST_BIN:-}" ] && [ -x "$TEST_BIN" ]; then
+    say "== CUDA tests: $TEST_BIN"
+    timeout 120 "$TEST_BIN" --test-threads=1 --nocapture 2>&1 | tail -n 20 | tee -a "$LOG" || say "FAIL: CUDA tests"
+fi
+
 COMMON="--batch 128 --warmup $WARMUP --iters $ITERS --device cuda --json"
 for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
     set -- $cfg
@@ -96,8 +103,10 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
     say "== $model phase $phase"
     run_json "pytorch eager $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode eager \
         --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
-    run_json "pytorch tuned $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode tuned \
-        --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
+    if [ "${TUNED:-1}" = 1 ]; then
+        run_json "pytorch tuned $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode tuned \
+            --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
+    fi
     # The official code itself, unchanged (scripts/bench_official.py), where a checkout was carried:
     # OFFICIAL_DIR (default .official, git-ignored) holds LinguoLi/CrosSCLR's net/ folder.
     if [ -d "${OFFICIAL_DIR:-.official}/net" ]; then
@@ -114,6 +123,12 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
             --tf32 on --cudnn-benchmark on
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on --graph on
+        # The same with every weight gradient computed in the backward's own order
+        # (CROSSCLR_WGRAD_STREAM=off: no separate stream for the temporal convolutions' weight
+        # gradients), to measure what taking them off the critical path brings.
+        CROSSCLR_WGRAD_STREAM=off run_json "ours graph+tf32+cudnn wgrad-inline $model p$phase" "$BIN" bench --model "$model" \
+            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-wgrad-inline"/' "$JSONL"
         # The same without side streams (CROSSCLR_VIEW_STREAMS=off: every query / key pass on one
         # stream), to measure what running the views' encoders concurrently brings.
         CROSSCLR_VIEW_STREAMS=off run_json "ours graph+tf32+cudnn one-stream $model p$phase" "$BIN" bench --model "$model" \
@@ -122,7 +137,7 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
         # Without the earlier levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
         # add as separate libtorch kernels; CROSSCLR_AGG_OP=off: the graph product + permuting copy),
         # i.e. the step measured on 2026-11-26, to measure what they bring together.
-        CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off run_json "ours graph+tf32+cudnn unfused $model p$phase" "$BIN" bench --model "$model" \
+        [ "${UNFUSED:-1}" = 1 ] && CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off run_json "ours graph+tf32+cudnn unfused $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unfused"/' "$JSONL"
         if [ "${EXTRA:-0}" = 1 ]; then

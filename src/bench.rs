@@ -220,6 +220,9 @@ pub struct BenchReport {
     /// CUDA, fast step: whether each view's query and key passes ran on their own side streams
     /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
     pub view_streams: bool,
+    /// CUDA, fast step: whether the temporal convolutions' weight gradients ran on their own
+    /// stream (`model::stgcn::temporal_conv`; off with CROSSCLR_WGRAD_STREAM=off).
+    pub wgrad_stream: bool,
     /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
     /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
     pub cuda_alloc_conf: Option<String>,
@@ -374,6 +377,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         view_streams: matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
             && gpu::streams::enabled()
+            && gpu::shim_status() == gpu::ShimStatus::Cuda,
+        wgrad_stream: matches!(device, Device::Cuda(_))
+            && cfg.step == StepKind::Fast
+            && crate::model::stgcn::temporal_conv::enabled()
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
         cuda_alloc_conf: std::env::var("PYTORCH_CUDA_ALLOC_CONF")
             .or_else(|_| std::env::var("PYTORCH_ALLOC_CONF"))

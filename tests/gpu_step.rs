@@ -38,6 +38,17 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn fast_step_matches_reference_step() {
+    fast_step_matches_reference(false);
+}
+
+/// The same with the temporal convolutions' weight gradients deferred to the join after backward
+/// (`model::stgcn::temporal_conv`; on the CPU they are parked without a stream).
+#[test]
+fn fast_step_with_deferred_weight_gradients_matches_reference_step() {
+    fast_step_matches_reference(true);
+}
+
+fn fast_step_matches_reference(defer_wgrad: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if crossclr::gpu::shim_status() == ShimStatus::Missing {
         eprintln!("skipping: built without the C++ shim");
@@ -66,6 +77,8 @@ fn fast_step_matches_reference_step() {
     )
     .unwrap();
     let mut fast = FastStep::new(&fast_model.model, 4, LR, SGD).unwrap();
+    fast.set_defer_wgrad(defer_wgrad);
+    assert_eq!(fast.defers_wgrad(), defer_wgrad);
     let cross_epoch = spec.cross.as_ref().unwrap().cross_epoch;
     // A phase-1 step, two phase-2 steps (motion-only EMA, CVC-KM), one more phase-1 step.
     for (i, epoch) in [1, cross_epoch + 1, cross_epoch + 1, 1]
@@ -124,4 +137,95 @@ fn fast_step_rejects_wrong_batches() {
     assert!(!fast.uses_side_streams(), "side streams are CUDA-only");
     let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Float, Device::Cpu));
     assert!(fast.step(&pre.model, &x, &x, false).is_err());
+}
+
+/// On a CUDA device (skipped without one): the step with the temporal convolutions' weight
+/// gradients on their own stream (`model::stgcn::temporal_conv`) gives the same losses and states
+/// as the step without, eagerly (2 steps) and captured in a CUDA graph (3 warm-up steps + 2
+/// replays), side streams on, TF32 off. A missing join or a race on the weight-gradient stream
+/// would show as different parameters.
+#[test]
+fn deferred_weight_gradients_on_cuda_match() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !tch::Cuda::is_available() || crossclr::gpu::shim_status() != ShimStatus::Cuda {
+        eprintln!("skipping: needs a CUDA device and the shim's CUDA half");
+        return;
+    }
+    use crossclr::gpu::{CaptureMode, CapturedStep};
+    crossclr::gpu::set_tf32(false).unwrap();
+    let device = Device::Cuda(0);
+    let layout = Layout::ntu25();
+    let mut spec = tiny_spec();
+    spec.stgcn.hidden_channels = 16;
+    spec.stgcn.hidden_dim = 64;
+    spec.queue_size = 64;
+    let batch = 8;
+    let inputs: Vec<(Tensor, Tensor)> = (0..7)
+        .map(|i| {
+            tch::manual_seed(200 + i);
+            let opts = (Kind::Float, device);
+            (
+                Tensor::randn([batch, 3, 20, 25, 2], opts),
+                Tensor::randn([batch, 3, 20, 25, 2], opts),
+            )
+        })
+        .collect();
+    let run = |defer: bool| -> (Vec<f64>, Vec<(String, Tensor)>) {
+        tch::manual_seed(7);
+        let pre =
+            Pretrainer::new(&spec, &layout, device, LR, SGD.momentum, SGD.weight_decay).unwrap();
+        let mut step = FastStep::new(&pre.model, batch, LR, SGD).unwrap();
+        step.set_defer_wgrad(defer);
+        assert_eq!(step.defers_wgrad(), defer);
+        let mut losses = Vec::new();
+        for (i, (xq, xk)) in inputs[..2].iter().enumerate() {
+            tch::manual_seed(1000 + i as i64);
+            let loss = step.step(&pre.model, xq, xk, true).unwrap();
+            losses.push(loss.double_value(&[]));
+        }
+        let model = &pre.model;
+        tch::manual_seed(2000);
+        let mut captured = CapturedStep::capture(
+            device,
+            &[&inputs[2].0, &inputs[2].1],
+            3,
+            CaptureMode::Global,
+            |inp| Ok(vec![step.step(model, &inp[0], &inp[1], true)?]),
+        )
+        .unwrap();
+        for (i, (xq, xk)) in inputs[5..].iter().enumerate() {
+            tch::manual_seed(3000 + i as i64);
+            let out = captured.run(&[xq, xk]).unwrap();
+            losses.push(out[0].double_value(&[]));
+        }
+        tch::Cuda::synchronize(0);
+        let mut m = pre;
+        step.write_back_ptr(&mut m.model);
+        let state = m
+            .model
+            .state_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+            .collect();
+        (losses, state)
+    };
+    let (loss_a, state_a) = run(false);
+    let (loss_b, state_b) = run(true);
+    eprintln!("losses without / with deferred weight gradients: {loss_a:?} / {loss_b:?}");
+    for (i, (a, b)) in loss_a.iter().zip(&loss_b).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4 * a.abs().max(1.0),
+            "step {i}: {a} vs {b}"
+        );
+    }
+    for ((na, ta), (nb, tb)) in state_a.iter().zip(&state_b) {
+        assert_eq!(na, nb);
+        if ta.kind() == Kind::Float {
+            let scale = ta.abs().max().double_value(&[]).max(1.0);
+            let d = max_diff(ta, tb);
+            assert!(d < 1e-4 * scale, "{na} differs by {d} (scale {scale})");
+        } else {
+            assert!(ta.equal(tb), "{na} differs");
+        }
+    }
 }

@@ -23,6 +23,7 @@ use super::ops::{ema_, FusedSgd, SgdConfig};
 use super::streams::SideStreams;
 use crate::data::views::{motion, View};
 use crate::error::{Error, Result};
+use crate::model::stgcn::temporal_conv::{self, WgradScope};
 use crate::ssl::loss::{cvc_km_losses, info_nce, moco_logits};
 use crate::ssl::model::SslModel;
 use tch::{Device, Kind, Tensor};
@@ -46,6 +47,9 @@ pub struct FastStep {
     names: Vec<String>,
     /// Side streams for the query and key passes of each view (CUDA only; [`SideStreams`]).
     streams: Option<SideStreams>,
+    /// Whether the temporal convolutions' weight gradients are deferred to their own stream
+    /// ([`temporal_conv`]; CUDA only by default).
+    defer_wgrad: bool,
 }
 
 /// The losses of one step, detached, on the model's device (no host sync).
@@ -103,7 +107,21 @@ impl FastStep {
             params,
             names,
             streams,
+            defer_wgrad: device.is_cuda() && temporal_conv::enabled(),
         })
+    }
+
+    /// Turns the deferred weight gradients of the temporal convolutions on or off (on by default
+    /// on CUDA unless `CROSSCLR_WGRAD_STREAM=off`; off on the CPU, where it gains nothing but is
+    /// tested). Has no effect when [`temporal_conv::enabled`] is false.
+    pub fn set_defer_wgrad(&mut self, on: bool) {
+        self.defer_wgrad = on && temporal_conv::enabled();
+    }
+
+    /// Whether the temporal convolutions' weight gradients are deferred (see
+    /// [`FastStep::set_defer_wgrad`]).
+    pub fn defers_wgrad(&self) -> bool {
+        self.defer_wgrad
     }
 
     /// Sets the learning rate (device-side; valid across graph replays).
@@ -250,6 +268,13 @@ impl FastStep {
                 b.key(&self.view_input(b.view, x_k), Some(primary_k))
             })
         };
+        // While the scope lives, each temporal convolution's weight gradient is computed on its
+        // own stream in backward and handed to `.grad` by the join below.
+        let wgrad = if self.defer_wgrad {
+            WgradScope::enter()?
+        } else {
+            None
+        };
         // Queries then keys, in view order (the reference's issue order, so the same dropout draws),
         // each on its own side stream when the device has them.
         let mut passes = match &self.streams {
@@ -282,6 +307,9 @@ impl FastStep {
         if let Some(streams) = &self.streams {
             // Autograd ran each view's backward on its forward's stream; the update reads all grads.
             streams.join_all()?;
+        }
+        if let Some(scope) = &wgrad {
+            scope.join()?;
         }
         self.opt.step()?;
         tch::no_grad(|| -> Result<()> {

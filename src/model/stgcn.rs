@@ -25,6 +25,7 @@ mod dropout;
 mod fused_bn;
 pub mod fused_cuda;
 pub mod layers;
+pub mod temporal_conv;
 
 pub use dropout::dropout;
 use layers::{BatchNorm, Conv};
@@ -425,14 +426,7 @@ impl Block {
         let y = self.bn1.forward_relu(y, train);
         let w = &self.conv.weight;
         let pad = (w.size()[2] - 1) / 2;
-        y.conv3d(
-            &w.unsqueeze(2),
-            Some(&self.conv.bias),
-            [1, self.stride, 1],
-            [0, pad, 0],
-            [1, 1, 1],
-            1,
-        )
+        temporal_conv::conv(&y, w, &self.conv.bias, self.stride, pad)
     }
 
     /// `relu(dropout(bn2(y)) + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` the temporal
