@@ -221,8 +221,11 @@ pub struct BenchReport {
     /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
     pub view_streams: bool,
     /// CUDA, fast step: whether the temporal convolutions' weight gradients ran on their own
-    /// stream (`model::stgcn::temporal_conv`; off with CROSSCLR_WGRAD_STREAM=off).
+    /// stream (`model::stgcn::temporal_conv`; on with CROSSCLR_WGRAD_STREAM=on).
     pub wgrad_stream: bool,
+    /// Rows of 25 joints packed into one for the graph products on this device
+    /// (`model::stgcn::aggregate::packing`; 1 = unpacked, CROSSCLR_AGG_PACK=off).
+    pub agg_pack: i64,
     /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
     /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
     pub cuda_alloc_conf: Option<String>,
@@ -378,9 +381,10 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             && cfg.step == StepKind::Fast
             && gpu::streams::enabled()
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
+        agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
         wgrad_stream: matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
-            && crate::model::stgcn::temporal_conv::enabled()
+            && crate::model::stgcn::temporal_conv::on_by_default()
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
         cuda_alloc_conf: std::env::var("PYTORCH_CUDA_ALLOC_CONF")
             .or_else(|_| std::env::var("PYTORCH_ALLOC_CONF"))

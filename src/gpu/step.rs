@@ -107,13 +107,13 @@ impl FastStep {
             params,
             names,
             streams,
-            defer_wgrad: device.is_cuda() && temporal_conv::enabled(),
+            defer_wgrad: device.is_cuda() && temporal_conv::on_by_default(),
         })
     }
 
-    /// Turns the deferred weight gradients of the temporal convolutions on or off (on by default
-    /// on CUDA unless `CROSSCLR_WGRAD_STREAM=off`; off on the CPU, where it gains nothing but is
-    /// tested). Has no effect when [`temporal_conv::enabled`] is false.
+    /// Turns the deferred weight gradients of the temporal convolutions on or off (off by
+    /// default: measured no faster on an H200; `CROSSCLR_WGRAD_STREAM=on` turns them on for CUDA
+    /// steps). Has no effect when [`temporal_conv::enabled`] is false.
     pub fn set_defer_wgrad(&mut self, on: bool) {
         self.defer_wgrad = on && temporal_conv::enabled();
     }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::Path;
 use tch::Tensor;
 
-mod aggregate;
+pub mod aggregate;
 mod dropout;
 mod fused_bn;
 pub mod fused_cuda;
@@ -383,7 +383,10 @@ impl Block {
             // the slices of z (`aggregate::aggregate_first`; no permuting copy either way, 4-8%
             // off a CPU SkeletonCLR step at batch 128);
             // out = W_c (C, K·C_in) @ z with W_c[c, (k, ci)] = weight[k·C + c, ci].
-            let z = aggregate::aggregate_first(&x2, g).view([k * c_in, rows * v]);
+            // On CUDA, 4 rows of 25 joints are packed into one so that cuBLAS gets 16-byte
+            // aligned rows (`aggregate::packed`).
+            let pack = aggregate::packing(v, x.device());
+            let z = aggregate::packed(&x2, g, pack).view([k * c_in, rows * v]);
             let wc = w
                 .view([k, c, c_in])
                 .permute([1, 0, 2])
