@@ -156,6 +156,15 @@ int crossclr_set_tf32(int on, char **err) {
   });
 }
 
+int crossclr_set_warn_on_accumulate_grad_stream_mismatch(int on) {
+  try {
+    at::globalContext().setWarnOnAccumulateGradStreamMismatch(on != 0);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
 int crossclr_get_tf32(int *cublas, int *cudnn, char **err) {
   return guarded(err, [&] {
     *cublas = at::globalContext().allowTF32CuBLAS() ? 1 : 0;

@@ -39,6 +39,9 @@ int crossclr_zero_grad_(crossclr_tensor *params, size_t n, int set_to_none, char
 // TF32 on cuBLAS matmuls and cuDNN convolutions (at::globalContext()).
 int crossclr_set_tf32(int on, char **err);
 int crossclr_get_tf32(int *cublas, int *cudnn, char **err);
+// libtorch's warning when a parameter's AccumulateGrad node runs on another stream than the node
+// that produced its gradient (at::globalContext()); 0 on success.
+int crossclr_set_warn_on_accumulate_grad_stream_mismatch(int on);
 
 int crossclr_cuda_device_name(int device, char *buf, size_t len, char **err);
 // Caching-allocator statistics of `device` (bytes): peak and current allocated, peak reserved.

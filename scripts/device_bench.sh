@@ -8,7 +8,8 @@
 # BIN is the release binary built on the CPU machine (`cargo build --release`, copied into a
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
 # final table on stdout. TUNED=0 skips the tuned PyTorch rows, UNFUSED=0 the rows without the fused kernels;
-# TEST_BIN runs a carried test binary first. EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
+# TEST_BIN runs a carried test binary first; CONFIGS (default "skeletonclr-1 crossclr3-1 crossclr3-2") picks
+# the model-phase pairs; ROWS=graph keeps only our graph row (no fast / unpacked / one-stream rows). EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
 # the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles; BUDGET (seconds,
 # default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
 # so one hang cannot eat the budget.
@@ -96,10 +97,9 @@ if [ -n "${TEST_BIN:-}" ] && [ -x "$TEST_BIN" ]; then
 fi
 
 COMMON="--batch 128 --warmup $WARMUP --iters $ITERS --device cuda --json"
-for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
-    set -- $cfg
-    model=$1
-    phase=$2
+for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
+    model=${cfg%-*}
+    phase=${cfg##*-}
     say "== $model phase $phase"
     run_json "pytorch eager $model p$phase" $PY scripts/pytorch_baseline.py --model "$model" --phase "$phase" --mode eager \
         --batch 128 --warmup "$WARMUP" --iters "$ITERS" --device cuda --json
@@ -119,13 +119,13 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
             run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference
             run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast
         fi
-        run_json "ours fast+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
+        [ "${ROWS:-all}" = all ] && run_json "ours fast+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on --graph on
         # The same with the graph products on unpacked 25-joint rows (CROSSCLR_AGG_PACK=off: cuBLAS
         # align1 kernels), to measure what the row packing brings.
-        CROSSCLR_AGG_PACK=off run_json "ours graph+tf32+cudnn unpacked $model p$phase" "$BIN" bench --model "$model" \
+        [ "${ROWS:-all}" = all ] && CROSSCLR_AGG_PACK=off run_json "ours graph+tf32+cudnn unpacked $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unpacked"/' "$JSONL"
         # With the temporal convolutions' weight gradients on their own stream
@@ -135,7 +135,7 @@ for cfg in "skeletonclr 1" "crossclr3 1" "crossclr3 2"; do
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-wgrad-stream"/' "$JSONL"
         # The same without side streams (CROSSCLR_VIEW_STREAMS=off: every query / key pass on one
         # stream), to measure what running the views' encoders concurrently brings.
-        CROSSCLR_VIEW_STREAMS=off run_json "ours graph+tf32+cudnn one-stream $model p$phase" "$BIN" bench --model "$model" \
+        [ "${ROWS:-all}" = all ] && CROSSCLR_VIEW_STREAMS=off run_json "ours graph+tf32+cudnn one-stream $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-one-stream"/' "$JSONL"
         # Without the earlier levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual

@@ -49,6 +49,7 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     pub(crate) fn crossclr_set_tf32(on: c_int, err: *mut *mut c_char) -> c_int;
+    pub(crate) fn crossclr_set_warn_on_accumulate_grad_stream_mismatch(on: c_int) -> c_int;
     pub(crate) fn crossclr_get_tf32(
         cublas: *mut c_int,
         cudnn: *mut c_int,

@@ -115,6 +115,11 @@ impl SideStreams {
             let streams = (0..n)
                 .map(|_| Stream::from_pool(index))
                 .collect::<Result<Vec<_>>>()?;
+            // Parameters used by passes on several streams (CrosSCLR's shared head) get gradients
+            // from several streams; autograd synchronises them correctly but warns once per
+            // process that their AccumulateGrad node's stream differs. Expected here: silence it.
+            // SAFETY: plain value call.
+            let _ = unsafe { ffi::crossclr_set_warn_on_accumulate_grad_stream_mismatch(0) };
             Ok(Some(SideStreams { index, streams }))
         }
         #[cfg(crossclr_no_shim)]
