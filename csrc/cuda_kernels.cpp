@@ -20,6 +20,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -72,7 +73,29 @@ struct Dims {
   u32 c, l, count, numel;  // x viewed as (N, C, L); count = N * L elements per channel
   u32 blocks;              // statistics blocks per channel (B)
   FkLayout lay;            // (C, L) with their dividers, as the kernels take them
+  int vec4;                // the four-wide kernels may be used (enabled and L % 4 == 0)
 };
+
+// Whether the four-wide kernels are enabled: crossclr_fk_set_vec4, else CROSSCLR_FUSED_VEC4=on
+// (read once). Off by default until measured on a GPU.
+std::atomic<int> g_vec4{-1};
+
+bool vec4_enabled() {
+  int v = g_vec4.load();
+  if (v < 0) {
+    const char *e = std::getenv("CROSSCLR_FUSED_VEC4");
+    v = e != nullptr && (std::strcmp(e, "on") == 0 || std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0) ? 1
+                                                                                                                  : 0;
+    g_vec4.store(v);
+  }
+  return v == 1;
+}
+
+// True when every non-null pointer is 16-byte aligned (the four-wide loads and stores need it).
+template <typename... P>
+bool aligned16(const P *...ptrs) {
+  return ((ptrs == nullptr || reinterpret_cast<std::uintptr_t>(ptrs) % 16 == 0) && ...);
+}
 
 // Elements each statistics thread should at least cover (fewer blocks, fewer partials to add).
 constexpr int64_t kElementsPerThread = 16;
@@ -92,7 +115,7 @@ Dims dims_of(const at::Tensor &x) {
   const int64_t blocks = std::clamp<int64_t>((count + per_block - 1) / per_block, 1, kMaxBlocksPerChannel);
   const auto c32 = static_cast<u32>(c), l32 = static_cast<u32>(l);
   return Dims{c32, l32, static_cast<u32>(count), static_cast<u32>(numel), static_cast<u32>(blocks),
-              FkLayout{c32, l32, fk_make_div(c32), fk_make_div(l32)}};
+              FkLayout{c32, l32, fk_make_div(c32), fk_make_div(l32)}, vec4_enabled() && l % 4 == 0 ? 1 : 0};
 }
 
 // The dropout mask parameters (the same rule as csrc/fused_bn.cpp's DropMask).
@@ -146,8 +169,14 @@ struct HostBackend {
   }
 
   void stats_partials(const Dims &d, const float *x, float *partials) {
+    const bool v4 = d.vec4 && aligned16(x);
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_stats_accum(x, d.lay, d.count, c, start, stride, x[fk_chan_offset(c, 0, d.lay)], s, q);
+      const float shift = x[fk_chan_offset(c, 0, d.lay)];
+      if (v4) {
+        fk_stats_accum4(x, d.lay, d.count, c, start, stride, shift, s, q);
+      } else {
+        fk_stats_accum(x, d.lay, d.count, c, start, stride, shift, s, q);
+      }
     });
   }
   void bn_finalize(const Dims &d, const float *x, const float *partials, double eps, double momentum,
@@ -156,12 +185,22 @@ struct HostBackend {
       fk_bn_finalize(c, x, partials, d.blocks, d.lay, d.count, eps, momentum, w, b, rm, rv, stats, coef);
   }
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
+    if (d.vec4 && aligned16(x, y)) {
+      for (u32 q = 0; q < d.numel / 4; ++q) fk_bn_apply4_at(q, x, y, coef, d.lay, relu);
+      return;
+    }
     for (u32 i = 0; i < d.numel; ++i) fk_bn_apply_at(i, x, y, coef, d.lay, relu);
   }
   void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
                        int relu, float *partials) {
+    const bool v4 = d.vec4 && aligned16(x, g);
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_bn_bwd_accum(x, coef, g, d.lay, d.count, c, start, stride, static_cast<float>(stats[c]), relu, s, q);
+      const float mean = static_cast<float>(stats[c]);
+      if (v4) {
+        fk_bn_bwd_accum4(x, coef, g, d.lay, d.count, c, start, stride, mean, relu, s, q);
+      } else {
+        fk_bn_bwd_accum(x, coef, g, d.lay, d.count, c, start, stride, mean, relu, s, q);
+      }
     });
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
@@ -170,25 +209,47 @@ struct HostBackend {
   }
   void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
                     const float *bcoef, int relu) {
+    if (d.vec4 && aligned16(x, g, dx)) {
+      for (u32 q = 0; q < d.numel / 4; ++q) fk_bn_bwd_apply4_at(q, x, coef, g, dx, bcoef, d.lay, relu);
+      return;
+    }
     for (u32 i = 0; i < d.numel; ++i) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, d.lay, relu);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
+    if (d.vec4 && aligned16(y, r, out)) {
+      for (u32 q = 0; q < d.numel / 4; ++q)
+        fk_tail_apply4_at(q, y, r, out, coef, d.lay, dr.on, seed, dr.lanes16, dr.threshold, dr.scale);
+      return;
+    }
     for (u32 i = 0; i < d.numel; ++i)
       fk_tail_apply_at(i, y, r, out, coef, d.lay, dr.on, seed, dr.lanes16, dr.threshold, dr.scale);
   }
   void tail_bwd_partials(const Dims &d, const float *y, const float *out, const float *g, const double *stats,
                          const Drop &dr, const at::Tensor &rng, float *partials) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
+    const bool v4 = d.vec4 && aligned16(y, out, g);
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
-      fk_tail_bwd_accum(y, out, g, d.lay, d.count, c, start, stride, static_cast<float>(stats[c]), dr.on, seed,
-                        dr.lanes16, dr.threshold, dr.scale, s, q);
+      const float mean = static_cast<float>(stats[c]);
+      if (v4) {
+        fk_tail_bwd_accum4(y, out, g, d.lay, d.count, c, start, stride, mean, dr.on, seed, dr.lanes16, dr.threshold,
+                           dr.scale, s, q);
+      } else {
+        fk_tail_bwd_accum(y, out, g, d.lay, d.count, c, start, stride, mean, dr.on, seed, dr.lanes16, dr.threshold,
+                          dr.scale, s, q);
+      }
     });
   }
   void tail_bwd_apply(const Dims &d, const float *y, const float *out, const float *g, float *dy, float *dres,
                       const float *bcoef, const Drop &dr, const at::Tensor &rng) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
+    if (d.vec4 && aligned16(y, out, g, dy, dres)) {
+      for (u32 q = 0; q < d.numel / 4; ++q)
+        fk_tail_bwd_apply4_at(q, y, out, g, dy, dres, bcoef, d.lay, dr.on, seed, dr.lanes16, dr.threshold,
+                              dr.scale);
+      return;
+    }
     for (u32 i = 0; i < d.numel; ++i)
       fk_tail_bwd_apply_at(i, y, out, g, dy, dres, bcoef, d.lay, dr.on, seed, dr.lanes16, dr.threshold,
                            dr.scale);
@@ -201,12 +262,16 @@ struct HostBackend {
 #ifdef CROSSCLR_SHIM_CUDA
 
 // Kernels of the module, in this order.
-constexpr std::array<const char *, 9> kKernelNames = {
+constexpr std::array<const char *, 16> kKernelNames = {
     "fk_stats_partials",  "fk_bn_finalize_kernel", "fk_bn_apply",
     "fk_bn_bwd_partials", "fk_bn_bwd_finalize_kernel", "fk_bn_bwd_apply",
-    "fk_tail_apply",      "fk_tail_bwd_partials",  "fk_tail_bwd_apply"};
+    "fk_tail_apply",      "fk_tail_bwd_partials",  "fk_tail_bwd_apply",
+    "fk_stats_partials4", "fk_bn_apply4",          "fk_bn_bwd_partials4",
+    "fk_bn_bwd_apply4",   "fk_tail_apply4",        "fk_tail_bwd_partials4",
+    "fk_tail_bwd_apply4"};
 enum Kernel { kStats, kBnFinalize, kBnApply, kBnBwdPartials, kBnBwdFinalize, kBnBwdApply, kTailApply,
-              kTailBwdPartials, kTailBwdApply };
+              kTailBwdPartials, kTailBwdApply, kStats4, kBnApply4, kBnBwdPartials4, kBnBwdApply4, kTailApply4,
+              kTailBwdPartials4, kTailBwdApply4 };
 
 // A library opened with dlopen on first use, with its function table bound.
 struct LazyLib {
@@ -465,7 +530,7 @@ struct CudaBackend {
   }
 
   void stats_partials(const Dims &d, const float *x, float *partials) {
-    launch(kStats, d.blocks, d.c, x, d.lay, d.count, partials);
+    launch(d.vec4 && aligned16(x) ? kStats4 : kStats, d.blocks, d.c, x, d.lay, d.count, partials);
   }
   void bn_finalize(const Dims &d, const float *x, const float *partials, double eps, double momentum,
                    const float *w, const float *b, float *rm, float *rv, double *stats, float *coef) {
@@ -473,11 +538,16 @@ struct CudaBackend {
            momentum, w, b, rm, rv, stats, coef);
   }
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
+    if (d.vec4 && aligned16(x, y)) {
+      launch(kBnApply4, elementwise_blocks(d.numel / 4), 1, x, y, coef, d.lay, d.numel, relu);
+      return;
+    }
     launch(kBnApply, elementwise_blocks(d.numel), 1, x, y, coef, d.lay, d.numel, relu);
   }
   void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
                        int relu, float *partials) {
-    launch(kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.lay, d.count, relu, partials);
+    launch(d.vec4 && aligned16(x, g) ? kBnBwdPartials4 : kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.lay,
+           d.count, relu, partials);
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
                        float *db, float *bcoef) {
@@ -486,22 +556,26 @@ struct CudaBackend {
   }
   void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
                     const float *bcoef, int relu) {
-    launch(kBnBwdApply, elementwise_blocks(d.numel), 1, x, coef, g, dx, bcoef, d.lay, d.numel, relu);
+    const bool v4 = d.vec4 && aligned16(x, g, dx);
+    launch(v4 ? kBnBwdApply4 : kBnBwdApply, elementwise_blocks(v4 ? d.numel / 4 : d.numel), 1, x, coef, g, dx, bcoef,
+           d.lay, d.numel, relu);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
-    launch(kTailApply, elementwise_blocks(d.numel), 1, y, r, out, coef, d.lay, d.numel, dr.on, rng_ptr(rng),
-           dr.lanes16, dr.threshold, dr.scale);
+    const bool v4 = d.vec4 && aligned16(y, r, out);
+    launch(v4 ? kTailApply4 : kTailApply, elementwise_blocks(v4 ? d.numel / 4 : d.numel), 1, y, r, out, coef, d.lay,
+           d.numel, dr.on, rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale);
   }
   void tail_bwd_partials(const Dims &d, const float *y, const float *out, const float *g, const double *stats,
                          const Drop &dr, const at::Tensor &rng, float *partials) {
-    launch(kTailBwdPartials, d.blocks, d.c, y, out, g, stats, d.lay, d.count, dr.on, rng_ptr(rng), dr.lanes16,
-           dr.threshold, dr.scale, partials);
+    launch(d.vec4 && aligned16(y, out, g) ? kTailBwdPartials4 : kTailBwdPartials, d.blocks, d.c, y, out, g, stats,
+           d.lay, d.count, dr.on, rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale, partials);
   }
   void tail_bwd_apply(const Dims &d, const float *y, const float *out, const float *g, float *dy, float *dres,
                       const float *bcoef, const Drop &dr, const at::Tensor &rng) {
-    launch(kTailBwdApply, elementwise_blocks(d.numel), 1, y, out, g, dy, dres, bcoef, d.lay, d.numel, dr.on,
-           rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale);
+    const bool v4 = d.vec4 && aligned16(y, out, g, dy, dres);
+    launch(v4 ? kTailBwdApply4 : kTailBwdApply, elementwise_blocks(v4 ? d.numel / 4 : d.numel), 1, y, out, g, dy,
+           dres, bcoef, d.lay, d.numel, dr.on, rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale);
   }
 };
 
@@ -683,6 +757,12 @@ bool use_host(const at::Tensor &x) {
 }  // namespace
 
 extern "C" {
+
+// The four-wide kernels: on (1) or off (0) from now on, overriding CROSSCLR_FUSED_VEC4.
+void crossclr_fk_set_vec4(int on) { g_vec4.store(on != 0 ? 1 : 0); }
+
+// 1 when the four-wide kernels are enabled.
+int crossclr_fk_vec4() { return vec4_enabled() ? 1 : 0; }
 
 // Test hook: compares the kernels' division by a constant (fk_div) with `/` for every divisor in
 // min_d..=max_d and dividends 0..4095, every 977th up to 2^20, and the largest below 2^31. Returns the

@@ -245,6 +245,161 @@ FK_DEVICE void fk_tail_bwd_apply_at(u32 i, const float *y, const float *out, con
 }
 
 // ---------------------------------------------------------------------------------------------
+// Four-wide variants (optional, CROSSCLR_FUSED_VEC4=on): thread work item q covers elements
+// 4q .. 4q + 3 with one 16-byte load per input and one 16-byte store per output. Used only when
+// L % 4 == 0 (so the four elements are consecutive in one channel) and every pointer is 16-byte
+// aligned (the host checks). Why: the scalar kernels keep one 4-byte load in flight per thread,
+// too few bytes in flight to reach the memory bandwidth of an H100 / H200; four-wide loads carry
+// four times as many. The per-element arithmetic is the scalar bodies' own, so values are the
+// same; the statistics add in a different order (float rounding only).
+
+#ifdef __CUDACC_RTC__
+typedef float4 fk_f4;
+FK_DEVICE fk_f4 fk_ld4(const float *p) { return *reinterpret_cast<const float4 *>(p); }
+FK_DEVICE void fk_st4(float *p, fk_f4 v) { *reinterpret_cast<float4 *>(p) = v; }
+#else
+struct fk_f4 {
+  float x, y, z, w;
+};
+inline fk_f4 fk_ld4(const float *p) { return fk_f4{p[0], p[1], p[2], p[3]}; }
+inline void fk_st4(float *p, fk_f4 v) {
+  p[0] = v.x;
+  p[1] = v.y;
+  p[2] = v.z;
+  p[3] = v.w;
+}
+#endif
+
+// Element k (0..3) of a four-wide value, and the value with element k replaced.
+FK_DEVICE float fk_get(const fk_f4 &v, int k) { return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w; }
+FK_DEVICE void fk_set(fk_f4 &v, int k, float a) {
+  if (k == 0) v.x = a;
+  else if (k == 1) v.y = a;
+  else if (k == 2) v.z = a;
+  else v.w = a;
+}
+
+// Forward of batch norm (+ ReLU) at elements 4q .. 4q + 3.
+FK_DEVICE void fk_bn_apply4_at(u32 q, const float *x, float *y, const float *coef, FkLayout lay, int relu) {
+  const u32 i = 4u * q, c = fk_chan_of(i, lay);
+  const fk_f4 xv = fk_ld4(x + i);
+  fk_f4 out;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float v = fk_get(xv, k) * coef[c] + coef[lay.C + c];
+    fk_set(out, k, (relu && !(v > 0.0f)) ? 0.0f : v);
+  }
+  fk_st4(y + i, out);
+}
+
+// Backward of batch norm (+ ReLU) at elements 4q .. 4q + 3.
+FK_DEVICE void fk_bn_bwd_apply4_at(u32 q, const float *x, const float *coef, const float *g, float *dx,
+                                   const float *bcoef, FkLayout lay, int relu) {
+  const u32 i = 4u * q, c = fk_chan_of(i, lay);
+  const fk_f4 xv = fk_ld4(x + i), gv = fk_ld4(g + i);
+  fk_f4 out;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float xk = fk_get(xv, k);
+    const float gp = (relu && !fk_relu_kept(xk, coef, c, lay.C)) ? 0.0f : fk_get(gv, k);
+    fk_set(out, k, gp * bcoef[c] + (xk - bcoef[3 * lay.C + c]) * bcoef[lay.C + c] + bcoef[2 * lay.C + c]);
+  }
+  fk_st4(dx + i, out);
+}
+
+// Forward of the block tail at elements 4q .. 4q + 3.
+FK_DEVICE void fk_tail_apply4_at(u32 q, const float *y, const float *r, float *out, const float *coef, FkLayout lay,
+                                 int drop, u64 seed, int lanes16, u64 threshold, float scale) {
+  const u32 i = 4u * q, c = fk_chan_of(i, lay);
+  const fk_f4 yv = fk_ld4(y + i);
+  const fk_f4 rv = r ? fk_ld4(r + i) : fk_f4{0.0f, 0.0f, 0.0f, 0.0f};
+  fk_f4 o;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    float v = fk_get(yv, k) * coef[c] + coef[lay.C + c];
+    if (drop) v *= fk_drop_factor(seed, i + (u32)k, lanes16, threshold, scale);
+    if (r) v += fk_get(rv, k);
+    fk_set(o, k, v < 0.0f ? 0.0f : v);
+  }
+  fk_st4(out + i, o);
+}
+
+// Backward of the tail at elements 4q .. 4q + 3.
+FK_DEVICE void fk_tail_bwd_apply4_at(u32 q, const float *y, const float *out, const float *g, float *dy, float *dr,
+                                     const float *bcoef, FkLayout lay, int drop, u64 seed, int lanes16,
+                                     u64 threshold, float scale) {
+  const u32 i = 4u * q, c = fk_chan_of(i, lay);
+  const fk_f4 yv = fk_ld4(y + i), ov = fk_ld4(out + i), gv = fk_ld4(g + i);
+  fk_f4 dyv, drv;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float gp = fk_get(ov, k) > 0.0f ? fk_get(gv, k) : 0.0f;
+    fk_set(drv, k, gp);
+    const float gz = drop ? gp * fk_drop_factor(seed, i + (u32)k, lanes16, threshold, scale) : gp;
+    fk_set(dyv, k, gz * bcoef[c] + (fk_get(yv, k) - bcoef[3 * lay.C + c]) * bcoef[lay.C + c] + bcoef[2 * lay.C + c]);
+  }
+  if (dr) fk_st4(dr + i, drv);
+  fk_st4(dy + i, dyv);
+}
+
+// Statistics over the four-wide groups j4 = start, start + stride, ... (< count / 4) of channel c,
+// as fk_stats_accum.
+FK_DEVICE void fk_stats_accum4(const float *x, FkLayout lay, u32 count, u32 c, u32 start, u32 stride, float shift,
+                               float *s, float *q) {
+  float a = 0.0f, b = 0.0f;
+  for (u32 j4 = start; j4 < count / 4u; j4 += stride) {
+    const fk_f4 xv = fk_ld4(x + fk_chan_offset(c, 4u * j4, lay));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float v = fk_get(xv, k) - shift;
+      a += v;
+      b += v * v;
+    }
+  }
+  *s = a;
+  *q = b;
+}
+
+// Backward statistics of batch norm (+ ReLU) over four-wide groups, as fk_bn_bwd_accum.
+FK_DEVICE void fk_bn_bwd_accum4(const float *x, const float *coef, const float *g, FkLayout lay, u32 count, u32 c,
+                                u32 start, u32 stride, float mean, int relu, float *s, float *d) {
+  float a = 0.0f, b = 0.0f;
+  for (u32 j4 = start; j4 < count / 4u; j4 += stride) {
+    const u32 o = fk_chan_offset(c, 4u * j4, lay);
+    const fk_f4 xv = fk_ld4(x + o), gv = fk_ld4(g + o);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float xk = fk_get(xv, k);
+      const float gp = (relu && !fk_relu_kept(xk, coef, c, lay.C)) ? 0.0f : fk_get(gv, k);
+      a += gp;
+      b += gp * (xk - mean);
+    }
+  }
+  *s = a;
+  *d = b;
+}
+
+// Backward statistics of the tail over four-wide groups, as fk_tail_bwd_accum.
+FK_DEVICE void fk_tail_bwd_accum4(const float *y, const float *out, const float *g, FkLayout lay, u32 count, u32 c,
+                                  u32 start, u32 stride, float mean, int drop, u64 seed, int lanes16, u64 threshold,
+                                  float scale, float *s, float *d) {
+  float a = 0.0f, b = 0.0f;
+  for (u32 j4 = start; j4 < count / 4u; j4 += stride) {
+    const u32 o = fk_chan_offset(c, 4u * j4, lay);
+    const fk_f4 yv = fk_ld4(y + o), ov = fk_ld4(out + o), gv = fk_ld4(g + o);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float gz = fk_get(ov, k) > 0.0f ? fk_get(gv, k) : 0.0f;
+      if (drop) gz *= fk_drop_factor(seed, o + (u32)k, lanes16, threshold, scale);
+      a += gz;
+      b += gz * (fk_get(yv, k) - mean);
+    }
+  }
+  *s = a;
+  *d = b;
+}
+
+// ---------------------------------------------------------------------------------------------
 // CUDA kernels (NVRTC only). Statistics kernels: grid (B, C), FK_THREADS threads; block (b, c)
 // covers elements j = b * FK_THREADS + t + k * B * FK_THREADS of channel c and writes one partial
 // pair. Finalisation kernels: one thread per channel. Element-wise kernels: grid-stride loops.
@@ -364,6 +519,77 @@ extern "C" __global__ void __launch_bounds__(FK_THREADS)
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
   FK_GRID_STRIDE(i, numel)
   fk_tail_bwd_apply_at(i, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
+}
+
+// Four-wide kernels (see above): the same grids, in units of four-element groups.
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_stats_partials4(const float *x, FkLayout lay, u32 count, float *partials) {
+  const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
+  const float shift = x[fk_chan_offset(c, 0, lay)];
+  float s, q;
+  fk_stats_accum4(x, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
+  fk_block_sum2(&s, &q);
+  if (threadIdx.x == 0) {
+    partials[(c * B + blk) * 2] = s;
+    partials[(c * B + blk) * 2 + 1] = q;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_bn_apply4(const float *x, float *y, const float *coef, FkLayout lay, u32 numel, int relu) {
+  FK_GRID_STRIDE(q, numel / 4u) fk_bn_apply4_at(q, x, y, coef, lay, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_bn_bwd_partials4(const float *x, const float *coef, const float *g, const double *stats, FkLayout lay,
+                        u32 count, int relu, float *partials) {
+  const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
+  float s, d;
+  fk_bn_bwd_accum4(x, coef, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
+                   relu, &s, &d);
+  fk_block_sum2(&s, &d);
+  if (threadIdx.x == 0) {
+    partials[(c * B + blk) * 2] = s;
+    partials[(c * B + blk) * 2 + 1] = d;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_bn_bwd_apply4(const float *x, const float *coef, const float *g, float *dx, const float *bcoef, FkLayout lay,
+                     u32 numel, int relu) {
+  FK_GRID_STRIDE(q, numel / 4u) fk_bn_bwd_apply4_at(q, x, coef, g, dx, bcoef, lay, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_tail_apply4(const float *y, const float *r, float *out, const float *coef, FkLayout lay, u32 numel,
+                   int drop, const u64 *rng, int lanes16, u64 threshold, float scale) {
+  const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
+  FK_GRID_STRIDE(q, numel / 4u) fk_tail_apply4_at(q, y, r, out, coef, lay, drop, seed, lanes16, threshold, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_tail_bwd_partials4(const float *y, const float *out, const float *g, const double *stats, FkLayout lay,
+                          u32 count, int drop, const u64 *rng, int lanes16, u64 threshold, float scale,
+                          float *partials) {
+  const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
+  const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
+  float s, d;
+  fk_tail_bwd_accum4(y, out, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
+                     drop, seed, lanes16, threshold, scale, &s, &d);
+  fk_block_sum2(&s, &d);
+  if (threadIdx.x == 0) {
+    partials[(c * B + blk) * 2] = s;
+    partials[(c * B + blk) * 2 + 1] = d;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(FK_THREADS)
+    fk_tail_bwd_apply4(const float *y, const float *out, const float *g, float *dy, float *dr, const float *bcoef,
+                       FkLayout lay, u32 numel, int drop, const u64 *rng, int lanes16, u64 threshold, float scale) {
+  const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
+  FK_GRID_STRIDE(q, numel / 4u)
+  fk_tail_bwd_apply4_at(q, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
 }
 
 #endif  // __CUDACC_RTC__

@@ -128,6 +128,11 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         [ "${ROWS:-all}" = all ] && CROSSCLR_AGG_PACK=off run_json "ours graph+tf32+cudnn unpacked $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unpacked"/' "$JSONL"
+        # With the four-wide (16-byte load / store) variants of the fused kernels
+        # (CROSSCLR_FUSED_VEC4=on; built 2026-11-27 without a GPU, off by default until measured).
+        CROSSCLR_FUSED_VEC4=on run_json "ours graph+tf32+cudnn vec4 $model p$phase" "$BIN" bench --model "$model" \
+            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-vec4"/' "$JSONL"
         # With the temporal convolutions' weight gradients on their own stream
         # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
         [ "${EXTRA:-0}" = 1 ] && CROSSCLR_WGRAD_STREAM=on run_json "ours graph+tf32+cudnn wgrad-stream $model p$phase" "$BIN" \

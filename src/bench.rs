@@ -226,6 +226,9 @@ pub struct BenchReport {
     /// Rows of 25 joints packed into one for the graph products on this device
     /// (`model::stgcn::aggregate::packing`; 1 = unpacked, CROSSCLR_AGG_PACK=off).
     pub agg_pack: i64,
+    /// CUDA: whether the fused kernels' four-wide variants were enabled
+    /// (`model::stgcn::fused_cuda::vec4`; CROSSCLR_FUSED_VEC4=on).
+    pub fused_vec4: bool,
     /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
     /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
     pub cuda_alloc_conf: Option<String>,
@@ -382,6 +385,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             && gpu::streams::enabled()
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
         agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
+        fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
         wgrad_stream: matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
             && crate::model::stgcn::temporal_conv::on_by_default()
