@@ -118,6 +118,12 @@ Dims dims_of(const at::Tensor &x) {
               FkLayout{c32, l32, fk_make_div(c32), fk_make_div(l32)}, vec4_enabled() && l % 4 == 0 ? 1 : 0};
 }
 
+// 1 when a kernel over `d` reading / writing `ptrs` runs its four-wide bodies.
+template <typename... P>
+int four(const Dims &d, const P *...ptrs) {
+  return d.vec4 && aligned16(ptrs...) ? 1 : 0;
+}
+
 // The dropout mask parameters (the same rule as csrc/fused_bn.cpp's DropMask).
 struct Drop {
   int on = 0;
@@ -169,7 +175,7 @@ struct HostBackend {
   }
 
   void stats_partials(const Dims &d, const float *x, float *partials) {
-    const bool v4 = d.vec4 && aligned16(x);
+    const bool v4 = four(d, x);
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
       const float shift = x[fk_chan_offset(c, 0, d.lay)];
       if (v4) {
@@ -185,7 +191,7 @@ struct HostBackend {
       fk_bn_finalize(c, x, partials, d.blocks, d.lay, d.count, eps, momentum, w, b, rm, rv, stats, coef);
   }
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
-    if (d.vec4 && aligned16(x, y)) {
+    if (four(d, x, y)) {
       for (u32 q = 0; q < d.numel / 4; ++q) fk_bn_apply4_at(q, x, y, coef, d.lay, relu);
       return;
     }
@@ -193,7 +199,7 @@ struct HostBackend {
   }
   void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
                        int relu, float *partials) {
-    const bool v4 = d.vec4 && aligned16(x, g);
+    const bool v4 = four(d, x, g);
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
       const float mean = static_cast<float>(stats[c]);
       if (v4) {
@@ -209,7 +215,7 @@ struct HostBackend {
   }
   void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
                     const float *bcoef, int relu) {
-    if (d.vec4 && aligned16(x, g, dx)) {
+    if (four(d, x, g, dx)) {
       for (u32 q = 0; q < d.numel / 4; ++q) fk_bn_bwd_apply4_at(q, x, coef, g, dx, bcoef, d.lay, relu);
       return;
     }
@@ -218,7 +224,7 @@ struct HostBackend {
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
-    if (d.vec4 && aligned16(y, r, out)) {
+    if (four(d, y, r, out)) {
       for (u32 q = 0; q < d.numel / 4; ++q)
         fk_tail_apply4_at(q, y, r, out, coef, d.lay, dr.on, seed, dr.lanes16, dr.threshold, dr.scale);
       return;
@@ -229,7 +235,7 @@ struct HostBackend {
   void tail_bwd_partials(const Dims &d, const float *y, const float *out, const float *g, const double *stats,
                          const Drop &dr, const at::Tensor &rng, float *partials) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
-    const bool v4 = d.vec4 && aligned16(y, out, g);
+    const bool v4 = four(d, y, out, g);
     partials_grid(d, partials, [&](u32 c, u32 start, u32 stride, float *s, float *q) {
       const float mean = static_cast<float>(stats[c]);
       if (v4) {
@@ -244,7 +250,7 @@ struct HostBackend {
   void tail_bwd_apply(const Dims &d, const float *y, const float *out, const float *g, float *dy, float *dres,
                       const float *bcoef, const Drop &dr, const at::Tensor &rng) {
     const u64 seed = dr.on ? fk_mask_seed(reinterpret_cast<const u64 *>(rng.const_data_ptr<int64_t>())) : 0;
-    if (d.vec4 && aligned16(y, out, g, dy, dres)) {
+    if (four(d, y, out, g, dy, dres)) {
       for (u32 q = 0; q < d.numel / 4; ++q)
         fk_tail_bwd_apply4_at(q, y, out, g, dy, dres, bcoef, d.lay, dr.on, seed, dr.lanes16, dr.threshold,
                               dr.scale);
@@ -262,16 +268,12 @@ struct HostBackend {
 #ifdef CROSSCLR_SHIM_CUDA
 
 // Kernels of the module, in this order.
-constexpr std::array<const char *, 16> kKernelNames = {
+constexpr std::array<const char *, 9> kKernelNames = {
     "fk_stats_partials",  "fk_bn_finalize_kernel", "fk_bn_apply",
     "fk_bn_bwd_partials", "fk_bn_bwd_finalize_kernel", "fk_bn_bwd_apply",
-    "fk_tail_apply",      "fk_tail_bwd_partials",  "fk_tail_bwd_apply",
-    "fk_stats_partials4", "fk_bn_apply4",          "fk_bn_bwd_partials4",
-    "fk_bn_bwd_apply4",   "fk_tail_apply4",        "fk_tail_bwd_partials4",
-    "fk_tail_bwd_apply4"};
+    "fk_tail_apply",      "fk_tail_bwd_partials",  "fk_tail_bwd_apply"};
 enum Kernel { kStats, kBnFinalize, kBnApply, kBnBwdPartials, kBnBwdFinalize, kBnBwdApply, kTailApply,
-              kTailBwdPartials, kTailBwdApply, kStats4, kBnApply4, kBnBwdPartials4, kBnBwdApply4, kTailApply4,
-              kTailBwdPartials4, kTailBwdApply4 };
+              kTailBwdPartials, kTailBwdApply };
 
 // A library opened with dlopen on first use, with its function table bound.
 struct LazyLib {
@@ -485,8 +487,10 @@ const Module &module_for(c10::DeviceIndex device) {
   return *modules[device];
 }
 
-// Elementwise grid: each thread covers about 4 elements of the grid-stride loop.
-u32 elementwise_blocks(u32 numel) {
+// Elementwise grid: each thread covers about 4 work items (elements, or four-element groups when
+// `four`) of the grid-stride loop.
+u32 elementwise_blocks(u32 numel, int four) {
+  if (four) numel /= 4;
   const u64 per_block = u64{FK_THREADS} * 4;
   return static_cast<u32>(std::clamp<u64>((u64{numel} + per_block - 1) / per_block, 1, u64{1} << 20));
 }
@@ -530,7 +534,7 @@ struct CudaBackend {
   }
 
   void stats_partials(const Dims &d, const float *x, float *partials) {
-    launch(d.vec4 && aligned16(x) ? kStats4 : kStats, d.blocks, d.c, x, d.lay, d.count, partials);
+    launch(kStats, d.blocks, d.c, x, d.lay, d.count, partials, four(d, x));
   }
   void bn_finalize(const Dims &d, const float *x, const float *partials, double eps, double momentum,
                    const float *w, const float *b, float *rm, float *rv, double *stats, float *coef) {
@@ -538,16 +542,12 @@ struct CudaBackend {
            momentum, w, b, rm, rv, stats, coef);
   }
   void bn_apply(const Dims &d, const float *x, float *y, const float *coef, int relu) {
-    if (d.vec4 && aligned16(x, y)) {
-      launch(kBnApply4, elementwise_blocks(d.numel / 4), 1, x, y, coef, d.lay, d.numel, relu);
-      return;
-    }
-    launch(kBnApply, elementwise_blocks(d.numel), 1, x, y, coef, d.lay, d.numel, relu);
+    const int v4 = four(d, x, y);
+    launch(kBnApply, elementwise_blocks(d.numel, v4), 1, x, y, coef, d.lay, d.numel, relu, v4);
   }
   void bn_bwd_partials(const Dims &d, const float *x, const float *coef, const float *g, const double *stats,
                        int relu, float *partials) {
-    launch(d.vec4 && aligned16(x, g) ? kBnBwdPartials4 : kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.lay,
-           d.count, relu, partials);
+    launch(kBnBwdPartials, d.blocks, d.c, x, coef, g, stats, d.lay, d.count, relu, partials, four(d, x, g));
   }
   void bn_bwd_finalize(const Dims &d, const float *partials, const double *stats, const float *w, float *dw,
                        float *db, float *bcoef) {
@@ -556,26 +556,25 @@ struct CudaBackend {
   }
   void bn_bwd_apply(const Dims &d, const float *x, const float *coef, const float *g, float *dx,
                     const float *bcoef, int relu) {
-    const bool v4 = d.vec4 && aligned16(x, g, dx);
-    launch(v4 ? kBnBwdApply4 : kBnBwdApply, elementwise_blocks(v4 ? d.numel / 4 : d.numel), 1, x, coef, g, dx, bcoef,
-           d.lay, d.numel, relu);
+    const int v4 = four(d, x, g, dx);
+    launch(kBnBwdApply, elementwise_blocks(d.numel, v4), 1, x, coef, g, dx, bcoef, d.lay, d.numel, relu, v4);
   }
   void tail_apply(const Dims &d, const float *y, const float *r, float *out, const float *coef, const Drop &dr,
                   const at::Tensor &rng) {
-    const bool v4 = d.vec4 && aligned16(y, r, out);
-    launch(v4 ? kTailApply4 : kTailApply, elementwise_blocks(v4 ? d.numel / 4 : d.numel), 1, y, r, out, coef, d.lay,
-           d.numel, dr.on, rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale);
+    const int v4 = four(d, y, r, out);
+    launch(kTailApply, elementwise_blocks(d.numel, v4), 1, y, r, out, coef, d.lay, d.numel, dr.on, rng_ptr(rng),
+           dr.lanes16, dr.threshold, dr.scale, v4);
   }
   void tail_bwd_partials(const Dims &d, const float *y, const float *out, const float *g, const double *stats,
                          const Drop &dr, const at::Tensor &rng, float *partials) {
-    launch(d.vec4 && aligned16(y, out, g) ? kTailBwdPartials4 : kTailBwdPartials, d.blocks, d.c, y, out, g, stats,
-           d.lay, d.count, dr.on, rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale, partials);
+    launch(kTailBwdPartials, d.blocks, d.c, y, out, g, stats, d.lay, d.count, dr.on, rng_ptr(rng), dr.lanes16,
+           dr.threshold, dr.scale, partials, four(d, y, out, g));
   }
   void tail_bwd_apply(const Dims &d, const float *y, const float *out, const float *g, float *dy, float *dres,
                       const float *bcoef, const Drop &dr, const at::Tensor &rng) {
-    const bool v4 = d.vec4 && aligned16(y, out, g, dy, dres);
-    launch(v4 ? kTailBwdApply4 : kTailBwdApply, elementwise_blocks(v4 ? d.numel / 4 : d.numel), 1, y, out, g, dy,
-           dres, bcoef, d.lay, d.numel, dr.on, rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale);
+    const int v4 = four(d, y, out, g, dy, dres);
+    launch(kTailBwdApply, elementwise_blocks(d.numel, v4), 1, y, out, g, dy, dres, bcoef, d.lay, d.numel, dr.on,
+           rng_ptr(rng), dr.lanes16, dr.threshold, dr.scale, v4);
   }
 };
 

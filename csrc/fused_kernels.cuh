@@ -400,7 +400,8 @@ FK_DEVICE void fk_tail_bwd_accum4(const float *y, const float *out, const float 
 }
 
 // ---------------------------------------------------------------------------------------------
-// CUDA kernels (NVRTC only). Statistics kernels: grid (B, C), FK_THREADS threads; block (b, c)
+// CUDA kernels (NVRTC only). The statistics and element-wise kernels take `four`: 1 runs the
+// four-wide bodies (the host decides, see above), 0 the scalar ones. Statistics kernels: grid (B, C), FK_THREADS threads; block (b, c)
 // covers elements j = b * FK_THREADS + t + k * B * FK_THREADS of channel c and writes one partial
 // pair. Finalisation kernels: one thread per channel. Element-wise kernels: grid-stride loops.
 
@@ -437,11 +438,15 @@ __device__ __forceinline__ void fk_block_sum2(float *a, float *b) {
   for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += gridDim.x * blockDim.x)
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_stats_partials(const float *x, FkLayout lay, u32 count, float *partials) {
+    fk_stats_partials(const float *x, FkLayout lay, u32 count, float *partials, int four) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
   const float shift = x[fk_chan_offset(c, 0, lay)];
   float s, q;
-  fk_stats_accum(x, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
+  if (four) {
+    fk_stats_accum4(x, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
+  } else {
+    fk_stats_accum(x, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
+  }
   fk_block_sum2(&s, &q);
   if (threadIdx.x == 0) {
     partials[(c * B + blk) * 2] = s;
@@ -458,17 +463,25 @@ extern "C" __global__ void fk_bn_finalize_kernel(const float *x, const float *pa
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_apply(const float *x, float *y, const float *coef, FkLayout lay, u32 numel, int relu) {
-  FK_GRID_STRIDE(i, numel) fk_bn_apply_at(i, x, y, coef, lay, relu);
+    fk_bn_apply(const float *x, float *y, const float *coef, FkLayout lay, u32 numel, int relu, int four) {
+  if (four) {
+    FK_GRID_STRIDE(q, numel / 4u) fk_bn_apply4_at(q, x, y, coef, lay, relu);
+  } else {
+    FK_GRID_STRIDE(i, numel) fk_bn_apply_at(i, x, y, coef, lay, relu);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
     fk_bn_bwd_partials(const float *x, const float *coef, const float *g, const double *stats, FkLayout lay,
-                       u32 count, int relu, float *partials) {
+                       u32 count, int relu, float *partials, int four) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
+  const u32 start = blk * FK_THREADS + threadIdx.x, stride = B * FK_THREADS;
   float s, d;
-  fk_bn_bwd_accum(x, coef, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
-                  relu, &s, &d);
+  if (four) {
+    fk_bn_bwd_accum4(x, coef, g, lay, count, c, start, stride, (float)stats[c], relu, &s, &d);
+  } else {
+    fk_bn_bwd_accum(x, coef, g, lay, count, c, start, stride, (float)stats[c], relu, &s, &d);
+  }
   fk_block_sum2(&s, &d);
   if (threadIdx.x == 0) {
     partials[(c * B + blk) * 2] = s;
@@ -485,26 +498,40 @@ extern "C" __global__ void fk_bn_bwd_finalize_kernel(const float *partials, u32 
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
     fk_bn_bwd_apply(const float *x, const float *coef, const float *g, float *dx, const float *bcoef, FkLayout lay,
-                     u32 numel, int relu) {
-  FK_GRID_STRIDE(i, numel) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, lay, relu);
+                     u32 numel, int relu, int four) {
+  if (four) {
+    FK_GRID_STRIDE(q, numel / 4u) fk_bn_bwd_apply4_at(q, x, coef, g, dx, bcoef, lay, relu);
+  } else {
+    FK_GRID_STRIDE(i, numel) fk_bn_bwd_apply_at(i, x, coef, g, dx, bcoef, lay, relu);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
     fk_tail_apply(const float *y, const float *r, float *out, const float *coef, FkLayout lay, u32 numel,
-                  int drop, const u64 *rng, int lanes16, u64 threshold, float scale) {
+                  int drop, const u64 *rng, int lanes16, u64 threshold, float scale, int four) {
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
-  FK_GRID_STRIDE(i, numel) fk_tail_apply_at(i, y, r, out, coef, lay, drop, seed, lanes16, threshold, scale);
+  if (four) {
+    FK_GRID_STRIDE(q, numel / 4u) fk_tail_apply4_at(q, y, r, out, coef, lay, drop, seed, lanes16, threshold, scale);
+  } else {
+    FK_GRID_STRIDE(i, numel) fk_tail_apply_at(i, y, r, out, coef, lay, drop, seed, lanes16, threshold, scale);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
     fk_tail_bwd_partials(const float *y, const float *out, const float *g, const double *stats, FkLayout lay,
                          u32 count, int drop, const u64 *rng, int lanes16, u64 threshold, float scale,
-                         float *partials) {
+                         float *partials, int four) {
   const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
+  const u32 start = blk * FK_THREADS + threadIdx.x, stride = B * FK_THREADS;
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
   float s, d;
-  fk_tail_bwd_accum(y, out, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS,
-                    (float)stats[c], drop, seed, lanes16, threshold, scale, &s, &d);
+  if (four) {
+    fk_tail_bwd_accum4(y, out, g, lay, count, c, start, stride, (float)stats[c], drop, seed, lanes16, threshold,
+                       scale, &s, &d);
+  } else {
+    fk_tail_bwd_accum(y, out, g, lay, count, c, start, stride, (float)stats[c], drop, seed, lanes16, threshold,
+                      scale, &s, &d);
+  }
   fk_block_sum2(&s, &d);
   if (threadIdx.x == 0) {
     partials[(c * B + blk) * 2] = s;
@@ -515,81 +542,15 @@ extern "C" __global__ void __launch_bounds__(FK_THREADS)
 extern "C" __global__ void __launch_bounds__(FK_THREADS)
     fk_tail_bwd_apply(const float *y, const float *out, const float *g, float *dy, float *dr, const float *bcoef,
                       FkLayout lay, u32 numel, int drop, const u64 *rng, int lanes16, u64 threshold,
-                      float scale) {
+                      float scale, int four) {
   const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
-  FK_GRID_STRIDE(i, numel)
-  fk_tail_bwd_apply_at(i, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
-}
-
-// Four-wide kernels (see above): the same grids, in units of four-element groups.
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_stats_partials4(const float *x, FkLayout lay, u32 count, float *partials) {
-  const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
-  const float shift = x[fk_chan_offset(c, 0, lay)];
-  float s, q;
-  fk_stats_accum4(x, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, shift, &s, &q);
-  fk_block_sum2(&s, &q);
-  if (threadIdx.x == 0) {
-    partials[(c * B + blk) * 2] = s;
-    partials[(c * B + blk) * 2 + 1] = q;
+  if (four) {
+    FK_GRID_STRIDE(q, numel / 4u)
+    fk_tail_bwd_apply4_at(q, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
+  } else {
+    FK_GRID_STRIDE(i, numel)
+    fk_tail_bwd_apply_at(i, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
   }
-}
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_apply4(const float *x, float *y, const float *coef, FkLayout lay, u32 numel, int relu) {
-  FK_GRID_STRIDE(q, numel / 4u) fk_bn_apply4_at(q, x, y, coef, lay, relu);
-}
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_bwd_partials4(const float *x, const float *coef, const float *g, const double *stats, FkLayout lay,
-                        u32 count, int relu, float *partials) {
-  const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
-  float s, d;
-  fk_bn_bwd_accum4(x, coef, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
-                   relu, &s, &d);
-  fk_block_sum2(&s, &d);
-  if (threadIdx.x == 0) {
-    partials[(c * B + blk) * 2] = s;
-    partials[(c * B + blk) * 2 + 1] = d;
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_bn_bwd_apply4(const float *x, const float *coef, const float *g, float *dx, const float *bcoef, FkLayout lay,
-                     u32 numel, int relu) {
-  FK_GRID_STRIDE(q, numel / 4u) fk_bn_bwd_apply4_at(q, x, coef, g, dx, bcoef, lay, relu);
-}
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_tail_apply4(const float *y, const float *r, float *out, const float *coef, FkLayout lay, u32 numel,
-                   int drop, const u64 *rng, int lanes16, u64 threshold, float scale) {
-  const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
-  FK_GRID_STRIDE(q, numel / 4u) fk_tail_apply4_at(q, y, r, out, coef, lay, drop, seed, lanes16, threshold, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_tail_bwd_partials4(const float *y, const float *out, const float *g, const double *stats, FkLayout lay,
-                          u32 count, int drop, const u64 *rng, int lanes16, u64 threshold, float scale,
-                          float *partials) {
-  const u32 c = blockIdx.y, blk = blockIdx.x, B = gridDim.x;
-  const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
-  float s, d;
-  fk_tail_bwd_accum4(y, out, g, lay, count, c, blk * FK_THREADS + threadIdx.x, B * FK_THREADS, (float)stats[c],
-                     drop, seed, lanes16, threshold, scale, &s, &d);
-  fk_block_sum2(&s, &d);
-  if (threadIdx.x == 0) {
-    partials[(c * B + blk) * 2] = s;
-    partials[(c * B + blk) * 2 + 1] = d;
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(FK_THREADS)
-    fk_tail_bwd_apply4(const float *y, const float *out, const float *g, float *dy, float *dr, const float *bcoef,
-                       FkLayout lay, u32 numel, int drop, const u64 *rng, int lanes16, u64 threshold, float scale) {
-  const u64 seed = drop ? fk_mask_seed(rng) : 0ull;
-  FK_GRID_STRIDE(q, numel / 4u)
-  fk_tail_bwd_apply4_at(q, y, out, g, dy, dr, bcoef, lay, drop, seed, lanes16, threshold, scale);
 }
 
 #endif  // __CUDACC_RTC__

@@ -105,12 +105,17 @@ fn fast_step_matches_reference(defer_wgrad: bool) {
     let mut fm = fast_model;
     fast.write_back_ptr(&mut fm.model);
     let b = fm.model.state_tensors();
+    assert_states_close(&a, &b);
+}
+
+/// Same names in the same order; float tensors within 1e-4 of their scale, the others equal.
+/// Relative to the tensor's scale: the tiny model's head bias grows to ~1e4 at lr 0.1, where one
+/// float32 ulp is ~1e-3; fused vs unfused SGD rounding drifts by ~1e-5 in 4 steps.
+fn assert_states_close(a: &[(String, Tensor)], b: &[(String, Tensor)]) {
     assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+    for ((na, ta), (nb, tb)) in a.iter().zip(b) {
         assert_eq!(na, nb);
         if ta.kind() == Kind::Float {
-            // Relative to the tensor's scale: the tiny model's head bias grows to ~1e4 at lr 0.1,
-            // where one float32 ulp is ~1e-3; fused vs unfused SGD rounding drifts by ~1e-5 in 4 steps.
             let scale = ta.abs().max().double_value(&[]).max(1.0);
             let d = max_diff(ta, tb);
             assert!(d < 1e-4 * scale, "{na} differs by {d} (scale {scale})");
@@ -147,12 +152,10 @@ fn fast_step_rejects_wrong_batches() {
 #[test]
 fn deferred_weight_gradients_on_cuda_match() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tch::Cuda::is_available() || crossclr::gpu::shim_status() != ShimStatus::Cuda {
-        eprintln!("skipping: needs a CUDA device and the shim's CUDA half");
+    if !cuda_ready() {
         return;
     }
     use crossclr::gpu::{CaptureMode, CapturedStep};
-    crossclr::gpu::set_tf32(false).unwrap();
     let device = Device::Cuda(0);
     let layout = Layout::ntu25();
     let mut spec = tiny_spec();
@@ -221,16 +224,7 @@ fn deferred_weight_gradients_on_cuda_match() {
             "step {i}: {a} vs {b}"
         );
     }
-    for ((na, ta), (nb, tb)) in state_a.iter().zip(&state_b) {
-        assert_eq!(na, nb);
-        if ta.kind() == Kind::Float {
-            let scale = ta.abs().max().double_value(&[]).max(1.0);
-            let d = max_diff(ta, tb);
-            assert!(d < 1e-4 * scale, "{na} differs by {d} (scale {scale})");
-        } else {
-            assert!(ta.equal(tb), "{na} differs");
-        }
-    }
+    assert_states_close(&state_a, &state_b);
 }
 
 /// On a CUDA device (skipped without one): the graph product on packed rows
@@ -239,12 +233,10 @@ fn deferred_weight_gradients_on_cuda_match() {
 #[test]
 fn packed_aggregation_on_cuda_matches() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !tch::Cuda::is_available() || crossclr::gpu::shim_status() != ShimStatus::Cuda {
-        eprintln!("skipping: needs a CUDA device and the shim's CUDA half");
+    if !cuda_ready() {
         return;
     }
     use crossclr::model::stgcn::aggregate;
-    crossclr::gpu::set_tf32(false).unwrap();
     let device = Device::Cuda(0);
     assert_eq!(aggregate::packing(25, device), 4);
     tch::manual_seed(9);
@@ -273,4 +265,15 @@ fn packed_aggregation_on_cuda_matches() {
         eprintln!("packed vs unpacked {name}: relative L2 {rel:.3e}");
         assert!(rel < 1e-5, "{name}: relative L2 {rel}");
     }
+}
+
+/// True on a CUDA device with the shim's CUDA half (then with TF32 off, for exact comparisons);
+/// prints why the calling test is skipped otherwise.
+fn cuda_ready() -> bool {
+    if !tch::Cuda::is_available() || crossclr::gpu::shim_status() != ShimStatus::Cuda {
+        eprintln!("skipping: needs a CUDA device and the shim's CUDA half");
+        return false;
+    }
+    crossclr::gpu::set_tf32(false).unwrap();
+    true
 }

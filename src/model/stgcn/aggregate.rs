@@ -137,23 +137,31 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
 
+    /// `f(x, g)` with fresh leaves and the loss `sum(z * dz)`: (z, dx, dg).
+    fn value_and_grads(
+        f: &dyn Fn(&Tensor, &Tensor) -> Tensor,
+        x: &Tensor,
+        g: &Tensor,
+        dz: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
+        let (x, g) = (
+            x.detach().set_requires_grad(true),
+            g.detach().set_requires_grad(true),
+        );
+        let z = f(&x, &g);
+        (&z * dz).sum(Kind::Double).backward();
+        (z.detach(), x.grad(), g.grad())
+    }
+
     /// Same values and gradients (input and graph) as the plain formulation.
     #[test]
     fn matches_the_plain_formulation() {
         tch::manual_seed(3);
         let opts = (Kind::Double, Device::Cpu);
-        let x = Tensor::randn([37, 25], opts).set_requires_grad(true);
-        let g = Tensor::randn([3, 25, 25], opts).set_requires_grad(true);
+        let x = Tensor::randn([37, 25], opts);
+        let g = Tensor::randn([3, 25, 25], opts);
         let dz = Tensor::randn([3, 37, 25], opts);
-        let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-            let (x, g) = (
-                x.detach().set_requires_grad(true),
-                g.detach().set_requires_grad(true),
-            );
-            let z = f(&x, &g);
-            (&z * &dz).sum(Kind::Double).backward();
-            (z.detach(), x.grad(), g.grad())
-        };
+        let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| value_and_grads(f, &x, &g, &dz);
         let (z1, dx1, dg1) = run(&|x, g| aggregate_first(x, g));
         let (z2, dx2, dg2) = run(&|x, g| plain(x, g));
         assert_eq!(z1.size(), vec![3, 37, 25]);
@@ -173,15 +181,7 @@ mod tests {
             let x = Tensor::randn([rows, 25], opts);
             let g = Tensor::randn([3, 25, 25], opts);
             let dz = Tensor::randn([3, rows, 25], opts);
-            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-                let (x, g) = (
-                    x.detach().set_requires_grad(true),
-                    g.detach().set_requires_grad(true),
-                );
-                let z = f(&x, &g);
-                (&z * &dz).sum(Kind::Double).backward();
-                (z.detach(), x.grad(), g.grad())
-            };
+            let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| value_and_grads(f, &x, &g, &dz);
             let (z1, dx1, dg1) = run(&|x, g| packed(x, g, 4));
             let (z2, dx2, dg2) = run(&|x, g| aggregate_first(x, g));
             assert_eq!(z1.size(), vec![3, rows, 25]);
