@@ -10,7 +10,7 @@
 # final table on stdout. TUNED=0 skips the tuned PyTorch rows, UNFUSED=0 the rows without the fused kernels;
 # TEST_BIN runs a carried test binary first; CONFIGS (default "skeletonclr-1 crossclr3-1 crossclr3-2") picks
 # the model-phase pairs; ROWS=graph keeps only our graph row (no fast / unpacked / one-stream rows). EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
-# the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles; BUDGET (seconds,
+# the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles (PROFILE=ours: only ours, fused); BUDGET (seconds,
 # default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
 # so one hang cannot eat the budget.
 set -u -o pipefail
@@ -163,16 +163,21 @@ done
 # Per-kernel breakdown (libtorch's Kineto profiler; eager fast step, since per-kernel times inside
 # CUDA graphs are not reliable before CUDA 13.1): ours with and without the fused CUDA kernels,
 # and the PyTorch baseline. Traces stay in /tmp (large); tables (.txt) and rows (.jsonl) go to $OUT.
-if [ "${PROFILE:-1}" = 1 ] && ! have_time 120; then
+# PROFILE=ours: only our step with the fused kernels (the table goes into the log), about 10 s per
+# configuration instead of ~30.
+PROFILE=${PROFILE:-1}
+if [ "$PROFILE" != 0 ] && ! have_time 120; then
     say "skip profile: budget ($BUDGET s) nearly spent"
-elif [ "${PROFILE:-1}" = 1 ]; then
+elif [ "$PROFILE" != 0 ]; then
     PROF=/tmp/crossclr_prof
     mkdir -p "$PROF" "$OUT/profile"
     for cfg in "skeletonclr 1" "crossclr3 2"; do
         set -- $cfg
         say "== profile $1 phase $2"
         if [ $HAVE_BIN = 1 ]; then
-            for fused in on off; do
+            fused_modes="on off"
+            [ "$PROFILE" = ours ] && fused_modes=on
+            for fused in $fused_modes; do
                 tag="ours_${1}_p$2_fused-$fused"
                 CROSSCLR_FUSED_CUDA=$fused CROSSCLR_AGG_OP=$fused timeout "$STAGE_TIMEOUT" "$BIN" bench \
                     --model "$1" --phase "$2" --batch 128 --warmup "$WARMUP" --iters 3 --device cuda --step fast \
@@ -182,13 +187,13 @@ elif [ "${PROFILE:-1}" = 1 ]; then
             done
         fi
         tag="pytorch_${1}_p$2_tuned"
-        timeout "$STAGE_TIMEOUT" $PY scripts/pytorch_baseline.py --model "$1" --phase "$2" --mode tuned --batch 128 \
+        [ "$PROFILE" = ours ] || timeout "$STAGE_TIMEOUT" $PY scripts/pytorch_baseline.py --model "$1" --phase "$2" --mode tuned --batch 128 \
             --warmup "$WARMUP" --iters 3 --device cuda --json --profile "$PROF/$tag.json" --profile-steps 3 \
             >>"$LOG" 2>&1 || say "FAIL profile $tag"
         cp "$PROF/$tag.json.txt" "$OUT/profile/$tag.txt" 2>/dev/null
-        head -n 25 "$OUT/profile/ours_${1}_p$2_fused-on.txt" 2>/dev/null | tee -a "$LOG"
+        head -n 45 "$OUT/profile/ours_${1}_p$2_fused-on.txt" 2>/dev/null | cut -c1-160 | tee -a "$LOG"
     done
-    if [ -f scripts/profile_summary.py ]; then
+    if [ "$PROFILE" != ours ] && [ -f scripts/profile_summary.py ]; then
         $PY scripts/profile_summary.py "$PROF/ours_skeletonclr_p1_fused-on.json" "$PROF/pytorch_skeletonclr_p1_tuned.json" --steps 3 3 \
             >"$OUT/profile/skeletonclr_side_by_side.txt" 2>&1 || true
     fi
