@@ -143,6 +143,12 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         [ "${ROWS:-all}" = all ] && CROSSCLR_VIEW_STREAMS=off run_json "ours graph+tf32+cudnn one-stream $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-one-stream"/' "$JSONL"
+        # One side stream per view instead of one per pass (CROSSCLR_VIEW_STREAMS=views: a view's
+        # query and key pass share it; fewer per-stream block caches, so maybe less reserved memory).
+        [ "${ROWS:-all}" = all ] && [ "$model" != skeletonclr ] && CROSSCLR_VIEW_STREAMS=views run_json \
+            "ours graph+tf32+cudnn per-view-streams $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
+            --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-per-view-streams"/' "$JSONL"
         # Without the earlier levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
         # add as separate libtorch kernels; CROSSCLR_AGG_OP=off: the graph product + permuting copy),
         # i.e. the step measured on 2026-11-26, to measure what they bring together.

@@ -37,6 +37,15 @@ pub enum BenchModel {
 }
 
 impl BenchModel {
+    /// Number of views (branches) of the model.
+    pub fn views(self) -> usize {
+        match self {
+            BenchModel::Skeletonclr => 1,
+            BenchModel::Crossclr2 => 2,
+            BenchModel::Crossclr3 => 3,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BenchModel::Skeletonclr => "skeletonclr",
@@ -220,6 +229,9 @@ pub struct BenchReport {
     /// CUDA, fast step: whether each view's query and key passes ran on their own side streams
     /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
     pub view_streams: bool,
+    /// CUDA, fast step: how many side streams the passes ran on (`gpu::streams::count_for`;
+    /// `CROSSCLR_VIEW_STREAMS=views` gives one per view), 0 without.
+    pub side_streams: usize,
     /// CUDA, fast step: whether the temporal convolutions' weight gradients ran on their own
     /// stream (`model::stgcn::temporal_conv`; on with CROSSCLR_WGRAD_STREAM=on).
     pub wgrad_stream: bool,
@@ -386,6 +398,15 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
         agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
         fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
+        side_streams: if matches!(device, Device::Cuda(_))
+            && cfg.step == StepKind::Fast
+            && gpu::streams::enabled()
+            && gpu::shim_status() == gpu::ShimStatus::Cuda
+        {
+            gpu::streams::count_for(cfg.model.views())
+        } else {
+            0
+        },
         wgrad_stream: matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
             && crate::model::stgcn::temporal_conv::on_by_default()

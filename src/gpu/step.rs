@@ -94,7 +94,7 @@ impl FastStep {
             .collect();
         let (names, params): (Vec<String>, Vec<Tensor>) = model.trainable().into_iter().unzip();
         let opt = FusedSgd::new(&params, lr, sgd)?;
-        let streams = SideStreams::new(device, 2 * model.branches.len())?;
+        let streams = SideStreams::new(device, super::streams::count_for(model.branches.len()))?;
         Ok(FastStep {
             device,
             batch,
@@ -330,6 +330,11 @@ impl FastStep {
     /// True when the query and key passes run on side streams ([`SideStreams`]).
     pub fn uses_side_streams(&self) -> bool {
         self.streams.is_some()
+    }
+
+    /// Number of side streams the passes run on (0 without; [`super::streams::count_for`]).
+    pub fn side_stream_count(&self) -> usize {
+        self.streams.as_ref().map_or(0, SideStreams::len)
     }
 
     /// The trainable parameters, in optimiser order.

@@ -20,6 +20,24 @@ pub fn enabled() -> bool {
     )
 }
 
+/// How many side streams a step over `views` views asks for: one per pass (`2 × views`, the
+/// default), or with `CROSSCLR_VIEW_STREAMS=views` one per view, shared by its query and key pass
+/// (at least 2, so SkeletonCLR keeps its two). Each stream keeps its own cache of freed blocks, so
+/// fewer streams may reserve less memory at some loss of overlap (not yet measured on a GPU).
+pub fn count_for(views: usize) -> usize {
+    count_for_mode(
+        std::env::var("CROSSCLR_VIEW_STREAMS").ok().as_deref(),
+        views,
+    )
+}
+
+fn count_for_mode(mode: Option<&str>, views: usize) -> usize {
+    match mode {
+        Some("views") => views.max(2),
+        _ => 2 * views,
+    }
+}
+
 /// One CUDA stream (an owned handle to a `c10::cuda::CUDAStream`).
 pub struct Stream {
     #[cfg_attr(crossclr_no_shim, allow(dead_code))]
@@ -206,5 +224,18 @@ impl SideStreams {
             let _ = (n, inputs, &mut task);
             Err(ffi::no_shim("SideStreams::fork_join"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_for_mode;
+
+    #[test]
+    fn one_stream_per_pass_unless_asked_for_one_per_view() {
+        assert_eq!(count_for_mode(None, 3), 6);
+        assert_eq!(count_for_mode(Some("on"), 1), 2);
+        assert_eq!(count_for_mode(Some("views"), 3), 3);
+        assert_eq!(count_for_mode(Some("views"), 1), 2);
     }
 }
