@@ -3,7 +3,7 @@
 // the why.
 //
 // Forward: y = conv3d(x, w.unsqueeze(2), b), stride (1, s, 1), padding (0, p, 0); x (1, C_in, R, T, V),
-// w (C_out, C_in, kt, 1), b (C_out,) -> y (1, C_out, R, T', V): exactly what the plain tch call does.
+// w (C_out, C_in, kt, 1), b (C_out,) or undefined -> y (1, C_out, R, T', V): exactly what the plain tch call does.
 //
 // Backward: the input and bias gradients are computed as usual, on the stream autograd runs the node
 // on. The weight gradient (a long, low-parallelism reduction over every position) is computed on a
@@ -248,13 +248,14 @@ int crossclr_temporal_conv(void *x, void *w, void *b, int64_t stride, int64_t pa
     TORCH_CHECK(out != nullptr, op, ": null output pointer");
     const at::Tensor &xt = crossclr::borrow_tensor(x, op, "input");
     const at::Tensor &wt = crossclr::borrow_tensor(w, op, "weight");
-    const at::Tensor &bt = crossclr::borrow_tensor(b, op, "bias");
+    // A null bias: none (folded into the following batch norm by the caller).
+    const at::Tensor bt = b == nullptr ? at::Tensor() : crossclr::borrow_tensor(b, op, "bias");
     TORCH_CHECK(xt.dim() == 5 && xt.size(0) == 1, op, ": the input must be (1, C_in, R, T, V), got ", xt.sizes());
     TORCH_CHECK(wt.dim() == 4 && wt.size(1) == xt.size(1) && wt.size(3) == 1, op, ": the weight must be (C_out, ",
                 xt.size(1), ", kt, 1), got ", wt.sizes());
-    TORCH_CHECK(bt.dim() == 1 && bt.size(0) == wt.size(0), op, ": the bias must be (", wt.size(0), ",), got ",
-                bt.sizes());
-    TORCH_CHECK(wt.device() == xt.device() && bt.device() == xt.device(), op,
+    TORCH_CHECK(!bt.defined() || (bt.dim() == 1 && bt.size(0) == wt.size(0)), op, ": the bias must be (",
+                wt.size(0), ",), got ", bt.defined() ? bt.sizes() : at::IntArrayRef{});
+    TORCH_CHECK(wt.device() == xt.device() && (!bt.defined() || bt.device() == xt.device()), op,
                 ": input, weight and bias must be on one device");
     TORCH_CHECK(stride >= 1 && pad >= 0, op, ": stride ", stride, " / padding ", pad);
     TORCH_CHECK(find_batch(batch_id) != nullptr, op, ": unknown weight-gradient batch ", batch_id);

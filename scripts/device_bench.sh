@@ -133,6 +133,12 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         CROSSCLR_FUSED_VEC4=on run_json "ours graph+tf32+cudnn vec4 $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-vec4"/' "$JSONL"
+        # Without folding the temporal / residual convolution biases into the batch norms
+        # (CROSSCLR_FOLD_BIAS=off; the fold, built 2026-11-27 without a GPU, is on by default: it
+        # drops a bias add and a bias-gradient reduction per convolution).
+        CROSSCLR_FOLD_BIAS=off run_json "ours graph+tf32+cudnn unfolded $model p$phase" "$BIN" bench --model "$model" \
+            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unfolded"/' "$JSONL"
         # With the temporal convolutions' weight gradients on their own stream
         # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
         [ "${EXTRA:-0}" = 1 ] && CROSSCLR_WGRAD_STREAM=on run_json "ours graph+tf32+cudnn wgrad-stream $model p$phase" "$BIN" \

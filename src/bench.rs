@@ -241,6 +241,10 @@ pub struct BenchReport {
     /// CUDA: whether the fused kernels' four-wide variants were enabled
     /// (`model::stgcn::fused_cuda::vec4`; CROSSCLR_FUSED_VEC4=on).
     pub fused_vec4: bool,
+    /// Whether train-mode forwards folded the temporal and residual convolutions' biases into the
+    /// following batch norms (`model::stgcn::layers::BatchNorm::folding`; off with
+    /// CROSSCLR_FOLD_BIAS=off).
+    pub fold_bias: bool,
     /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
     /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
     pub cuda_alloc_conf: Option<String>,
@@ -398,6 +402,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
             && gpu::shim_status() == gpu::ShimStatus::Cuda,
         agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
         fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
+        fold_bias: crate::model::stgcn::layers::fold_bias_enabled(),
         side_streams: if matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
             && gpu::streams::enabled()

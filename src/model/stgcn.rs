@@ -138,6 +138,10 @@ pub struct StGcn {
     edge_importance: Vec<Tensor>,
     formulation: Formulation,
     aggregation: Aggregation,
+    /// Fold the temporal and residual convolutions' biases into the following batch norms in
+    /// train mode (channel-major only; [`layers::BatchNorm::folding`]). Default: on, unless
+    /// `CROSSCLR_FOLD_BIAS=off`.
+    fold_bias: bool,
 }
 
 /// (C_in, C_out, stride, residual?) of the 10 blocks, as in the official `Model`.
@@ -219,6 +223,7 @@ impl StGcn {
             edge_importance,
             formulation,
             aggregation,
+            fold_bias: layers::fold_bias_enabled(),
         }
     }
 
@@ -243,6 +248,17 @@ impl StGcn {
 
     pub fn formulation(&self) -> Formulation {
         self.formulation
+    }
+
+    /// Whether train-mode forwards of the channel-major formulation fold the temporal and
+    /// residual convolutions' biases into the following batch norms (same function; see
+    /// [`layers::BatchNorm::folding`]).
+    pub fn set_fold_bias(&mut self, on: bool) {
+        self.fold_bias = on;
+    }
+
+    pub fn fold_bias(&self) -> bool {
+        self.fold_bias
     }
 
     /// `A ⊙ E_i` for block `i`, `(K, V, V)`.
@@ -284,7 +300,14 @@ impl StGcn {
             Formulation::ChannelMajor => {
                 let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
                 for (i, b) in self.blocks.iter().enumerate() {
-                    h = b.forward_channel_major(&h, &self.graph_of(i), train, self.aggregation);
+                    let fold = train && self.fold_bias;
+                    h = b.forward_channel_major(
+                        &h,
+                        &self.graph_of(i),
+                        train,
+                        fold,
+                        self.aggregation,
+                    );
                 }
                 let ch = h.size()[1];
                 // (1, C, N·M, T', V) -> mean over (T', V) -> (C, N, M) -> mean over M -> (N, C)
@@ -355,11 +378,16 @@ impl Block {
         x: &Tensor,
         g: &Tensor,
         train: bool,
+        fold: bool,
         agg: Aggregation,
     ) -> Tensor {
+        // With `fold` (train mode) the biases of the temporal and the residual convolutions are
+        // folded into the batch norms that follow them (`BatchNorm::folding`): same outputs,
+        // running statistics and parameter updates, two passes over the activation fewer per
+        // convolution.
         let y = self.aggregate(x, g, agg);
-        let y = self.tcn(&y, train);
-        self.add_residual(y, x, train)
+        let y = self.tcn(&y, train, fold);
+        self.add_residual(y, x, train, fold)
     }
 
     /// `gcn`: 1×1 conv to K·C_out channels and graph aggregation with `g = A ⊙ E` `(K, V, W)`.
@@ -425,18 +453,22 @@ impl Block {
     /// `tcn` up to its convolution: BN -> ReLU -> (kt, 1) conv with stride (s, 1) (the second BN
     /// and the dropout are fused with the residual sum in [`Block::add_residual`]).
     /// `(1, C, N·M, T, V) -> (1, C, N·M, T', V)`.
-    fn tcn(&self, y: &Tensor, train: bool) -> Tensor {
+    /// With `fold`, the convolution has no bias: [`Block::add_residual`] folds it into `bn2`.
+    fn tcn(&self, y: &Tensor, train: bool, fold: bool) -> Tensor {
         let y = self.bn1.forward_relu(y, train);
         let w = &self.conv.weight;
         let pad = (w.size()[2] - 1) / 2;
-        temporal_conv::conv(&y, w, &self.conv.bias, self.stride, pad)
+        let bias = (!fold).then_some(&self.conv.bias);
+        temporal_conv::conv(&y, w, bias, self.stride, pad)
     }
 
     /// `relu(dropout(bn2(y)) + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` the temporal
     /// convolution output `(1, C_out, N·M, T', V)`. The residual is computed first, then the tail
     /// runs as one fused op on the CPU in train mode (see `stgcn/fused_bn.rs`
     /// `bn_dropout_add_relu`), else as BN -> dropout -> in-place add -> in-place ReLU.
-    fn add_residual(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
+    /// With `fold` (train mode only), `y` comes without the temporal convolution's bias and the
+    /// residual convolution runs without its bias; both are folded into their batch norms.
+    fn add_residual(&self, y: Tensor, x: &Tensor, train: bool, fold: bool) -> Tensor {
         let r = match &self.residual {
             Residual::None => None,
             Residual::Identity => Some(x.shallow_clone()),
@@ -447,14 +479,23 @@ impl Block {
                     x.shallow_clone()
                 };
                 let s = xs.size();
-                let r = conv
-                    .bias
-                    .view([-1, 1])
-                    .addmm(&conv.matrix(), &xs.view([s[1], -1]));
-                Some(bn.forward(&r.view([1, conv.c_out(), s[2], s[3], s[4]]), train))
+                let shape = [1, conv.c_out(), s[2], s[3], s[4]];
+                let xm = xs.view([s[1], -1]);
+                Some(if fold {
+                    let r = conv.matrix().mm(&xm).view(shape);
+                    bn.folding(&conv.bias).forward(&r, train)
+                } else {
+                    let r = conv.bias.view([-1, 1]).addmm(&conv.matrix(), &xm);
+                    bn.forward(&r.view(shape), train)
+                })
             }
         };
-        fused_bn::bn_dropout_add_relu(&y, &self.bn2, self.dropout, r.as_ref(), train)
+        if fold {
+            let bn2 = self.bn2.folding(&self.conv.bias);
+            fused_bn::bn_dropout_add_relu(&y, &bn2, self.dropout, r.as_ref(), train)
+        } else {
+            fused_bn::bn_dropout_add_relu(&y, &self.bn2, self.dropout, r.as_ref(), train)
+        }
     }
 }
 
@@ -537,6 +578,79 @@ mod tests {
             assert!(d < 1e-5 && dt < 1e-5, "eval diff {d}, train diff {dt}");
         }
     }
+    /// Folding the conv biases into the batch norms changes nothing but float rounding: train
+    /// outputs, running statistics, every gradient (the folded biases' exactly zero, PyTorch's
+    /// float noise) and the eval outputs after training, with non-zero biases: to 1e-10 in float64
+    /// (tch ops) and to float32 rounding through the fused CPU batch-norm ops.
+    #[test]
+    fn folded_biases_give_the_same_training() {
+        folded_vs_plain(Kind::Double, 1e-10);
+        folded_vs_plain(Kind::Float, 2e-4);
+    }
+
+    fn folded_vs_plain(kind: Kind, tol: f64) {
+        let run = |fold: bool| {
+            tch::manual_seed(5);
+            let mut vs = VarStore::new(Device::Cpu);
+            let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
+            if kind == Kind::Double {
+                vs.double();
+            }
+            tch::manual_seed(6);
+            tch::no_grad(|| {
+                let mut vars: Vec<_> = vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, mut t) in vars {
+                    if name.ends_with(".bias") {
+                        t.copy_(&(Tensor::randn_like(&t) * 0.5 + 0.3));
+                    }
+                }
+            });
+            net.set_fold_bias(fold);
+            let x = Tensor::randn([3, 3, 12, 25, 2], (kind, Device::Cpu));
+            let w = Tensor::randn([3, 16], (kind, Device::Cpu));
+            let mut outs = Vec::new();
+            for _ in 0..2 {
+                let y = net.forward(&x, true);
+                (&y * &w).sum(kind).backward();
+                outs.push(y.detach());
+            }
+            outs.push(tch::no_grad(|| net.forward(&x, false)));
+            (vs, outs)
+        };
+        let (vs_plain, plain) = run(false);
+        let (vs_fold, folded) = run(true);
+        for (a, b) in plain.iter().zip(&folded) {
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d < tol, "{kind:?}: outputs differ by {d}");
+        }
+        let folded_vars = vs_fold.variables();
+        let mut zero_grads = 0;
+        for (name, a) in vs_plain.variables() {
+            let b = &folded_vars[&name];
+            let d = (&a - b).abs().max().double_value(&[]);
+            assert!(d < tol, "{kind:?}: {name} differs by {d}");
+            if !a.requires_grad() {
+                continue;
+            }
+            let (ga, gb) = (a.grad(), b.grad());
+            assert!(gb.defined(), "{name}: no gradient with folding");
+            let scale = ga.abs().max().double_value(&[]).max(1.0);
+            let dg = (&ga - &gb).abs().max().double_value(&[]);
+            assert!(
+                dg < tol * scale,
+                "{kind:?}: {name}: gradient differs by {dg}"
+            );
+            let folded_bias = name.ends_with("tcn.2.bias") || name.ends_with("residual.0.bias");
+            if folded_bias {
+                assert_eq!(gb.abs().max().double_value(&[]), 0.0, "{name}");
+                zero_grads += 1;
+            }
+        }
+        // 10 temporal convolutions and the 2 residual convolutions (blocks 5 and 8).
+        assert_eq!(zero_grads, 12);
+    }
+
     /// Process CPU seconds (user + system) from /proc/self/stat (Linux), for timing on a busy box.
     fn cpu_seconds() -> f64 {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

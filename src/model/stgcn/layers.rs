@@ -96,6 +96,54 @@ impl BatchNorm {
     }
 }
 
+/// Environment variable: `off` (or `0`, `false`) keeps the biases of the convolutions that feed a
+/// batch norm in train mode (see [`BatchNorm::folding`]); the default folds them.
+pub const FOLD_BIAS_SWITCH: &str = "CROSSCLR_FOLD_BIAS";
+
+/// Whether train-mode forwards fold convolution biases into the following batch norm (read once
+/// per process from [`FOLD_BIAS_SWITCH`]).
+pub fn fold_bias_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| !super::fused_bn::switched_off(FOLD_BIAS_SWITCH))
+}
+
+impl BatchNorm {
+    /// This batch norm with the bias `b` `(C,)` of the convolution that feeds it folded in, for
+    /// exactly one train-mode forward of `conv(x)` computed **without** `b`: the output of a batch
+    /// norm with batch statistics is the same for `y` and `y + b` (the batch mean moves by `b`,
+    /// the variance does not), so the bias add over the whole activation and, in backward, the
+    /// reduction of the whole output gradient into `b`'s gradient (analytically zero: the gradient
+    /// of a train-mode batch norm's input sums to zero per channel) are both skipped.
+    ///
+    /// What stays as in the official code: the running mean (shifted here by
+    /// `momentum / (1 - momentum) · b`, so that the forward's own update
+    /// `(1 - m) · rm + m · mean(y)` lands on `(1 - m) · rm + m · mean(y + b)`; shifting before the
+    /// forward keeps the tensor version that autograd saved), the running variance, and `b`'s
+    /// place in the optimiser: when `b` requires grad, the returned batch norm's bias is
+    /// `lerp(β, b, 0)` = `β`, so `b` gets an exact zero gradient (PyTorch computes float noise
+    /// around zero there) and still gets its weight decay and momentum. The returned struct shares
+    /// storage with `self`.
+    pub(crate) fn folding(&self, b: &Tensor) -> BatchNorm {
+        tch::no_grad(|| {
+            let _ = self
+                .running_mean
+                .shallow_clone()
+                .g_add_(&(b.detach() * (BN_MOMENTUM / (1.0 - BN_MOMENTUM))));
+        });
+        BatchNorm {
+            weight: self.weight.shallow_clone(),
+            bias: if b.requires_grad() {
+                self.bias.lerp(b, 0.0)
+            } else {
+                self.bias.shallow_clone()
+            },
+            running_mean: self.running_mean.shallow_clone(),
+            running_var: self.running_var.shallow_clone(),
+            num_batches_tracked: self.num_batches_tracked.shallow_clone(),
+        }
+    }
+}
+
 /// Reports (once per process) that the fused batch norm failed and the tch path is used instead.
 fn warn_fused_failed(e: &crate::error::Error) {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -143,10 +143,11 @@ impl Drop for WgradScope {
 }
 
 /// `y = conv3d(x, w.unsqueeze(2), b)` with stride `(1, stride, 1)` and padding `(0, pad, 0)`:
-/// `x` `(1, C_in, R, T, V)`, `w` `(C_out, C_in, kt, 1)`, `b` `(C_out,)` -> `(1, C_out, R, T', V)`.
+/// `x` `(1, C_in, R, T, V)`, `w` `(C_out, C_in, kt, 1)`, `b` `(C_out,)` or none (a bias folded
+/// into the following batch norm, [`super::layers::BatchNorm::folding`]) -> `(1, C_out, R, T', V)`.
 /// Inside a [`WgradScope`] (and when `w` requires grad) the weight gradient is deferred (module
 /// docs).
-pub fn conv(x: &Tensor, w: &Tensor, b: &Tensor, stride: i64, pad: i64) -> Tensor {
+pub fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: i64, pad: i64) -> Tensor {
     if let Some(id) = ACTIVE.with(Cell::get) {
         if w.requires_grad() {
             match deferred(x, w, b, stride, pad, id) {
@@ -159,10 +160,10 @@ pub fn conv(x: &Tensor, w: &Tensor, b: &Tensor, stride: i64, pad: i64) -> Tensor
 }
 
 /// The plain convolution (autograd computes all three gradients in one node).
-pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor, stride: i64, pad: i64) -> Tensor {
+pub fn plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: i64, pad: i64) -> Tensor {
     x.conv3d(
         &w.unsqueeze(2),
-        Some(b),
+        b,
         [1, stride, 1],
         [0, pad, 0],
         [1, 1, 1],
@@ -171,7 +172,14 @@ pub fn plain(x: &Tensor, w: &Tensor, b: &Tensor, stride: i64, pad: i64) -> Tenso
 }
 
 /// The custom op (csrc/temporal_conv.cpp).
-fn deferred(x: &Tensor, w: &Tensor, b: &Tensor, stride: i64, pad: i64, id: i64) -> Result<Tensor> {
+fn deferred(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: i64,
+    pad: i64,
+    id: i64,
+) -> Result<Tensor> {
     #[cfg(not(crossclr_no_shim))]
     {
         let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
@@ -181,7 +189,7 @@ fn deferred(x: &Tensor, w: &Tensor, b: &Tensor, stride: i64, pad: i64, id: i64) 
             crossclr_temporal_conv(
                 x.as_ptr() as *mut _,
                 w.as_ptr() as *mut _,
-                b.as_ptr() as *mut _,
+                b.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
                 stride,
                 pad,
                 id,
@@ -256,12 +264,12 @@ mod tests {
     fn deferred_matches_plain_and_parks_until_join() {
         for stride in [1, 2] {
             let c = case(stride);
-            let want = run(&c, stride, &|x, w, b| plain(x, w, b, stride, 4));
+            let want = run(&c, stride, &|x, w, b| plain(x, w, Some(b), stride, 4));
             let scope = WgradScope::enter().unwrap().expect("enabled in tests");
             let x = c.x.detach().set_requires_grad(true);
             let w = c.w.detach().set_requires_grad(true);
             let b = c.b.detach().set_requires_grad(true);
-            let y = conv(&x, &w, &b, stride, 4);
+            let y = conv(&x, &w, Some(&b), stride, 4);
             (&y * &c.dy).sum(Kind::Double).backward();
             assert!(
                 !w.grad().defined(),
@@ -280,7 +288,7 @@ mod tests {
                 assert!(d < 1e-10, "stride {stride} {name}: {d}");
             }
             // Accumulation: a second pass adds to the existing gradient.
-            let y2 = conv(&x, &w, &b, stride, 4);
+            let y2 = conv(&x, &w, Some(&b), stride, 4);
             (&y2 * &c.dy).sum(Kind::Double).backward();
             scope.join().unwrap();
             let d = max_diff(&w.grad(), &(&want[2] * 2.0));
@@ -293,18 +301,41 @@ mod tests {
     #[test]
     fn no_scope_or_dropped_scope_falls_back_to_autograd() {
         let c = case(1);
-        let want = run(&c, 1, &|x, w, b| plain(x, w, b, 1, 4));
-        let got = run(&c, 1, &|x, w, b| conv(x, w, b, 1, 4));
+        let want = run(&c, 1, &|x, w, b| plain(x, w, Some(b), 1, 4));
+        let got = run(&c, 1, &|x, w, b| conv(x, w, Some(b), 1, 4));
         assert!(max_diff(&got[2], &want[2]) < 1e-10);
         let x = c.x.detach().set_requires_grad(true);
         let w = c.w.detach().set_requires_grad(true);
         let b = c.b.detach().set_requires_grad(true);
         let y = {
             let _scope = WgradScope::enter().unwrap().expect("enabled in tests");
-            conv(&x, &w, &b, 1, 4)
+            conv(&x, &w, Some(&b), 1, 4)
         };
         (&y * &c.dy).sum(Kind::Double).backward();
         assert!(max_diff(&w.grad(), &want[2]) < 1e-10);
+    }
+
+    /// Without a bias (folded into the next batch norm) the op matches the plain convolution.
+    #[test]
+    fn deferred_without_bias_matches_plain() {
+        let c = case(2);
+        let fwd_bwd = |deferred: bool| {
+            let scope = WgradScope::enter().unwrap().expect("enabled in tests");
+            let x = c.x.detach().set_requires_grad(true);
+            let w = c.w.detach().set_requires_grad(true);
+            let y = if deferred {
+                conv(&x, &w, None, 2, 4)
+            } else {
+                plain(&x, &w, None, 2, 4)
+            };
+            (&y * &c.dy).sum(Kind::Double).backward();
+            scope.join().unwrap();
+            [y.detach(), x.grad(), w.grad()]
+        };
+        let (got, want) = (fwd_bwd(true), fwd_bwd(false));
+        for (g, w) in got.iter().zip(&want) {
+            assert!(max_diff(g, w) < 1e-10);
+        }
     }
 
     /// Bad shapes are a clear error from the op.
@@ -314,7 +345,7 @@ mod tests {
         let x = Tensor::zeros([1, 5, 3, 12, 4], (Kind::Float, Device::Cpu));
         let w = Tensor::zeros([6, 4, 9, 1], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let b = Tensor::zeros([6], (Kind::Float, Device::Cpu));
-        let e = deferred(&x, &w, &b, 1, 4, scope.id).expect_err("mismatched weight");
+        let e = deferred(&x, &w, Some(&b), 1, 4, scope.id).expect_err("mismatched weight");
         assert!(
             e.to_string()
                 .contains("the weight must be (C_out, 5, kt, 1)"),
