@@ -133,6 +133,11 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         CROSSCLR_FUSED_VEC4=on run_json "ours graph+tf32+cudnn vec4 $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-vec4"/' "$JSONL"
+        # The fused-vs-tch choice timed as device work in CUDA-graph replays instead of eager wall
+        # time (CROSSCLR_FUSED_CHOICE=graph; built 2026-11-27 without a GPU, off until measured).
+        CROSSCLR_FUSED_CHOICE=graph run_json "ours graph+tf32+cudnn graph-choice $model p$phase" "$BIN" bench --model "$model" \
+            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-graph-choice"/' "$JSONL"
         # Without folding the temporal / residual convolution biases into the batch norms
         # (CROSSCLR_FOLD_BIAS=off; the fold, built 2026-11-27 without a GPU, is on by default: it
         # drops a bias add and a bias-gradient reduction per convolution).
@@ -256,10 +261,12 @@ print("eager/x, tuned/x: PyTorch eager / tuned median ms over this row's median 
 seen = set()
 for r in bench:
     ops = r.get('fused_cuda_ops') or []
-    if not ops or r['model'] in seen:
+    timing = ops[0].get('timing', 'wall') if ops else 'wall'
+    if not ops or (r['model'], timing) in seen:
         continue
-    seen.add(r['model'])
-    print(f"fused CUDA kernels vs tch ops, fwd+bwd ms per call ({r['model']} p{r['phase']}, {r['mode']}):")
+    seen.add((r['model'], timing))
+    what = 'device ms per captured fwd+bwd' if timing == 'graph' else 'fwd+bwd ms per eager call'
+    print(f"fused CUDA kernels vs tch ops, {what} ({r['model']} p{r['phase']}, {r['mode']}):")
     for o in ops:
         print(f"  {o['op']:<24}{str(o['shape']):<26}fused {o['fused_ms']:8.3f}  tch {o['native_ms']:8.3f}  -> {'fused' if o['fused'] else 'tch'}")
 print("peak MiB: max allocated in the timed region; resv MiB: max reserved (compare graph rows on this one)")

@@ -267,6 +267,34 @@ fn packed_aggregation_on_cuda_matches() {
     }
 }
 
+/// On a CUDA device (skipped without one): the device-time timing of the fused-vs-tch choice
+/// (`CROSSCLR_FUSED_CHOICE=graph`) captures and replays both implementations, leaves the model's
+/// batch norm untouched and frees everything it allocated.
+#[test]
+fn graph_timed_choice_on_cuda() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !cuda_ready() {
+        return;
+    }
+    use crossclr::model::stgcn::{fused_cuda, layers::BatchNorm};
+    let device = Device::Cuda(0);
+    let vs = tch::nn::VarStore::new(device);
+    let bn = BatchNorm::new(&vs.root(), 16);
+    let x = Tensor::randn([1, 16, 256, 50, 25], (Kind::Float, device));
+    let before = crossclr::gpu::cuda_memory(device).unwrap();
+    let (fused_ms, native_ms) = fused_cuda::graph_timed_bn(&x, &bn, true).unwrap();
+    let after = crossclr::gpu::cuda_memory(device).unwrap();
+    eprintln!(
+        "BN + ReLU [16, 256, 50, 25] device time: fused {fused_ms:.4} ms, tch {native_ms:.4} ms; \
+         allocated {} -> {} bytes",
+        before.current_allocated, after.current_allocated
+    );
+    assert!(fused_ms > 0.0 && native_ms > 0.0);
+    assert_eq!(bn.num_batches_tracked.int64_value(&[]), 0);
+    assert_eq!(bn.running_mean.abs().max().double_value(&[]), 0.0);
+    assert_eq!(after.current_allocated, before.current_allocated);
+}
+
 /// True on a CUDA device with the shim's CUDA half (then with TF32 off, for exact comparisons);
 /// prints why the calling test is skipped otherwise.
 fn cuda_ready() -> bool {

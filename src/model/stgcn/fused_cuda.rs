@@ -30,7 +30,7 @@
 //! there, and that the NVRTC compile succeeds ([`nvrtc_compile`]), without a GPU.
 mod choice;
 
-pub use choice::{choices, FusedChoice};
+pub use choice::{choices, graph_timed_bn, graph_timing, FusedChoice};
 pub(crate) use choice::{prefer_fused, FusedOp};
 
 use super::layers::BatchNorm;

@@ -7,6 +7,16 @@
 //!
 //! `CROSSCLR_FUSED_CUDA=on` skips the timing and always uses the fused kernels (when they passed
 //! the self-check); `off` never uses them.
+//!
+//! What the default timing measures: wall time of one eager forward + backward between two device
+//! syncs, which for these ops (20-100 µs of device work) is mostly the host's launch and autograd
+//! overhead, so the choice can flip between runs (compare the `fused_cuda_ops` of two H200 calls
+//! in docs/results). `CROSSCLR_FUSED_CHOICE=graph` times device work instead, as a CUDA-graph step
+//! runs it: each implementation's forward + backward is captured into a CUDA graph (after two
+//! warm-up runs on the graph's stream) and replayed [`GRAPH_REPLAYS`] times between two syncs; the
+//! graphs are dropped and the allocator's cache emptied afterwards, so the timing leaves no
+//! reserved memory behind. If a capture fails, that shape falls back to the wall-time timing.
+//! Built 2026-11-27 without a GPU: not measured yet, hence not the default.
 use super::super::layers::BatchNorm;
 use crate::error::Result;
 use serde::Serialize;
@@ -17,6 +27,10 @@ use tch::{Device, Kind, Tensor};
 
 /// Timed runs per implementation (after one warm-up run).
 const TIMED_RUNS: usize = 3;
+/// Replays per implementation with `CROSSCLR_FUSED_CHOICE=graph`.
+pub const GRAPH_REPLAYS: usize = 20;
+/// Environment variable choosing how the per-shape choice is timed: `wall` (default) or `graph`.
+pub const CHOICE_SWITCH: &str = "CROSSCLR_FUSED_CHOICE";
 
 /// Which fused op a choice is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +64,9 @@ pub struct FusedChoice {
     pub fused_ms: f64,
     pub native_ms: f64,
     pub fused: bool,
+    /// How the two were timed: `wall` (eager forward + backward between device syncs) or `graph`
+    /// (device time of captured forward + backward replays).
+    pub timing: &'static str,
 }
 
 type Key = (usize, FusedOp, Vec<i64>);
@@ -65,6 +82,16 @@ pub fn choices() -> Vec<FusedChoice> {
     let mut all: Vec<FusedChoice> = t.values().cloned().collect();
     all.sort_by(|a, b| (&a.op, &a.shape).cmp(&(&b.op, &b.shape)));
     all
+}
+
+/// `CROSSCLR_FUSED_CHOICE=graph`: time device work in CUDA-graph replays (read once per process).
+pub fn graph_timing() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var(CHOICE_SWITCH)
+            .map(|v| v.trim().eq_ignore_ascii_case("graph"))
+            .unwrap_or(false)
+    })
 }
 
 /// `CROSSCLR_FUSED_CUDA=on`: always fused, no timing (read once per process).
@@ -94,8 +121,22 @@ pub(crate) fn prefer_fused(op: FusedOp, x: &Tensor, bn: &BatchNorm, r: Option<&T
     if !matches!(super::capturing(index), Ok(false)) {
         return false;
     }
-    match tch::with_grad(|| time_both(op, x, bn, r)) {
-        Ok((fused_ms, native_ms)) => {
+    let timed = if graph_timing() {
+        match tch::with_grad(|| time_both_in_graphs(op, x, bn, r)) {
+            Ok(t) => Ok((t, "graph")),
+            Err(e) => {
+                eprintln!(
+                    "crossclr: timing the fused CUDA {} in CUDA graphs failed ({e}); timing it eagerly",
+                    op.name()
+                );
+                tch::with_grad(|| time_both(op, x, bn, r)).map(|t| (t, "wall"))
+            }
+        }
+    } else {
+        tch::with_grad(|| time_both(op, x, bn, r)).map(|t| (t, "wall"))
+    };
+    match timed {
+        Ok(((fused_ms, native_ms), timing)) => {
             let choice = FusedChoice {
                 device: format!("cuda:{index}"),
                 op: op.name(),
@@ -104,6 +145,7 @@ pub(crate) fn prefer_fused(op: FusedOp, x: &Tensor, bn: &BatchNorm, r: Option<&T
                 native_ms,
                 // Ties go to the fused op: it keeps fewer tensors for backward.
                 fused: fused_ms <= native_ms,
+                timing,
             };
             let fused = choice.fused;
             table()
@@ -139,27 +181,83 @@ fn scratch_bn(vs: &tch::nn::VarStore, bn: &BatchNorm) -> BatchNorm {
     copy
 }
 
+/// Forward + backward of `op` on scratch leaves (fresh copies of `x`, `r`; `sbn` a scratch batch
+/// norm), with the fused kernels or with the tch ops.
+fn run_once(
+    op: FusedOp,
+    x: &Tensor,
+    sbn: &BatchNorm,
+    r: Option<&Tensor>,
+    fused: bool,
+) -> Result<()> {
+    let xs = x.detach().set_requires_grad(true);
+    let rs = r.map(|r| r.detach().set_requires_grad(true));
+    let out = match (op, fused) {
+        (FusedOp::BatchNorm { relu }, true) => super::bn_train(&xs, sbn, relu)?,
+        (FusedOp::BatchNorm { relu }, false) => super::super::fused_bn::native(&xs, sbn, relu),
+        (FusedOp::Tail { p_bits, .. }, true) => {
+            super::tail(&xs, sbn, f64::from_bits(p_bits), rs.as_ref(), 0)?
+        }
+        (FusedOp::Tail { p_bits, .. }, false) => {
+            super::native_tail(&xs, sbn, f64::from_bits(p_bits), rs.as_ref())
+        }
+    };
+    out.sum(Kind::Float).f_backward()?;
+    Ok(())
+}
+
+/// Milliseconds of device work per forward + backward of `op`, fused and tch, each captured into
+/// a CUDA graph and replayed [`GRAPH_REPLAYS`] times (module docs).
+fn time_both_in_graphs(
+    op: FusedOp,
+    x: &Tensor,
+    bn: &BatchNorm,
+    r: Option<&Tensor>,
+) -> Result<(f64, f64)> {
+    use crate::gpu::{CaptureMode, CudaGraph};
+    let device = x.device();
+    let time = |fused: bool| -> Result<f64> {
+        let vs = tch::nn::VarStore::new(device);
+        let sbn = scratch_bn(&vs, bn);
+        let mut graph = CudaGraph::new(device)?;
+        graph.on_side_stream(|| -> Result<()> {
+            run_once(op, x, &sbn, r, fused)?;
+            run_once(op, x, &sbn, r, fused)
+        })??;
+        // Thread-local: data-loader threads may allocate pinned memory meanwhile.
+        graph.capture(CaptureMode::ThreadLocal, || run_once(op, x, &sbn, r, fused))?;
+        graph.replay()?;
+        synchronize(device);
+        let t0 = Instant::now();
+        for _ in 0..GRAPH_REPLAYS {
+            graph.replay()?;
+        }
+        synchronize(device);
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / GRAPH_REPLAYS as f64)
+    };
+    let timed = time(true).and_then(|fused| Ok((fused, time(false)?)));
+    // The graphs' private pools (and the scratch tensors) go back to the driver; also after a
+    // failure, so that nothing stays reserved.
+    synchronize(device);
+    let emptied = crate::gpu::memory::empty_cache();
+    let timed = timed?;
+    emptied?;
+    Ok(timed)
+}
+
+/// Device milliseconds per forward + backward of the training batch norm (+ ReLU) of `x` with
+/// `bn`'s values, fused and tch, as `CROSSCLR_FUSED_CHOICE=graph` times them (for tests and
+/// diagnostics; `bn` is not touched). Errors on the CPU or when a capture fails.
+pub fn graph_timed_bn(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<(f64, f64)> {
+    tch::with_grad(|| time_both_in_graphs(FusedOp::BatchNorm { relu }, x, bn, None))
+}
+
 /// Median milliseconds of forward + backward of `op` with the fused kernels and with the tch ops.
 fn time_both(op: FusedOp, x: &Tensor, bn: &BatchNorm, r: Option<&Tensor>) -> Result<(f64, f64)> {
     let device = x.device();
     let vs = tch::nn::VarStore::new(device);
     let sbn = scratch_bn(&vs, bn);
-    let run = |fused: bool| -> Result<()> {
-        let xs = x.detach().set_requires_grad(true);
-        let rs = r.map(|r| r.detach().set_requires_grad(true));
-        let out = match (op, fused) {
-            (FusedOp::BatchNorm { relu }, true) => super::bn_train(&xs, &sbn, relu)?,
-            (FusedOp::BatchNorm { relu }, false) => super::super::fused_bn::native(&xs, &sbn, relu),
-            (FusedOp::Tail { p_bits, .. }, true) => {
-                super::tail(&xs, &sbn, f64::from_bits(p_bits), rs.as_ref(), 0)?
-            }
-            (FusedOp::Tail { p_bits, .. }, false) => {
-                super::native_tail(&xs, &sbn, f64::from_bits(p_bits), rs.as_ref())
-            }
-        };
-        out.sum(Kind::Float).backward();
-        Ok(())
-    };
+    let run = |fused: bool| run_once(op, x, &sbn, r, fused);
     let time = |fused: bool| -> Result<f64> {
         run(fused)?;
         let mut ms = Vec::with_capacity(TIMED_RUNS);
@@ -224,6 +322,9 @@ mod tests {
             !bn.weight.grad().defined()
                 || bn.weight.grad().abs().sum(Kind::Float).double_value(&[]) == 0.0
         );
+        // Graph timing needs CUDA: a clear error on the CPU, nothing moved.
+        let e = graph_timed_bn(&x, &bn, true).expect_err("no CUDA graphs on the CPU");
+        assert!(e.to_string().contains("CUDA"), "{e}");
         // CPU tensors never choose the CUDA kernels.
         assert!(!prefer_fused(
             FusedOp::BatchNorm { relu: true },
