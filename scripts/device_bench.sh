@@ -77,7 +77,7 @@ if [ ! -x "$BIN" ]; then
 else
     say "== smoke test: $BIN bench on cuda (tiny)"
     if ! timeout 60 "$BIN" bench --model crossclr3 --phase 2 --batch 8 --queue-size 64 --frames 20 \
-        --warmup 1 --iters 2 --device cuda --json 2>&1 | tee -a "$LOG"; then
+        --warmup 1 --iters 2 --device cuda --graph off --json 2>&1 | tee -a "$LOG"; then
         say "FAIL: our binary does not run on CUDA here (missing libs? ldd follows)"
         ldd "$BIN" | grep -E "not found|torch|c10" | tee -a "$LOG"
         HAVE_BIN=0
@@ -116,11 +116,13 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
     if [ $HAVE_BIN = 1 ]; then
         # Rows measured in earlier runs (docs/results/h200_bench.jsonl); FULL=1 repeats them.
         if [ "${FULL:-0}" = 1 ]; then
-            run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference
-            run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast
+            run_json "ours reference $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step reference \
+                --tf32 default --cudnn-benchmark off
+            run_json "ours fast $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
+                --graph off --tf32 default --cudnn-benchmark off
         fi
         [ "${ROWS:-all}" = all ] && run_json "ours fast+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
-            --tf32 on --cudnn-benchmark on
+            --tf32 on --cudnn-benchmark on --graph off
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on --graph on
         # The same with the graph products on unpacked 25-joint rows (CROSSCLR_AGG_PACK=off: cuBLAS
@@ -167,8 +169,8 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unfused"/' "$JSONL"
         if [ "${EXTRA:-0}" = 1 ]; then
-            run_json "ours graph (defaults) $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
-                --step fast --graph on
+            run_json "ours graph (libtorch defaults) $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
+                --step fast --graph on --tf32 default --cudnn-benchmark off
             # TF32 off: cuDNN's fp32 kernels may work on NCHW directly, without the NCHW<->NHWC
             # transposes its TF32 kernels need (9 % of the step in the 2026-11-27 profile).
             run_json "ours graph tf32=off $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
@@ -198,7 +200,7 @@ elif [ "$PROFILE" != 0 ]; then
                 tag="ours_${1}_p$2_fused-$fused"
                 CROSSCLR_FUSED_CUDA=$fused CROSSCLR_AGG_OP=$fused timeout "$STAGE_TIMEOUT" "$BIN" bench \
                     --model "$1" --phase "$2" --batch 128 --warmup "$WARMUP" --iters 3 --device cuda --step fast \
-                    --tf32 on --cudnn-benchmark on --profile "$PROF/$tag.json" --profile-steps 3 --json \
+                    --graph off --tf32 on --cudnn-benchmark on --profile "$PROF/$tag.json" --profile-steps 3 --json \
                     >>"$LOG" 2>&1 || say "FAIL profile $tag"
                 cp "$PROF/$tag.txt" "$PROF/$tag.jsonl" "$OUT/profile/" 2>/dev/null
             done

@@ -5,7 +5,7 @@
 mod common;
 use common::{opts, serial, tiny_config, tiny_data};
 use crossclr::gpu::ShimStatus;
-use crossclr::train::config::{PretrainConfig, StepImpl, Tf32Mode};
+use crossclr::train::config::{CudnnBenchmark, PretrainConfig, StepImpl, Tf32Mode};
 use crossclr::train::pretrain::{run_with, RunOptions, Summary};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -285,7 +285,7 @@ fn step_keys_parse_and_override() {
     let c = PretrainConfig::load(&file, &[]).unwrap();
     assert_eq!(
         (c.step_impl, c.tf32, c.cudnn_benchmark),
-        (StepImpl::Reference, Tf32Mode::Default, false)
+        (StepImpl::Reference, Tf32Mode::Auto, CudnnBenchmark::Auto)
     );
     let d = PretrainConfig::from_text("", false, Path::new("<t>"), &[]).unwrap();
     assert_eq!(d.step_impl, StepImpl::Auto);
@@ -296,8 +296,20 @@ fn step_keys_parse_and_override() {
     let c = PretrainConfig::load(&file, &ov).unwrap();
     assert_eq!(
         (c.step_impl, c.tf32, c.cudnn_benchmark),
-        (StepImpl::Fast, Tf32Mode::On, true)
+        (StepImpl::Fast, Tf32Mode::On, CudnnBenchmark::On)
     );
+    let ov: Vec<String> = ["tf32=default", "cudnn_benchmark=false"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let c = PretrainConfig::load(&file, &ov).unwrap();
+    assert_eq!(
+        (c.tf32, c.cudnn_benchmark),
+        (Tf32Mode::Default, CudnnBenchmark::Off)
+    );
+    let bad = PretrainConfig::load(&file, &["cudnn_benchmark=sometimes".to_string()])
+        .expect_err("unknown value");
+    assert!(bad.to_string().contains("cudnn_benchmark"), "{bad}");
     let back =
         PretrainConfig::from_text(&c.to_yaml().unwrap(), false, Path::new("r"), &[]).unwrap();
     assert_eq!(back, c);

@@ -9,16 +9,32 @@ use std::path::{Path, PathBuf};
 /// Synthetic samples generated in memory when `--loader` has no other data (about 123 MB).
 const DEFAULT_SYNTHETIC_SAMPLES: usize = 4096;
 
-/// `on` / `off` switches.
+/// `auto` / `on` / `off` switches; `auto` follows what `crossclr pretrain` does on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Switch {
+pub enum AutoSwitch {
+    Auto,
     On,
     Off,
 }
 
-impl Switch {
-    fn on(self) -> bool {
-        self == Switch::On
+/// `--tf32`: `auto` (on on CUDA, as `crossclr pretrain`'s default), libtorch's `default`, `on`,
+/// `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Tf32Arg {
+    Auto,
+    Default,
+    On,
+    Off,
+}
+
+impl Tf32Arg {
+    fn resolve(self, cuda: bool) -> Tf32 {
+        match self {
+            Tf32Arg::Auto if cuda => Tf32::On,
+            Tf32Arg::Auto | Tf32Arg::Default => Tf32::Default,
+            Tf32Arg::On => Tf32::On,
+            Tf32Arg::Off => Tf32::Off,
+        }
     }
 }
 
@@ -54,15 +70,17 @@ pub struct Args {
     /// reference = the training loop's step; fast = the capture-safe multi-tensor step.
     #[arg(long, value_enum, default_value = "fast")]
     step: StepKind,
-    /// Capture the (fast) step into a CUDA graph and replay it.
-    #[arg(long, value_enum, default_value = "off")]
-    graph: Switch,
-    /// TF32 for cuBLAS and cuDNN: default leaves libtorch's defaults (matmul off, conv on).
-    #[arg(long, value_enum, default_value = "default")]
-    tf32: Tf32,
-    /// cuDNN autotuning.
-    #[arg(long, value_enum, default_value = "off")]
-    cudnn_benchmark: Switch,
+    /// Capture the (fast) step into a CUDA graph and replay it; auto = on for the fast step on
+    /// CUDA (what `crossclr pretrain` runs there by default), off otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    graph: AutoSwitch,
+    /// TF32 for cuBLAS and cuDNN: auto = on on CUDA (`crossclr pretrain`'s default); default
+    /// leaves libtorch's defaults (matmul off, conv on); on / off force both.
+    #[arg(long, value_enum, default_value = "auto")]
+    tf32: Tf32Arg,
+    /// cuDNN autotuning; auto = on on CUDA (`crossclr pretrain`'s default).
+    #[arg(long, value_enum, default_value = "auto")]
+    cudnn_benchmark: AutoSwitch,
     /// Distinct random input batches rotated through.
     #[arg(long, default_value_t = 4)]
     inputs: usize,
@@ -137,9 +155,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.loader {
         return run_loader(&args, device);
     }
+    let cuda = device.is_cuda();
+    let tf32 = args.tf32.resolve(cuda);
     if let Some(dir) = &args.parity_fixture {
-        bench::apply_modes(device, args.tf32, false)?;
-        let tf32 = format!("{:?}", args.tf32).to_lowercase();
+        bench::apply_modes(device, tf32, false)?;
+        let tf32 = format!("{tf32:?}").to_lowercase();
         let report = bench::parity::run(dir, device, &tf32)?;
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
@@ -175,9 +195,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         warmup: args.warmup,
         iters: args.iters,
         step: args.step,
-        graph: args.graph.on(),
-        tf32: args.tf32,
-        cudnn_benchmark: args.cudnn_benchmark.on(),
+        graph: match args.graph {
+            AutoSwitch::Auto => {
+                cuda && args.step == StepKind::Fast
+                    && crossclr::gpu::shim_status() == crossclr::gpu::ShimStatus::Cuda
+            }
+            AutoSwitch::On => true,
+            AutoSwitch::Off => false,
+        },
+        tf32,
+        cudnn_benchmark: match args.cudnn_benchmark {
+            AutoSwitch::Auto => cuda,
+            AutoSwitch::On => true,
+            AutoSwitch::Off => false,
+        },
         inputs: args.inputs,
         seed: args.seed,
         profile: args.profile.clone(),

@@ -28,7 +28,7 @@ use crate::gpu::step::StepLosses;
 use crate::gpu::{self, CaptureMode, CapturedStep, FastStep, SgdConfig, ShimStatus};
 use crate::ssl::model::SslModel;
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
-use crate::train::config::{PretrainConfig, StepImpl, Tf32Mode};
+use crate::train::config::{CudnnBenchmark, PretrainConfig, StepImpl, Tf32Mode};
 use crate::train::logger::RunLogger;
 use tch::{Device, Kind, Tensor};
 
@@ -110,11 +110,12 @@ pub fn resolve(
 /// ignored. Returns a description for the log.
 pub fn apply_numeric_modes(cfg: &PretrainConfig, device: Device) -> Result<String> {
     if !device.is_cuda() {
-        let ignored = cfg.tf32 != Tf32Mode::Default || cfg.cudnn_benchmark;
+        let ignored = !matches!(cfg.tf32, Tf32Mode::Auto | Tf32Mode::Default)
+            || cfg.cudnn_benchmark != CudnnBenchmark::Auto;
         return Ok(format!(
             "tf32 {}, cudnn_benchmark {}{}",
             cfg.tf32.name(),
-            cfg.cudnn_benchmark,
+            cfg.cudnn_benchmark.name(),
             if ignored {
                 " (CUDA only: ignored on CPU)"
             } else {
@@ -122,20 +123,29 @@ pub fn apply_numeric_modes(cfg: &PretrainConfig, device: Device) -> Result<Strin
             }
         ));
     }
-    match cfg.tf32 {
-        Tf32Mode::Default => {}
+    let tf32 = cfg.tf32.on_cuda();
+    match tf32 {
+        Tf32Mode::Auto | Tf32Mode::Default => {}
         Tf32Mode::On => gpu::set_tf32(true)?,
         Tf32Mode::Off => gpu::set_tf32(false)?,
     }
-    gpu::set_cudnn_benchmark(cfg.cudnn_benchmark);
+    let benchmark = cfg.cudnn_benchmark.on_cuda();
+    gpu::set_cudnn_benchmark(benchmark);
     let state = match gpu::tf32_state() {
         Ok((cublas, cudnn)) => format!(" (cuBLAS matmul {cublas}, cuDNN conv {cudnn})"),
         Err(_) => String::new(),
     };
+    let resolved = |set: &str, got: &str| {
+        if set == got {
+            got.to_string()
+        } else {
+            format!("{set} -> {got}")
+        }
+    };
     Ok(format!(
         "tf32 {}{state}, cudnn_benchmark {}",
-        cfg.tf32.name(),
-        cfg.cudnn_benchmark
+        resolved(cfg.tf32.name(), tf32.name()),
+        resolved(cfg.cudnn_benchmark.name(), &benchmark.to_string())
     ))
 }
 
