@@ -9,7 +9,7 @@
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
 # final table on stdout. TUNED=0 skips the tuned PyTorch rows, UNFUSED=0 the rows without the fused kernels;
 # TEST_BIN runs a carried test binary first; CONFIGS (default "skeletonclr-1 crossclr3-1 crossclr3-2") picks
-# the model-phase pairs; ROWS=graph keeps only our graph row (no fast / unpacked / one-stream rows). EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
+# the model-phase pairs; ROWS=graph keeps our graph row and the rows of levers not yet measured (no fast / unpacked / one-stream rows). EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
 # the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles (PROFILE=ours: only ours, fused); BUDGET (seconds,
 # default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
 # so one hang cannot eat the budget.
@@ -158,7 +158,7 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-one-stream"/' "$JSONL"
         # One side stream per view instead of one per pass (CROSSCLR_VIEW_STREAMS=views: a view's
         # query and key pass share it; fewer per-stream block caches, so maybe less reserved memory).
-        [ "${ROWS:-all}" = all ] && [ "$model" != skeletonclr ] && CROSSCLR_VIEW_STREAMS=views run_json \
+        [ "$model" != skeletonclr ] && CROSSCLR_VIEW_STREAMS=views run_json \
             "ours graph+tf32+cudnn per-view-streams $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
             --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-per-view-streams"/' "$JSONL"
