@@ -24,24 +24,36 @@ namespace {
 
 class AggregateFirst : public torch::autograd::Function<AggregateFirst> {
  public:
-  // x (R, V), g (K, V, W) -> z (K, R, W).
-  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x, const at::Tensor &g) {
+  // x (R, V), g (K, V, W) -> z (K, R, W); with tail_rows > 0 the result is 2-D,
+  // (K·R + (K + pad_blocks)·tail_rows, W): z's K·R rows, then for each partition k, tail_rows rows all
+  // equal to colsum_k = sum_v g[k, v, :], then pad_blocks·tail_rows rows of zeros.
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x, const at::Tensor &g,
+                            int64_t tail_rows, int64_t pad_blocks) {
     const int64_t k = g.size(0), r = x.size(0), w = g.size(2);
-    at::Tensor z = at::empty({k, r, w}, x.options());
+    at::Tensor out = at::empty({k * r + (k + pad_blocks) * tail_rows, w}, x.options());
+    at::Tensor z = out.narrow(0, 0, k * r).view({k, r, w});
     for (int64_t i = 0; i < k; ++i) {
       at::Tensor zi = z.select(0, i);
       at::mm_out(zi, x, g.select(0, i));
     }
+    if (tail_rows > 0) {
+      at::Tensor tail = out.narrow(0, k * r, k * tail_rows).view({k, tail_rows, w});
+      tail.copy_(g.sum(1, /*keepdim=*/true).expand({k, tail_rows, w}));
+      if (pad_blocks > 0) out.narrow(0, k * r + k * tail_rows, pad_blocks * tail_rows).zero_();
+    }
     ctx->save_for_backward({x, g});
-    return z;
+    ctx->saved_data["tail_rows"] = tail_rows;
+    return tail_rows > 0 ? out : z;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &g = saved[1];
-    const at::Tensor dz = grad_outputs[0].contiguous();
-    const int64_t k = g.size(0);
+    const int64_t tail_rows = ctx->saved_data["tail_rows"].toInt();
+    const int64_t k = g.size(0), r = x.size(0), w = g.size(2);
+    const at::Tensor dout = grad_outputs[0].contiguous();
+    const at::Tensor dz = dout.view({-1, w}).narrow(0, 0, k * r).view({k, r, w});
     at::Tensor dx, dg;
     if (ctx->needs_input_grad(0)) {
       dx = at::mm(dz.select(0, 0), g.select(0, 0).t());
@@ -54,8 +66,13 @@ class AggregateFirst : public torch::autograd::Function<AggregateFirst> {
         at::Tensor dgi = dg.select(0, i);
         at::mm_out(dgi, xt, dz.select(0, i));
       }
+      if (tail_rows > 0) {
+        // d colsum_k[w] = sum over the tail rows; every g[k, v, w] gets it.
+        const at::Tensor dcol = dout.view({-1, w}).narrow(0, k * r, k * tail_rows).view({k, tail_rows, w}).sum(1);
+        dg.add_(dcol.unsqueeze(1));
+      }
     }
-    return {dx, dg};
+    return {dx, dg, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -63,10 +80,12 @@ class AggregateFirst : public torch::autograd::Function<AggregateFirst> {
 
 extern "C" {
 
-// z = AggregateFirst(x, g): x a contiguous floating (R, V) tensor, g a (K, V, W) tensor of the same
-// dtype and device. `*out` receives a new at::Tensor* (K, R, W) owned by the caller. Status/err as
-// the rest of the shim.
-int crossclr_aggregate_first(void *x, void *g, void **out, char **err) {
+// z = AggregateFirst(x, g, tail_rows, pad_blocks): x a contiguous floating (R, V) tensor, g a (K, V, W)
+// tensor of the same dtype and device. `*out` receives a new at::Tensor* owned by the caller: (K, R, W),
+// or with tail_rows > 0, (K·R + (K + pad_blocks)·tail_rows, W) with the column sums of each g[k] and
+// zero rows appended (see forward).
+// Status/err as the rest of the shim.
+int crossclr_aggregate_first(void *x, void *g, int64_t tail_rows, int64_t pad_blocks, void **out, char **err) {
   return crossclr::guarded(err, [&] {
     const char *op = "graph aggregation";
     TORCH_CHECK(out != nullptr, op, ": null output pointer");
@@ -80,7 +99,9 @@ int crossclr_aggregate_first(void *x, void *g, void **out, char **err) {
                 ": input and graph differ in dtype or device (", xt.scalar_type(), " on ", xt.device(), " vs ",
                 gt.scalar_type(), " on ", gt.device(), ")");
     TORCH_CHECK(gt.size(0) >= 1, op, ": the graph has no partition");
-    *out = new at::Tensor(AggregateFirst::apply(xt, gt));
+    TORCH_CHECK(tail_rows >= 0 && pad_blocks >= 0, op, ": negative column-sum row count ", tail_rows,
+                " or padding ", pad_blocks);
+    *out = new at::Tensor(AggregateFirst::apply(xt, gt, tail_rows, pad_blocks));
   });
 }
 

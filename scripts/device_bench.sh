@@ -140,6 +140,12 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         CROSSCLR_FUSED_CHOICE=graph run_json "ours graph+tf32+cudnn graph-choice $model p$phase" "$BIN" bench --model "$model" \
             --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
             sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-graph-choice"/' "$JSONL"
+        # The graph-convolution bias added inside the 1x1 product (CROSSCLR_GCN_BIAS=gemm: K
+        # column-sum rows and K bias columns instead of a broadcast add and its gradient
+        # reduction; built 2026-11-27 without a GPU, off on CUDA until measured).
+        CROSSCLR_GCN_BIAS=gemm run_json "ours graph+tf32+cudnn gcn-bias-gemm $model p$phase" "$BIN" bench --model "$model" \
+            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
+            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-gcn-bias-gemm"/' "$JSONL"
         # Without folding the temporal / residual convolution biases into the batch norms
         # (CROSSCLR_FOLD_BIAS=off; the fold, built 2026-11-27 without a GPU, is on by default: it
         # drops a bias add and a bias-gradient reduction per convolution).

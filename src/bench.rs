@@ -245,6 +245,9 @@ pub struct BenchReport {
     /// following batch norms (`model::stgcn::layers::BatchNorm::folding`; off with
     /// CROSSCLR_FOLD_BIAS=off).
     pub fold_bias: bool,
+    /// Whether the aggregate-first blocks added the graph-convolution bias inside the 1×1 product
+    /// (`model::stgcn::aggregate::bias_in_product`; CROSSCLR_GCN_BIAS=gemm|add).
+    pub gcn_bias_in_product: bool,
     /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
     /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
     pub cuda_alloc_conf: Option<String>,
@@ -403,6 +406,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
         fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
         fold_bias: crate::model::stgcn::layers::fold_bias_enabled(),
+        gcn_bias_in_product: crate::model::stgcn::aggregate::bias_in_product(device),
         side_streams: if matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
             && gpu::streams::enabled()

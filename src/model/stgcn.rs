@@ -142,6 +142,9 @@ pub struct StGcn {
     /// train mode (channel-major only; [`layers::BatchNorm::folding`]). Default: on, unless
     /// `CROSSCLR_FOLD_BIAS=off`.
     fold_bias: bool,
+    /// Add the graph convolution's bias inside the 1×1 product (aggregate-first only; see
+    /// [`aggregate::packed_with_colsums`]); `None`: [`aggregate::bias_in_product`] decides.
+    gcn_bias_in_product: Option<bool>,
 }
 
 /// (C_in, C_out, stride, residual?) of the 10 blocks, as in the official `Model`.
@@ -224,6 +227,7 @@ impl StGcn {
             formulation,
             aggregation,
             fold_bias: layers::fold_bias_enabled(),
+            gcn_bias_in_product: None,
         }
     }
 
@@ -259,6 +263,13 @@ impl StGcn {
 
     pub fn fold_bias(&self) -> bool {
         self.fold_bias
+    }
+
+    /// Forces where the aggregate-first block adds its graph-convolution bias: inside the 1×1
+    /// product (`Some(true)`), as a separate add (`Some(false)`), or as
+    /// [`aggregate::bias_in_product`] says for the device (`None`, the default).
+    pub fn set_gcn_bias_in_product(&mut self, on: Option<bool>) {
+        self.gcn_bias_in_product = on;
     }
 
     /// `A ⊙ E_i` for block `i`, `(K, V, V)`.
@@ -301,11 +312,15 @@ impl StGcn {
                 let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
                 for (i, b) in self.blocks.iter().enumerate() {
                     let fold = train && self.fold_bias;
+                    let bias_in_product = self
+                        .gcn_bias_in_product
+                        .unwrap_or_else(|| aggregate::bias_in_product(h.device()));
                     h = b.forward_channel_major(
                         &h,
                         &self.graph_of(i),
                         train,
                         fold,
+                        bias_in_product,
                         self.aggregation,
                     );
                 }
@@ -379,13 +394,14 @@ impl Block {
         g: &Tensor,
         train: bool,
         fold: bool,
+        bias_in_product: bool,
         agg: Aggregation,
     ) -> Tensor {
         // With `fold` (train mode) the biases of the temporal and the residual convolutions are
         // folded into the batch norms that follow them (`BatchNorm::folding`): same outputs,
         // running statistics and parameter updates, two passes over the activation fewer per
         // convolution.
-        let y = self.aggregate(x, g, agg);
+        let y = self.aggregate(x, g, agg, bias_in_product);
         let y = self.tcn(&y, train, fold);
         self.add_residual(y, x, train, fold)
     }
@@ -395,7 +411,7 @@ impl Block {
     ///
     /// Only 2-D matrix products on contiguous views: their backward passes need no copies
     /// (batched or broadcast products copy their transposed operands on the CPU).
-    fn aggregate(&self, x: &Tensor, g: &Tensor, agg: Aggregation) -> Tensor {
+    fn aggregate(&self, x: &Tensor, g: &Tensor, agg: Aggregation, bias_in_product: bool) -> Tensor {
         let s = x.size();
         let (c_in, rows, t, v) = (s[1], s[2] * s[3], s[3], s[4]);
         let (k, c) = (self.k, self.c_out());
@@ -414,11 +430,31 @@ impl Block {
             // On CUDA, 4 rows of 25 joints are packed into one so that cuBLAS gets 16-byte
             // aligned rows (`aggregate::packed`).
             let pack = aggregate::packing(v, x.device());
-            let z = aggregate::packed(&x2, g, pack).view([k * c_in, rows * v]);
             let wc = w
                 .view([k, c, c_in])
                 .permute([1, 0, 2])
                 .reshape([c, k * c_in]);
+            if bias_in_product {
+                // The bias inside the product: z gets K rows of column sums per row block,
+                // [colsum_k[w] for each (row, w)], and W_c gets the bias b[k, c] as K more
+                // columns, so out = [W_c b] @ [z; S] without a pass over the output for the add
+                // nor one over its gradient for the bias gradient.
+                // With packed rows (CUDA) `pad` zero rows / columns keep the weight operand's
+                // rows a multiple of 4 floats long (16-byte aligned for cuBLAS).
+                let inner = k * c_in + k;
+                let pad = if pack > 1 { (4 - inner % 4) % 4 } else { 0 };
+                let z = aggregate::packed_with_colsums(&x2, g, pack, rows, pad)
+                    .view([inner + pad, rows * v]);
+                let bias_cols = self.gcn.bias.view([k, c]).transpose(0, 1);
+                let wb = if pad > 0 {
+                    let zeros = Tensor::zeros([c, pad], (wc.kind(), wc.device()));
+                    Tensor::cat(&[wc, bias_cols, zeros], 1)
+                } else {
+                    Tensor::cat(&[wc, bias_cols], 1)
+                };
+                return wb.mm(&z).view([1, c, s[2], t, v]);
+            }
+            let z = aggregate::packed(&x2, g, pack).view([k * c_in, rows * v]);
             // bias: sum_k b[k, c] * sum_v g[k, v, w], shape (C, 1, W)
             let bias = (self.gcn.bias.view([k, c, 1])
                 * g.sum_dim_intlist([1i64].as_slice(), true, None))
@@ -576,6 +612,50 @@ mod tests {
             let d = (y - &outs[0].0).abs().max().double_value(&[]);
             let dt = (yt - &outs[0].1).abs().max().double_value(&[]);
             assert!(d < 1e-5 && dt < 1e-5, "eval diff {d}, train diff {dt}");
+        }
+    }
+
+    /// The graph-convolution bias inside the 1×1 product (column-sum rows) gives the same
+    /// outputs and gradients as the separate add, with non-zero biases and edge importance, in
+    /// float64 (unpacked rows on the CPU; aggregate.rs compares the packed op with the unpacked).
+    #[test]
+    fn gcn_bias_in_the_product_matches_the_add() {
+        let run = |in_product: bool| {
+            tch::manual_seed(12);
+            let mut vs = VarStore::new(Device::Cpu);
+            let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
+            vs.double();
+            tch::manual_seed(13);
+            tch::no_grad(|| {
+                let mut vars: Vec<_> = vs.variables().into_iter().collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, mut t) in vars {
+                    if name.ends_with(".bias") || name.starts_with("edge_importance") {
+                        t.copy_(&(Tensor::randn_like(&t) * 0.5 + 1.0));
+                    }
+                }
+            });
+            net.set_gcn_bias_in_product(Some(in_product));
+            let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Double, Device::Cpu));
+            let w = Tensor::randn([2, 16], (Kind::Double, Device::Cpu));
+            let y = net.forward(&x, true);
+            (&y * &w).sum(Kind::Double).backward();
+            let mut grads: Vec<(String, Tensor)> = vs
+                .trainable_variables()
+                .iter()
+                .map(|t| t.grad())
+                .enumerate()
+                .map(|(i, g)| (i.to_string(), g))
+                .collect();
+            grads.push(("out".into(), y.detach()));
+            grads.push(("eval".into(), tch::no_grad(|| net.forward(&x, false))));
+            grads
+        };
+        let (want, got) = (run(false), run(true));
+        for ((name, a), (_, b)) in want.iter().zip(&got) {
+            let scale = a.abs().max().double_value(&[]).max(1.0);
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d < 1e-10 * scale, "{name}: {d}");
         }
     }
     /// Folding the conv biases into the batch norms changes nothing but float rounding: train

@@ -23,6 +23,8 @@ extern "C" {
     fn crossclr_aggregate_first(
         x: *mut std::ffi::c_void,
         g: *mut std::ffi::c_void,
+        tail_rows: i64,
+        pad_blocks: i64,
         out: *mut *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
@@ -37,13 +39,50 @@ pub fn enabled() -> bool {
 /// `z` `(K, R, W)` with `z[k] = x @ g[k]`; `x` `(R, V)` contiguous, `g` `(K, V, W)`.
 pub fn aggregate_first(x: &Tensor, g: &Tensor) -> Tensor {
     if enabled() {
-        match run_op(x, g) {
+        match run_op(x, g, 0, 0) {
             Ok(z) => return z,
             // Only a broken invariant gets here (shapes are checked before anything is computed).
             Err(msg) => warn_once(&msg),
         }
     }
     plain(x, g)
+}
+
+/// `[z; S; 0]` `(K·R + (K + pad)·T, W)`: the rows of [`aggregate_first`]'s `z`, then for each
+/// partition `k`, `T = tail_rows` rows all equal to `colsum_k = Σ_v g[k, v, :]` (gradients flow to
+/// `g` through them too), then `pad · T` rows of zeros (for aligned product operands). With the
+/// 1×1 convolution's bias as `K` extra weight columns (and `pad` zero ones), one product then adds
+/// the block's bias `Σ_k b[k, c] · colsum_k[w]` (see `Block::aggregate` in `stgcn.rs`).
+pub fn aggregate_first_with_colsums(x: &Tensor, g: &Tensor, tail_rows: i64, pad: i64) -> Tensor {
+    if enabled() {
+        match run_op(x, g, tail_rows, pad) {
+            Ok(z) => return z,
+            Err(msg) => warn_once(&msg),
+        }
+    }
+    let (k, w) = (g.size()[0], g.size()[2]);
+    let sums = g
+        .sum_dim_intlist([1i64].as_slice(), true, None)
+        .expand([k, tail_rows, w], false)
+        .reshape([k * tail_rows, w]);
+    let zeros = Tensor::zeros([pad * tail_rows, w], (g.kind(), g.device()));
+    Tensor::cat(&[plain(x, g).view([-1, w]), sums, zeros], 0)
+}
+
+/// [`aggregate_first_with_colsums`] on `pack` rows packed into one (as [`packed`]); falls back to
+/// the unpacked op when `pack` does not divide both row counts.
+pub fn packed_with_colsums(x: &Tensor, g: &Tensor, pack: i64, tail_rows: i64, pad: i64) -> Tensor {
+    let (k, v, w) = (g.size()[0], g.size()[1], g.size()[2]);
+    let r = x.size()[0];
+    if pack <= 1 || r % pack != 0 || tail_rows % pack != 0 {
+        return aggregate_first_with_colsums(x, g, tail_rows, pad);
+    }
+    let eye = Tensor::eye(pack, (g.kind(), g.device())).view([1, pack, 1, pack, 1]);
+    let g_bd = (eye * g.view([k, 1, v, 1, w])).reshape([k, pack * v, pack * w]);
+    // The column sums of the block-diagonal are `pack` copies of colsum_k: one packed tail row
+    // is `pack` unpacked ones.
+    aggregate_first_with_colsums(&x.view([r / pack, pack * v]), &g_bd, tail_rows / pack, pad)
+        .view([-1, w])
 }
 
 /// The same `z` `(K, R, W)` as [`aggregate_first`], computed on `P` rows packed into one:
@@ -68,6 +107,31 @@ pub fn packed(x: &Tensor, g: &Tensor, pack: i64) -> Tensor {
     aggregate_first(&x.view([r / pack, pack * v]), &g_bd).view([k, r, w])
 }
 
+/// Environment variable: `gemm` adds the block's graph-convolution bias inside the 1×1 product
+/// (column-sum rows, [`packed_with_colsums`]); `add` adds it as a separate broadcast add.
+pub const ENV_GCN_BIAS: &str = "CROSSCLR_GCN_BIAS";
+
+/// Whether the channel-major block adds its graph-convolution bias inside the 1×1 product on
+/// `device` (read once per process from [`ENV_GCN_BIAS`]). Default: inside on the CPU, a
+/// separate add on CUDA (not measured on a GPU yet; the weight operand then has `K` (+ padding)
+/// more columns, which changes cuBLAS's kernel choice).
+///
+/// Measured on the 2-core CPU (2026-11-27, whole process of `crossclr bench --model skeletonclr
+/// --batch 128 --warmup 1 --iters 3`, 4 interleaved pairs): 0.967x the wall time of the separate
+/// add (0.935-1.051), peak RSS -31 MiB; step medians at batch 64 -3 % (SkeletonCLR, 3 of 3
+/// pairs) and -2 % (CrosSCLR-3 phase 1, 2 of 2).
+pub fn bias_in_product(device: tch::Device) -> bool {
+    static MODE: OnceLock<Option<bool>> = OnceLock::new();
+    let mode = *MODE.get_or_init(
+        || match std::env::var(ENV_GCN_BIAS).as_deref().map(str::trim) {
+            Ok("gemm") => Some(true),
+            Ok("add") => Some(false),
+            _ => None,
+        },
+    );
+    mode.unwrap_or(!device.is_cuda())
+}
+
 /// The row packing [`packed`] uses for `V` joints on `device`: `4 / gcd(V, 4)` on CUDA (1 on the
 /// CPU, where the extra arithmetic of the zero blocks costs more than aligned rows gain), or 1
 /// with `CROSSCLR_AGG_PACK=off`; `CROSSCLR_AGG_PACK=on` packs on every device.
@@ -90,7 +154,7 @@ pub fn packing(v: i64, device: tch::Device) -> i64 {
 }
 
 /// The C++ op (csrc/aggregate.cpp); its error message on failure.
-fn run_op(x: &Tensor, g: &Tensor) -> Result<Tensor, String> {
+fn run_op(x: &Tensor, g: &Tensor, tail_rows: i64, pad: i64) -> Result<Tensor, String> {
     #[cfg(not(crossclr_no_shim))]
     {
         let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
@@ -101,6 +165,8 @@ fn run_op(x: &Tensor, g: &Tensor) -> Result<Tensor, String> {
             crossclr_aggregate_first(
                 x.as_ptr() as *mut _,
                 g.as_ptr() as *mut _,
+                tail_rows,
+                pad,
                 &mut out,
                 &mut err,
             )
@@ -112,7 +178,7 @@ fn run_op(x: &Tensor, g: &Tensor) -> Result<Tensor, String> {
     }
     #[cfg(crossclr_no_shim)]
     {
-        let _ = (x, g);
+        let _ = (x, g, tail_rows, pad);
         Err("built without the C++ shim".into())
     }
 }
@@ -192,6 +258,50 @@ mod tests {
         }
     }
 
+    /// The column-sum rows: op, packed op and the plain fallback agree (values and both
+    /// gradients, float64), the tail rows are the column sums of each partition, then zeros.
+    #[test]
+    fn colsum_rows_match_the_plain_formulation() {
+        tch::manual_seed(8);
+        let opts = (Kind::Double, Device::Cpu);
+        let (rows, tail) = (48i64, 12i64);
+        let x = Tensor::randn([rows, 25], opts);
+        let g = Tensor::randn([3, 25, 25], opts);
+        let pad = 1i64;
+        let dz = Tensor::randn([3 * rows + (3 + pad) * tail, 25], opts);
+        let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| value_and_grads(f, &x, &g, &dz);
+        let want = run(&|x, g| {
+            let (k, w) = (g.size()[0], g.size()[2]);
+            let sums = g
+                .sum_dim_intlist([1i64].as_slice(), true, None)
+                .expand([k, tail, w], false)
+                .reshape([k * tail, w]);
+            let zeros = Tensor::zeros([pad * tail, w], opts);
+            Tensor::cat(&[plain(x, g).view([-1, w]), sums, zeros], 0)
+        });
+        assert_eq!(want.0.size(), vec![3 * rows + (3 + pad) * tail, 25]);
+        let colsum1 = g.get(1).sum_dim_intlist([0i64].as_slice(), false, None);
+        let d = (want.0.get(3 * rows + tail + 5) - &colsum1).abs().max();
+        assert!(d.double_value(&[]) < 1e-12);
+        let last = want.0.get(3 * rows + (3 + pad) * tail - 1);
+        assert_eq!(last.abs().max().double_value(&[]), 0.0);
+        for (name, got) in [
+            (
+                "op",
+                run(&|x, g| aggregate_first_with_colsums(x, g, tail, pad)),
+            ),
+            (
+                "packed",
+                run(&|x, g| packed_with_colsums(x, g, 4, tail, pad)),
+            ),
+        ] {
+            for (a, b) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
+                let d = (a - b).abs().max().double_value(&[]);
+                assert!(d < 1e-10, "{name}: {d}");
+            }
+        }
+    }
+
     #[test]
     fn packing_aligns_rows_to_16_bytes_on_cuda_only() {
         if std::env::var(ENV_PACK).is_ok() {
@@ -208,7 +318,7 @@ mod tests {
     fn bad_shapes_are_refused() {
         let x = Tensor::zeros([4, 25], (Kind::Float, Device::Cpu));
         let g = Tensor::zeros([3, 20, 25], (Kind::Float, Device::Cpu));
-        let msg = run_op(&x, &g).expect_err("mismatched shapes must be refused");
+        let msg = run_op(&x, &g, 0, 0).expect_err("mismatched shapes must be refused");
         assert!(msg.contains("graph must be (K, 25, W)"), "{msg}");
     }
 }
