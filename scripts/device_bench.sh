@@ -59,6 +59,18 @@ run_json() {
     return $status
 }
 
+# One row of our graph step (TF32, cuDNN autotuning) with a lever set by environment assignments,
+# labelled "-TAG" in the JSON mode: lever_row TAG VAR=VALUE... (uses $model, $phase, $COMMON).
+lever_row() {
+    local tag=$1
+    shift
+    (
+        export "$@"
+        run_json "ours graph+tf32+cudnn $tag $model p$phase" "$BIN" bench --model "$model" --phase "$phase" \
+            $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on
+    ) && sed -i "\$ s/\"mode\":\"\\([a-z+_]*\\)\"/\"mode\":\"\\1-$tag\"/" "$JSONL"
+}
+
 say "== device"
 nvidia-smi -L 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
@@ -127,53 +139,34 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
             --tf32 on --cudnn-benchmark on --graph on
         # The same with the graph products on unpacked 25-joint rows (CROSSCLR_AGG_PACK=off: cuBLAS
         # align1 kernels), to measure what the row packing brings.
-        [ "${ROWS:-all}" = all ] && CROSSCLR_AGG_PACK=off run_json "ours graph+tf32+cudnn unpacked $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unpacked"/' "$JSONL"
+        [ "${ROWS:-all}" = all ] && lever_row unpacked CROSSCLR_AGG_PACK=off
         # With the four-wide (16-byte load / store) variants of the fused kernels
         # (CROSSCLR_FUSED_VEC4=on; built 2026-11-27 without a GPU, off by default until measured).
-        CROSSCLR_FUSED_VEC4=on run_json "ours graph+tf32+cudnn vec4 $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-vec4"/' "$JSONL"
+        lever_row vec4 CROSSCLR_FUSED_VEC4=on
         # The fused-vs-tch choice timed as device work in CUDA-graph replays instead of eager wall
         # time (CROSSCLR_FUSED_CHOICE=graph; built 2026-11-27 without a GPU, off until measured).
-        CROSSCLR_FUSED_CHOICE=graph run_json "ours graph+tf32+cudnn graph-choice $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-graph-choice"/' "$JSONL"
+        lever_row graph-choice CROSSCLR_FUSED_CHOICE=graph
         # The graph-convolution bias added inside the 1x1 product (CROSSCLR_GCN_BIAS=gemm: K
         # column-sum rows and K bias columns instead of a broadcast add and its gradient
         # reduction; built 2026-11-27 without a GPU, off on CUDA until measured).
-        CROSSCLR_GCN_BIAS=gemm run_json "ours graph+tf32+cudnn gcn-bias-gemm $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-gcn-bias-gemm"/' "$JSONL"
+        lever_row gcn-bias-gemm CROSSCLR_GCN_BIAS=gemm
         # Without folding the temporal / residual convolution biases into the batch norms
         # (CROSSCLR_FOLD_BIAS=off; the fold, built 2026-11-27 without a GPU, is on by default: it
         # drops a bias add and a bias-gradient reduction per convolution).
-        CROSSCLR_FOLD_BIAS=off run_json "ours graph+tf32+cudnn unfolded $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unfolded"/' "$JSONL"
+        lever_row unfolded CROSSCLR_FOLD_BIAS=off
         # With the temporal convolutions' weight gradients on their own stream
         # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
-        [ "${EXTRA:-0}" = 1 ] && CROSSCLR_WGRAD_STREAM=on run_json "ours graph+tf32+cudnn wgrad-stream $model p$phase" "$BIN" \
-            bench --model "$model" --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-wgrad-stream"/' "$JSONL"
+        [ "${EXTRA:-0}" = 1 ] && lever_row wgrad-stream CROSSCLR_WGRAD_STREAM=on
         # The same without side streams (CROSSCLR_VIEW_STREAMS=off: every query / key pass on one
         # stream), to measure what running the views' encoders concurrently brings.
-        [ "${ROWS:-all}" = all ] && CROSSCLR_VIEW_STREAMS=off run_json "ours graph+tf32+cudnn one-stream $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-one-stream"/' "$JSONL"
+        [ "${ROWS:-all}" = all ] && lever_row one-stream CROSSCLR_VIEW_STREAMS=off
         # One side stream per view instead of one per pass (CROSSCLR_VIEW_STREAMS=views: a view's
         # query and key pass share it; fewer per-stream block caches, so maybe less reserved memory).
-        [ "$model" != skeletonclr ] && CROSSCLR_VIEW_STREAMS=views run_json \
-            "ours graph+tf32+cudnn per-view-streams $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
-            --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-per-view-streams"/' "$JSONL"
+        [ "$model" != skeletonclr ] && lever_row per-view-streams CROSSCLR_VIEW_STREAMS=views
         # Without the earlier levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
         # add as separate libtorch kernels; CROSSCLR_AGG_OP=off: the graph product + permuting copy),
         # i.e. the step measured on 2026-11-26, to measure what they bring together.
-        [ "${UNFUSED:-1}" = 1 ] && CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off run_json "ours graph+tf32+cudnn unfused $model p$phase" "$BIN" bench --model "$model" \
-            --phase "$phase" $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on &&
-            sed -i '$ s/"mode":"\([a-z+_]*\)"/"mode":"\1-unfused"/' "$JSONL"
+        [ "${UNFUSED:-1}" = 1 ] && lever_row unfused CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off
         if [ "${EXTRA:-0}" = 1 ]; then
             run_json "ours graph (libtorch defaults) $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
                 --step fast --graph on --tf32 default --cudnn-benchmark off
