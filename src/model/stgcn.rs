@@ -615,6 +615,20 @@ mod tests {
         }
     }
 
+    /// Sets the variables whose names `pick` selects to N(`mean`, 0.5²) draws, in name order (so
+    /// that two stores built alike get the same values under the same seed).
+    fn randomize(vs: &VarStore, mean: f64, pick: impl Fn(&str) -> bool) {
+        tch::no_grad(|| {
+            let mut vars: Vec<_> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, mut t) in vars {
+                if pick(&name) {
+                    t.copy_(&(Tensor::randn_like(&t) * 0.5 + mean));
+                }
+            }
+        });
+    }
+
     /// The graph-convolution bias inside the 1×1 product (column-sum rows) gives the same
     /// outputs and gradients as the separate add, with non-zero biases and edge importance, in
     /// float64 (unpacked rows on the CPU; aggregate.rs compares the packed op with the unpacked).
@@ -626,14 +640,8 @@ mod tests {
             let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
             vs.double();
             tch::manual_seed(13);
-            tch::no_grad(|| {
-                let mut vars: Vec<_> = vs.variables().into_iter().collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0));
-                for (name, mut t) in vars {
-                    if name.ends_with(".bias") || name.starts_with("edge_importance") {
-                        t.copy_(&(Tensor::randn_like(&t) * 0.5 + 1.0));
-                    }
-                }
+            randomize(&vs, 1.0, |name| {
+                name.ends_with(".bias") || name.starts_with("edge_importance")
             });
             net.set_gcn_bias_in_product(Some(in_product));
             let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Double, Device::Cpu));
@@ -677,15 +685,7 @@ mod tests {
                 vs.double();
             }
             tch::manual_seed(6);
-            tch::no_grad(|| {
-                let mut vars: Vec<_> = vs.variables().into_iter().collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0));
-                for (name, mut t) in vars {
-                    if name.ends_with(".bias") {
-                        t.copy_(&(Tensor::randn_like(&t) * 0.5 + 0.3));
-                    }
-                }
-            });
+            randomize(&vs, 0.3, |name| name.ends_with(".bias"));
             net.set_fold_bias(fold);
             let x = Tensor::randn([3, 3, 12, 25, 2], (kind, Device::Cpu));
             let w = Tensor::randn([3, 16], (kind, Device::Cpu));
