@@ -615,18 +615,30 @@ mod tests {
         }
     }
 
-    /// Sets the variables whose names `pick` selects to N(`mean`, 0.5²) draws, in name order (so
-    /// that two stores built alike get the same values under the same seed).
-    fn randomize(vs: &VarStore, mean: f64, pick: impl Fn(&str) -> bool) {
+    /// A tiny encoder whose variables are copied from `src` (the same values in every call, without
+    /// depending on libtorch's global generator, which tests running in parallel share).
+    fn copy_of(src: &VarStore, kind: Kind) -> (VarStore, StGcn) {
+        let mut vs = VarStore::new(Device::Cpu);
+        let net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
+        if kind == Kind::Double {
+            vs.double();
+        }
+        vs.copy(src).unwrap();
+        (vs, net)
+    }
+
+    /// A tiny encoder's variables with those that `pick` selects set to N(`mean`, 0.5²) draws.
+    fn randomized(mean: f64, pick: impl Fn(&str) -> bool) -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let _net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
         tch::no_grad(|| {
-            let mut vars: Vec<_> = vs.variables().into_iter().collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            for (name, mut t) in vars {
+            for (name, mut t) in vs.variables() {
                 if pick(&name) {
                     t.copy_(&(Tensor::randn_like(&t) * 0.5 + mean));
                 }
             }
         });
+        vs
     }
 
     /// The graph-convolution bias inside the 1×1 product (column-sum rows) gives the same
@@ -634,18 +646,14 @@ mod tests {
     /// float64 (unpacked rows on the CPU; aggregate.rs compares the packed op with the unpacked).
     #[test]
     fn gcn_bias_in_the_product_matches_the_add() {
+        let src = randomized(1.0, |name| {
+            name.ends_with(".bias") || name.starts_with("edge_importance")
+        });
+        let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Double, Device::Cpu));
+        let w = Tensor::randn([2, 16], (Kind::Double, Device::Cpu));
         let run = |in_product: bool| {
-            tch::manual_seed(12);
-            let mut vs = VarStore::new(Device::Cpu);
-            let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
-            vs.double();
-            tch::manual_seed(13);
-            randomize(&vs, 1.0, |name| {
-                name.ends_with(".bias") || name.starts_with("edge_importance")
-            });
+            let (vs, mut net) = copy_of(&src, Kind::Double);
             net.set_gcn_bias_in_product(Some(in_product));
-            let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Double, Device::Cpu));
-            let w = Tensor::randn([2, 16], (Kind::Double, Device::Cpu));
             let y = net.forward(&x, true);
             (&y * &w).sum(Kind::Double).backward();
             let mut grads: Vec<(String, Tensor)> = vs
@@ -666,29 +674,25 @@ mod tests {
             assert!(d < 1e-10 * scale, "{name}: {d}");
         }
     }
+
     /// Folding the conv biases into the batch norms changes nothing but float rounding: train
     /// outputs, running statistics, every gradient (the folded biases' exactly zero, PyTorch's
     /// float noise) and the eval outputs after training, with non-zero biases: to 1e-10 in float64
-    /// (tch ops) and to float32 rounding through the fused CPU batch-norm ops.
+    /// (tch ops) and to float32 rounding through the fused CPU batch-norm ops (outputs and
+    /// statistics 1e-3 absolute, gradients 1e-3 relative L2).
     #[test]
     fn folded_biases_give_the_same_training() {
         folded_vs_plain(Kind::Double, 1e-10);
-        folded_vs_plain(Kind::Float, 2e-4);
+        folded_vs_plain(Kind::Float, 1e-3);
     }
 
     fn folded_vs_plain(kind: Kind, tol: f64) {
+        let src = randomized(0.3, |name| name.ends_with(".bias"));
+        let x = Tensor::randn([3, 3, 12, 25, 2], (kind, Device::Cpu));
+        let w = Tensor::randn([3, 16], (kind, Device::Cpu));
         let run = |fold: bool| {
-            tch::manual_seed(5);
-            let mut vs = VarStore::new(Device::Cpu);
-            let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
-            if kind == Kind::Double {
-                vs.double();
-            }
-            tch::manual_seed(6);
-            randomize(&vs, 0.3, |name| name.ends_with(".bias"));
+            let (vs, mut net) = copy_of(&src, kind);
             net.set_fold_bias(fold);
-            let x = Tensor::randn([3, 3, 12, 25, 2], (kind, Device::Cpu));
-            let w = Tensor::randn([3, 16], (kind, Device::Cpu));
             let mut outs = Vec::new();
             for _ in 0..2 {
                 let y = net.forward(&x, true);
@@ -715,11 +719,12 @@ mod tests {
             }
             let (ga, gb) = (a.grad(), b.grad());
             assert!(gb.defined(), "{name}: no gradient with folding");
-            let scale = ga.abs().max().double_value(&[]).max(1.0);
-            let dg = (&ga - &gb).abs().max().double_value(&[]);
+            // Relative L2 (floor 1): float32 sums over thousands of terms differ by rounding.
+            let scale = ga.norm().double_value(&[]).max(1.0);
+            let dg = (&ga - &gb).norm().double_value(&[]) / scale;
             assert!(
-                dg < tol * scale,
-                "{kind:?}: {name}: gradient differs by {dg}"
+                dg < tol,
+                "{kind:?}: {name}: gradient differs by {dg} (relative L2)"
             );
             let folded_bias = name.ends_with("tcn.2.bias") || name.ends_with("residual.0.bias");
             if folded_bias {
