@@ -71,7 +71,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "fast")]
     step: StepKind,
     /// Capture the (fast) step into a CUDA graph and replay it; auto = on for the fast step on
-    /// CUDA (what `crossclr pretrain` runs there by default), off otherwise.
+    /// CUDA (what `crossclr pretrain` runs there by default), off otherwise and with --profile.
     #[arg(long, value_enum, default_value = "auto")]
     graph: AutoSwitch,
     /// TF32 for cuBLAS and cuDNN: auto = on on CUDA (`crossclr pretrain`'s default); default
@@ -196,8 +196,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         iters: args.iters,
         step: args.step,
         graph: match args.graph {
+            // Not with --profile: per-kernel times inside CUDA graphs are not reliable.
             AutoSwitch::Auto => {
                 cuda && args.step == StepKind::Fast
+                    && args.profile.is_none()
                     && crossclr::gpu::shim_status() == crossclr::gpu::ShimStatus::Cuda
             }
             AutoSwitch::On => true,
