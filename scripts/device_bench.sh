@@ -150,10 +150,10 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         # column-sum rows and K bias columns instead of a broadcast add and its gradient
         # reduction; built 2026-11-27 without a GPU, off on CUDA until measured).
         lever_row gcn-bias-gemm CROSSCLR_GCN_BIAS=gemm
-        # Without folding the temporal / residual convolution biases into the batch norms
-        # (CROSSCLR_FOLD_BIAS=off; the fold, built 2026-11-27 without a GPU, is on by default: it
-        # drops a bias add and a bias-gradient reduction per convolution).
-        lever_row unfolded CROSSCLR_FOLD_BIAS=off
+        # Folding the temporal / residual convolution biases into the batch norms
+        # (CROSSCLR_FOLD_BIAS=on; built 2026-11-27 without a GPU, off until measured: it drops a
+        # bias add and a bias-gradient reduction per convolution and adds as many tiny kernels).
+        lever_row folded CROSSCLR_FOLD_BIAS=on
         # With the temporal convolutions' weight gradients on their own stream
         # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
         [ "${EXTRA:-0}" = 1 ] && lever_row wgrad-stream CROSSCLR_WGRAD_STREAM=on

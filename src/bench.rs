@@ -243,7 +243,7 @@ pub struct BenchReport {
     pub fused_vec4: bool,
     /// Whether train-mode forwards folded the temporal and residual convolutions' biases into the
     /// following batch norms (`model::stgcn::layers::BatchNorm::folding`; off with
-    /// CROSSCLR_FOLD_BIAS=off).
+    /// CROSSCLR_FOLD_BIAS=on; off by default).
     pub fold_bias: bool,
     /// Whether the aggregate-first blocks added the graph-convolution bias inside the 1×1 product
     /// (`model::stgcn::aggregate::bias_in_product`; CROSSCLR_GCN_BIAS=gemm|add).

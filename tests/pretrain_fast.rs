@@ -168,10 +168,11 @@ fn fast_resume_is_exact() {
             .max()
             .double_value(&[]);
         assert!(d <= 1e-6, "{na} differs by {d}");
-        // The biases of the temporal and residual convolutions are folded into their batch
-        // norms: their gradient is exactly zero (float noise in PyTorch), so from their initial
-        // value 0 their momentum stays 0.
-        let folded = na.ends_with("tcn.2.bias") || na.ends_with("residual.0.bias");
+        // With CROSSCLR_FOLD_BIAS=on the biases of the temporal and residual convolutions are
+        // folded into their batch norms: their gradient is exactly zero (float noise in
+        // PyTorch), so from their initial value 0 their momentum stays 0.
+        let folded = crossclr::model::stgcn::layers::fold_bias_enabled()
+            && (na.ends_with("tcn.2.bias") || na.ends_with("residual.0.bias"));
         if na.starts_with("momentum_buffer.") && !folded {
             momentum += 1;
             assert!(x.abs().max().double_value(&[]) > 0.0, "{na} is all zeros");

@@ -139,8 +139,8 @@ pub struct StGcn {
     formulation: Formulation,
     aggregation: Aggregation,
     /// Fold the temporal and residual convolutions' biases into the following batch norms in
-    /// train mode (channel-major only; [`layers::BatchNorm::folding`]). Default: on, unless
-    /// `CROSSCLR_FOLD_BIAS=off`.
+    /// train mode (channel-major only; [`layers::BatchNorm::folding`]). Default: off, on with
+    /// `CROSSCLR_FOLD_BIAS=on` ([`layers::FOLD_BIAS_SWITCH`]).
     fold_bias: bool,
     /// Add the graph convolution's bias inside the 1×1 product (aggregate-first only; see
     /// [`aggregate::packed_with_colsums`]); `None`: [`aggregate::bias_in_product`] decides.

@@ -96,15 +96,28 @@ impl BatchNorm {
     }
 }
 
-/// Environment variable: `off` (or `0`, `false`) keeps the biases of the convolutions that feed a
-/// batch norm in train mode (see [`BatchNorm::folding`]); the default folds them.
+/// Environment variable: `on` (or `1`, `true`) folds the biases of the convolutions that feed a
+/// batch norm in train mode into that batch norm (see [`BatchNorm::folding`]); off by default.
+///
+/// Why off: on the CPU it measured no change (oneDNN adds a convolution's bias inside the
+/// convolution; SkeletonCLR batch 64, 3 interleaved pairs: 1512-1528 vs 1477-1536 ms). On CUDA it
+/// removes, per temporal / residual convolution, a bias add over the output (forward, query and
+/// key passes) and a bias-gradient reduction (backward) — 36 kernels of 20 MB each per
+/// SkeletonCLR step — but adds about as many tiny ones (the running-mean shift, 2 per site and
+/// pass, and the zero-gradient `lerp`, 3 per site in the query pass); inside a CUDA graph each
+/// tiny kernel still costs a few µs on the critical path, so the net effect is too close to call
+/// without a measurement (not measured yet: `scripts/device_bench.sh` row `-folded`).
 pub const FOLD_BIAS_SWITCH: &str = "CROSSCLR_FOLD_BIAS";
 
 /// Whether train-mode forwards fold convolution biases into the following batch norm (read once
 /// per process from [`FOLD_BIAS_SWITCH`]).
 pub fn fold_bias_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !super::fused_bn::switched_off(FOLD_BIAS_SWITCH))
+    *ON.get_or_init(|| {
+        std::env::var(FOLD_BIAS_SWITCH)
+            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "on" | "1" | "true"))
+            .unwrap_or(false)
+    })
 }
 
 impl BatchNorm {
