@@ -60,6 +60,12 @@ pub fn aggregate_first_with_colsums(x: &Tensor, g: &Tensor, tail_rows: i64, pad:
             Err(msg) => warn_once(&msg),
         }
     }
+    plain_with_colsums(x, g, tail_rows, pad)
+}
+
+/// [`aggregate_first_with_colsums`] from the plain formulation and a concatenation (the fallback
+/// without the op, and the tests' reference).
+pub fn plain_with_colsums(x: &Tensor, g: &Tensor, tail_rows: i64, pad: i64) -> Tensor {
     let (k, w) = (g.size()[0], g.size()[2]);
     let sums = g
         .sum_dim_intlist([1i64].as_slice(), true, None)
@@ -69,16 +75,23 @@ pub fn aggregate_first_with_colsums(x: &Tensor, g: &Tensor, tail_rows: i64, pad:
     Tensor::cat(&[plain(x, g).view([-1, w]), sums, zeros], 0)
 }
 
+/// The block-diagonal `I_P ⊗ g[k]` `(K, P·V, P·W)` of `g` `(K, V, W)` for `P = pack` (see
+/// [`packed`]).
+fn block_diagonal(g: &Tensor, pack: i64) -> Tensor {
+    let (k, v, w) = (g.size()[0], g.size()[1], g.size()[2]);
+    let eye = Tensor::eye(pack, (g.kind(), g.device())).view([1, pack, 1, pack, 1]);
+    (eye * g.view([k, 1, v, 1, w])).reshape([k, pack * v, pack * w])
+}
+
 /// [`aggregate_first_with_colsums`] on `pack` rows packed into one (as [`packed`]); falls back to
 /// the unpacked op when `pack` does not divide both row counts.
 pub fn packed_with_colsums(x: &Tensor, g: &Tensor, pack: i64, tail_rows: i64, pad: i64) -> Tensor {
-    let (k, v, w) = (g.size()[0], g.size()[1], g.size()[2]);
+    let (v, w) = (g.size()[1], g.size()[2]);
     let r = x.size()[0];
     if pack <= 1 || r % pack != 0 || tail_rows % pack != 0 {
         return aggregate_first_with_colsums(x, g, tail_rows, pad);
     }
-    let eye = Tensor::eye(pack, (g.kind(), g.device())).view([1, pack, 1, pack, 1]);
-    let g_bd = (eye * g.view([k, 1, v, 1, w])).reshape([k, pack * v, pack * w]);
+    let g_bd = block_diagonal(g, pack);
     // The column sums of the block-diagonal are `pack` copies of colsum_k: one packed tail row
     // is `pack` unpacked ones.
     aggregate_first_with_colsums(&x.view([r / pack, pack * v]), &g_bd, tail_rows / pack, pad)
@@ -102,9 +115,7 @@ pub fn packed(x: &Tensor, g: &Tensor, pack: i64) -> Tensor {
     if pack <= 1 || r % pack != 0 {
         return aggregate_first(x, g);
     }
-    let eye = Tensor::eye(pack, (g.kind(), g.device())).view([1, pack, 1, pack, 1]);
-    let g_bd = (eye * g.view([k, 1, v, 1, w])).reshape([k, pack * v, pack * w]);
-    aggregate_first(&x.view([r / pack, pack * v]), &g_bd).view([k, r, w])
+    aggregate_first(&x.view([r / pack, pack * v]), &block_diagonal(g, pack)).view([k, r, w])
 }
 
 /// Environment variable: `gemm` adds the block's graph-convolution bias inside the 1×1 product
@@ -270,15 +281,7 @@ mod tests {
         let pad = 1i64;
         let dz = Tensor::randn([3 * rows + (3 + pad) * tail, 25], opts);
         let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| value_and_grads(f, &x, &g, &dz);
-        let want = run(&|x, g| {
-            let (k, w) = (g.size()[0], g.size()[2]);
-            let sums = g
-                .sum_dim_intlist([1i64].as_slice(), true, None)
-                .expand([k, tail, w], false)
-                .reshape([k * tail, w]);
-            let zeros = Tensor::zeros([pad * tail, w], opts);
-            Tensor::cat(&[plain(x, g).view([-1, w]), sums, zeros], 0)
-        });
+        let want = run(&|x, g| plain_with_colsums(x, g, tail, pad));
         assert_eq!(want.0.size(), vec![3 * rows + (3 + pad) * tail, 25]);
         let colsum1 = g.get(1).sum_dim_intlist([0i64].as_slice(), false, None);
         let d = (want.0.get(3 * rows + tail + 5) - &colsum1).abs().max();
