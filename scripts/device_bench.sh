@@ -154,6 +154,10 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         # (CROSSCLR_FOLD_BIAS=on; built 2026-11-27 without a GPU, off until measured: it drops a
         # bias add and a bias-gradient reduction per convolution and adds as many tiny kernels).
         lever_row folded CROSSCLR_FOLD_BIAS=on
+        # All four of the levers above together (COMBINED=0 skips), so that one call can decide
+        # on a combination without a second device call.
+        [ "${COMBINED:-1}" = 1 ] && lever_row levers CROSSCLR_FUSED_VEC4=on CROSSCLR_FUSED_CHOICE=graph \
+            CROSSCLR_GCN_BIAS=gemm CROSSCLR_FOLD_BIAS=on
         # With the temporal convolutions' weight gradients on their own stream
         # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
         [ "${EXTRA:-0}" = 1 ] && lever_row wgrad-stream CROSSCLR_WGRAD_STREAM=on
