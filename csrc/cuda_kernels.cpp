@@ -76,16 +76,17 @@ struct Dims {
   int vec4;                // the four-wide kernels may be used (enabled and L % 4 == 0)
 };
 
-// Whether the four-wide kernels are enabled: crossclr_fk_set_vec4, else CROSSCLR_FUSED_VEC4=on
-// (read once). Off by default until measured on a GPU.
+// Whether the four-wide kernels are enabled: crossclr_fk_set_vec4, else CROSSCLR_FUSED_VEC4
+// (read once; on unless it says off / 0 / false). On by default: measured on an H100
+// (2026-11-27), -3 % to -6 % per step (docs/gpu.md).
 std::atomic<int> g_vec4{-1};
 
 bool vec4_enabled() {
   int v = g_vec4.load();
   if (v < 0) {
     const char *e = std::getenv("CROSSCLR_FUSED_VEC4");
-    v = e != nullptr && (std::strcmp(e, "on") == 0 || std::strcmp(e, "1") == 0 || std::strcmp(e, "true") == 0) ? 1
-                                                                                                                  : 0;
+    v = e != nullptr && (std::strcmp(e, "off") == 0 || std::strcmp(e, "0") == 0 || std::strcmp(e, "false") == 0) ? 0
+                                                                                                                     : 1;
     g_vec4.store(v);
   }
   return v == 1;

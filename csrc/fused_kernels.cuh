@@ -245,7 +245,7 @@ FK_DEVICE void fk_tail_bwd_apply_at(u32 i, const float *y, const float *out, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Four-wide variants (optional, CROSSCLR_FUSED_VEC4=on): thread work item q covers elements
+// Four-wide variants (default; CROSSCLR_FUSED_VEC4=off disables them): thread work item q covers elements
 // 4q .. 4q + 3 with one 16-byte load per input and one 16-byte store per output. Used only when
 // L % 4 == 0 (so the four elements are consecutive in one channel) and every pointer is 16-byte
 // aligned (the host checks). Why: the scalar kernels keep one 4-byte load in flight per thread,

@@ -9,7 +9,8 @@
 # carried folder). Results: $OUT/bench.jsonl (one JSON object per run), $OUT/device_bench.log, and a
 # final table on stdout. TUNED=0 skips the tuned PyTorch rows, UNFUSED=0 the rows without the fused kernels;
 # TEST_BIN runs a carried test binary first; CONFIGS (default "skeletonclr-1 crossclr3-1 crossclr3-2") picks
-# the model-phase pairs; ROWS=graph keeps our graph row and the rows of levers not yet measured (no fast / unpacked / one-stream rows). EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
+# the model-phase pairs; ROWS=graph keeps our graph row, the "before" row (the four levers measured on 2026-11-27 off) and
+# per-view streams (no eager fast / unpacked / one-stream / one-lever-off rows). EXTRA=1 adds graph runs with libtorch's default TF32 flags and with TF32 off; FULL=1 adds
 # the reference and plain fast steps; PROFILE=0 skips the per-kernel profiles (PROFILE=ours: only ours, fused); BUDGET (seconds,
 # default 420) skips the optional stages when time runs short. Every stage runs under `timeout`,
 # so one hang cannot eat the budget.
@@ -140,24 +141,18 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
         # The same with the graph products on unpacked 25-joint rows (CROSSCLR_AGG_PACK=off: cuBLAS
         # align1 kernels), to measure what the row packing brings.
         [ "${ROWS:-all}" = all ] && lever_row unpacked CROSSCLR_AGG_PACK=off
-        # With the four-wide (16-byte load / store) variants of the fused kernels
-        # (CROSSCLR_FUSED_VEC4=on; built 2026-11-27 without a GPU, off by default until measured).
-        lever_row vec4 CROSSCLR_FUSED_VEC4=on
-        # The fused-vs-tch choice timed as device work in CUDA-graph replays instead of eager wall
-        # time (CROSSCLR_FUSED_CHOICE=graph; built 2026-11-27 without a GPU, off until measured).
-        lever_row graph-choice CROSSCLR_FUSED_CHOICE=graph
-        # The graph-convolution bias added inside the 1x1 product (CROSSCLR_GCN_BIAS=gemm: K
-        # column-sum rows and K bias columns instead of a broadcast add and its gradient
-        # reduction; built 2026-11-27 without a GPU, off on CUDA until measured).
-        lever_row gcn-bias-gemm CROSSCLR_GCN_BIAS=gemm
-        # Folding the temporal / residual convolution biases into the batch norms
-        # (CROSSCLR_FOLD_BIAS=on; built 2026-11-27 without a GPU, off until measured: it drops a
-        # bias add and a bias-gradient reduction per convolution and adds as many tiny kernels).
-        lever_row folded CROSSCLR_FOLD_BIAS=on
-        # All four of the levers above together (COMBINED=0 skips), so that one call can decide
-        # on a combination without a second device call.
-        [ "${COMBINED:-1}" = 1 ] && lever_row levers CROSSCLR_FUSED_VEC4=on CROSSCLR_FUSED_CHOICE=graph \
-            CROSSCLR_GCN_BIAS=gemm CROSSCLR_FOLD_BIAS=on
+        # The step as shipped before 2026-11-27's H100 call: without the four-wide kernels, with
+        # the wall-time fused-vs-tch choice, the GCN bias as a separate add and unfolded biases
+        # (all four now default on CUDA: each row alone, then together, measured in that call).
+        lever_row before CROSSCLR_FUSED_VEC4=off CROSSCLR_FUSED_CHOICE=wall CROSSCLR_GCN_BIAS=add \
+            CROSSCLR_FOLD_BIAS=off
+        # Each of those four levers off alone (ROWS=all), to see what each brings in the default.
+        if [ "${ROWS:-all}" = all ]; then
+            lever_row no-vec4 CROSSCLR_FUSED_VEC4=off
+            lever_row wall-choice CROSSCLR_FUSED_CHOICE=wall
+            lever_row gcn-bias-add CROSSCLR_GCN_BIAS=add
+            lever_row unfolded CROSSCLR_FOLD_BIAS=off
+        fi
         # With the temporal convolutions' weight gradients on their own stream
         # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
         [ "${EXTRA:-0}" = 1 ] && lever_row wgrad-stream CROSSCLR_WGRAD_STREAM=on

@@ -171,7 +171,7 @@ fn fast_resume_is_exact() {
         // With CROSSCLR_FOLD_BIAS=on the biases of the temporal and residual convolutions are
         // folded into their batch norms: their gradient is exactly zero (float noise in
         // PyTorch), so from their initial value 0 their momentum stays 0.
-        let folded = crossclr::model::stgcn::layers::fold_bias_enabled()
+        let folded = crossclr::model::stgcn::layers::fold_bias_enabled(tch::Device::Cpu)
             && (na.ends_with("tcn.2.bias") || na.ends_with("residual.0.bias"));
         if na.starts_with("momentum_buffer.") && !folded {
             momentum += 1;

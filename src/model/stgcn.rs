@@ -139,9 +139,9 @@ pub struct StGcn {
     formulation: Formulation,
     aggregation: Aggregation,
     /// Fold the temporal and residual convolutions' biases into the following batch norms in
-    /// train mode (channel-major only; [`layers::BatchNorm::folding`]). Default: off, on with
-    /// `CROSSCLR_FOLD_BIAS=on` ([`layers::FOLD_BIAS_SWITCH`]).
-    fold_bias: bool,
+    /// train mode (channel-major only; [`layers::BatchNorm::folding`]); `None`:
+    /// [`layers::fold_bias_enabled`] decides for the input's device (on CUDA, not on the CPU).
+    fold_bias: Option<bool>,
     /// Add the graph convolution's bias inside the 1×1 product (aggregate-first only; see
     /// [`aggregate::packed_with_colsums`]); `None`: [`aggregate::bias_in_product`] decides.
     gcn_bias_in_product: Option<bool>,
@@ -226,7 +226,7 @@ impl StGcn {
             edge_importance,
             formulation,
             aggregation,
-            fold_bias: layers::fold_bias_enabled(),
+            fold_bias: None,
             gcn_bias_in_product: None,
         }
     }
@@ -258,11 +258,14 @@ impl StGcn {
     /// residual convolutions' biases into the following batch norms (same function; see
     /// [`layers::BatchNorm::folding`]).
     pub fn set_fold_bias(&mut self, on: bool) {
-        self.fold_bias = on;
+        self.fold_bias = Some(on);
     }
 
-    pub fn fold_bias(&self) -> bool {
+    /// Whether train-mode forwards on `device` fold the biases (forced by [`Self::set_fold_bias`],
+    /// else [`layers::fold_bias_enabled`]).
+    pub fn fold_bias(&self, device: tch::Device) -> bool {
         self.fold_bias
+            .unwrap_or_else(|| layers::fold_bias_enabled(device))
     }
 
     /// Forces where the aggregate-first block adds its graph-convolution bias: inside the 1×1
@@ -311,7 +314,10 @@ impl StGcn {
             Formulation::ChannelMajor => {
                 let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
                 for (i, b) in self.blocks.iter().enumerate() {
-                    let fold = train && self.fold_bias;
+                    let fold = train
+                        && self
+                            .fold_bias
+                            .unwrap_or_else(|| layers::fold_bias_enabled(h.device()));
                     let bias_in_product = self
                         .gcn_bias_in_product
                         .unwrap_or_else(|| aggregate::bias_in_product(h.device()));

@@ -97,27 +97,33 @@ impl BatchNorm {
 }
 
 /// Environment variable: `on` (or `1`, `true`) folds the biases of the convolutions that feed a
-/// batch norm in train mode into that batch norm (see [`BatchNorm::folding`]); off by default.
+/// batch norm in train mode into that batch norm (see [`BatchNorm::folding`]) on every device,
+/// `off` (`0`, `false`) on none; unset, they are folded on CUDA and not on the CPU.
 ///
-/// Why off: on the CPU it measured no change (oneDNN adds a convolution's bias inside the
-/// convolution; SkeletonCLR batch 64, 3 interleaved pairs: 1512-1528 vs 1477-1536 ms). On CUDA it
-/// removes, per temporal / residual convolution, a bias add over the output (forward, query and
-/// key passes) and a bias-gradient reduction (backward) — 36 kernels of 20 MB each per
-/// SkeletonCLR step — but adds about as many tiny ones (the running-mean shift, 2 per site and
-/// pass, and the zero-gradient `lerp`, 3 per site in the query pass); inside a CUDA graph each
-/// tiny kernel still costs a few µs on the critical path, so the net effect is too close to call
-/// without a measurement (not measured yet: `scripts/device_bench.sh` row `-folded`).
+/// CUDA: per temporal / residual convolution it removes a bias add over the output (forward,
+/// query and key passes) and a bias-gradient reduction (backward), 36 kernels of 20 MB each per
+/// SkeletonCLR step, and adds about as many tiny ones (the running-mean shift and the
+/// zero-gradient `lerp`). Measured on an H100 (2026-11-27, same call, CUDA-graph step at batch
+/// 128, alone): SkeletonCLR 17.37 / 17.58 ms vs 18.19 / 18.01 ms unfolded, CrosSCLR-3 phase 1
+/// 44.77 vs 47.74 ms, phase 2 48.14 vs 49.78 ms. CPU: no change measured (oneDNN adds a
+/// convolution's bias inside the convolution; SkeletonCLR batch 64, 3 interleaved pairs:
+/// 1512-1528 vs 1477-1536 ms), so the CPU keeps the plain form.
 pub const FOLD_BIAS_SWITCH: &str = "CROSSCLR_FOLD_BIAS";
 
-/// Whether train-mode forwards fold convolution biases into the following batch norm (read once
-/// per process from [`FOLD_BIAS_SWITCH`]).
-pub fn fold_bias_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var(FOLD_BIAS_SWITCH)
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "on" | "1" | "true"))
-            .unwrap_or(false)
-    })
+/// Whether train-mode forwards on `device` fold convolution biases into the following batch norm
+/// ([`FOLD_BIAS_SWITCH`], read once per process; default: on CUDA only).
+pub fn fold_bias_enabled(device: tch::Device) -> bool {
+    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(|| {
+        std::env::var(FOLD_BIAS_SWITCH).ok().and_then(|v| {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "on" | "1" | "true" => Some(true),
+                "off" | "0" | "false" => Some(false),
+                _ => None,
+            }
+        })
+    });
+    mode.unwrap_or(device.is_cuda())
 }
 
 impl BatchNorm {

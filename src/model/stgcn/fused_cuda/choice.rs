@@ -8,15 +8,18 @@
 //! `CROSSCLR_FUSED_CUDA=on` skips the timing and always uses the fused kernels (when they passed
 //! the self-check); `off` never uses them.
 //!
-//! What the default timing measures: wall time of one eager forward + backward between two device
-//! syncs, which for these ops (20-100 µs of device work) is mostly the host's launch and autograd
-//! overhead, so the choice can flip between runs (compare the `fused_cuda_ops` of two H200 calls
-//! in docs/results). `CROSSCLR_FUSED_CHOICE=graph` times device work instead, as a CUDA-graph step
-//! runs it: each implementation's forward + backward is captured into a CUDA graph (after two
-//! warm-up runs on the graph's stream) and replayed [`GRAPH_REPLAYS`] times between two syncs; the
-//! graphs are dropped and the allocator's cache emptied afterwards, so the timing leaves no
-//! reserved memory behind. If a capture fails, that shape falls back to the wall-time timing.
-//! Built 2026-11-27 without a GPU: not measured yet, hence not the default.
+//! What the default timing measures (`CROSSCLR_FUSED_CHOICE=graph`, the default): device work, as
+//! a CUDA-graph step runs it: each implementation's forward + backward is captured into a CUDA
+//! graph (after two warm-up runs on the graph's stream) and replayed [`GRAPH_REPLAYS`] times
+//! between two syncs; the graphs are dropped and the allocator's cache emptied afterwards, so the
+//! timing leaves no reserved memory behind. If a capture fails, that shape falls back to the
+//! wall-time timing. `CROSSCLR_FUSED_CHOICE=wall` times one eager forward + backward between two
+//! device syncs instead, which for these ops (20-100 µs of device work) is mostly the host's launch
+//! and autograd overhead, so its choices flip between runs: on an H100 (2026-11-27) the wall
+//! timing picked the tch ops for a BN whose fused kernel takes 0.116 ms of device time against
+//! 0.210 ms (it measured 4.3 ms of wall time for it once). Alone the graph timing moved the step by
+//! less than 1 %; with the other 2026-11-27 levers (four-wide kernels, folded and in-product
+//! biases) it is part of the measured set (docs/gpu.md).
 use super::super::layers::BatchNorm;
 use crate::error::Result;
 use serde::Serialize;
@@ -29,7 +32,7 @@ use tch::{Device, Kind, Tensor};
 const TIMED_RUNS: usize = 3;
 /// Replays per implementation with `CROSSCLR_FUSED_CHOICE=graph`.
 pub const GRAPH_REPLAYS: usize = 20;
-/// Environment variable choosing how the per-shape choice is timed: `wall` (default) or `graph`.
+/// Environment variable choosing how the per-shape choice is timed: `graph` (default) or `wall`.
 pub const CHOICE_SWITCH: &str = "CROSSCLR_FUSED_CHOICE";
 
 /// Which fused op a choice is about.
@@ -84,13 +87,14 @@ pub fn choices() -> Vec<FusedChoice> {
     all
 }
 
-/// `CROSSCLR_FUSED_CHOICE=graph`: time device work in CUDA-graph replays (read once per process).
+/// Whether the choice times device work in CUDA-graph replays: yes unless
+/// `CROSSCLR_FUSED_CHOICE=wall` (read once per process).
 pub fn graph_timing() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         std::env::var(CHOICE_SWITCH)
-            .map(|v| v.trim().eq_ignore_ascii_case("graph"))
-            .unwrap_or(false)
+            .map(|v| !v.trim().eq_ignore_ascii_case("wall"))
+            .unwrap_or(true)
     })
 }
 
