@@ -230,7 +230,7 @@ pub struct BenchReport {
     /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
     pub view_streams: bool,
     /// CUDA, fast step: how many side streams the passes ran on (`gpu::streams::count_for`;
-    /// `CROSSCLR_VIEW_STREAMS=views` gives one per view), 0 without.
+    /// one per view by default, one per pass with `CROSSCLR_VIEW_STREAMS=passes`), 0 without.
     pub side_streams: usize,
     /// CUDA, fast step: whether the temporal convolutions' weight gradients ran on their own
     /// stream (`model::stgcn::temporal_conv`; on with CROSSCLR_WGRAD_STREAM=on).
@@ -239,11 +239,11 @@ pub struct BenchReport {
     /// (`model::stgcn::aggregate::packing`; 1 = unpacked, CROSSCLR_AGG_PACK=off).
     pub agg_pack: i64,
     /// CUDA: whether the fused kernels' four-wide variants were enabled
-    /// (`model::stgcn::fused_cuda::vec4`; CROSSCLR_FUSED_VEC4=on).
+    /// (`model::stgcn::fused_cuda::vec4`; default on, CROSSCLR_FUSED_VEC4=off).
     pub fused_vec4: bool,
     /// Whether train-mode forwards folded the temporal and residual convolutions' biases into the
-    /// following batch norms (`model::stgcn::layers::BatchNorm::folding`; off with
-    /// CROSSCLR_FOLD_BIAS=on; off by default).
+    /// following batch norms (`model::stgcn::layers::BatchNorm::folding`; default on CUDA only,
+    /// CROSSCLR_FOLD_BIAS=on|off).
     pub fold_bias: bool,
     /// Whether the aggregate-first blocks added the graph-convolution bias inside the 1×1 product
     /// (`model::stgcn::aggregate::bias_in_product`; CROSSCLR_GCN_BIAS=gemm|add).
