@@ -114,16 +114,17 @@ pub const FOLD_BIAS_SWITCH: &str = "CROSSCLR_FOLD_BIAS";
 /// ([`FOLD_BIAS_SWITCH`], read once per process; default: on CUDA only).
 pub fn fold_bias_enabled(device: tch::Device) -> bool {
     static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let mode = *MODE.get_or_init(|| {
-        std::env::var(FOLD_BIAS_SWITCH).ok().and_then(|v| {
-            match v.trim().to_ascii_lowercase().as_str() {
-                "on" | "1" | "true" => Some(true),
-                "off" | "0" | "false" => Some(false),
-                _ => None,
-            }
-        })
-    });
+    let mode = *MODE.get_or_init(|| fold_mode(std::env::var(FOLD_BIAS_SWITCH).ok().as_deref()));
     mode.unwrap_or(device.is_cuda())
+}
+
+/// [`FOLD_BIAS_SWITCH`]'s value as a forced choice (`None`: the device decides).
+fn fold_mode(value: Option<&str>) -> Option<bool> {
+    match value?.trim().to_ascii_lowercase().as_str() {
+        "on" | "1" | "true" => Some(true),
+        "off" | "0" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 impl BatchNorm {
@@ -200,5 +201,20 @@ impl Conv {
     pub fn matrix(&self) -> Tensor {
         let s = self.weight.size();
         self.weight.view([s[0], s[1]])
+    }
+}
+
+#[cfg(test)]
+mod fold_mode_tests {
+    use super::fold_mode;
+
+    #[test]
+    fn unset_or_unknown_leaves_it_to_the_device() {
+        assert_eq!(fold_mode(None), None);
+        assert_eq!(fold_mode(Some("auto")), None);
+        assert_eq!(fold_mode(Some(" ON ")), Some(true));
+        assert_eq!(fold_mode(Some("1")), Some(true));
+        assert_eq!(fold_mode(Some("off")), Some(false));
+        assert_eq!(fold_mode(Some("false")), Some(false));
     }
 }
