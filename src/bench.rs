@@ -406,7 +406,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
         fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
         fold_bias: crate::model::stgcn::layers::fold_bias_enabled(device),
-        gcn_bias_in_product: crate::model::stgcn::aggregate::bias_in_product(device),
+        gcn_bias_in_product: crate::model::stgcn::aggregate::bias_in_product(),
         side_streams: if matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
             && gpu::streams::enabled()

@@ -270,7 +270,7 @@ impl StGcn {
 
     /// Forces where the aggregate-first block adds its graph-convolution bias: inside the 1×1
     /// product (`Some(true)`), as a separate add (`Some(false)`), or as
-    /// [`aggregate::bias_in_product`] says for the device (`None`, the default).
+    /// [`aggregate::bias_in_product`] says (`None`, the default).
     pub fn set_gcn_bias_in_product(&mut self, on: Option<bool>) {
         self.gcn_bias_in_product = on;
     }
@@ -314,13 +314,10 @@ impl StGcn {
             Formulation::ChannelMajor => {
                 let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
                 for (i, b) in self.blocks.iter().enumerate() {
-                    let fold = train
-                        && self
-                            .fold_bias
-                            .unwrap_or_else(|| layers::fold_bias_enabled(h.device()));
+                    let fold = train && self.fold_bias(h.device());
                     let bias_in_product = self
                         .gcn_bias_in_product
-                        .unwrap_or_else(|| aggregate::bias_in_product(h.device()));
+                        .unwrap_or_else(aggregate::bias_in_product);
                     h = b.forward_channel_major(
                         &h,
                         &self.graph_of(i),

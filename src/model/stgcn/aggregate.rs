@@ -122,8 +122,8 @@ pub fn packed(x: &Tensor, g: &Tensor, pack: i64) -> Tensor {
 /// (column-sum rows, [`packed_with_colsums`]); `add` adds it as a separate broadcast add.
 pub const ENV_GCN_BIAS: &str = "CROSSCLR_GCN_BIAS";
 
-/// Whether the channel-major block adds its graph-convolution bias inside the 1×1 product on
-/// `device` (read once per process from [`ENV_GCN_BIAS`]). Default: inside, on every device.
+/// Whether the channel-major block adds its graph-convolution bias inside the 1×1 product (read
+/// once per process from [`ENV_GCN_BIAS`]). Default: inside, on every device.
 ///
 /// Measured on an H100 (2026-11-27, same call, CUDA-graph step at batch 128, alone): SkeletonCLR
 /// 17.80 / 17.69 ms vs 18.19 / 18.01 ms with the separate add, CrosSCLR-3 phase 1 45.73 vs 47.74
@@ -134,7 +134,7 @@ pub const ENV_GCN_BIAS: &str = "CROSSCLR_GCN_BIAS";
 /// --batch 128 --warmup 1 --iters 3`, 4 interleaved pairs): 0.967x the wall time of the separate
 /// add (0.935-1.051), peak RSS -31 MiB; step medians at batch 64 -3 % (SkeletonCLR, 3 of 3
 /// pairs) and -2 % (CrosSCLR-3 phase 1, 2 of 2).
-pub fn bias_in_product(device: tch::Device) -> bool {
+pub fn bias_in_product() -> bool {
     static MODE: OnceLock<Option<bool>> = OnceLock::new();
     let mode = *MODE.get_or_init(
         || match std::env::var(ENV_GCN_BIAS).as_deref().map(str::trim) {
@@ -143,7 +143,6 @@ pub fn bias_in_product(device: tch::Device) -> bool {
             _ => None,
         },
     );
-    let _ = device;
     mode.unwrap_or(true)
 }
 

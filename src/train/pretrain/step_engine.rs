@@ -156,7 +156,7 @@ pub fn apply_numeric_modes(cfg: &PretrainConfig, device: Device) -> Result<Strin
             "as eager wall time"
         },
         layers::fold_bias_enabled(device),
-        aggregate::bias_in_product(device),
+        aggregate::bias_in_product(),
     ))
 }
 
