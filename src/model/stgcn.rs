@@ -139,7 +139,7 @@ pub struct StGcn {
     formulation: Formulation,
     aggregation: Aggregation,
     /// Fold the temporal and residual convolutions' biases into the following batch norms in
-    /// train mode (channel-major only; [`layers::BatchNorm::folding`]); `None`:
+    /// train mode (channel-major only; `layers::BatchNorm::folding`); `None`:
     /// [`layers::fold_bias_enabled`] decides for the input's device (on CUDA, not on the CPU).
     fold_bias: Option<bool>,
     /// Add the graph convolution's bias inside the 1×1 product (aggregate-first only; see
@@ -256,7 +256,7 @@ impl StGcn {
 
     /// Whether train-mode forwards of the channel-major formulation fold the temporal and
     /// residual convolutions' biases into the following batch norms (same function; see
-    /// [`layers::BatchNorm::folding`]).
+    /// `layers::BatchNorm::folding`).
     pub fn set_fold_bias(&mut self, on: bool) {
         self.fold_bias = Some(on);
     }

@@ -97,7 +97,7 @@ impl BatchNorm {
 }
 
 /// Environment variable: `on` (or `1`, `true`) folds the biases of the convolutions that feed a
-/// batch norm in train mode into that batch norm (see [`BatchNorm::folding`]) on every device,
+/// batch norm in train mode into that batch norm (see `BatchNorm::folding`) on every device,
 /// `off` (`0`, `false`) on none; unset, they are folded on CUDA and not on the CPU.
 ///
 /// CUDA: per temporal / residual convolution it removes a bias add over the output (forward,

@@ -144,7 +144,7 @@ impl Drop for WgradScope {
 
 /// `y = conv3d(x, w.unsqueeze(2), b)` with stride `(1, stride, 1)` and padding `(0, pad, 0)`:
 /// `x` `(1, C_in, R, T, V)`, `w` `(C_out, C_in, kt, 1)`, `b` `(C_out,)` or none (a bias folded
-/// into the following batch norm, [`super::layers::BatchNorm::folding`]) -> `(1, C_out, R, T', V)`.
+/// into the following batch norm, `layers::BatchNorm::folding`) -> `(1, C_out, R, T', V)`.
 /// Inside a [`WgradScope`] (and when `w` requires grad) the weight gradient is deferred (module
 /// docs).
 pub fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: i64, pad: i64) -> Tensor {
