@@ -682,14 +682,18 @@ mod tests {
     /// outputs, running statistics, every gradient (the folded biases' exactly zero, PyTorch's
     /// float noise) and the eval outputs after training, with non-zero biases: to 1e-10 in float64
     /// (tch ops) and to float32 rounding through the fused CPU batch-norm ops (outputs and
-    /// statistics 1e-3 absolute, gradients 1e-3 relative L2).
+    /// statistics 1e-3 absolute, gradients 0.1 relative L2). Why the float32 gradients get a
+    /// loose bound: a ReLU input within rounding of 0 can fall on the other side in the other
+    /// form, which moves the gradients behind it; in 40 runs on random inputs the largest
+    /// relative difference was below 4e-5 in 38 and 5e-3 / 1.9e-2 in two (one such flip), while a
+    /// wrong gradient path differs by O(1); float64 checks the gradients to 1e-10.
     #[test]
     fn folded_biases_give_the_same_training() {
-        folded_vs_plain(Kind::Double, 1e-10);
-        folded_vs_plain(Kind::Float, 1e-3);
+        folded_vs_plain(Kind::Double, 1e-10, 1e-10);
+        folded_vs_plain(Kind::Float, 1e-3, 0.1);
     }
 
-    fn folded_vs_plain(kind: Kind, tol: f64) {
+    fn folded_vs_plain(kind: Kind, tol: f64, grad_tol: f64) {
         let src = randomized(0.3, |name| name.ends_with(".bias"));
         let x = Tensor::randn([3, 3, 12, 25, 2], (kind, Device::Cpu));
         let w = Tensor::randn([3, 16], (kind, Device::Cpu));
@@ -726,7 +730,7 @@ mod tests {
             let scale = ga.norm().double_value(&[]).max(1.0);
             let dg = (&ga - &gb).norm().double_value(&[]) / scale;
             assert!(
-                dg < tol,
+                dg < grad_tol,
                 "{kind:?}: {name}: gradient differs by {dg} (relative L2)"
             );
             let folded_bias = name.ends_with("tcn.2.bias") || name.ends_with("residual.0.bias");
