@@ -25,6 +25,30 @@ const OFFICIAL_PADDING_RATIO: usize = 6;
 pub struct AugmentConfig {
     pub shear_amplitude: f64,
     pub temporal_padding_ratio: usize,
+    /// Extra (AimCLR-style) augmentations, applied after crop and shear in this order; each is
+    /// off at 0 and draws nothing from the rng when off, so the official stream is unchanged.
+    /// Random rotation about x, y, z, each uniform in `[-rotation_degrees, rotation_degrees]`.
+    #[serde(default)]
+    pub rotation_degrees: f64,
+    /// Probability of mirroring the x coordinate.
+    #[serde(default)]
+    pub flip: f64,
+    /// Probability of a temporal Gaussian blur (kernel 15, sigma uniform in [0.1, 2]).
+    #[serde(default)]
+    pub gaussian_blur: f64,
+    /// Standard deviation of additive Gaussian noise (bodies that are present only).
+    #[serde(default)]
+    pub gaussian_noise: f64,
+    /// Probability of zeroing one random coordinate axis.
+    #[serde(default)]
+    pub axis_mask: f64,
+    /// Fraction of joints zeroed over the whole sequence.
+    #[serde(default)]
+    pub joint_mask: f64,
+    /// Temporal crop-resize: a window of a random fraction in `[crop_resize, 1]` of the frames,
+    /// resized to T by linear interpolation (applied first among the extras).
+    #[serde(default)]
+    pub crop_resize: f64,
 }
 
 impl Default for AugmentConfig {
@@ -32,6 +56,13 @@ impl Default for AugmentConfig {
         AugmentConfig {
             shear_amplitude: OFFICIAL_SHEAR_AMPLITUDE,
             temporal_padding_ratio: OFFICIAL_PADDING_RATIO,
+            rotation_degrees: 0.0,
+            flip: 0.0,
+            gaussian_blur: 0.0,
+            gaussian_noise: 0.0,
+            axis_mask: 0.0,
+            joint_mask: 0.0,
+            crop_resize: 0.0,
         }
     }
 }
@@ -42,7 +73,19 @@ impl AugmentConfig {
         AugmentConfig {
             shear_amplitude: -1.0,
             temporal_padding_ratio: 0,
+            ..AugmentConfig::default()
         }
+    }
+
+    /// Whether any of the extra (non-official) augmentations is on.
+    pub fn extras_enabled(&self) -> bool {
+        self.rotation_degrees > 0.0
+            || self.flip > 0.0
+            || self.gaussian_blur > 0.0
+            || self.gaussian_noise > 0.0
+            || self.axis_mask > 0.0
+            || self.joint_mask > 0.0
+            || self.crop_resize > 0.0
     }
 
     /// Whether the shear step runs.
@@ -62,6 +105,12 @@ impl AugmentConfig {
             return Err(Error::config(format!(
                 "shear amplitude must be finite, got {}",
                 self.shear_amplitude
+            )));
+        }
+        if self.rotation_degrees > 0.0 && sample_shape[0] != 3 {
+            return Err(Error::config(format!(
+                "rotation needs 3 coordinates per joint, the data has C = {} (shape {:?})",
+                sample_shape[0], sample_shape
             )));
         }
         if self.shear_enabled() && sample_shape[0] != 3 {
@@ -147,6 +196,142 @@ pub fn augment_into(
 ) {
     let draw = AugmentDraw::sample(shape[1], cfg, rng);
     apply_draw(x, shape, &draw, out);
+    if cfg.extras_enabled() {
+        apply_extras(out, shape, cfg, rng);
+    }
+}
+
+/// The extra augmentations of `cfg` on `out` (`C x T x V x M`, flat), in place: crop-resize,
+/// rotation, flip, blur, noise, axis mask, joint mask. Draws only for the enabled ones.
+pub fn apply_extras(out: &mut [f32], shape: [usize; 4], cfg: &AugmentConfig, rng: &mut impl Rng) {
+    let [c, t, v, m] = shape;
+    let idx = |ch: usize, f: usize, j: usize, b: usize| ((ch * t + f) * v + j) * m + b;
+    if cfg.crop_resize > 0.0 && t > 1 {
+        let ratio = cfg.crop_resize + (1.0 - cfg.crop_resize) * rng.gen::<f64>();
+        let len = ((ratio * t as f64).round() as usize).clamp(2, t);
+        let start = rng.gen_range(0..=t - len);
+        let src = out.to_vec();
+        for f in 0..t {
+            let pos = start as f64 + f as f64 * (len - 1) as f64 / (t - 1) as f64;
+            let lo = (pos.floor() as usize).min(t - 1);
+            let hi = (lo + 1).min(t - 1);
+            let w = (pos - lo as f64) as f32;
+            for ch in 0..c {
+                for j in 0..v {
+                    for b in 0..m {
+                        out[idx(ch, f, j, b)] =
+                            src[idx(ch, lo, j, b)] * (1.0 - w) + src[idx(ch, hi, j, b)] * w;
+                    }
+                }
+            }
+        }
+    }
+    if cfg.rotation_degrees > 0.0 && c == 3 {
+        let r = cfg.rotation_degrees.to_radians();
+        let mut a = || -r + 2.0 * r * rng.gen::<f64>();
+        let (ax, ay, az) = (a(), a(), a());
+        let rx = [
+            [1.0, 0.0, 0.0],
+            [0.0, ax.cos(), ax.sin()],
+            [0.0, -ax.sin(), ax.cos()],
+        ];
+        let ry = [
+            [ay.cos(), 0.0, -ay.sin()],
+            [0.0, 1.0, 0.0],
+            [ay.sin(), 0.0, ay.cos()],
+        ];
+        let rz = [
+            [az.cos(), az.sin(), 0.0],
+            [-az.sin(), az.cos(), 0.0],
+            [0.0, 0.0, 1.0],
+        ];
+        let rot = mat3(&rz, &mat3(&ry, &rx));
+        let plane = t * v * m;
+        for k in 0..plane {
+            let p = [
+                out[k] as f64,
+                out[plane + k] as f64,
+                out[2 * plane + k] as f64,
+            ];
+            for (row, r) in rot.iter().enumerate() {
+                out[row * plane + k] = (r[0] * p[0] + r[1] * p[1] + r[2] * p[2]) as f32;
+            }
+        }
+    }
+    if cfg.flip > 0.0 && rng.gen::<f64>() < cfg.flip {
+        for x in &mut out[..t * v * m] {
+            *x = -*x;
+        }
+    }
+    if cfg.gaussian_blur > 0.0 && rng.gen::<f64>() < cfg.gaussian_blur && t > 1 {
+        let sigma = 0.1 + 1.9 * rng.gen::<f64>();
+        let half = 7i64;
+        let kernel: Vec<f64> = (-half..=half)
+            .map(|d| (-((d * d) as f64) / (2.0 * sigma * sigma)).exp())
+            .collect();
+        let norm: f64 = kernel.iter().sum();
+        let src = out.to_vec();
+        for ch in 0..c {
+            for j in 0..v {
+                for b in 0..m {
+                    for f in 0..t {
+                        let mut acc = 0.0f64;
+                        for (ki, w) in kernel.iter().enumerate() {
+                            let g = (f as i64 + ki as i64 - half).clamp(0, t as i64 - 1) as usize;
+                            acc += w * src[idx(ch, g, j, b)] as f64;
+                        }
+                        out[idx(ch, f, j, b)] = (acc / norm) as f32;
+                    }
+                }
+            }
+        }
+    }
+    if cfg.gaussian_noise > 0.0 {
+        let present: Vec<bool> = (0..m)
+            .map(|b| (0..c).any(|ch| (0..t).any(|f| (0..v).any(|j| out[idx(ch, f, j, b)] != 0.0))))
+            .collect();
+        let normal = rand_distr::Normal::new(0.0, cfg.gaussian_noise).expect("finite std");
+        for ch in 0..c {
+            for f in 0..t {
+                for j in 0..v {
+                    for (b, &on) in present.iter().enumerate() {
+                        let n: f64 = rand_distr::Distribution::sample(&normal, rng);
+                        if on {
+                            out[idx(ch, f, j, b)] += n as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if cfg.axis_mask > 0.0 && rng.gen::<f64>() < cfg.axis_mask {
+        let axis = rng.gen_range(0..c);
+        let plane = t * v * m;
+        out[axis * plane..(axis + 1) * plane].fill(0.0);
+    }
+    if cfg.joint_mask > 0.0 {
+        let count = ((cfg.joint_mask * v as f64).round() as usize).min(v);
+        let joints = rand::seq::index::sample(rng, v, count);
+        for j in joints.iter() {
+            for ch in 0..c {
+                for f in 0..t {
+                    for b in 0..m {
+                        out[idx(ch, f, j, b)] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn mat3(a: &[[f64; 3]; 3], b: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
+    let mut o = [[0.0; 3]; 3];
+    for i in 0..3 {
+        for j in 0..3 {
+            o[i][j] = (0..3).map(|k| a[i][k] * b[k][j]).sum();
+        }
+    }
+    o
 }
 
 /// Applies a fixed draw: crop then shear, fused in one pass over the data.
@@ -224,6 +409,7 @@ mod tests {
         let cfg = AugmentConfig {
             shear_amplitude: -1.0,
             temporal_padding_ratio: 6,
+            ..AugmentConfig::default()
         };
         let [c, t, v, m] = SHAPE;
         let p = t / 6;
@@ -262,6 +448,7 @@ mod tests {
         let id = AugmentConfig {
             shear_amplitude: 0.0,
             temporal_padding_ratio: 0,
+            ..AugmentConfig::default()
         };
         assert_eq!(augment(&x, SHAPE, &id, &mut rng), x);
         // An explicit zero shear matrix is also the identity.
@@ -303,6 +490,7 @@ mod tests {
         let cfg = AugmentConfig {
             shear_amplitude: 0.5,
             temporal_padding_ratio: 0,
+            ..AugmentConfig::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(9);
         let draw = AugmentDraw::sample(SHAPE[1], &cfg, &mut rng.clone());
@@ -345,6 +533,7 @@ mod tests {
         let crop_only = AugmentConfig {
             shear_amplitude: -1.0,
             temporal_padding_ratio: 6,
+            ..AugmentConfig::default()
         };
         assert!(crop_only.validate([2, 50, 25, 2]).is_ok());
     }
@@ -357,6 +546,7 @@ mod tests {
         let cfg = AugmentConfig {
             shear_amplitude: -1.0,
             temporal_padding_ratio: 6,
+            ..AugmentConfig::default()
         };
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for _ in 0..10 {
@@ -369,5 +559,94 @@ mod tests {
         // T = 6, P = 2: padded = [x1, x0, x0..x5, x5, x4].
         let src: Vec<usize> = (0..10).map(|j| padded_to_source(j, 2, 6)).collect();
         assert_eq!(src, vec![1, 0, 0, 1, 2, 3, 4, 5, 5, 4]);
+    }
+
+    #[test]
+    fn extras_off_leave_the_official_stream_and_result_unchanged() {
+        let x = sample();
+        let official = AugmentConfig::default();
+        let mut r1 = ChaCha8Rng::seed_from_u64(11);
+        let mut r2 = ChaCha8Rng::seed_from_u64(11);
+        let a = augment(&x, SHAPE, &official, &mut r1);
+        let b = augment(&x, SHAPE, &AugmentConfig { ..official }, &mut r2);
+        assert_eq!(a, b);
+        assert_eq!(r1.gen::<u64>(), r2.gen::<u64>());
+    }
+
+    #[test]
+    fn rotation_keeps_lengths_and_masks_zero_what_they_say() {
+        let x = sample();
+        let none = AugmentConfig::none();
+        let rot = AugmentConfig {
+            rotation_degrees: 30.0,
+            ..none
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let y = augment(&x, SHAPE, &rot, &mut rng);
+        let [_, t, v, m] = SHAPE;
+        for f in 0..t {
+            for j in 0..v {
+                for b in 0..m {
+                    let n0: f32 = (0..3).map(|c| at(&x, c, f, j, b).powi(2)).sum();
+                    let n1: f32 = (0..3).map(|c| at(&y, c, f, j, b).powi(2)).sum();
+                    assert!((n0 - n1).abs() < 1e-3 * n0.max(1.0), "{n0} vs {n1}");
+                }
+            }
+        }
+        assert_ne!(x, y);
+        let masked = AugmentConfig {
+            joint_mask: 0.5,
+            axis_mask: 1.0,
+            ..none
+        };
+        let y = augment(&x, SHAPE, &masked, &mut rng);
+        let zero_axes = (0..3)
+            .filter(|&c| (0..t).all(|f| (0..v).all(|j| (0..m).all(|b| at(&y, c, f, j, b) == 0.0))))
+            .count();
+        assert_eq!(zero_axes, 1);
+        let zero_joints = (0..v)
+            .filter(|&j| (0..3).all(|c| (0..t).all(|f| (0..m).all(|b| at(&y, c, f, j, b) == 0.0))))
+            .count();
+        assert_eq!(zero_joints, v / 2);
+    }
+
+    #[test]
+    fn noise_spares_absent_bodies_and_crop_resize_of_one_is_identity() {
+        let [c, t, v, m] = SHAPE;
+        let mut x = sample();
+        // Body 1 absent.
+        for ch in 0..c {
+            for f in 0..t {
+                for j in 0..v {
+                    x[((ch * t + f) * v + j) * m + 1] = 0.0;
+                }
+            }
+        }
+        let none = AugmentConfig::none();
+        let noisy = AugmentConfig {
+            gaussian_noise: 0.1,
+            ..none
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let y = augment(&x, SHAPE, &noisy, &mut rng);
+        for ch in 0..c {
+            for f in 0..t {
+                for j in 0..v {
+                    assert_eq!(at(&y, ch, f, j, 1), 0.0);
+                }
+            }
+        }
+        assert_ne!(x, y);
+        let resize = AugmentConfig {
+            crop_resize: 1.0,
+            ..none
+        };
+        assert_eq!(augment(&x, SHAPE, &resize, &mut rng), x);
+        let blur = AugmentConfig {
+            gaussian_blur: 1.0,
+            ..none
+        };
+        let y = augment(&x, SHAPE, &blur, &mut rng);
+        assert!(y.iter().all(|v| v.is_finite()));
     }
 }

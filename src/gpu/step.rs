@@ -24,7 +24,6 @@ use super::streams::SideStreams;
 use crate::data::views::{motion, View};
 use crate::error::{Error, Result};
 use crate::model::stgcn::temporal_conv::{self, WgradScope};
-use crate::ssl::loss::{cvc_km_losses, info_nce, moco_logits};
 use crate::ssl::model::SslModel;
 use tch::{Device, Kind, Tensor};
 
@@ -259,13 +258,22 @@ impl FastStep {
             }
         }
         let n = branches.len();
+        // Shuffle BN (`shuffle_bn` groups): one key permutation per step, shared by the views.
+        let groups = model.spec.recipe.shuffle_bn;
+        let perm =
+            (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (tch::Kind::Int64, x_k.device())));
         let pass = |i: usize| -> Result<Tensor> {
             Ok(if i < n {
                 let b = &branches[i];
-                b.query(&self.view_input(b.view, x_q), Some(primary_q))
+                b.query_grouped(&self.view_input(b.view, x_q), Some(primary_q), groups)
             } else {
                 let b = &branches[i - n];
-                b.key(&self.view_input(b.view, x_k), Some(primary_k))
+                b.key_shuffled(
+                    &self.view_input(b.view, x_k),
+                    Some(primary_k),
+                    groups,
+                    perm.as_ref(),
+                )
             })
         };
         // While the scope lives, each temporal convolution's weight gradient is computed on its
@@ -283,21 +291,8 @@ impl FastStep {
         };
         let ks = passes.split_off(n);
         let qs = passes;
-        let tau = model.spec.temperature;
-        let view_losses: Vec<Tensor> = match (&model.spec.cross, cross) {
-            (Some(c), true) => {
-                let queues: Vec<Tensor> = branches
-                    .iter()
-                    .map(|b| b.queue.keys.shallow_clone())
-                    .collect();
-                cvc_km_losses(&qs, &ks, &queues, tau, c.topk, c.context)
-            }
-            _ => branches
-                .iter()
-                .zip(qs.iter().zip(&ks))
-                .map(|(b, (q, k))| info_nce(&moco_logits(q, k, &b.queue.keys, tau)))
-                .collect(),
-        };
+        let reversed = model.reversed_keys(x_k, primary_k);
+        let view_losses = model.view_losses(&qs, &ks, reversed.as_deref(), cross);
         let loss = view_losses
             .iter()
             .skip(1)

@@ -9,7 +9,7 @@ use crate::data::views::{apply_view, View};
 use crate::model::head::{classifier, Mlp};
 use crate::model::stgcn::{StGcn, StGcnConfig};
 use crate::ssl::queue::{normalize_rows_or_cols, Queue};
-use tch::nn::{self, Module};
+use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
 /// A projection head.
@@ -21,6 +21,14 @@ pub enum Head {
     /// The official shared-head quirk: own Linear(hidden, hidden) (`fc.0.*`) -> ReLU -> the
     /// primary (joint) branch's whole MLP head, the very same variables.
     SharedTail(nn::Linear),
+    /// `head_bn: true` (ours, MoCo v3 / SimCLR style): Linear(hidden, hidden) (`fc.0.*`) ->
+    /// BatchNorm1d (`fc.1.*`, batch statistics: the head only runs in pre-training) -> ReLU ->
+    /// Linear(hidden, feature) (`fc.2.*`).
+    MlpBn {
+        fc0: nn::Linear,
+        bn: nn::BatchNorm,
+        fc2: nn::Linear,
+    },
 }
 
 impl Head {
@@ -30,10 +38,15 @@ impl Head {
         match self {
             Head::Linear(l) => l.forward(feat),
             Head::Mlp(m) => m.forward(feat),
+            Head::MlpBn { fc0, bn, fc2 } => {
+                fc2.forward(&bn.forward_t(&fc0.forward(feat), true).relu())
+            }
             Head::SharedTail(first) => {
                 let h = first.forward(feat).relu();
                 match primary {
-                    Some(p @ (Head::Mlp(_) | Head::Linear(_))) => p.forward(&h, None),
+                    Some(p @ (Head::Mlp(_) | Head::Linear(_) | Head::MlpBn { .. })) => {
+                        p.forward(&h, None)
+                    }
                     // Construction guarantees a primary MLP; this arm is unreachable in practice.
                     _ => panic!("shared projection head without a primary MLP head"),
                 }
@@ -75,12 +88,19 @@ pub fn build_encoder(
     feature_dim: i64,
     mlp: bool,
     shared_tail: bool,
+    head_bn: bool,
 ) -> (StGcn, Head) {
     let enc = StGcn::new(p, stgcn, layout);
     let hidden = stgcn.hidden_dim;
     let fc = p / "fc";
     let head = if shared_tail {
         Head::SharedTail(classifier(&(&fc / "0"), hidden, hidden))
+    } else if mlp && head_bn {
+        Head::MlpBn {
+            fc0: classifier(&(&fc / "0"), hidden, hidden),
+            bn: nn::batch_norm1d(&fc / "1", hidden, Default::default()),
+            fc2: classifier(&(&fc / "2"), hidden, feature_dim),
+        }
     } else if mlp {
         Head::Mlp(Mlp::new(&fc, hidden, hidden, feature_dim))
     } else {
@@ -107,6 +127,47 @@ impl Branch {
             let f = self.encoder_k.forward(x_view, true);
             normalize_rows_or_cols(&self.head_k.forward(&f, primary_k), 1)
         })
+    }
+
+    /// [`Branch::query`] with batch norm per group: the batch is split in order into `groups`
+    /// equal chunks, each a separate forward (its own batch statistics). `groups <= 1` is
+    /// [`Branch::query`].
+    pub fn query_grouped(&self, x_view: &Tensor, primary: Option<&Head>, groups: usize) -> Tensor {
+        if groups <= 1 {
+            return self.query(x_view, primary);
+        }
+        let parts: Vec<Tensor> = x_view
+            .chunk(groups as i64, 0)
+            .iter()
+            .map(|x| self.query(x, primary))
+            .collect();
+        Tensor::cat(&parts, 0)
+    }
+
+    /// Shuffle BN for the keys: the batch is permuted by `perm` (N,), split into `groups`
+    /// chunks with their own batch statistics, and the keys are returned in the original
+    /// order. With the queries grouped in order ([`Branch::query_grouped`]), a sample's query
+    /// and key see different batch statistics (MoCo's shuffle BN, on one device).
+    pub fn key_shuffled(
+        &self,
+        x_view: &Tensor,
+        primary_k: Option<&Head>,
+        groups: usize,
+        perm: Option<&Tensor>,
+    ) -> Tensor {
+        let Some(perm) = perm.filter(|_| groups > 1) else {
+            return self.key(x_view, primary_k);
+        };
+        let shuffled = x_view.index_select(0, perm);
+        let parts: Vec<Tensor> = shuffled
+            .chunk(groups as i64, 0)
+            .iter()
+            .map(|x| self.key(x, primary_k))
+            .collect();
+        let k = Tensor::cat(&parts, 0);
+        // Undo the permutation: row perm[i] of the input is row i of k.
+        let inverse = perm.argsort(0, false);
+        k.index_select(0, &inverse)
     }
 
     /// `theta_k <- m * theta_k + (1 - m) * theta_q` over `ema_pairs` (official formula order).

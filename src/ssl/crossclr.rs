@@ -41,5 +41,6 @@ pub fn official_spec(views: Vec<View>) -> SslSpec {
         }),
         shared_head: true,
         independent_key_init: true,
+        recipe: Default::default(),
     }
 }

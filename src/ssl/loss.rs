@@ -12,6 +12,22 @@ pub fn moco_logits(q: &Tensor, k: &Tensor, queue: &Tensor, tau: f64) -> Tensor {
     Tensor::cat(&[l_pos, l_neg], 1) / tau
 }
 
+/// [`moco_logits`] with extra negatives `extra` (N, E) raw cosine similarities appended (divided
+/// by `tau` like the rest): shape (N, 1+K+E).
+pub fn moco_logits_with(
+    q: &Tensor,
+    k: &Tensor,
+    queue: &Tensor,
+    tau: f64,
+    extra: Option<&Tensor>,
+) -> Tensor {
+    let l = moco_logits(q, k, queue, tau);
+    match extra {
+        Some(e) => Tensor::cat(&[l, e / tau], 1),
+        None => l,
+    }
+}
+
 /// Cross-entropy with target 0 (the positive), mean over the batch: `-mean_n log_softmax(l)[n, 0]`.
 pub fn info_nce(logits: &Tensor) -> Tensor {
     -logits
@@ -50,6 +66,21 @@ pub fn cvc_km_losses(
     topk: i64,
     context: bool,
 ) -> Vec<Tensor> {
+    cvc_km_losses_with(q, k, queues, tau, topk, context, None)
+}
+
+/// [`cvc_km_losses`] with optional extra negatives per view: `extra[u]` (N, E) raw cosine
+/// similarities appended to every logit set of view u with mask 0 (e.g. the time-reversed keys
+/// of `reverse_negatives`). `None` is the official loss.
+pub fn cvc_km_losses_with(
+    q: &[Tensor],
+    k: &[Tensor],
+    queues: &[Tensor],
+    tau: f64,
+    topk: i64,
+    context: bool,
+    extra: Option<&[Tensor]>,
+) -> Vec<Tensor> {
     let n_views = q.len();
     let l_pos: Vec<Tensor> = q
         .iter()
@@ -69,7 +100,7 @@ pub fn cvc_km_losses(
             let per_pair: Vec<Tensor> = partners
                 .iter()
                 .map(|&v| {
-                    let (logits, mask) = if context {
+                    let (mut logits, mut mask) = if context {
                         let ctx = &sim[u] * &sim[v];
                         (
                             Tensor::cat(&[&l_pos[u], &sim[u], &ctx], 1),
@@ -81,6 +112,10 @@ pub fn cvc_km_losses(
                             Tensor::cat(&[&ones, &mined[v]], 1),
                         )
                     };
+                    if let Some(e) = extra {
+                        logits = Tensor::cat(&[&logits, &e[u]], 1);
+                        mask = Tensor::cat(&[&mask, &e[u].zeros_like()], 1);
+                    }
                     multi_positive(&(logits / tau), &mask)
                 })
                 .collect();

@@ -12,9 +12,9 @@ use crate::data::views::View;
 use crate::error::{Error, Result};
 use crate::model::stgcn::StGcnConfig;
 use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
-use crate::ssl::loss::{cvc_km_losses, info_nce, moco_logits};
+use crate::ssl::loss::{cvc_km_losses_with, info_nce, moco_logits_with};
 use crate::ssl::queue::Queue;
-use crate::train::config::{ModelKind, PretrainConfig};
+use crate::train::config::{InitScheme, ModelKind, PretrainConfig};
 use std::collections::{BTreeMap, HashMap};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -49,6 +49,21 @@ pub struct SslSpec {
     pub shared_head: bool,
     /// Official quirk: key encoders are randomly initialised independently of the queries.
     pub independent_key_init: bool,
+    /// The small-data levers (defaults: the official behaviour).
+    pub recipe: Recipe,
+}
+
+/// Model-side levers of the small-data recipe (see `configs/small/`); `Default` is official.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Recipe {
+    /// How the encoders and heads are initialised.
+    pub init: InitScheme,
+    /// Batch norm inside the projection MLP (`fc.1.*`).
+    pub head_bn: bool,
+    /// Shuffle-BN groups (0 or 1 = off).
+    pub shuffle_bn: usize,
+    /// Time-reversed keys as extra negatives (one per sample and view).
+    pub reverse_negatives: bool,
 }
 
 impl SslSpec {
@@ -84,6 +99,12 @@ impl SslSpec {
             cross,
             shared_head: cfg.shared_head,
             independent_key_init: cfg.independent_key_init,
+            recipe: Recipe {
+                init: cfg.init,
+                head_bn: cfg.head_bn,
+                shuffle_bn: cfg.shuffle_bn,
+                reverse_negatives: cfg.reverse_negatives,
+            },
         })
     }
 }
@@ -138,6 +159,7 @@ impl SslModel {
                 spec.feature_dim,
                 spec.mlp,
                 shared_tail,
+                spec.recipe.head_bn,
             );
             let (encoder_k, head_k) = build_encoder(
                 &(vs_k.root() / format!("encoder_k{suffix}")),
@@ -146,6 +168,7 @@ impl SslModel {
                 spec.feature_dim,
                 spec.mlp,
                 shared_tail,
+                spec.recipe.head_bn,
             );
             let q = Queue::new(spec.feature_dim, spec.queue_size, device);
             let keys = vs_k.root().add(&format!("queue{suffix}"), q.keys, false);
@@ -159,6 +182,10 @@ impl SslModel {
                 queue: Queue::from_tensor(keys, 0),
                 ema_pairs: Vec::new(),
             });
+        }
+        if spec.recipe.init == InitScheme::Pytorch {
+            pytorch_init(&vs_q);
+            pytorch_init(&vs_k);
         }
         vs_k.freeze();
         // EMA pairs by name: a branch walks its own `encoder_q{suffix}.*` parameters and, when its
@@ -224,11 +251,15 @@ impl SslModel {
         let cross = self.is_cross_epoch(epoch);
         let primary_q = &self.branches[0].head_q;
         let primary_k = &self.branches[0].head_k;
+        let groups = self.spec.recipe.shuffle_bn;
         let qs: Vec<Tensor> = self
             .branches
             .iter()
-            .map(|b| b.query(&b.input(x_q, &self.layout), Some(primary_q)))
+            .map(|b| b.query_grouped(&b.input(x_q, &self.layout), Some(primary_q), groups))
             .collect();
+        // One permutation per step, shared by the views (torch's generator: seeded per epoch).
+        let perm =
+            (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (Kind::Int64, x_k.device())));
         for b in &self.branches {
             let motion_only = cross
                 && self
@@ -243,28 +274,17 @@ impl SslModel {
         let ks: Vec<Tensor> = self
             .branches
             .iter()
-            .map(|b| b.key(&b.input(x_k, &self.layout), Some(primary_k)))
+            .map(|b| {
+                b.key_shuffled(
+                    &b.input(x_k, &self.layout),
+                    Some(primary_k),
+                    groups,
+                    perm.as_ref(),
+                )
+            })
             .collect();
-        let tau = self.spec.temperature;
-        let view_losses: Vec<Tensor> = if cross {
-            let c = self
-                .spec
-                .cross
-                .as_ref()
-                .expect("cross epoch implies a cross spec");
-            let queues: Vec<Tensor> = self
-                .branches
-                .iter()
-                .map(|b| b.queue.keys.shallow_clone())
-                .collect();
-            cvc_km_losses(&qs, &ks, &queues, tau, c.topk, c.context)
-        } else {
-            self.branches
-                .iter()
-                .zip(qs.iter().zip(&ks))
-                .map(|(b, (q, k))| info_nce(&moco_logits(q, k, &b.queue.keys, tau)))
-                .collect()
-        };
+        let reversed = self.reversed_keys(x_k, primary_k);
+        let view_losses = self.view_losses(&qs, &ks, reversed.as_deref(), cross);
         let loss = view_losses
             .iter()
             .skip(1)
@@ -274,6 +294,63 @@ impl SslModel {
             view_losses,
             keys: ks,
             phase: if cross { 2 } else { 1 },
+        }
+    }
+
+    /// `reverse_negatives`: per view, the keys (N, feature_dim) of the time-reversed key batch (`x_k` flipped along T), computed like the
+    /// keys (key encoder, train mode, no grad). `None` when the lever is off.
+    pub fn reversed_keys(
+        &self,
+        x_k: &Tensor,
+        primary_k: &crate::ssl::branch::Head,
+    ) -> Option<Vec<Tensor>> {
+        if !self.spec.recipe.reverse_negatives {
+            return None;
+        }
+        let x_rev = x_k.flip([2]);
+        Some(
+            self.branches
+                .iter()
+                .map(|b| b.key(&b.input(&x_rev, &self.layout), Some(primary_k)))
+                .collect(),
+        )
+    }
+
+    /// Per-view losses from queries `qs`, keys `ks` (N, D each, view order) against the current
+    /// queues: MoCo InfoNCE in phase 1, CVC-KM (`cross`) in phase 2. With `reversed` keys
+    /// ([`SslModel::reversed_keys`]) each query also gets `q . k_rev` as one extra negative.
+    pub fn view_losses(
+        &self,
+        qs: &[Tensor],
+        ks: &[Tensor],
+        reversed: Option<&[Tensor]>,
+        cross: bool,
+    ) -> Vec<Tensor> {
+        let tau = self.spec.temperature;
+        let extra: Option<Vec<Tensor>> = reversed.map(|r| {
+            qs.iter()
+                .zip(r)
+                .map(|(q, kr)| (q * kr).sum_dim_intlist(&[1i64][..], true, Kind::Float))
+                .collect()
+        });
+        match (&self.spec.cross, cross) {
+            (Some(c), true) => {
+                let queues: Vec<Tensor> = self
+                    .branches
+                    .iter()
+                    .map(|b| b.queue.keys.shallow_clone())
+                    .collect();
+                cvc_km_losses_with(qs, ks, &queues, tau, c.topk, c.context, extra.as_deref())
+            }
+            _ => self
+                .branches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let e = extra.as_ref().map(|e| &e[i]);
+                    info_nce(&moco_logits_with(&qs[i], &ks[i], &b.queue.keys, tau, e))
+                })
+                .collect(),
         }
     }
 
@@ -410,6 +487,34 @@ impl SslModel {
     pub fn num_trainable(&self) -> i64 {
         self.trainable().iter().map(|(_, t)| t.numel() as i64).sum()
     }
+}
+
+/// PyTorch's module defaults on every conv / linear / batch-norm variable of `vs` (queues,
+/// running statistics and edge importances untouched): weights of rank >= 2 and their biases
+/// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = numel / out (`kaiming_uniform_(a=sqrt(5))`
+/// and the bias rule of `nn.Conv2d` / `nn.Linear`), rank-1 (batch-norm) weights 1, biases 0.
+pub fn pytorch_init(vs: &nn::VarStore) {
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, t) in &vars {
+            let mut t = t.shallow_clone();
+            if let Some(stem) = name.strip_suffix(".weight") {
+                if t.dim() >= 2 {
+                    let fan_in = (t.numel() as i64 / t.size()[0]).max(1) as f64;
+                    let bound = 1.0 / fan_in.sqrt();
+                    let _ = t.uniform_(-bound, bound);
+                    if let Some(b) = vars.get(&format!("{stem}.bias")) {
+                        let _ = b.shallow_clone().uniform_(-bound, bound);
+                    }
+                } else if t.dim() == 1 {
+                    let _ = t.fill_(1.0);
+                    if let Some(b) = vars.get(&format!("{stem}.bias")) {
+                        let _ = b.shallow_clone().fill_(0.0);
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Moves a CPU batch to `device` as f32.

@@ -25,5 +25,6 @@ pub fn official_spec(view: View) -> SslSpec {
         cross: None,
         shared_head: false,
         independent_key_init: true,
+        recipe: Default::default(),
     }
 }

@@ -352,6 +352,29 @@ pub struct FeederArgs {
     pub temperal_padding_ratio: usize,
     /// Memory-map the data file.
     pub mmap: bool,
+    // --- extra augmentations (ours, AimCLR's set; all off by default = official) ---
+    /// Random rotation about each axis, uniform in `[-rotation, rotation]` degrees; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub rotation: f64,
+    /// Probability of mirroring the x coordinate; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub flip: f64,
+    /// Standard deviation of additive Gaussian noise on every coordinate; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub gaussian_noise: f64,
+    /// Probability of a temporal Gaussian blur (kernel 15, sigma in [0.1, 2]); 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub gaussian_blur: f64,
+    /// Probability of zeroing one random coordinate axis; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub axis_mask: f64,
+    /// Fraction of joints zeroed (whole sequence), drawn per sample; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub joint_mask: f64,
+    /// Temporal crop-resize: keep a random window of `[crop_resize, 1]` of the frames and resize
+    /// it back to T by linear interpolation; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub crop_resize: f64,
 }
 
 impl Default for FeederArgs {
@@ -362,6 +385,77 @@ impl Default for FeederArgs {
             shear_amplitude: 0.5,
             temperal_padding_ratio: 6,
             mmap: true,
+            rotation: 0.0,
+            flip: 0.0,
+            gaussian_noise: 0.0,
+            gaussian_blur: 0.0,
+            axis_mask: 0.0,
+            joint_mask: 0.0,
+            crop_resize: 0.0,
+        }
+    }
+}
+
+impl FeederArgs {
+    /// The pre-training augmentation these arguments describe.
+    pub fn augment(&self) -> crate::data::augment::AugmentConfig {
+        crate::data::augment::AugmentConfig {
+            shear_amplitude: self.shear_amplitude,
+            temporal_padding_ratio: self.temperal_padding_ratio,
+            rotation_degrees: self.rotation,
+            flip: self.flip,
+            gaussian_noise: self.gaussian_noise,
+            gaussian_blur: self.gaussian_blur,
+            axis_mask: self.axis_mask,
+            joint_mask: self.joint_mask,
+            crop_resize: self.crop_resize,
+        }
+    }
+}
+
+/// `init`: how the query (and independent key) encoders and heads are initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitScheme {
+    /// The official `weights_init`: conv / linear weights N(0, 0.02), biases 0, BN weights
+    /// N(1, 0.02), BN biases 0.
+    #[default]
+    Official,
+    /// PyTorch's module defaults: conv / linear weights and biases U(-1/sqrt(fan_in),
+    /// 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), BN weights 1, biases 0.
+    Pytorch,
+}
+
+/// `lr_schedule`: the per-epoch learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// Official: `base_lr * 0.1^#{s in step : epoch > s}`.
+    #[default]
+    Step,
+    /// Half-cosine from `base_lr` to 0 over the epochs after warm-up (`step` ignored).
+    Cosine,
+}
+
+/// `diagnostics`: collapse diagnostics computed during pre-training (see `train::diagnostics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticsArgs {
+    /// Every this many epochs (and at the last one); 0 = off.
+    pub interval: usize,
+    /// Training samples (a fixed, seeded subset) the diagnostics are computed on.
+    pub samples: usize,
+    /// A feature effective rank below this is reported as a collapse warning in the log.
+    #[serde(deserialize_with = "de_f64")]
+    pub rank_warning: f64,
+}
+
+impl Default for DiagnosticsArgs {
+    fn default() -> Self {
+        Self {
+            interval: 1,
+            samples: 256,
+            rank_warning: 4.0,
         }
     }
 }
@@ -421,7 +515,7 @@ pub struct PretrainConfig {
     // --- logging and checkpoints ---
     /// Save `epoch<N>` checkpoints every this many epochs (and `last` every epoch); -1 disables.
     pub save_interval: i64,
-    /// Official key; no evaluation runs during pre-training.
+    /// k-NN monitor on `monitor` every this many epochs (and at the last); -1 = off (official key).
     pub eval_interval: i64,
     /// Log a step line every this many steps.
     pub log_interval: usize,
@@ -437,6 +531,30 @@ pub struct PretrainConfig {
     pub step_impl: StepImpl,
     /// `auto | default | on | off`; see [`Tf32Mode`] (CUDA only).
     pub tf32: Tf32Mode,
+    // --- small-data recipe levers (ours; defaults are the official behaviour) ---
+    /// `official | pytorch`; see [`InitScheme`].
+    pub init: InitScheme,
+    /// Projection MLP with batch norm after its hidden Linear (MoCo v3 / SimCLR style):
+    /// Linear -> BN -> ReLU -> Linear (new variables `fc.1.*`); official: no BN.
+    pub head_bn: bool,
+    /// Shuffle BN on one device: the key batch is permuted and split into this many groups with
+    /// their own batch statistics, the query batch into the same number of groups in order, so a
+    /// query and its key never share BN statistics (MoCo's shuffle BN). 0 or 1 = off (official).
+    pub shuffle_bn: usize,
+    /// Time-reversed keys as extra negatives: each query also meets the key encoder's embedding
+    /// of its own sample played backwards (one negative per sample and view), so the
+    /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
+    /// Ours; official: false.
+    pub reverse_negatives: bool,
+    /// `step | cosine`; see [`LrSchedule`].
+    pub lr_schedule: LrSchedule,
+    /// Linear lr warm-up over this many epochs (from base_lr / warmup_epochs); 0 = off (official).
+    pub warmup_epochs: usize,
+    /// Collapse diagnostics; see [`DiagnosticsArgs`].
+    pub diagnostics: DiagnosticsArgs,
+    /// A labelled held-out split for the k-NN monitor, run every `eval_interval` epochs
+    /// (official key; -1 = off).
+    pub monitor: Option<DatasetSpec>,
     /// cuDNN autotuning: `auto | true | false`; see [`CudnnBenchmark`] (CUDA only).
     pub cudnn_benchmark: CudnnBenchmark,
 }
@@ -477,6 +595,14 @@ impl Default for PretrainConfig {
             step_impl: StepImpl::Auto,
             tf32: Tf32Mode::Auto,
             cudnn_benchmark: CudnnBenchmark::Auto,
+            init: InitScheme::Official,
+            head_bn: false,
+            shuffle_bn: 0,
+            reverse_negatives: false,
+            lr_schedule: LrSchedule::Step,
+            warmup_epochs: 0,
+            diagnostics: DiagnosticsArgs::default(),
+            monitor: None,
         }
     }
 }
@@ -580,6 +706,14 @@ impl PretrainConfig {
                 mmap: true,
             }),
             layout: Some(String::new()),
+            monitor: Some(DatasetSpec {
+                format: DatasetFormat::Npy,
+                data: PathBuf::new(),
+                label: Some(PathBuf::new()),
+                layout: String::new(),
+                part: Some(String::new()),
+                mmap: true,
+            }),
             ..Self::default()
         }
     }
@@ -599,6 +733,49 @@ impl PretrainConfig {
                     a.queue_size, self.batch_size
                 ),
             );
+        }
+        if self.shuffle_bn > 1 && !self.batch_size.is_multiple_of(self.shuffle_bn) {
+            return bad(
+                "shuffle_bn",
+                format!(
+                    "{} groups must divide batch_size {}",
+                    self.shuffle_bn, self.batch_size
+                ),
+            );
+        }
+        if self.shuffle_bn > 1 && self.batch_size / self.shuffle_bn < 2 {
+            return bad(
+                "shuffle_bn",
+                format!(
+                    "{} groups leave fewer than 2 samples per batch-norm group at batch_size {}",
+                    self.shuffle_bn, self.batch_size
+                ),
+            );
+        }
+        let f = &self.train_feeder_args;
+        for (k, v) in [
+            ("train_feeder_args.flip", f.flip),
+            ("train_feeder_args.gaussian_blur", f.gaussian_blur),
+            ("train_feeder_args.axis_mask", f.axis_mask),
+            ("train_feeder_args.joint_mask", f.joint_mask),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(k, format!("{v} must be a probability in [0, 1]"));
+            }
+        }
+        if !(0.0..=1.0).contains(&f.crop_resize) {
+            return bad(
+                "train_feeder_args.crop_resize",
+                format!("{} must be in [0, 1] (0 = off)", f.crop_resize),
+            );
+        }
+        for (k, v) in [
+            ("train_feeder_args.rotation", f.rotation),
+            ("train_feeder_args.gaussian_noise", f.gaussian_noise),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(k, format!("{v} must be >= 0 (0 = off)"));
+            }
         }
         if a.temperature.is_nan() || a.temperature <= 0.0 {
             return bad(

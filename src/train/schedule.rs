@@ -1,6 +1,8 @@
 //! Step learning-rate schedule (official `adjust_lr`): set at the start of every epoch to
 //! `base_lr * 0.1^#{s in step : epoch > s}` with a 1-based `epoch`; no warm-up.
 
+use crate::train::config::LrSchedule;
+
 /// Decay factor applied at each milestone.
 pub const STEP_GAMMA: f64 = 0.1;
 
@@ -9,6 +11,32 @@ pub const STEP_GAMMA: f64 = 0.1;
 pub fn step_lr(base_lr: f64, step: &[usize], epoch: usize) -> f64 {
     let decays = step.iter().filter(|&&s| epoch > s).count() as i32;
     base_lr * STEP_GAMMA.powi(decays)
+}
+
+/// The learning rate of 1-based `epoch` of `num_epoch` under `schedule`, with a linear warm-up
+/// over the first `warmup` epochs (`base_lr * epoch / warmup`; none when 0, the official setting).
+/// `Cosine` decays as `base_lr * 0.5 * (1 + cos(pi * e / E))` over the post-warm-up epochs
+/// (`e` = epochs done after warm-up, `E` = post-warm-up epochs), so the last epoch's lr is small
+/// but not 0; `Step` is [`step_lr`].
+pub fn epoch_lr(
+    schedule: LrSchedule,
+    base_lr: f64,
+    step: &[usize],
+    warmup: usize,
+    num_epoch: usize,
+    epoch: usize,
+) -> f64 {
+    if warmup > 0 && epoch <= warmup {
+        return base_lr * epoch as f64 / warmup as f64;
+    }
+    match schedule {
+        LrSchedule::Step => step_lr(base_lr, step, epoch),
+        LrSchedule::Cosine => {
+            let total = num_epoch.saturating_sub(warmup).max(1) as f64;
+            let done = epoch.saturating_sub(warmup + 1) as f64;
+            base_lr * 0.5 * (1.0 + (std::f64::consts::PI * done / total).cos())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -21,5 +49,23 @@ mod tests {
         assert!((step_lr(0.1, &[250], 251) - 0.01).abs() < 1e-15);
         assert!((step_lr(1.0, &[2, 4], 5) - 0.01).abs() < 1e-15);
         assert_eq!(step_lr(0.3, &[], 300), 0.3);
+    }
+
+    #[test]
+    fn warmup_and_cosine() {
+        // No warm-up, step schedule: the official lr.
+        assert_eq!(
+            epoch_lr(LrSchedule::Step, 0.1, &[250], 0, 300, 251),
+            step_lr(0.1, &[250], 251)
+        );
+        // Warm-up 4: 0.25, 0.5, 0.75, 1.0 of base, then the schedule.
+        let lrs: Vec<f64> = (1..=6)
+            .map(|e| epoch_lr(LrSchedule::Cosine, 1.0, &[], 4, 14, e))
+            .collect();
+        assert_eq!(&lrs[..4], &[0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(lrs[4], 1.0); // first post-warm-up epoch starts at base
+        assert!(lrs[5] < 1.0 && lrs[5] > 0.9);
+        let last = epoch_lr(LrSchedule::Cosine, 1.0, &[], 4, 14, 14);
+        assert!(last > 0.0 && last < 0.05, "{last}");
     }
 }
