@@ -792,3 +792,341 @@ fn dataset_args_resolve_configs_and_reject_ambiguity() {
     .specs()
     .is_err());
 }
+
+/// Features like a random encoder's: a large common offset, a weak class signal and noise
+/// (`classes` classes, `d` dims), scaled by `scale`.
+fn offset_features(n_per_class: usize, classes: usize, seed: i64, scale: f64) -> FeatureSet {
+    tch::manual_seed(seed);
+    let d = 16i64;
+    let k = classes as i64;
+    let labels: Vec<i64> = (0..n_per_class * classes)
+        .map(|i| (i % classes) as i64)
+        .collect();
+    let n = labels.len() as i64;
+    let y = Tensor::from_slice(&labels);
+    let means = Tensor::cat(
+        &[
+            Tensor::eye(k, (Kind::Float, tch::Device::Cpu)),
+            Tensor::zeros([k, d - k], (Kind::Float, tch::Device::Cpu)),
+        ],
+        1,
+    );
+    let x = (means.index_select(0, &y)
+        + Tensor::randn([n, d], (Kind::Float, tch::Device::Cpu)) * 0.5
+        + 20.0)
+        * scale;
+    let names = (0..labels.len()).map(|i| format!("s{i}")).collect();
+    FeatureSet::new(vec!["joint".into()], vec![x], labels, names, classes).unwrap()
+}
+
+#[test]
+fn standardized_linear_probe_is_scale_invariant() {
+    tch::set_num_threads(1);
+    let (classes, tiny) = (5, 1e-6);
+    let chance = 100.0 / classes as f64;
+    let (train, test) = (
+        offset_features(40, classes, 11, 1.0),
+        offset_features(20, classes, 12, 1.0),
+    );
+    let (train_t, test_t) = (
+        offset_features(40, classes, 11, tiny),
+        offset_features(20, classes, 12, tiny),
+    );
+    // The official recipe (lr 3.0, momentum 0.9, step at 80 %), shortened.
+    let raw = LinearConfig {
+        epochs: 30,
+        steps: vec![24],
+        batch_size: 32,
+        eval_interval: 5,
+        ..Default::default()
+    };
+    let std_cfg = LinearConfig {
+        standardize: true,
+        ..raw.clone()
+    };
+    let a = linear::train_linear(&train, None, &test, &std_cfg).unwrap();
+    let b = linear::train_linear(&train_t, None, &test_t, &std_cfg).unwrap();
+    println!(
+        "standardised: unscaled {:.2}%, x1e-6 {:.2}%",
+        a.last.top1, b.last.top1
+    );
+    assert!(a.last.top1 > chance + 30.0, "{}", a.last.top1);
+    // Scale invariance: the same accuracy (to one test sample) and nearly the same loss curve.
+    assert!((a.last.top1 - b.last.top1).abs() <= 100.0 / test.len() as f64 + 1e-9);
+    let (la, lb) = (
+        a.history.last().unwrap().loss,
+        b.history.last().unwrap().loss,
+    );
+    assert!((la - lb).abs() <= 1e-2 * la.abs().max(0.1), "{la} vs {lb}");
+    assert_eq!(a.feature_norms.len(), 1);
+    let s = a.feature_norms[0].prescale;
+    let st = b.feature_norms[0].prescale;
+    assert!((st / s - tiny).abs() < 1e-3 * tiny, "{s} {st}");
+    assert_eq!(a.feature_norms[0].num_batches_tracked, 30 * (200 / 32));
+
+    // Without standardisation the tiny features cannot move the lr-3.0 probe: only the biases
+    // learn, every test sample gets the same class, chance accuracy.
+    let c = linear::train_linear(&train_t, None, &test_t, &raw).unwrap();
+    println!("raw x1e-6: {:.2}%", c.last.top1);
+    assert!(c.last.top1 < chance + 5.0, "{}", c.last.top1);
+    assert!(c.feature_norms.is_empty());
+    // A bare BatchNorm1d (absolute eps 1e-5, no prescale) does not rescue them either: eps
+    // swamps their variance (~5e-13).
+    let bare = LinearConfig {
+        standardize_prescale: false,
+        ..std_cfg.clone()
+    };
+    let d = linear::train_linear(&train_t, None, &test_t, &bare).unwrap();
+    println!("bare BatchNorm x1e-6: {:.2}%", d.last.top1);
+    assert!(d.last.top1 < chance + 5.0, "{}", d.last.top1);
+    // On unit-scale features the bare BatchNorm works (and nearly equals the prescaled one).
+    let e = linear::train_linear(&train, None, &test, &bare).unwrap();
+    assert!(e.last.top1 > chance + 30.0, "{}", e.last.top1);
+}
+
+#[test]
+fn feature_norm_matches_batch_norm1d() {
+    use crossclr::eval::linear::{FeatureNorm, NORM_EPS, NORM_MOMENTUM};
+    tch::manual_seed(3);
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let d = 6i64;
+    let x = Tensor::randn([48, d], opts) * Tensor::linspace(0.5, 3.0, d, opts)
+        + Tensor::linspace(-2.0, 5.0, d, opts);
+    let close = |a: &Tensor, b: &Tensor, tol: f64| {
+        let err = (a - b).abs().max().double_value(&[]);
+        assert!(err < tol, "max difference {err}");
+    };
+    for prescaled in [false, true] {
+        let mut norm = FeatureNorm::new(d, NORM_EPS, NORM_MOMENTUM, tch::Device::Cpu);
+        // The reference: PyTorch's batch_norm (= F.batch_norm / BatchNorm1d(affine=False)) on
+        // x / s, s computed by hand in f64.
+        let s = if prescaled {
+            let v: Vec<f64> = Vec::try_from(&x.to_kind(Kind::Double).var_dim(
+                [0i64].as_slice(),
+                false,
+                false,
+            ))
+            .unwrap();
+            (v.iter().sum::<f64>() / v.len() as f64).sqrt()
+        } else {
+            1.0
+        };
+        if prescaled {
+            norm = norm.prescaled(&x);
+            assert!(
+                (norm.prescale - s).abs() < 1e-6 * s,
+                "{} {s}",
+                norm.prescale
+            );
+        }
+        let rm = Tensor::zeros([d], opts);
+        let rv = Tensor::ones([d], opts);
+        for b in 0..3 {
+            let batch = x.narrow(0, 16 * b, 16);
+            let got = norm.train_forward(&batch);
+            let want = Tensor::batch_norm(
+                &(&batch / s),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                Some(&rm),
+                Some(&rv),
+                true,
+                NORM_MOMENTUM,
+                NORM_EPS,
+                false,
+            );
+            close(&got, &want, 1e-5);
+            close(&norm.running_mean, &rm, 1e-6);
+            close(&norm.running_var, &rv, 1e-6);
+        }
+        assert_eq!(norm.num_batches_tracked, 3);
+        // The running variance is the unbiased one: after one batch from the start (0, 1) it is
+        // 0.9 + 0.1 * var_unbiased.
+        let mut one = FeatureNorm::new(d, NORM_EPS, NORM_MOMENTUM, tch::Device::Cpu);
+        let first = x.narrow(0, 0, 16);
+        let _ = one.train_forward(&first);
+        let unbiased = first.var_dim([0i64].as_slice(), true, false);
+        close(&one.running_var, &(unbiased * 0.1 + 0.9), 1e-5);
+        // Evaluation uses the running statistics.
+        let got = norm.eval_forward(&x);
+        let want = Tensor::batch_norm(
+            &(&x / s),
+            None::<&Tensor>,
+            None::<&Tensor>,
+            Some(&rm),
+            Some(&rv),
+            false,
+            NORM_MOMENTUM,
+            NORM_EPS,
+            false,
+        );
+        close(&got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn standardize_auto_resolves_on_for_a_random_encoder_only() {
+    use crossclr::eval::linear::Standardize;
+    use crossclr::eval::protocol;
+    assert!(Standardize::Auto.resolve(true));
+    assert!(!Standardize::Auto.resolve(false));
+    assert!(Standardize::On.resolve(false) && Standardize::On.resolve(true));
+    assert!(!Standardize::Off.resolve(true) && !Standardize::Off.resolve(false));
+    assert_eq!(Standardize::default(), Standardize::Auto);
+    let random = tiny_encoder("joint,bone", None);
+    let trained = tiny_encoder("joint,bone", Some("w.safetensors".into()));
+    assert!(protocol::resolve_standardize(Standardize::Auto, &random));
+    assert!(!protocol::resolve_standardize(Standardize::Auto, &trained));
+    assert!(protocol::resolve_standardize(Standardize::On, &trained));
+    // The baseline of a trained setup is the `--weights none` encoder of the same streams.
+    let base = protocol::random_baseline(&trained);
+    assert!(base.weights.is_none());
+    assert_eq!(base.streams, trained.streams);
+    assert_eq!(base.seed, trained.seed);
+    assert_eq!(
+        serde_json::to_value(&base.random).unwrap(),
+        serde_json::to_value(&random.random).unwrap()
+    );
+    // Old configs (no standardisation keys) still load, with standardisation off.
+    let mut old = serde_json::to_value(LinearConfig::default()).unwrap();
+    for k in ["standardize", "standardize_eps", "standardize_prescale"] {
+        old.as_object_mut().unwrap().remove(k);
+    }
+    let cfg: LinearConfig = serde_json::from_value(old).unwrap();
+    assert_eq!(cfg, LinearConfig::default());
+    assert!(!cfg.standardize);
+}
+
+/// Runs the binary; returns stdout (panics with stderr on failure).
+fn crossclr_cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crossclr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn cli_baseline_random_matches_weights_none() {
+    use crossclr::model::stgcn::{StGcn, StGcnConfig};
+    let data = tempfile::tempdir().unwrap();
+    small_demo(data.path(), 4, 2);
+    // A "trained" checkpoint: any encoder with the tiny config under `encoder_q.`.
+    tch::manual_seed(5);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg = StGcnConfig {
+        hidden_channels: 4,
+        hidden_dim: 16,
+        ..Default::default()
+    };
+    let _net = StGcn::new(
+        &(vs.root() / "encoder_q"),
+        &cfg,
+        &crossclr::data::Layout::ntu25(),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let ckpt = work.path().join("w.safetensors");
+    crossclr::model::weights::save_safetensors(&vs, &ckpt).unwrap();
+    let dir = |n: &str| work.path().join(n).display().to_string();
+    let data_dir = data.path().display().to_string();
+    let common = [
+        "--data-dir",
+        &data_dir,
+        "--hidden-channels",
+        "4",
+        "--hidden-dim",
+        "16",
+        "--no-tsne",
+        "--threads",
+        "1",
+        "--seed",
+        "2",
+    ];
+    let lin = ["--epochs", "4", "--eval-interval", "2", "--batch", "8"];
+    let trained_dir = dir("trained");
+    let ckpt_s = ckpt.display().to_string();
+    let mut args = vec!["linear", "--weights", &ckpt_s, "--baseline", "random"];
+    args.extend(common);
+    args.extend(lin);
+    args.extend(["--work-dir", &trained_dir]);
+    let stdout = crossclr_cli(&args);
+    assert!(
+        stdout.contains("trained encoder vs random-encoder baseline"),
+        "{stdout}"
+    );
+    let none_dir = dir("none");
+    let mut args = vec!["linear", "--weights", "none"];
+    args.extend(common);
+    args.extend(lin);
+    args.extend(["--work-dir", &none_dir]);
+    crossclr_cli(&args);
+
+    let trained = read_json(&work.path().join("trained/metrics.json"));
+    let base = read_json(&work.path().join("trained/baseline_random/metrics.json"));
+    let none = read_json(&work.path().join("none/metrics.json"));
+    // auto: the trained encoder keeps the official recipe, the random one is standardised.
+    assert_eq!(trained["config"]["standardize"], false);
+    assert_eq!(trained["extra"]["standardize"]["on"], false);
+    assert_eq!(trained["extra"]["standardize_request"], "auto");
+    assert_eq!(base["config"]["standardize"], true);
+    assert_eq!(base["extra"]["standardize"]["on"], true);
+    assert_eq!(none["config"]["standardize"], true);
+    // The baseline is exactly the `--weights none` run: same figures, same scores.
+    assert_eq!(base["weights"], none["weights"]);
+    assert_eq!(base["last"], none["last"]);
+    assert_eq!(base["best_test"], none["best_test"]);
+    assert_eq!(trained["extra"]["baseline_random"]["last"], none["last"]);
+    assert_eq!(
+        std::fs::read(work.path().join("trained/baseline_random/scores.npy")).unwrap(),
+        std::fs::read(work.path().join("none/scores.npy")).unwrap()
+    );
+    // --standardize on applies to both encoders.
+    let on_dir = dir("on");
+    let mut args = vec![
+        "linear",
+        "--weights",
+        &ckpt_s,
+        "--baseline",
+        "random",
+        "--standardize",
+        "on",
+    ];
+    args.extend(common);
+    args.extend(lin);
+    args.extend(["--work-dir", &on_dir]);
+    crossclr_cli(&args);
+    let on = read_json(&work.path().join("on/metrics.json"));
+    assert_eq!(on["config"]["standardize"], true);
+    assert_eq!(
+        on["extra"]["baseline_random"]["config"]["standardize"],
+        true
+    );
+
+    // k-NN: both printed, the baseline equal to `--weights none`.
+    let knn_dir = dir("knn");
+    let mut args = vec!["knn", "--weights", &ckpt_s, "--baseline", "random"];
+    args.extend(common);
+    args.extend(["--work-dir", &knn_dir]);
+    let stdout = crossclr_cli(&args);
+    assert!(stdout.contains("random-encoder baseline"), "{stdout}");
+    let knn_none_dir = dir("knn_none");
+    let mut args = vec!["knn", "--weights", "none"];
+    args.extend(common);
+    args.extend(["--work-dir", &knn_none_dir]);
+    crossclr_cli(&args);
+    let k = read_json(&work.path().join("knn/metrics.json"));
+    let kb = read_json(&work.path().join("knn/baseline_random/metrics.json"));
+    let kn = read_json(&work.path().join("knn_none/metrics.json"));
+    assert_eq!(kb["results"], kn["results"]);
+    assert_eq!(k["baseline_random"]["results"], kn["results"]);
+    assert!(kn.get("baseline_random").is_none());
+}

@@ -1,6 +1,6 @@
 //! `crossclr knn`: k-nearest-neighbour evaluation on pooled features.
 use crate::cli::linear::{encoder_setup, OutputArgs};
-use crossclr::eval::args::{DatasetArgs, EncoderArgs};
+use crossclr::eval::args::{Baseline, DatasetArgs, EncoderArgs};
 use crossclr::eval::knn::KnnConfig;
 use crossclr::eval::protocol;
 
@@ -21,6 +21,10 @@ pub struct Args {
     /// Seed of a random encoder (--weights none) and of the t-SNE subsample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also evaluate this baseline with the same streams and data, print both side by side and
+    /// write the baseline's outputs into <work_dir>/baseline_random.
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -34,7 +38,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             temperature: Some(args.temperature),
         },
     ];
-    let s = protocol::run_knn(&splits, &setup, &configs, device, &args.output.options())?;
+    let opts = args.output.options();
+    if args.baseline == Some(Baseline::Random) {
+        if setup.weights.is_some() {
+            let cmp = protocol::run_knn_with_baseline(&splits, &setup, &configs, device, &opts)?;
+            print_summary(&cmp.trained);
+            print_summary(&cmp.random);
+            println!();
+            for l in cmp.lines() {
+                println!("{l}");
+            }
+            if let Some(dir) = &args.output.work_dir {
+                println!(
+                    "  outputs in {} (random-encoder baseline in {})",
+                    dir.display(),
+                    dir.join(protocol::BASELINE_DIR).display()
+                );
+            }
+            return Ok(());
+        }
+        println!("--baseline random: --weights none is itself the random encoder");
+    }
+    let s = protocol::run_knn(&splits, &setup, &configs, device, &opts)?;
+    print_summary(&s);
+    Ok(())
+}
+
+fn print_summary(s: &protocol::KnnSummary) {
     println!(
         "knn ({}; streams {}): bank {} train samples, {} test samples",
         s.weights,
@@ -52,5 +82,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             m.top1, m.mean_class
         );
     }
-    Ok(())
 }

@@ -1,6 +1,6 @@
 //! `crossclr linear`: linear evaluation on frozen, cached features.
-use crossclr::eval::args::{DatasetArgs, EncoderArgs};
-use crossclr::eval::linear::LinearConfig;
+use crossclr::eval::args::{Baseline, DatasetArgs, EncoderArgs};
+use crossclr::eval::linear::{LinearConfig, Standardize};
 use crossclr::eval::protocol::{self, EncoderSetup, OutputOptions};
 use crossclr::model::stgcn::StGcnConfig;
 use std::path::PathBuf;
@@ -94,14 +94,26 @@ pub struct Args {
     /// report the test accuracy at the best validation epoch.
     #[arg(long, default_value_t = 0.0)]
     pub val_split: f64,
+    /// Seeds the heads, the shuffles, the holdout and a random encoder (--weights none,
+    /// --baseline random).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Standardise each stream's features before its head (BatchNorm without affine parameters,
+    /// as the MAE-family linear probes): auto = on for a random encoder (--weights none, and the
+    /// --baseline random encoder), off for trained weights (the official recipe).
+    #[arg(long, value_enum, default_value_t = Standardize::Auto)]
+    pub standardize: Standardize,
+    /// Also evaluate this baseline with the same streams, data and recipe, print both side by
+    /// side and write the baseline's outputs into <work_dir>/baseline_random.
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = args.output.device()?;
     let splits = args.data.open()?;
     let setup = encoder_setup(&args.encoder, args.seed)?;
+    let standardize = protocol::resolve_standardize(args.standardize, &setup);
     let cfg = LinearConfig {
         epochs: args.epochs,
         lr: args.lr,
@@ -117,20 +129,52 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             1
         },
+        standardize,
+        ..LinearConfig::default()
     };
-    let summary = protocol::run_linear(
-        &splits,
-        &setup,
-        &cfg,
-        args.val_split,
-        device,
-        &args.output.options(),
-    )?;
-    for l in summary.lines() {
-        println!("{l}");
-    }
-    if let Some(dir) = &args.output.work_dir {
-        println!("  outputs in {}", dir.display());
+    let opts = args.output.options();
+    match args.baseline {
+        Some(Baseline::Random) if setup.weights.is_some() => {
+            let cmp = protocol::run_linear_with_baseline(
+                &splits,
+                &setup,
+                &cfg,
+                args.standardize,
+                args.val_split,
+                device,
+                &opts,
+            )?;
+            for l in cmp
+                .trained
+                .lines()
+                .into_iter()
+                .chain(cmp.random.lines())
+                .chain(std::iter::once(String::new()))
+                .chain(cmp.lines())
+            {
+                println!("{l}");
+            }
+            if let Some(dir) = &args.output.work_dir {
+                println!(
+                    "  outputs in {} (random-encoder baseline in {})",
+                    dir.display(),
+                    dir.join(protocol::BASELINE_DIR).display()
+                );
+            }
+        }
+        baseline => {
+            if baseline.is_some() {
+                println!("--baseline random: --weights none is itself the random encoder");
+            }
+            let summary =
+                protocol::run_linear(&splits, &setup, &cfg, args.val_split, device, &opts)?;
+            for l in summary.lines() {
+                println!("{l}");
+            }
+            if let Some(dir) = &args.output.work_dir {
+                println!("  outputs in {}", dir.display());
+            }
+        }
     }
     Ok(())
 }

@@ -260,3 +260,13 @@ impl EncoderArgs {
         (!self.weights.eq_ignore_ascii_case("none")).then(|| PathBuf::from(&self.weights))
     }
 }
+
+/// `--baseline`: a reference encoder evaluated next to the given one with the same streams, data
+/// and recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    /// A randomly initialised encoder, built exactly as `--weights none` builds it (the
+    /// `--hidden-channels` / `--hidden-dim` config, seeded by `--seed`).
+    Random,
+}

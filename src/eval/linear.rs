@@ -6,6 +6,11 @@
 //! Reported: the last epoch; the best test evaluation (test-set selection, as the official code
 //! prints it: optimistic); and, with a validation set held out of the training set, the test accuracy
 //! at the epoch with the best validation accuracy (honest model selection).
+//!
+//! Optionally ([`LinearConfig::standardize`]) each stream's features pass a BatchNorm without affine
+//! parameters before its head, as the MAE-family linear probes do ([`FeatureNorm`]), so that an
+//! encoder whose features are tiny (a random encoder under the official N(0, 0.02) init: pooled
+//! features of norm ~1e-5) is not held at chance by the feature scale alone.
 use crate::error::{Error, Result};
 use crate::eval::features::FeatureSet;
 use crate::eval::metrics::{self, Metrics};
@@ -21,6 +26,52 @@ use tch::{Kind, Tensor};
 pub const HEAD_INIT_STD: f64 = 0.02;
 /// Rows per forward pass when scoring a whole split.
 const SCORE_CHUNK: i64 = 16384;
+/// Momentum of the standardisation's running statistics (PyTorch's BatchNorm default).
+pub const NORM_MOMENTUM: f64 = 0.1;
+/// Default epsilon of the standardisation (PyTorch's BatchNorm default).
+pub const NORM_EPS: f64 = 1e-5;
+
+fn default_norm_eps() -> f64 {
+    NORM_EPS
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The `--standardize` choice: `auto` standardises the features of a random encoder only (whose
+/// features are tiny), keeping the official recipe (no standardisation) for trained encoders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Standardize {
+    /// On for a random encoder (`--weights none`), off for trained weights.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Standardize {
+    /// Whether features are standardised, for a random encoder (`random_encoder`, i.e.
+    /// `--weights none`) or a trained one.
+    pub fn resolve(self, random_encoder: bool) -> bool {
+        match self {
+            Standardize::Auto => random_encoder,
+            Standardize::On => true,
+            Standardize::Off => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Standardize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Standardize::Auto => "auto",
+            Standardize::On => "on",
+            Standardize::Off => "off",
+        })
+    }
+}
 
 /// Optimisation recipe; `Default` is the official linear-evaluation recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +93,21 @@ pub struct LinearConfig {
     /// on a busy 2-core machine 2 threads measured 11x slower than 1.
     #[serde(default)]
     pub cpu_threads: i32,
+    /// Standardise each stream's features before its head with a BatchNorm without affine
+    /// parameters ([`FeatureNorm`]: batch statistics in training, running statistics with
+    /// momentum 0.1 at evaluation). Off in the official recipe.
+    #[serde(default)]
+    pub standardize: bool,
+    /// The BatchNorm's epsilon (1e-5, PyTorch's default).
+    #[serde(default = "default_norm_eps")]
+    pub standardize_eps: f64,
+    /// Divide each stream's features by one scalar first, the root of the mean per-feature
+    /// variance of its training features, so that the BatchNorm's epsilon and the start of its
+    /// running variance (1) are relative to the features' scale; the transform is then invariant
+    /// to the feature scale. `false` = a bare `BatchNorm1d(affine=False)`, whose epsilon swamps
+    /// the variance (~5e-15) of a random encoder's features and leaves them tiny.
+    #[serde(default = "default_true")]
+    pub standardize_prescale: bool,
 }
 
 impl Default for LinearConfig {
@@ -57,6 +123,9 @@ impl Default for LinearConfig {
             eval_interval: 5,
             seed: 0,
             cpu_threads: 1,
+            standardize: false,
+            standardize_eps: NORM_EPS,
+            standardize_prescale: true,
         }
     }
 }
@@ -112,6 +181,108 @@ pub struct LinearOutcome {
     pub heads: Vec<(Tensor, Tensor)>,
     /// Wall-clock seconds of the training loop (evaluations included).
     pub seconds: f64,
+    /// Per-stream standardisation after the last epoch (empty when `standardize` is off); the
+    /// heads act on its output.
+    pub feature_norms: Vec<FeatureNorm>,
+}
+
+/// `BatchNorm1d(D, affine=False)` on frozen features, exactly as PyTorch's: in training each batch
+/// is normalised with its own mean and biased variance, `(x - mean) / sqrt(var + eps)`, and the
+/// running statistics are updated with `running = (1 - momentum) * running + momentum * batch`
+/// (the batch's unbiased variance for the running variance); evaluation uses the running
+/// statistics. Running mean starts at 0, running variance at 1, as in PyTorch.
+///
+/// With a `prescale` `s` the input is first divided by `s` (one scalar per stream, computed once
+/// from the training features by [`FeatureNorm::prescaled`]): this is a plain BatchNorm of `x / s`,
+/// equivalently a BatchNorm of `x` with epsilon `eps * s^2` and running variance starting at `s^2`.
+/// There are no parameters, so the linear head's gradient is that of a head on the normalised
+/// features.
+#[derive(Debug)]
+pub struct FeatureNorm {
+    /// `(D,)`, in units of the prescaled input.
+    pub running_mean: Tensor,
+    /// `(D,)`, unbiased, in units of the prescaled input.
+    pub running_var: Tensor,
+    /// The input is divided by this first (1 = none).
+    pub prescale: f64,
+    pub eps: f64,
+    pub momentum: f64,
+    /// Training batches seen.
+    pub num_batches_tracked: i64,
+}
+
+impl FeatureNorm {
+    /// A fresh BatchNorm over `dim` features on `device` (running mean 0, variance 1, prescale 1).
+    pub fn new(dim: i64, eps: f64, momentum: f64, device: tch::Device) -> Self {
+        FeatureNorm {
+            running_mean: Tensor::zeros([dim], (Kind::Float, device)),
+            running_var: Tensor::ones([dim], (Kind::Float, device)),
+            prescale: 1.0,
+            eps,
+            momentum,
+            num_batches_tracked: 0,
+        }
+    }
+
+    /// The root of the mean (over features) biased variance (over rows) of `x` `(N, D)`, or 1 when
+    /// that is not a positive finite number (constant features).
+    pub fn scale_of(x: &Tensor) -> f64 {
+        let v = tch::no_grad(|| {
+            x.to_kind(Kind::Double)
+                .var_dim([0i64].as_slice(), false, false)
+                .mean(Kind::Double)
+                .double_value(&[])
+        });
+        let s = v.sqrt();
+        if s.is_finite() && s > 0.0 {
+            s
+        } else {
+            1.0
+        }
+    }
+
+    /// This norm with its prescale set from the training features `x` (`(N, D)`, see
+    /// [`FeatureNorm::scale_of`]).
+    pub fn prescaled(mut self, x: &Tensor) -> Self {
+        self.prescale = Self::scale_of(x);
+        self
+    }
+
+    fn input(&self, x: &Tensor) -> Tensor {
+        if self.prescale == 1.0 {
+            x.to_kind(Kind::Float)
+        } else {
+            x.to_kind(Kind::Float) / self.prescale
+        }
+    }
+
+    /// Training mode on a batch `(B, D)`, `B >= 2`: normalises with the batch statistics and
+    /// updates the running ones.
+    pub fn train_forward(&mut self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let x = self.input(x);
+            let rows = x.size()[0];
+            let mean = x.mean_dim([0i64].as_slice(), false, Kind::Float);
+            let centred = &x - &mean;
+            let var = centred
+                .square()
+                .mean_dim([0i64].as_slice(), false, Kind::Float);
+            let out = &centred / (&var + self.eps).sqrt();
+            let m = self.momentum;
+            let unbiased = &var * (rows as f64 / (rows - 1).max(1) as f64);
+            self.running_mean = &self.running_mean * (1.0 - m) + &mean * m;
+            self.running_var = &self.running_var * (1.0 - m) + unbiased * m;
+            self.num_batches_tracked += 1;
+            out
+        })
+    }
+
+    /// Evaluation mode on `(N, D)`: normalises with the running statistics.
+    pub fn eval_forward(&self, x: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            (self.input(x) - &self.running_mean) / (&self.running_var + self.eps).sqrt()
+        })
+    }
 }
 
 /// Per-stream linear heads whose logits are averaged.
@@ -158,6 +329,12 @@ impl LinearHeads {
 
     /// Mean logits of a whole feature set, CPU `(N, classes)`, computed in chunks without grad.
     pub fn scores(&self, set: &FeatureSet) -> Tensor {
+        self.scores_normalized(set, &[])
+    }
+
+    /// [`LinearHeads::scores`] with each stream's features first passed through its
+    /// [`FeatureNorm`] in evaluation mode (`norms` empty: none).
+    pub fn scores_normalized(&self, set: &FeatureSet, norms: &[FeatureNorm]) -> Tensor {
         tch::no_grad(|| {
             let n = set.len() as i64;
             let mut parts = Vec::new();
@@ -167,7 +344,14 @@ impl LinearHeads {
                 let xs: Vec<Tensor> = set
                     .features
                     .iter()
-                    .map(|f| f.narrow(0, start, len))
+                    .enumerate()
+                    .map(|(s, f)| {
+                        let x = f.narrow(0, start, len);
+                        match norms.get(s) {
+                            Some(n) => n.eval_forward(&x),
+                            None => x,
+                        }
+                    })
                     .collect();
                 parts.push(self.forward(&xs).to_device(tch::Device::Cpu));
                 start += len;
@@ -319,7 +503,28 @@ pub fn train_linear(
     }
     let device = train.device();
     let classes = train.num_classes as i64;
+    if cfg.standardize && batch < 2 {
+        return Err(Error::config(
+            "linear: standardisation (BatchNorm) needs batches of at least 2 samples",
+        ));
+    }
     let mut heads = LinearHeads::new(&train.dims(), classes, cfg.seed, device)?;
+    let mut norms: Vec<FeatureNorm> = if cfg.standardize {
+        train
+            .features
+            .iter()
+            .map(|f| {
+                let n = FeatureNorm::new(f.size()[1], cfg.standardize_eps, NORM_MOMENTUM, device);
+                if cfg.standardize_prescale {
+                    n.prescaled(f)
+                } else {
+                    n
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut sgd = Sgd::new(cfg.momentum, cfg.weight_decay);
     let labels = Tensor::from_slice(&train.labels).to_device(device);
     let mut order: Vec<i64> = (0..n as i64).collect();
@@ -344,7 +549,14 @@ pub fn train_linear(
             let xs: Vec<Tensor> = train
                 .features
                 .iter()
-                .map(|f| f.index_select(0, &idx))
+                .enumerate()
+                .map(|(s, f)| {
+                    let x = f.index_select(0, &idx);
+                    match norms.get_mut(s) {
+                        Some(n) => n.train_forward(&x),
+                        None => x,
+                    }
+                })
                 .collect();
             let y = labels.index_select(0, &idx);
             let (loss, hits) = heads.sgd_step(&xs, &y, &mut sgd, lr);
@@ -362,10 +574,13 @@ pub fn train_linear(
         let e1 = epoch + 1;
         let (mut val_m, mut test_m) = (None, None);
         if is_eval_epoch(e1, cfg.eval_interval, cfg.epochs) {
-            let scores = heads.scores(test);
+            let scores = heads.scores_normalized(test, &norms);
             test_m = Some(metrics::evaluate(&scores, &test.labels)?);
             if let Some(v) = val {
-                val_m = Some(metrics::evaluate(&heads.scores(v), &v.labels)?);
+                val_m = Some(metrics::evaluate(
+                    &heads.scores_normalized(v, &norms),
+                    &v.labels,
+                )?);
             }
             last_scores = Some(scores);
         }
@@ -409,6 +624,7 @@ pub fn train_linear(
             .zip(biases.into_iter().map(|b| b.detach()))
             .collect(),
         seconds,
+        feature_norms: norms,
     })
 }
 

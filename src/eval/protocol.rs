@@ -7,7 +7,7 @@ use crate::eval::args::Splits;
 use crate::eval::encoder::{build_encoders, StreamEncoder, StreamSpec, WeightsSource};
 use crate::eval::features::{extract, FeatureSet};
 use crate::eval::knn::{self, KnnConfig};
-use crate::eval::linear::{self, EpochRecord, LinearConfig, Selection};
+use crate::eval::linear::{self, EpochRecord, LinearConfig, Selection, Standardize};
 use crate::eval::metrics::Metrics;
 use crate::eval::report;
 use crate::eval::split;
@@ -48,12 +48,42 @@ impl EncoderSetup {
         build_encoders(source, &self.streams, layout, in_channels, dropout, device)
     }
 
-    fn describe(&self) -> String {
+    /// The weights as printed and written to `metrics.json`.
+    pub fn describe(&self) -> String {
         self.weights
             .as_ref()
             .map_or("none (random initialisation)".into(), |p| {
                 p.display().to_string()
             })
+    }
+}
+
+/// The random-encoder baseline of `setup`: the same streams, random-encoder config and seed, with
+/// no weights, i.e. exactly the encoder `--weights none` builds (`in_channels` from the data, the
+/// torch generator seeded with `setup.seed`).
+pub fn random_baseline(setup: &EncoderSetup) -> EncoderSetup {
+    EncoderSetup {
+        weights: None,
+        ..setup.clone()
+    }
+}
+
+/// Whether the linear probe standardises the features of the encoder of `setup` under
+/// `standardize` (`auto`: on for a random encoder, off for trained weights).
+pub fn resolve_standardize(standardize: Standardize, setup: &EncoderSetup) -> bool {
+    standardize.resolve(setup.weights.is_none())
+}
+
+/// Sub-folder of the work_dir (and of the feature cache) where the random-encoder baseline of
+/// `--baseline random` is written.
+pub const BASELINE_DIR: &str = "baseline_random";
+
+/// `opts` for the random-encoder baseline: work_dir and feature cache moved into [`BASELINE_DIR`].
+pub fn baseline_options(opts: &OutputOptions) -> OutputOptions {
+    OutputOptions {
+        work_dir: opts.work_dir.as_ref().map(|d| d.join(BASELINE_DIR)),
+        feature_cache: opts.feature_cache.as_ref().map(|d| d.join(BASELINE_DIR)),
+        ..opts.clone()
     }
 }
 
@@ -139,9 +169,14 @@ impl TrainSummary {
                 m.top1, m.top5, m.mean_class
             )
         };
+        let standardized = if self.config["standardize"].as_bool() == Some(true) {
+            " [features standardised: BatchNorm without affine before the heads]"
+        } else {
+            ""
+        };
         let mut out = vec![
             format!(
-                "{} ({}; streams {}): {} train / {} validation / {} test samples, {} classes",
+                "{} ({}; streams {}): {} train / {} validation / {} test samples, {} classes{standardized}",
                 self.protocol,
                 self.weights,
                 self.streams
@@ -375,7 +410,10 @@ pub fn run_linear(
         train_seconds: out.seconds,
         config: serde_json::to_value(cfg).unwrap_or_default(),
         history: out.history.clone(),
-        extra: serde_json::json!({"val_split": val_split}),
+        extra: serde_json::json!({
+            "val_split": val_split,
+            "standardize": standardize_record(cfg, &train.streams, &out.feature_norms),
+        }),
     };
     if let Some(dir) = &opts.work_dir {
         report::ensure_dir(dir)?;
@@ -391,6 +429,159 @@ pub fn run_linear(
     Ok(summary)
 }
 
+/// What the linear probe's standardisation did, for `metrics.json`.
+fn standardize_record(
+    cfg: &LinearConfig,
+    streams: &[String],
+    norms: &[linear::FeatureNorm],
+) -> serde_json::Value {
+    if !cfg.standardize {
+        return serde_json::json!({"on": false});
+    }
+    serde_json::json!({
+        "on": true,
+        "method": "BatchNorm1d(affine=False) before each stream's head: batch statistics (biased variance) in training, running statistics (momentum 0.1, unbiased variance) at evaluation",
+        "eps": cfg.standardize_eps,
+        "momentum": linear::NORM_MOMENTUM,
+        "prescale": cfg.standardize_prescale,
+        "streams": streams
+            .iter()
+            .zip(norms)
+            .map(|(s, n)| serde_json::json!({
+                "stream": s,
+                "prescale": n.prescale,
+                "batches_tracked": n.num_batches_tracked,
+            }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+/// The figures of a random-encoder baseline stored in the trained run's `metrics.json`.
+fn baseline_json(summary: &impl Serialize, dir: Option<&Path>) -> serde_json::Value {
+    let mut v = serde_json::to_value(summary).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("history");
+        o.insert(
+            "work_dir".into(),
+            serde_json::json!(dir.map(|d| d.display().to_string())),
+        );
+    }
+    v
+}
+
+/// A trained encoder's linear evaluation next to its random-encoder baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearComparison {
+    pub trained: TrainSummary,
+    pub random: TrainSummary,
+}
+
+fn metric_cells(m: &Metrics, epoch: usize) -> String {
+    format!(
+        "{:>7.2}{:>8.2}{:>12.2}{:>7}",
+        m.top1, m.top5, m.mean_class, epoch
+    )
+}
+
+impl LinearComparison {
+    /// The two runs side by side: top-1 / top-5 / mean-class (percent) and epoch of the last
+    /// epoch, the best validation epoch (when a validation set exists) and the best test epoch.
+    pub fn lines(&self) -> Vec<String> {
+        let std_of = |s: &TrainSummary| {
+            if s.config["standardize"].as_bool() == Some(true) {
+                "standardised"
+            } else {
+                "raw features"
+            }
+        };
+        let head = format!(
+            "{:>7}{:>8}{:>12}{:>7}",
+            "top-1", "top-5", "mean-class", "epoch"
+        );
+        let mut out = vec![
+            format!(
+                "linear: trained encoder vs random-encoder baseline (same streams, data and recipe; chance {:.2}%)",
+                100.0 / self.trained.num_classes.max(1) as f64
+            ),
+            format!(
+                "  {:<36}{:<34} | {}",
+                "",
+                format!("trained ({})", std_of(&self.trained)),
+                format!("random encoder ({})", std_of(&self.random))
+            ),
+            format!("  {:<36}{head} | {head}", ""),
+            format!(
+                "  {:<36}{} | {}",
+                "last epoch",
+                metric_cells(&self.trained.last.test, self.trained.last.epoch),
+                metric_cells(&self.random.last.test, self.random.last.epoch)
+            ),
+        ];
+        if let (Some(t), Some(r)) = (&self.trained.val_selected, &self.random.val_selected) {
+            out.push(format!(
+                "  {:<36}{} | {}",
+                "best validation epoch, test",
+                metric_cells(&t.test, t.epoch),
+                metric_cells(&r.test, r.epoch)
+            ));
+        }
+        out.push(format!(
+            "  {:<36}{} | {}",
+            "best test epoch [test-set selection]",
+            metric_cells(&self.trained.best_test.test, self.trained.best_test.epoch),
+            metric_cells(&self.random.best_test.test, self.random.best_test.epoch)
+        ));
+        out
+    }
+}
+
+/// Linear evaluation of `setup` and of its random-encoder baseline ([`random_baseline`]) with the
+/// same streams, data, holdout and recipe; `cfg.standardize` is replaced, for each encoder, by
+/// `standardize` resolved for it ([`resolve_standardize`]: under `auto` the random encoder is
+/// standardised and a trained one is not). The trained run writes into `opts.work_dir`, the baseline
+/// into its [`BASELINE_DIR`] sub-folder, and the trained run's `metrics.json` gets the baseline's
+/// figures under `extra.baseline_random`.
+pub fn run_linear_with_baseline(
+    splits: &Splits,
+    setup: &EncoderSetup,
+    cfg: &LinearConfig,
+    standardize: Standardize,
+    val_split: f64,
+    device: Device,
+    opts: &OutputOptions,
+) -> Result<LinearComparison> {
+    let trained_cfg = LinearConfig {
+        standardize: resolve_standardize(standardize, setup),
+        ..cfg.clone()
+    };
+    let mut trained = run_linear(splits, setup, &trained_cfg, val_split, device, opts)?;
+    let random_setup = random_baseline(setup);
+    let random_cfg = LinearConfig {
+        standardize: resolve_standardize(standardize, &random_setup),
+        ..cfg.clone()
+    };
+    let random_opts = baseline_options(opts);
+    let random = run_linear(
+        splits,
+        &random_setup,
+        &random_cfg,
+        val_split,
+        device,
+        &random_opts,
+    )?;
+    if let Some(o) = trained.extra.as_object_mut() {
+        o.insert("standardize_request".into(), serde_json::json!(standardize));
+        o.insert(
+            "baseline_random".into(),
+            baseline_json(&random, random_opts.work_dir.as_deref()),
+        );
+    }
+    if let Some(dir) = &opts.work_dir {
+        report::write_json(&dir.join("metrics.json"), &trained)?;
+    }
+    Ok(LinearComparison { trained, random })
+}
+
 /// Summary of a k-NN evaluation.
 #[derive(Debug, Clone, Serialize)]
 pub struct KnnSummary {
@@ -402,6 +593,60 @@ pub struct KnnSummary {
     /// One entry per setting: label (`k1`, `k20_t0.07`) and metrics.
     pub results: Vec<(String, Metrics)>,
     pub feature_seconds: f64,
+    /// The random-encoder baseline's figures (`--baseline random`), when it was evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_random: Option<serde_json::Value>,
+}
+
+/// A trained encoder's k-NN evaluation next to its random-encoder baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct KnnComparison {
+    pub trained: KnnSummary,
+    pub random: KnnSummary,
+}
+
+impl KnnComparison {
+    /// The two runs side by side: top-1 / top-5 / mean-class (percent) of every k-NN setting.
+    pub fn lines(&self) -> Vec<String> {
+        let head = format!("{:>7}{:>8}{:>12}", "top-1", "top-5", "mean-class");
+        let cells = |m: &Metrics| format!("{:>7.2}{:>8.2}{:>12.2}", m.top1, m.top5, m.mean_class);
+        let mut out = vec![
+            "knn: trained encoder vs random-encoder baseline (same streams and data; cosine, no standardisation)".to_string(),
+            format!("  {:<12}{:<27} | random encoder", "", "trained"),
+            format!("  {:<12}{head} | {head}", ""),
+        ];
+        for ((label, t), (_, r)) in self.trained.results.iter().zip(&self.random.results) {
+            out.push(format!("  {label:<12}{} | {}", cells(t), cells(r)));
+        }
+        out
+    }
+}
+
+/// k-NN evaluation of `setup` and of its random-encoder baseline ([`random_baseline`]) with the
+/// same streams, data and settings. The trained run writes into `opts.work_dir`, the baseline into
+/// its [`BASELINE_DIR`] sub-folder, and the trained run's `metrics.json` gets the baseline's figures
+/// under `baseline_random`.
+pub fn run_knn_with_baseline(
+    splits: &Splits,
+    setup: &EncoderSetup,
+    configs: &[KnnConfig],
+    device: Device,
+    opts: &OutputOptions,
+) -> Result<KnnComparison> {
+    let mut trained = run_knn(splits, setup, configs, device, opts)?;
+    let random_opts = baseline_options(opts);
+    let random = run_knn(
+        splits,
+        &random_baseline(setup),
+        configs,
+        device,
+        &random_opts,
+    )?;
+    trained.baseline_random = Some(baseline_json(&random, random_opts.work_dir.as_deref()));
+    if let Some(dir) = &opts.work_dir {
+        report::write_json(&dir.join("metrics.json"), &trained)?;
+    }
+    Ok(KnnComparison { trained, random })
 }
 
 /// k-NN evaluation (k = 1 and weighted k = 20, t = 0.07 by default) with the training features as
@@ -435,6 +680,7 @@ pub fn run_knn(
         test_samples: test.len(),
         results,
         feature_seconds,
+        baseline_random: None,
     };
     if let Some(dir) = &opts.work_dir {
         for o in &outcomes {
