@@ -1,4 +1,4 @@
-//! PNG plots: line curves (training logs), a heatmap (confusion matrix) and a class-coloured
+//! PNG plots: line curves (training logs; several panels in one image), a heatmap (confusion matrix) and a class-coloured
 //! scatter (t-SNE). Text is drawn with an embedded DejaVu Sans (see `assets/README.md`), so no
 //! system font is needed. Every file is written atomically (`.<name>.tmp.png`, then rename).
 use crate::error::{Error, Result};
@@ -89,51 +89,114 @@ pub fn line_chart(
     y_label: &str,
     series: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<()> {
-    let all = || series.iter().flat_map(|(_, pts)| pts.iter().copied());
-    let (x0, x1) = padded_range(all().map(|p| p.0));
-    let (y0, y1) = padded_range(all().map(|p| p.1));
     render(path, CHART_SIZE, |root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 24))
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size(65)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .label_style((FONT, 14))
-            .axis_desc_style((FONT, 16))
-            .draw()
-            .map_err(|e| e.to_string())?;
-        for (i, (name, pts)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let pts: Vec<(f64, f64)> = pts
+        draw_lines(root, title, 24, x_label, y_label, series, false)
+    })
+}
+
+/// One panel of [`line_panels`]: a titled line chart.
+#[derive(Debug, Clone, Default)]
+pub struct LinePanel {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    /// Named series of `(x, y)` points (non-finite points are skipped).
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Several line charts in one image, two per row (one row for a single panel), under a common
+/// `title`; every point is also marked (series may be sparse). A panel without points is drawn
+/// empty with its title.
+pub fn line_panels(path: &Path, title: &str, panels: &[LinePanel]) -> Result<()> {
+    if panels.is_empty() {
+        return Err(Error::config(format!(
+            "{}: line_panels needs at least one panel",
+            path.display()
+        )));
+    }
+    let cols = panels.len().min(2);
+    let rows = panels.len().div_ceil(cols);
+    let size = (700 * cols as u32, 40 + 480 * rows as u32);
+    render(path, size, |root| {
+        let body = root.titled(title, (FONT, 24)).map_err(|e| e.to_string())?;
+        for (area, p) in body.split_evenly((rows, cols)).iter().zip(panels) {
+            let series: Vec<(&str, Vec<(f64, f64)>)> = p
+                .series
                 .iter()
-                .copied()
-                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .map(|(n, pts)| (n.as_str(), pts.clone()))
                 .collect();
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        if !series.is_empty() {
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 14))
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())?;
+            draw_lines(area, &p.title, 18, &p.x_label, &p.y_label, &series, true)?;
         }
         Ok(())
     })
+}
+
+/// Draws a line chart of `series` into `area` (see [`line_chart`]); `markers`: a dot at every
+/// point too. Series without finite points get no legend entry.
+fn draw_lines(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    title: &str,
+    title_px: u32,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    markers: bool,
+) -> std::result::Result<(), String> {
+    let finite = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        pts.iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect()
+    };
+    let all = || series.iter().flat_map(|(_, pts)| pts.iter().copied());
+    let (x0, x1) = padded_range(all().map(|p| p.0));
+    let (y0, y1) = padded_range(all().map(|p| p.1));
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, title_px))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .draw()
+        .map_err(|e| e.to_string())?;
+    let mut labelled = 0;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts = finite(pts);
+        if markers && pts.is_empty() {
+            continue;
+        }
+        if markers {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(*name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        labelled += 1;
+    }
+    if labelled > 0 {
+        chart
+            .configure_series_labels()
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Colour for `t` in `[0, 1]`: a viridis-like ramp (dark blue -> teal -> green -> yellow).
@@ -351,6 +414,31 @@ mod tests {
         assert_eq!(ramp(0.0), RGBColor(68, 1, 84));
         assert_eq!(ramp(1.0), RGBColor(253, 231, 37));
         assert_eq!(ramp(f64::NAN), RGBColor(68, 1, 84));
+    }
+
+    #[test]
+    fn line_panels_writes_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("panels.png");
+        let panel = |t: &str, pts: Vec<(f64, f64)>| LinePanel {
+            title: t.into(),
+            x_label: "epoch".into(),
+            y_label: "y".into(),
+            series: vec![("a".into(), pts)],
+        };
+        line_panels(
+            &p,
+            "t",
+            &[
+                panel("one point", vec![(1.0, 2.0)]),
+                panel("line", vec![(1.0, 2.0), (2.0, f64::NAN), (3.0, 1.0)]),
+                panel("empty", vec![]),
+            ],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(line_panels(&p, "t", &[]).is_err());
     }
 
     #[test]

@@ -468,3 +468,219 @@ fn state_dict_roundtrip_with_official_names() {
         .to_string();
     assert!(e.contains("encoder_q.bogus"), "{e}");
 }
+
+/// The tiny synthetic validation split (4 samples) written as npy + pkl under `dir`, as a
+/// `monitor` dataset spec.
+fn monitor_split(dir: &Path) -> crossclr::data::formats::DatasetSpec {
+    let cfg = SynthConfig {
+        num_classes: 4,
+        train_per_class: 4,
+        val_per_class: 1,
+        frames: 20,
+        ..SynthConfig::default()
+    };
+    let (train, val) = generate(&cfg);
+    crossclr::data::synth::write(dir, &train, &val).unwrap();
+    crossclr::data::formats::DatasetSpec {
+        format: crossclr::data::formats::DatasetFormat::Npy,
+        data: dir.join("val_data.npy"),
+        label: Some(dir.join("val_label.pkl")),
+        layout: train.layout.name.clone(),
+        part: None,
+        mmap: false,
+    }
+}
+
+/// Collapse diagnostics land in metrics.jsonl / metrics.csv (finite, per view, empty cells on
+/// the epochs they skip), in diagnostics.png and in the log (with the collapse warning), and
+/// survive a resume.
+#[test]
+fn diagnostics_written_to_metrics() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [
+        "diagnostics.interval=2",
+        "diagnostics.rank_warning=1000",
+        "num_epoch=1",
+    ];
+    run_with(&tiny_config("crossclr2", dir.path(), &extra), &opts(&ds)).unwrap();
+    let s = run_with(
+        &tiny_config(
+            "crossclr2",
+            dir.path(),
+            &[extra[0], extra[1], "num_epoch=3"],
+        ),
+        &RunOptions {
+            resume: true,
+            ..opts(&ds)
+        },
+    )
+    .unwrap();
+    // Epoch 1 of the first run was its last: diagnostics ran; then epoch 2 (interval) and 3 (last).
+    let with: Vec<usize> = s
+        .records
+        .iter()
+        .filter(|r| r.diagnostics.is_some())
+        .map(|r| r.epoch)
+        .collect();
+    assert_eq!(with, vec![1, 2, 3]);
+    let back = crossclr::train::logger::read_records(dir.path(), 3).unwrap();
+    assert_eq!(back.len(), 3);
+    for r in &back {
+        let d = r.diagnostics.as_ref().unwrap();
+        assert_eq!(
+            d.iter().map(|v| v.view.as_str()).collect::<Vec<_>>(),
+            ["joint", "motion"]
+        );
+        for v in d {
+            for x in [
+                v.feat_rank,
+                v.feat_cos,
+                v.proj_rank,
+                v.proj_cos,
+                v.align,
+                v.uniform,
+                v.margin,
+            ] {
+                assert!(x.is_finite(), "epoch {} {v:?}", r.epoch);
+            }
+            assert!(v.feat_rank >= 1.0 && v.feat_rank <= 16.0, "{v:?}");
+            assert!((-1.0..=1.0).contains(&v.feat_cos) && (0.0..=4.0).contains(&v.align));
+            assert!((-4.0..=0.0).contains(&v.uniform), "{v:?}");
+        }
+        assert!(r.knn1.is_none() && r.diag_seconds.is_some());
+    }
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    for c in [
+        "joint_feat_rank",
+        "motion_margin",
+        "joint_uniform",
+        "diag_seconds",
+    ] {
+        assert!(header.contains(&c), "{header:?}");
+    }
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), header.len(), "{line}");
+        let i = header
+            .iter()
+            .position(|&c| c == "motion_proj_rank")
+            .unwrap();
+        assert!(cells[i].parse::<f64>().unwrap().is_finite(), "{line}");
+    }
+    assert!(dir.path().join("diagnostics.png").exists());
+    let log = std::fs::read_to_string(dir.path().join("log.txt")).unwrap();
+    assert!(
+        log.contains("diagnostics epoch 2: joint feat rank"),
+        "{log}"
+    );
+    assert!(
+        log.contains("WARNING: collapse? joint feature effective rank"),
+        "{log}"
+    );
+
+    // Interval 2 in a fresh 3-epoch run: epoch 1 has empty diagnostic cells.
+    let dir = tempfile::tempdir().unwrap();
+    let c = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &[extra[0], "num_epoch=3", "diagnostics.rank_warning=0"],
+    );
+    let s = run_with(&c, &opts(&ds)).unwrap();
+    assert!(s.records[0].diagnostics.is_none() && s.records[1].diagnostics.is_some());
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    let i = rows[0]
+        .iter()
+        .position(|&c| c == "joint_feat_rank")
+        .unwrap();
+    assert_eq!((rows[1][i], rows[1].len()), ("", rows[0].len()), "{csv}");
+    assert!(rows[2][i].parse::<f64>().is_ok(), "{csv}");
+    let log = std::fs::read_to_string(dir.path().join("log.txt")).unwrap();
+    assert!(!log.contains("WARNING: collapse?"), "{log}");
+}
+
+/// Diagnostics (with the head batch norm, whose running statistics they restore) and the k-NN
+/// monitor leave training bit-identical: same checkpoint tensors as a run without them.
+#[test]
+fn diagnostics_do_not_change_training() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let (a, b, m) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let base = ["head_bn=true", "shared_head=false"];
+    let off = tiny_config(
+        "crossclr2",
+        a.path(),
+        &[base[0], base[1], "diagnostics.interval=0"],
+    );
+    let mut on = tiny_config(
+        "crossclr2",
+        b.path(),
+        &[base[0], base[1], "eval_interval=1"],
+    );
+    on.monitor = Some(monitor_split(m.path()));
+    let so = run_with(&off, &opts(&ds)).unwrap();
+    let sn = run_with(&on, &opts(&ds)).unwrap();
+    assert!(so.records.iter().all(|r| r.diagnostics.is_none()));
+    assert!(sn
+        .records
+        .iter()
+        .all(|r| r.diagnostics.is_some() && r.knn1.is_some()));
+    assert!(!a.path().join("diagnostics.png").exists());
+    let (ta, tb) = (all_tensors(a.path()), all_tensors(b.path()));
+    assert_eq!(ta.len(), tb.len());
+    assert!(ta.iter().any(|(n, _)| n.contains("fc.1.running_mean")));
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(x.equal(y), "{na} differs");
+    }
+    let losses = |s: &crossclr::train::pretrain::Summary| -> Vec<f64> {
+        s.records.iter().map(|r| r.loss).collect()
+    };
+    assert_eq!(losses(&so), losses(&sn));
+}
+
+/// The k-NN monitor on a labelled split gives k = 1 and k = 20 top-1 in [0, 100] every
+/// `eval_interval` epochs and at the last, in metrics.jsonl / csv and the log.
+#[test]
+fn knn_monitor_runs() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let (dir, m) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &["diagnostics.interval=0", "eval_interval=2", "num_epoch=3"],
+    );
+    cfg.monitor = Some(monitor_split(m.path()));
+    let s = run_with(&cfg, &opts(&ds)).unwrap();
+    let knn: Vec<(usize, Option<f64>, Option<f64>)> = s
+        .records
+        .iter()
+        .map(|r| (r.epoch, r.knn1, r.knn20))
+        .collect();
+    assert!(knn[0].1.is_none() && knn[0].2.is_none(), "{knn:?}");
+    for &(e, k1, k20) in &knn[1..] {
+        for v in [k1.unwrap(), k20.unwrap()] {
+            assert!((0.0..=100.0).contains(&v), "epoch {e}: {v}");
+        }
+    }
+    assert!(s.records.iter().all(|r| r.diagnostics.is_none()));
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    assert!(header.ends_with(",knn1,knn20,diag_seconds"), "{header}");
+    assert!(!header.contains("feat_rank"), "{header}");
+    let log = std::fs::read_to_string(dir.path().join("log.txt")).unwrap();
+    assert!(
+        log.contains("kNN k1 ") && log.contains("bank 16 / queries 4"),
+        "{log}"
+    );
+    assert!(dir.path().join("diagnostics.png").exists());
+}

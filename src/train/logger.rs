@@ -1,8 +1,11 @@
 //! The work_dir log (`log.txt`, also echoed to stdout), per-epoch metrics (`metrics.jsonl`,
-//! `metrics.csv`), per-step losses (`steps.csv`: fractional epoch, total loss) and the loss curve
-//! (`loss.png`: per-step total loss and per-epoch means).
+//! `metrics.csv`), per-step losses (`steps.csv`: fractional epoch, total loss), the loss curve
+//! (`loss.png`: per-step total loss and per-epoch means) and, when the collapse diagnostics or the
+//! k-NN monitor ran, their curves (`diagnostics.png`; see [`crate::train::diagnostics`]).
 use crate::error::{Error, Result};
+use crate::plot::LinePanel;
 use crate::train::atomic::write_atomic;
+use crate::train::diagnostics::ViewDiag;
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -21,8 +24,57 @@ pub struct EpochRecord {
     /// Mean loss per view, `(view name, loss)` in view order.
     pub view_losses: Vec<(String, f64)>,
     pub steps: usize,
+    /// Wall time of the epoch's training steps (diagnostics excluded).
     pub seconds: f64,
     pub samples_per_second: f64,
+    /// Collapse diagnostics per view, in view order, on the epochs they ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<Vec<ViewDiag>>,
+    /// k-NN monitor top-1 (percent), k = 1, on the epochs it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn1: Option<f64>,
+    /// k-NN monitor top-1 (percent), weighted k = 20 (T 0.07).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub knn20: Option<f64>,
+    /// Wall time of the diagnostics and the monitor after the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diag_seconds: Option<f64>,
+}
+
+/// The per-view diagnostic columns of `metrics.csv` (`<view>_<name>`), in this order.
+pub const DIAG_COLUMNS: [&str; 7] = [
+    "feat_rank",
+    "feat_cos",
+    "proj_rank",
+    "proj_cos",
+    "align",
+    "uniform",
+    "margin",
+];
+
+impl ViewDiag {
+    /// The values in [`DIAG_COLUMNS`] order.
+    pub fn values(&self) -> [f64; 7] {
+        [
+            self.feat_rank,
+            self.feat_cos,
+            self.proj_rank,
+            self.proj_cos,
+            self.align,
+            self.uniform,
+            self.margin,
+        ]
+    }
+}
+
+/// The optional columns of `metrics.csv` that the run plans (so they are present, empty where
+/// not computed, from the first epoch on).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricColumns {
+    /// Views with diagnostic columns.
+    pub diag_views: Vec<String>,
+    /// `knn1`, `knn20` columns.
+    pub knn: bool,
 }
 
 /// Writes the log and the metric files of a run.
@@ -35,6 +87,8 @@ pub struct RunLogger {
     /// `(fractional epoch, total loss)` of every step so far (for the curve).
     steps: Vec<(f64, f64)>,
     steps_file: Option<std::fs::File>,
+    /// Planned optional columns of `metrics.csv`.
+    columns: MetricColumns,
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC of the system clock.
@@ -78,6 +132,7 @@ impl RunLogger {
             echo,
             steps: Vec::new(),
             steps_file: None,
+            columns: MetricColumns::default(),
         })
     }
 
@@ -138,7 +193,28 @@ impl RunLogger {
         }
     }
 
-    /// Rewrites `metrics.jsonl`, `metrics.csv` and `loss.png` from all records so far.
+    /// Sets the optional `metrics.csv` columns the run plans (call once before the first
+    /// [`RunLogger::write_metrics`]); columns of records that hold more are added anyway.
+    pub fn set_columns(&mut self, columns: MetricColumns) {
+        self.columns = columns;
+    }
+
+    /// The optional columns for `records`: the planned ones plus those present in any record.
+    fn columns_for(&self, records: &[EpochRecord]) -> MetricColumns {
+        let mut c = self.columns.clone();
+        for r in records {
+            for v in r.diagnostics.iter().flatten() {
+                if !c.diag_views.contains(&v.view) {
+                    c.diag_views.push(v.view.clone());
+                }
+            }
+            c.knn |= r.knn1.is_some() || r.knn20.is_some();
+        }
+        c
+    }
+
+    /// Rewrites `metrics.jsonl`, `metrics.csv`, `loss.png` and (when any record has diagnostics
+    /// or k-NN values) `diagnostics.png` from all records so far.
     pub fn write_metrics(&self, records: &[EpochRecord]) -> Result<()> {
         let mut jsonl = String::new();
         for r in records {
@@ -154,16 +230,49 @@ impl RunLogger {
         for v in &views {
             csv.push_str(&format!(",loss_{v}"));
         }
-        csv.push_str(",steps,seconds,samples_per_second\n");
+        csv.push_str(",steps,seconds,samples_per_second");
+        let cols = self.columns_for(records);
+        for v in &cols.diag_views {
+            for c in DIAG_COLUMNS {
+                csv.push_str(&format!(",{v}_{c}"));
+            }
+        }
+        if cols.knn {
+            csv.push_str(",knn1,knn20");
+        }
+        let diag_any = !cols.diag_views.is_empty() || cols.knn;
+        if diag_any {
+            csv.push_str(",diag_seconds");
+        }
+        csv.push('\n');
+        // Empty cell when absent or not finite.
+        let cell = |v: Option<f64>| match v {
+            Some(x) if x.is_finite() => format!(",{x}"),
+            _ => ",".to_string(),
+        };
         for r in records {
             csv.push_str(&format!("{},{},{},{}", r.epoch, r.phase, r.lr, r.loss));
             for (_, l) in &r.view_losses {
                 csv.push_str(&format!(",{l}"));
             }
             csv.push_str(&format!(
-                ",{},{:.3},{:.2}\n",
+                ",{},{:.3},{:.2}",
                 r.steps, r.seconds, r.samples_per_second
             ));
+            for v in &cols.diag_views {
+                let d = r.diagnostics.iter().flatten().find(|d| &d.view == v);
+                for i in 0..DIAG_COLUMNS.len() {
+                    csv.push_str(&cell(d.map(|d| d.values()[i])));
+                }
+            }
+            if cols.knn {
+                csv.push_str(&cell(r.knn1));
+                csv.push_str(&cell(r.knn20));
+            }
+            if diag_any {
+                csv.push_str(&cell(r.diag_seconds.map(|s| (s * 1000.0).round() / 1000.0)));
+            }
+            csv.push('\n');
         }
         write_atomic(&self.dir.join("metrics.csv"), csv.as_bytes())?;
         let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![
@@ -194,8 +303,83 @@ impl RunLogger {
             "epoch",
             "loss",
             &series,
-        )
+        )?;
+        if records
+            .iter()
+            .any(|r| r.diagnostics.is_some() || r.knn1.is_some())
+        {
+            crate::plot::line_panels(
+                &self.dir.join("diagnostics.png"),
+                "collapse diagnostics (fixed training subset, eval-mode encoders)",
+                &diagnostic_panels(records, &cols.diag_views),
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// The panels of `diagnostics.png`: effective rank, mean pairwise cosine, alignment / uniformity /
+/// margin (per view), and k-NN top-1.
+fn diagnostic_panels(records: &[EpochRecord], views: &[String]) -> Vec<LinePanel> {
+    let per_view = |view: &str, i: usize| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| {
+                let d = r.diagnostics.as_ref()?.iter().find(|d| d.view == view)?;
+                Some((r.epoch as f64, d.values()[i]))
+            })
+            .collect()
+    };
+    // (panel title, y label, [(series suffix, column index)]).
+    type Spec<'a> = (&'a str, &'a str, &'a [(&'a str, usize)]);
+    let specs: [Spec; 3] = [
+        (
+            "effective rank",
+            "effective rank",
+            &[("features", 0), ("projections", 2)],
+        ),
+        (
+            "mean pairwise cosine",
+            "cosine",
+            &[("features", 1), ("projections", 3)],
+        ),
+        (
+            "projections: alignment, uniformity, positive margin",
+            "value",
+            &[("align", 4), ("uniform", 5), ("margin", 6)],
+        ),
+    ];
+    let mut panels: Vec<LinePanel> = specs
+        .iter()
+        .map(|(title, y, cols)| LinePanel {
+            title: title.to_string(),
+            x_label: "epoch".into(),
+            y_label: y.to_string(),
+            series: views
+                .iter()
+                .flat_map(|v| {
+                    cols.iter()
+                        .map(move |(name, i)| (format!("{v} {name}"), per_view(v, *i)))
+                })
+                .collect(),
+        })
+        .collect();
+    let knn = |f: fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.epoch as f64, v)))
+            .collect()
+    };
+    panels.push(LinePanel {
+        title: "k-NN monitor top-1 (held-out split)".into(),
+        x_label: "epoch".into(),
+        y_label: "top-1 (%)".into(),
+        series: vec![
+            ("k = 1".into(), knn(|r| r.knn1)),
+            ("k = 20, weighted".into(), knn(|r| r.knn20)),
+        ],
+    });
+    panels
 }
 
 /// Reads `metrics.jsonl` of `dir` (empty when absent), keeping epochs `<= up_to`.

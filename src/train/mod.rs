@@ -2,6 +2,7 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod config;
+pub mod diagnostics;
 pub mod logger;
 pub mod pretrain;
 pub mod schedule;

@@ -9,17 +9,22 @@
 //! a non-finite loss stops the run before any checkpoint is written); `graph` = `fast` replayed
 //! from a CUDA graph per phase; `auto` = `graph` on CUDA, `reference` on CPU.
 //!
+//! After each epoch's steps (before the checkpoints), the collapse diagnostics and the k-NN
+//! monitor run when due ([`crate::train::diagnostics`]); they change no weight, buffer or random
+//! stream of the run.
+//!
 //! work_dir contents: `config.yaml` (resolved), `log.txt`, `metrics.jsonl`, `metrics.csv`,
-//! `steps.csv`, `loss.png`, `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
-use crate::data::augment::AugmentConfig;
+//! `steps.csv`, `loss.png`, `diagnostics.png` (when diagnostics ran),
+//! `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
 use crate::data::loader::{batches_per_epoch, try_epoch_batches_in, HostMemory, LoaderConfig};
 use crate::data::SkeletonDataset;
 use crate::error::{Error, Result};
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
 use crate::train::checkpoint::{self, CheckpointMeta};
 use crate::train::config::{PretrainConfig, StepImpl};
-use crate::train::logger::{read_records, EpochRecord, RunLogger};
-use crate::train::schedule::step_lr;
+use crate::train::diagnostics::Diagnostics;
+use crate::train::logger::{read_records, EpochRecord, MetricColumns, RunLogger};
+use crate::train::schedule::epoch_lr;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -89,10 +94,7 @@ pub fn loader_config(cfg: &PretrainConfig) -> LoaderConfig {
         shuffle: true,
         drop_last: true,
         num_views: 2,
-        augment: Some(AugmentConfig {
-            shear_amplitude: cfg.train_feeder_args.shear_amplitude,
-            temporal_padding_ratio: cfg.train_feeder_args.temperal_padding_ratio,
-        }),
+        augment: Some(cfg.train_feeder_args.augment()),
         seed: cfg.seed,
         workers: cfg.workers,
         prefetch: 2 * cfg.workers.max(1),
@@ -198,6 +200,25 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         cfg.num_epoch
     ));
 
+    // The fixed diagnostics subset and the k-NN monitor split (no torch random draws).
+    let diagnostics = Diagnostics::new(cfg, &dataset)?;
+    if let Some(d) = &diagnostics {
+        log.line(&d.describe());
+        log.set_columns(MetricColumns {
+            diag_views: if d.samples() > 0 {
+                trainer
+                    .model
+                    .branches
+                    .iter()
+                    .map(|b| b.view.name().to_string())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            knn: d.knn_due(cfg.num_epoch),
+        });
+    }
+
     let total = (cfg.num_epoch + 1).saturating_sub(start_epoch) * steps;
     let bar = if opts.progress && total > 0 {
         let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
@@ -247,7 +268,14 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     };
 
     for epoch in start_epoch..=cfg.num_epoch {
-        let lr = step_lr(cfg.base_lr, &cfg.step, epoch);
+        let lr = epoch_lr(
+            cfg.lr_schedule,
+            cfg.base_lr,
+            &cfg.step,
+            cfg.warmup_epochs,
+            cfg.num_epoch,
+            epoch,
+        );
         trainer.set_lr(lr);
         if let Some(f) = engine.as_mut() {
             f.set_lr(lr);
@@ -359,7 +387,7 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         }
         let (sum, view_sums) = (tally.sum, tally.view_sums.clone());
         let seconds = started.elapsed().as_secs_f64();
-        let record = EpochRecord {
+        let mut record = EpochRecord {
             epoch,
             phase,
             lr,
@@ -374,6 +402,10 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             steps: n_steps,
             seconds,
             samples_per_second: samples as f64 / seconds.max(1e-9),
+            diagnostics: None,
+            knn1: None,
+            knn20: None,
+            diag_seconds: None,
         };
         let views: Vec<String> = record
             .view_losses
@@ -398,6 +430,13 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
                     if c.fused { "fused" } else { "tch" }
                 ));
             }
+        }
+        if let Some(d) = diagnostics.as_ref().filter(|d| d.due(epoch)) {
+            let r = d.measure(&trainer.model, epoch)?;
+            for line in d.log_lines(&r) {
+                log.line(&line);
+            }
+            r.apply_to(&mut record);
         }
         records.push(record);
         log.write_metrics(&records)?;
