@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One recipe, several seeds: pre-train, then k-NN (k=1, weighted k=20) and linear evaluation of the
-# pre-trained encoder, appending one row per seed to $OUT/results.tsv. `TAG=random` skips
+# pre-trained encoder, appending one row per seed to $OUT/results.tsv. A tag `random` (or `random_*`) skips
 # pre-training and evaluates a randomly initialised encoder (seeded by the seed) instead.
 #
 #   scripts/recipe_sweep.sh <synth|msr> <tag> <config.yaml> "<seeds>" [key=value overrides...]
 #   e.g. scripts/recipe_sweep.sh msr small configs/small/skeletonclr_msr.yaml "0 1 2"
 #
+# Columns: k-NN top-1 (k=1, weighted k=20), linear top-1 with the official probe (last epoch, best
+# over test) under `--standardize auto` (on for a random encoder only), and linear top-1 (last
+# epoch) with `--standardize on`.
 # Env: BIN (target/release/crossclr), OUT (work_dirs/sweep), DATA_SYNTH (data/synth: made with
 # `crossclr synth`, see docs/small-data.md), DATA_MSR (data/msr: `crossclr prepare msr`), STREAMS
 # (joint; `joint,motion,bone` for 3s-CrosSCLR), LIN (extra `crossclr linear` flags), DEVICE (cpu).
@@ -23,14 +26,14 @@ case $ds in
   *) echo "dataset must be synth or msr" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
-[ -f "$OUT/results.tsv" ] || printf 'dataset\ttag\tseed\tstreams\tknn1\tknn20\tlinear_last\tlinear_best\tfinal_loss\tseconds\toverrides\n' >"$OUT/results.tsv"
+[ -f "$OUT/results.tsv" ] || printf 'dataset\ttag\tseed\tstreams\tknn1\tknn20\tlinear_last\tlinear_best\tlinear_std_last\tfinal_loss\tseconds\toverrides\n' >"$OUT/results.tsv"
 EVAL="--train-data $TR --train-label $TL --val-data $VA --val-label $VL --layout $LAYOUT --device $DEVICE"
 for seed in $seeds; do
   run=$OUT/${ds}_${tag}_s$seed
   rm -rf "$run"
   t0=$(date +%s)
   loss=-
-  if [ "$tag" = random ]; then
+  if [ "${tag%%_*}" = random ]; then
     W=none
   else
     "$BIN" pretrain --config "$config" --device "$DEVICE" --quiet work_dir="$run" seed="$seed" \
@@ -46,5 +49,9 @@ for seed in $seeds; do
   echo "$lin" >"$run.linear.log"
   last=$(echo "$lin" | grep -i 'last' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
   best=$(echo "$lin" | grep -i 'best' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$tag" "$seed" "$STREAMS" "${k1:-?}" "${k20:-?}" "${last:-?}" "${best:-?}" "$loss" $(( $(date +%s) - t0 )) "$*" | tee -a "$OUT/results.tsv"
+  # The same probe with standardised features (BatchNorm without affine; what a random encoder
+  # gets by default, `--standardize auto`), for a like-for-like comparison.
+  std=$("$BIN" linear $EVAL --weights "$W" --streams "$STREAMS" --seed "$seed" --batch 32 --no-tsne --standardize on $LIN 2>&1 \
+    | grep -i 'last' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$tag" "$seed" "$STREAMS" "${k1:-?}" "${k20:-?}" "${last:-?}" "${best:-?}" "${std:-?}" "$loss" $(( $(date +%s) - t0 )) "$*" | tee -a "$OUT/results.tsv"
 done
