@@ -153,7 +153,9 @@ impl FusedSgd {
             .first()
             .ok_or_else(|| Error::config("FusedSgd: empty parameter list"))?;
         let bufs = tch::no_grad(|| params.iter().map(|p| p.zeros_like()).collect());
-        let lr = Tensor::from_slice(&[lr as f32]).to_device(first.device());
+        let lr = Tensor::from_slice(&[lr])
+            .to_kind(first.kind())
+            .to_device(first.device());
         Ok(FusedSgd {
             params: params.iter().map(|p| p.shallow_clone()).collect(),
             bufs,

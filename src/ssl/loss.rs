@@ -2,12 +2,13 @@
 //! (cross-view consistent knowledge mining), exactly as the official processors compute them.
 //!
 //! Notation (per view u): `q_u` (N, D) L2-normalised queries, `k_u` (N, D) keys, `Q_u` (D, K) the
-//! queue *before* this step's enqueue, `tau` the temperature.
-use tch::{Kind, Tensor};
+//! queue *before* this step's enqueue, `tau` the temperature. Every reduction runs in the inputs'
+//! kind (float32 in training, float64 in the step-parity test).
+use tch::Tensor;
 
 /// MoCo logits `[q.k, q.Q] / tau`, shape (N, 1+K). The queue gets no gradient.
 pub fn moco_logits(q: &Tensor, k: &Tensor, queue: &Tensor, tau: f64) -> Tensor {
-    let l_pos = (q * k).sum_dim_intlist(&[1i64][..], true, Kind::Float);
+    let l_pos = (q * k).sum_dim_intlist(&[1i64][..], true, q.kind());
     let l_neg = q.matmul(&queue.detach());
     Tensor::cat(&[l_pos, l_neg], 1) / tau
 }
@@ -31,17 +32,18 @@ pub fn moco_logits_with(
 /// Cross-entropy with target 0 (the positive), mean over the batch: `-mean_n log_softmax(l)[n, 0]`.
 pub fn info_nce(logits: &Tensor) -> Tensor {
     -logits
-        .log_softmax(1, Kind::Float)
+        .log_softmax(1, logits.kind())
         .select(1, 0)
-        .mean(Kind::Float)
+        .mean(logits.kind())
 }
 
 /// Multi-positive loss per sample: `-(sum_j M_j log_softmax(logits)_j) / sum_j M_j`, shape (N,).
 /// `logits`, `mask`: (N, L); the mask is 0/1.
 pub fn multi_positive(logits: &Tensor, mask: &Tensor) -> Tensor {
-    let lp = logits.log_softmax(1, Kind::Float);
-    -(lp * mask).sum_dim_intlist(&[1i64][..], false, Kind::Float)
-        / mask.sum_dim_intlist(&[1i64][..], false, Kind::Float)
+    let kind = logits.kind();
+    let lp = logits.log_softmax(1, kind);
+    -(lp * mask).sum_dim_intlist(&[1i64][..], false, kind)
+        / mask.sum_dim_intlist(&[1i64][..], false, kind)
 }
 
 /// One-hot (N, K) of the `topk` largest entries of each row of `s` (no gradient).
@@ -85,7 +87,7 @@ pub fn cvc_km_losses_with(
     let l_pos: Vec<Tensor> = q
         .iter()
         .zip(k)
-        .map(|(q, k)| (q * k).sum_dim_intlist(&[1i64][..], true, Kind::Float))
+        .map(|(q, k)| (q * k).sum_dim_intlist(&[1i64][..], true, q.kind()))
         .collect();
     let sim: Vec<Tensor> = q
         .iter()
@@ -123,7 +125,8 @@ pub fn cvc_km_losses_with(
                 .iter()
                 .skip(1)
                 .fold(per_pair[0].shallow_clone(), |a, b| a + b);
-            (sum / partners.len() as f64).mean(Kind::Float)
+            let kind = sum.kind();
+            (sum / partners.len() as f64).mean(kind)
         })
         .collect()
 }
@@ -131,7 +134,7 @@ pub fn cvc_km_losses_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn t(v: &[f32], shape: &[i64]) -> Tensor {
         Tensor::from_slice(v).view(shape)
