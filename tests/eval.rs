@@ -431,6 +431,7 @@ fn tiny_encoder(
             ..Default::default()
         },
         seed: 1,
+        recalibrate_bn: false,
     }
 }
 

@@ -142,6 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         streams: streams.clone(),
         random: StGcnConfig::default(),
         seed: args.seed,
+        recalibrate_bn: false,
     };
     // The official linear recipe (lr 3.0, step 80, 100 epochs) with batches of 32 for 240 samples.
     let linear_cfg = LinearConfig {

@@ -63,6 +63,7 @@ pub fn encoder_setup(enc: &EncoderArgs, seed: u64) -> anyhow::Result<EncoderSetu
             ..Default::default()
         },
         seed,
+        recalibrate_bn: enc.recalibrate_bn,
     })
 }
 

@@ -248,6 +248,12 @@ pub struct EncoderArgs {
     /// Output feature dimension of a random encoder.
     #[arg(long, default_value_t = 256)]
     pub hidden_dim: i64,
+    /// Recompute every batch norm's running statistics on the un-augmented training split before
+    /// extracting features ("precise BN"; ours, the official protocol keeps the stored ones).
+    /// The stored statistics come from augmented pre-training batches (a random encoder's from
+    /// the init: mean 0, variance 1), which can squash eval-mode features onto one direction.
+    #[arg(long)]
+    pub recalibrate_bn: bool,
 }
 
 impl EncoderArgs {

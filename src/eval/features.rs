@@ -175,6 +175,49 @@ pub fn extract(
     )
 }
 
+/// "Precise BN": sets every batch norm's running statistics of each encoder to the batch
+/// statistics of the first `max_samples` samples of `dataset` (un-augmented), so that the
+/// eval-mode forward on them equals the train-mode forward on that whole batch. The running
+/// statistics are zeroed, one train-mode forward (the encoders have no dropout in evaluation)
+/// over that batch updates them by `momentum * batch statistics` (each layer's batch statistics
+/// computed from the previous layer's train-mode output), and they are divided by the momentum.
+/// Exact in one pass; with the default 1024 samples a dataset up to that size is used whole.
+pub fn recalibrate_bn(
+    dataset: &SkeletonDataset,
+    encoders: &[StreamEncoder],
+    max_samples: usize,
+) -> Result<()> {
+    let n = dataset.len().min(max_samples);
+    if n < 2 {
+        return Err(Error::config(format!(
+            "recalibrate_bn: {} has {} samples, need at least 2",
+            dataset.source.display(),
+            dataset.len()
+        )));
+    }
+    let momentum = crate::model::stgcn::layers::BN_MOMENTUM;
+    for enc in encoders {
+        let x = batch_tensor(dataset, 0, n).to_device(enc.vs.device());
+        let stats: Vec<Tensor> = enc
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.ends_with("running_mean") || name.ends_with("running_var"))
+            .map(|(_, t)| t)
+            .collect();
+        tch::no_grad(|| {
+            for t in &stats {
+                let _ = t.shallow_clone().zero_();
+            }
+            let _ = enc.forward(&x, &dataset.layout, true);
+            for t in &stats {
+                let _ = t.shallow_clone().g_div_scalar_(momentum);
+            }
+        });
+    }
+    Ok(())
+}
+
 /// A progress bar over `len` items (drawn only on a terminal).
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);

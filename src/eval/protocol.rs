@@ -27,6 +27,9 @@ pub struct EncoderSetup {
     pub random: StGcnConfig,
     /// Seeds the torch generator before a random encoder is built.
     pub seed: u64,
+    /// Recompute the batch-norm running statistics on the training split before extracting
+    /// features ([`crate::eval::features::recalibrate_bn`]); `false` = official.
+    pub recalibrate_bn: bool,
 }
 
 impl EncoderSetup {
@@ -86,6 +89,9 @@ pub fn baseline_options(opts: &OutputOptions) -> OutputOptions {
         ..opts.clone()
     }
 }
+
+/// Training samples whose statistics `recalibrate_bn` uses (the first ones, in dataset order).
+pub const RECALIBRATION_SAMPLES: usize = 1024;
 
 /// Output options common to all protocols.
 #[derive(Debug, Clone)]
@@ -288,6 +294,7 @@ fn cache_key(splits: &Splits, setup: &EncoderSetup) -> serde_json::Value {
         }
         None => serde_json::json!({"random": setup.random, "seed": setup.seed}),
     };
+    let weights = serde_json::json!({"encoder": weights, "recalibrate_bn": setup.recalibrate_bn});
     serde_json::json!({
         "weights": weights,
         "streams": setup.streams,
@@ -357,6 +364,9 @@ pub fn features_of(
     }
     let in_channels = splits.train.shape[1] as i64;
     let encoders = setup.build(&splits.train.layout, in_channels, 0.0, device)?;
+    if setup.recalibrate_bn {
+        crate::eval::features::recalibrate_bn(&splits.train, &encoders, RECALIBRATION_SAMPLES)?;
+    }
     let train = extract(&splits.train, &encoders, opts.feature_batch)?;
     let test = extract(&splits.val, &encoders, opts.feature_batch)?;
     if let (Some(dir), true) = (&opts.work_dir, opts.save_features) {

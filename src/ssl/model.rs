@@ -252,14 +252,15 @@ impl SslModel {
         let primary_q = &self.branches[0].head_q;
         let primary_k = &self.branches[0].head_k;
         let groups = self.spec.recipe.shuffle_bn;
+        // Shuffle BN: one key permutation per step, shared by the views, drawn from torch's
+        // generator before any dropout mask (the fast step draws it at the same point).
+        let perm =
+            (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (Kind::Int64, x_k.device())));
         let qs: Vec<Tensor> = self
             .branches
             .iter()
             .map(|b| b.query_grouped(&b.input(x_q, &self.layout), Some(primary_q), groups))
             .collect();
-        // One permutation per step, shared by the views (torch's generator: seeded per epoch).
-        let perm =
-            (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (Kind::Int64, x_k.device())));
         for b in &self.branches {
             let motion_only = cross
                 && self
