@@ -338,16 +338,33 @@ fn config_overrides_and_unknown_key() {
     // Every shipped config loads.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut n = 0;
-    for sub in ["", "skeletonclr", "crossclr"] {
+    for sub in ["", "skeletonclr", "crossclr", "msr", "small"] {
         for entry in std::fs::read_dir(root.join(sub)).unwrap() {
             let p = entry.unwrap().path();
             if p.extension().is_some_and(|e| e == "yaml" || e == "toml") {
-                PretrainConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                let cfg = PretrainConfig::load(&p, &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 n += 1;
+                // The official-scale configs stay exactly official: no small-data lever.
+                if sub == "skeletonclr" || sub == "crossclr" {
+                    let d = PretrainConfig::default();
+                    assert_eq!(
+                        (cfg.init, cfg.head_bn, cfg.shuffle_bn, cfg.reverse_negatives),
+                        (d.init, d.head_bn, d.shuffle_bn, d.reverse_negatives),
+                        "{}",
+                        p.display()
+                    );
+                    assert_eq!((cfg.lr_schedule, cfg.warmup_epochs), (d.lr_schedule, 0));
+                    assert_eq!(cfg.uniformity, 0.0, "{}", p.display());
+                    assert_eq!(
+                        cfg.train_feeder_args.augment(),
+                        d.train_feeder_args.augment()
+                    );
+                }
             }
         }
     }
-    assert!(n >= 21, "{n} configs");
+    assert!(n >= 25, "{n} configs");
 }
 
 /// Step timing (not a check): `H4_BATCH=128 H4_FRAMES=50 [H4_DEVICE=cuda] [H4_THREADS=n] cargo

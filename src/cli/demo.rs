@@ -98,6 +98,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // drops (a slower query makes the queued negatives fresher, i.e. harder), measured 2026-11-27.
         format!("seed={}", args.seed),
         format!("model_args.num_class={}", args.classes),
+        // k-NN monitor on the test split during pre-training (diagnostics.png, metrics.csv).
+        "eval_interval=3".to_string(),
+        "monitor.format=npy".to_string(),
+        format!("monitor.data={}", data_dir.join("val_data.npy").display()),
+        format!("monitor.label={}", data_dir.join("val_label.pkl").display()),
+        "monitor.layout=ntu25".to_string(),
     ];
     overrides.extend(args.overrides.iter().cloned());
     let cfg = PretrainConfig::from_text(

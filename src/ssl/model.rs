@@ -64,6 +64,8 @@ pub struct Recipe {
     pub shuffle_bn: usize,
     /// Time-reversed keys as extra negatives (one per sample and view).
     pub reverse_negatives: bool,
+    /// Weight of the uniformity term added to each view's loss (0 = off).
+    pub uniformity: f64,
 }
 
 impl SslSpec {
@@ -104,6 +106,7 @@ impl SslSpec {
                 head_bn: cfg.head_bn,
                 shuffle_bn: cfg.shuffle_bn,
                 reverse_negatives: cfg.reverse_negatives,
+                uniformity: cfg.uniformity,
             },
         })
     }
@@ -334,7 +337,7 @@ impl SslModel {
                 .map(|(q, kr)| (q * kr).sum_dim_intlist(&[1i64][..], true, Kind::Float))
                 .collect()
         });
-        match (&self.spec.cross, cross) {
+        let losses: Vec<Tensor> = match (&self.spec.cross, cross) {
             (Some(c), true) => {
                 let queues: Vec<Tensor> = self
                     .branches
@@ -352,7 +355,16 @@ impl SslModel {
                     info_nce(&moco_logits_with(&qs[i], &ks[i], &b.queue.keys, tau, e))
                 })
                 .collect(),
+        };
+        let w = self.spec.recipe.uniformity;
+        if w == 0.0 {
+            return losses;
         }
+        losses
+            .into_iter()
+            .zip(qs)
+            .map(|(l, q)| l + uniformity(q) * w)
+            .collect()
     }
 
     /// Writes each view's keys at the same slots of its queue (aligned queues) and advances the
@@ -488,6 +500,19 @@ impl SslModel {
     pub fn num_trainable(&self) -> i64 {
         self.trainable().iter().map(|(_, t)| t.numel() as i64).sum()
     }
+}
+
+/// Wang & Isola's uniformity of L2-normalised rows `q` (N, D): `log mean_{i != j}
+/// exp(-2 |q_i - q_j|^2)` (scalar, with grad; 0 at most, lower = more uniform). With
+/// `uniformity > 0` it is added to each view's loss on the batch's queries, a direct push against
+/// the dimensional collapse the diagnostics measure (projection effective rank ~2 at small scale).
+pub fn uniformity(q: &Tensor) -> Tensor {
+    let n = q.size()[0];
+    // |a - b|^2 = 2 - 2 a.b for unit rows.
+    let sq = (q.matmul(&q.tr()) * -2.0 + 2.0).clamp_min(0.0);
+    let off = Tensor::ones([n, n], (q.kind(), q.device())) - Tensor::eye(n, (q.kind(), q.device()));
+    let e = (sq * -2.0).exp() * &off;
+    (e.sum(q.kind()) / off.sum(q.kind())).log()
 }
 
 /// PyTorch's module defaults on every conv / linear / batch-norm variable of `vs` (queues,

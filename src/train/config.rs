@@ -546,6 +546,10 @@ pub struct PretrainConfig {
     /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
     /// Ours; official: false.
     pub reverse_negatives: bool,
+    /// Weight of a uniformity term (Wang & Isola, on each batch's L2-normalised queries) added to
+    /// every view's loss; ours, 0 = off (official).
+    #[serde(deserialize_with = "de_f64")]
+    pub uniformity: f64,
     /// `step | cosine`; see [`LrSchedule`].
     pub lr_schedule: LrSchedule,
     /// Linear lr warm-up over this many epochs (from base_lr / warmup_epochs); 0 = off (official).
@@ -599,6 +603,7 @@ impl Default for PretrainConfig {
             head_bn: false,
             shuffle_bn: 0,
             reverse_negatives: false,
+            uniformity: 0.0,
             lr_schedule: LrSchedule::Step,
             warmup_epochs: 0,
             diagnostics: DiagnosticsArgs::default(),
