@@ -22,14 +22,13 @@
 //! * fast step: `gpu::FastStep::step_with_views` on the CPU (skipped without the C++ shim).
 //!
 //! Errors are relative: losses to the official float64 loss, each checksum to the entry's sum of
-//! |x| (floored at 1e-3 per element). The tolerances ([`Tol`]) depend on what the step computes in
-//! float64: everything (1e-12 / 1e-10: float64 rounding), or a float64 model whose losses
-//! (`ssl::loss`) or fast-step learning rate (`FusedSgd`) are float32 (1e-5 / 4e-3; the state of
-//! the code when this test was written), or float32 (loose after step 0: this tiny network is
-//! ill-conditioned in float32, the official code included). Each test prints what it reached;
+//! |x| (floored at 1e-3 per element). Tolerances ([`Tol`]): float64 1e-12 / 1e-10 (float64
+//! rounding: a loss reduction or learning rate rounded to float32 fails it, as the losses of
+//! `ssl::loss` and `FusedSgd`'s lr did when this test was written), float32 loose after step 0
+//! (this tiny network is ill-conditioned in float32, the official code included). Each test prints what it reached;
 //! `STEP_PARITY_VERBOSE=1` prints every step.
 use crossclr::data::layout::Layout;
-use crossclr::gpu::{FastStep, FusedSgd, SgdConfig, ShimStatus};
+use crossclr::gpu::{FastStep, SgdConfig, ShimStatus};
 use crossclr::ssl::model::SslModel;
 use crossclr::ssl::trainer::Pretrainer;
 use crossclr::train::config::PretrainConfig;
@@ -382,18 +381,6 @@ const F64: Tol = Tol {
     first_tensor: 1e-10,
     why: "float64",
 };
-/// A float64 model whose step rounds something to float32: the losses of `ssl::loss` (its
-/// `Kind::Float` reductions and log-softmax compute the logits' softmax and the loss gradient in
-/// float32 even for a float64 model) and/or the fast step's learning rate (`FusedSgd` holds it
-/// as a float32 tensor: 0.01 -> 0.0099999998). Reached: losses 1.4e-6, tensors 3.9e-4 (float32
-/// losses), 1.2e-7 / 2.2e-4 (float64 losses, float32 lr).
-const F64_ROUNDED: Tol = Tol {
-    loss: 1e-5,
-    tensor: 4e-3,
-    first_loss: 1e-6,
-    first_tensor: 1e-6,
-    why: "",
-};
 /// Float32 against the float64 official trajectory. This tiny network is ill-conditioned in
 /// float32 (batch norm over 16 bodies, half of them all-zero, and nearly parallel per-sample
 /// gradients: the batch-norm backward cancels): 1-ulp differences grow to 1e-3 relative in the
@@ -408,20 +395,6 @@ const F32: Tol = Tol {
     first_tensor: 2e-4,
     why: "float32",
 };
-
-/// Whether `FusedSgd` (the fast step's optimiser) applies a float64 learning rate exactly to
-/// float64 parameters (probe: the first step of p = 0 with gradient 1, momentum buffer 0 -> 1).
-fn fused_lr_is_exact(lr: f64) -> bool {
-    let p = Tensor::zeros([1], (Kind::Double, Device::Cpu)).set_requires_grad(true);
-    let cfg = SgdConfig {
-        momentum: 0.9,
-        weight_decay: 0.0,
-    };
-    let mut opt = FusedSgd::new(&[p.shallow_clone()], lr, cfg).unwrap();
-    (&p * 1.0).sum(Kind::Double).backward();
-    opt.step().unwrap();
-    (p.double_value(&[0]) + lr).abs() <= lr * 1e-15
-}
 
 /// Runs the fixture's sequence on `model` with `step` in `kind`, checking every step against the
 /// official float64 trajectory.
@@ -461,8 +434,8 @@ fn run(model: &str, step: Step, kind: Kind) {
         .unwrap()
     });
     let what = format!("{model} {step:?} {kind:?}");
-    let mut tol: Option<Tol> = None;
-    let mut why = String::new();
+    let tol = if kind == Kind::Float { F32 } else { F64 };
+    let why = tol.why;
     let (mut worst_loss, mut worst_tensor) = ((0.0f64, 0usize), (0.0f64, 0usize, String::new()));
     for (s, (x_q, x_k)) in fx.batches.iter().enumerate().take(epochs.len()) {
         let epoch = epochs[s] as usize;
@@ -505,32 +478,15 @@ fn run(model: &str, step: Step, kind: Kind) {
                 (total, views, loss_kind)
             }
         };
-        let tol = *tol.get_or_insert_with(|| {
-            if kind == Kind::Float {
-                return F32;
-            }
-            let mut rounded = Vec::new();
-            if loss_kind != Kind::Double {
-                rounded.push("losses computed in float32 by ssl::loss");
-            }
-            if step == Step::Fast && !fused_lr_is_exact(trainer.opt.lr) {
-                rounded.push("FusedSgd's learning rate held in float32");
-            }
-            if rounded.is_empty() {
-                F64
-            } else {
-                why = format!("float64 model; {}", rounded.join("; "));
-                F64_ROUNDED
-            }
-        });
+        assert_eq!(
+            loss_kind, kind,
+            "{what}: step {s}: losses not computed in the model's kind"
+        );
         let (tol_loss, tol_tensor) = if s == 0 {
             (tol.first_loss, tol.first_tensor)
         } else {
             (tol.loss, tol.tensor)
         };
-        if why.is_empty() {
-            why = tol.why.to_string();
-        }
         let context = format!(
             "{what} [{why}]: step {s} (epoch {epoch}, phase {})",
             phases[s]
@@ -609,8 +565,8 @@ fn run(model: &str, step: Step, kind: Kind) {
         worst_tensor.0,
         worst_tensor.2,
         worst_tensor.1,
-        tol.map_or(0.0, |t| t.loss),
-        tol.map_or(0.0, |t| t.tensor),
+        tol.loss,
+        tol.tensor,
         official32.0,
         official32.1
     );

@@ -156,11 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 println!("{l}");
             }
             if let Some(dir) = &args.output.work_dir {
-                println!(
-                    "  outputs in {} (random-encoder baseline in {})",
-                    dir.display(),
-                    dir.join(protocol::BASELINE_DIR).display()
-                );
+                println!("  {}", protocol::baseline_outputs_line(dir));
             }
         }
         baseline => {

@@ -81,6 +81,15 @@ pub fn resolve_standardize(standardize: Standardize, setup: &EncoderSetup) -> bo
 /// `--baseline random` is written.
 pub const BASELINE_DIR: &str = "baseline_random";
 
+/// The line naming where a run with `--baseline random` wrote its outputs.
+pub fn baseline_outputs_line(work_dir: &std::path::Path) -> String {
+    format!(
+        "outputs in {} (random-encoder baseline in {})",
+        work_dir.display(),
+        work_dir.join(BASELINE_DIR).display()
+    )
+}
+
 /// `opts` for the random-encoder baseline: work_dir and feature cache moved into [`BASELINE_DIR`].
 pub fn baseline_options(opts: &OutputOptions) -> OutputOptions {
     OutputOptions {

@@ -29,6 +29,21 @@ pub fn moco_logits_with(
     }
 }
 
+/// Uniformity (Wang & Isola 2020, t = 2) of L2-normalised rows `z` (N, D): `log` of the mean
+/// over pairs `i != j` of `exp(-2 |z_i - z_j|^2)`, a scalar in `z`'s kind with grad (0 at most,
+/// lower = more uniform; NaN for N < 2). The `uniformity` lever adds it to each view's loss; the
+/// collapse diagnostics report it.
+pub fn uniformity(z: &Tensor) -> Tensor {
+    let n = z.size()[0];
+    let sq = z
+        .square()
+        .sum_dim_intlist([1i64].as_slice(), true, z.kind());
+    let d2 = (&sq + sq.tr() - z.matmul(&z.tr()) * 2.0).clamp_min(0.0);
+    let diagonal = Tensor::eye(n, (tch::Kind::Bool, z.device()));
+    let e = (d2 * -2.0).masked_fill(&diagonal, f64::NEG_INFINITY);
+    e.flatten(0, 1).logsumexp([0i64].as_slice(), false) - ((n * (n - 1)) as f64).ln()
+}
+
 /// Cross-entropy with target 0 (the positive), mean over the batch: `-mean_n log_softmax(l)[n, 0]`.
 pub fn info_nce(logits: &Tensor) -> Tensor {
     -logits

@@ -12,7 +12,7 @@ use crate::data::views::View;
 use crate::error::{Error, Result};
 use crate::model::stgcn::StGcnConfig;
 use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
-use crate::ssl::loss::{cvc_km_losses_with, info_nce, moco_logits_with};
+use crate::ssl::loss::{cvc_km_losses_with, info_nce, moco_logits_with, uniformity};
 use crate::ssl::queue::Queue;
 use crate::train::config::{InitScheme, ModelKind, PretrainConfig};
 use std::collections::{BTreeMap, HashMap};
@@ -334,7 +334,7 @@ impl SslModel {
         let extra: Option<Vec<Tensor>> = reversed.map(|r| {
             qs.iter()
                 .zip(r)
-                .map(|(q, kr)| (q * kr).sum_dim_intlist(&[1i64][..], true, Kind::Float))
+                .map(|(q, kr)| (q * kr).sum_dim_intlist(&[1i64][..], true, q.kind()))
                 .collect()
         });
         let losses: Vec<Tensor> = match (&self.spec.cross, cross) {
@@ -500,19 +500,6 @@ impl SslModel {
     pub fn num_trainable(&self) -> i64 {
         self.trainable().iter().map(|(_, t)| t.numel() as i64).sum()
     }
-}
-
-/// Wang & Isola's uniformity of L2-normalised rows `q` (N, D): `log mean_{i != j}
-/// exp(-2 |q_i - q_j|^2)` (scalar, with grad; 0 at most, lower = more uniform). With
-/// `uniformity > 0` it is added to each view's loss on the batch's queries, a direct push against
-/// the dimensional collapse the diagnostics measure (projection effective rank ~2 at small scale).
-pub fn uniformity(q: &Tensor) -> Tensor {
-    let n = q.size()[0];
-    // |a - b|^2 = 2 - 2 a.b for unit rows.
-    let sq = (q.matmul(&q.tr()) * -2.0 + 2.0).clamp_min(0.0);
-    let off = Tensor::ones([n, n], (q.kind(), q.device())) - Tensor::eye(n, (q.kind(), q.device()));
-    let e = (sq * -2.0).exp() * &off;
-    (e.sum(q.kind()) / off.sum(q.kind())).log()
 }
 
 /// PyTorch's module defaults on every conv / linear / batch-norm variable of `vs` (queues,

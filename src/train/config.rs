@@ -701,24 +701,18 @@ impl PretrainConfig {
 
     /// A config with every optional key present, used as the key schema.
     fn schema_example() -> Self {
+        let spec = DatasetSpec {
+            format: DatasetFormat::Npy,
+            data: PathBuf::new(),
+            label: Some(PathBuf::new()),
+            layout: String::new(),
+            part: Some(String::new()),
+            mmap: true,
+        };
         Self {
-            dataset: Some(DatasetSpec {
-                format: DatasetFormat::Npy,
-                data: PathBuf::new(),
-                label: Some(PathBuf::new()),
-                layout: String::new(),
-                part: Some(String::new()),
-                mmap: true,
-            }),
+            dataset: Some(spec.clone()),
             layout: Some(String::new()),
-            monitor: Some(DatasetSpec {
-                format: DatasetFormat::Npy,
-                data: PathBuf::new(),
-                label: Some(PathBuf::new()),
-                layout: String::new(),
-                part: Some(String::new()),
-                mmap: true,
-            }),
+            monitor: Some(spec),
             ..Self::default()
         }
     }

@@ -518,22 +518,10 @@ pub fn alignment(z1: &Tensor, z2: &Tensor) -> f64 {
 /// Uniformity (Wang & Isola 2020, t = 2): `log` of the mean over pairs `i != j` of
 /// `exp(-2 ||z_i - z_j||^2)`, for normalised `z` `(N, D)`; NaN for N < 2.
 pub fn uniformity(z: &Tensor) -> f64 {
-    let z = host(z);
-    let n = z.size()[0];
-    if n < 2 {
+    if z.size()[0] < 2 {
         return f64::NAN;
     }
-    let sq = z
-        .square()
-        .sum_dim_intlist([1i64].as_slice(), true, Kind::Double);
-    let d2 = (&sq + sq.tr() - z.matmul(&z.tr()) * 2.0).clamp_min(0.0);
-    let mut e = d2 * -2.0;
-    let _ = e.fill_diagonal_(f64::NEG_INFINITY, false);
-    let lse = e
-        .flatten(0, 1)
-        .logsumexp([0i64].as_slice(), false)
-        .double_value(&[]);
-    lse - ((n * (n - 1)) as f64).ln()
+    crate::ssl::loss::uniformity(&host(z)).double_value(&[])
 }
 
 /// Positive-logit margin: mean over rows of `q_i . k_i - max_j q_i . queue_j` for normalised
