@@ -11,13 +11,19 @@
 # epoch) with `--standardize on`.
 # Env: BIN (target/release/crossclr), OUT (work_dirs/sweep), DATA_SYNTH (data/synth: made with
 # `crossclr synth`, see docs/small-data.md), DATA_MSR (data/msr: `crossclr prepare msr`), STREAMS
-# (joint; `joint,motion,bone` for 3s-CrosSCLR), LIN (extra `crossclr linear` flags), DEVICE (cpu).
+# (joint; `joint,motion,bone` for 3s-CrosSCLR), PREFIX (extra `--prefix` for knn/linear, e.g.
+# `motion=encoder_q.` for a SkeletonCLR trained on the motion view), LIN (extra `crossclr linear`
+# flags), DEVICE (cpu), STD_ONLY=1 (skip the official-probe linear run: its columns read `-`).
 set -u -o pipefail
 BIN=${BIN:-target/release/crossclr}
 OUT=${OUT:-work_dirs/sweep}
 DEVICE=${DEVICE:-cpu}
 STREAMS=${STREAMS:-joint}
 LIN=${LIN:-}
+PREFIX=${PREFIX:-}
+STD_ONLY=${STD_ONLY:-0}
+PFX=()
+[ -n "$PREFIX" ] && PFX=(--prefix "$PREFIX")
 ds=$1 tag=$2 config=$3 seeds=$4
 shift 4
 case $ds in
@@ -42,16 +48,19 @@ for seed in $seeds; do
     W=$run/last.safetensors
     loss=$(grep -o 'loss [0-9.]*' "$run/log.txt" | tail -1 | cut -d' ' -f2)
   fi
-  knn=$("$BIN" knn $EVAL --weights "$W" --streams "$STREAMS" --seed "$seed" 2>&1)
+  knn=$("$BIN" knn $EVAL --weights "$W" --streams "$STREAMS" "${PFX[@]}" --seed "$seed" 2>&1)
   k1=$(echo "$knn" | grep ' k1:' | grep -o 'top-1 *[0-9.]*' | grep -o '[0-9.]*$')
   k20=$(echo "$knn" | grep 'k20' | grep -o 'top-1 *[0-9.]*' | grep -o '[0-9.]*$')
-  lin=$("$BIN" linear $EVAL --weights "$W" --streams "$STREAMS" --seed "$seed" --batch 32 --no-tsne $LIN --work-dir "$run.linear" 2>&1)
-  echo "$lin" >"$run.linear.log"
-  last=$(echo "$lin" | grep -i 'last' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
-  best=$(echo "$lin" | grep -i 'best' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
+  last=- best=-
+  if [ "$STD_ONLY" != 1 ]; then
+    lin=$("$BIN" linear $EVAL --weights "$W" --streams "$STREAMS" "${PFX[@]}" --seed "$seed" --batch 32 --no-tsne $LIN --work-dir "$run.linear" 2>&1)
+    echo "$lin" >"$run.linear.log"
+    last=$(echo "$lin" | grep -i 'last' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
+    best=$(echo "$lin" | grep -i 'best' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
+  fi
   # The same probe with standardised features (BatchNorm without affine; what a random encoder
   # gets by default, `--standardize auto`), for a like-for-like comparison.
-  std=$("$BIN" linear $EVAL --weights "$W" --streams "$STREAMS" --seed "$seed" --batch 32 --no-tsne --standardize on $LIN 2>&1 \
+  std=$("$BIN" linear $EVAL --weights "$W" --streams "$STREAMS" "${PFX[@]}" --seed "$seed" --batch 32 --no-tsne --standardize on $LIN 2>&1 \
     | grep -i 'last' | grep -o 'top-1 *[0-9.]*' | head -1 | grep -o '[0-9.]*$')
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$tag" "$seed" "$STREAMS" "${k1:-?}" "${k20:-?}" "${last:-?}" "${best:-?}" "${std:-?}" "$loss" $(( $(date +%s) - t0 )) "$*" | tee -a "$OUT/results.tsv"
 done

@@ -356,6 +356,7 @@ fn config_overrides_and_unknown_key() {
                     );
                     assert_eq!((cfg.lr_schedule, cfg.warmup_epochs), (d.lr_schedule, 0));
                     assert_eq!(cfg.uniformity, 0.0, "{}", p.display());
+                    assert_eq!(cfg.negatives, d.negatives, "{}", p.display());
                     assert_eq!(
                         cfg.train_feeder_args.augment(),
                         d.train_feeder_args.augment()

@@ -9,12 +9,13 @@ use crossclr::eval::encoder::{build_encoders, parse_streams, WeightsSource};
 use crossclr::eval::features::{extract, recalibrate_bn};
 use crossclr::model::stgcn::StGcnConfig;
 use crossclr::ssl::model::{SslModel, SslSpec};
-use crossclr::train::config::{InitScheme, LrSchedule, PretrainConfig};
+use crossclr::train::config::{InitScheme, LrSchedule, Negatives, PretrainConfig};
 use crossclr::train::pretrain::run_with;
 use tch::{Device, Kind, Tensor};
 
-const ALL_LEVERS: [&str; 14] = [
+const ALL_LEVERS: [&str; 15] = [
     "init=pytorch",
+    "negatives=both",
     "head_bn=true",
     "shuffle_bn=2",
     "reverse_negatives=true",
@@ -35,6 +36,7 @@ fn defaults_are_official() {
     let cfg = PretrainConfig::default();
     assert_eq!(cfg.init, InitScheme::Official);
     assert!(!cfg.head_bn && !cfg.reverse_negatives);
+    assert_eq!(cfg.negatives, Negatives::Queue);
     assert_eq!((cfg.shuffle_bn, cfg.warmup_epochs), (0, 0));
     assert_eq!(cfg.lr_schedule, LrSchedule::Step);
     assert!(!cfg.train_feeder_args.augment().extras_enabled());
@@ -45,6 +47,7 @@ fn invalid_lever_values_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     for bad in [
         "shuffle_bn=3",
+        "negatives=sometimes",
         "train_feeder_args.flip=1.5",
         "train_feeder_args.crop_resize=-0.1",
         "train_feeder_args.rotation=-5",
@@ -157,6 +160,51 @@ fn reversed_keys_are_one_extra_negative() {
         1,
     ) / tau;
     let want = logits.cross_entropy_for_logits(&Tensor::zeros([8], (Kind::Int64, Device::Cpu)));
+    let (got, want) = (loss[0].double_value(&[]), want.double_value(&[]));
+    assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
+}
+
+/// `negatives=batch`: the SkeletonCLR loss is the in-batch InfoNCE, a cross-entropy over
+/// `q_i . k_j / tau` (j over the batch) with target i, computed by hand; the queue is not read.
+#[test]
+fn batch_negatives_are_the_other_keys_of_the_batch() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &["negatives=batch", "model_args.dropout=0"],
+    );
+    tch::manual_seed(5);
+    let model = SslModel::new(
+        &SslSpec::from_config(&cfg).unwrap(),
+        &ds.layout,
+        Device::Cpu,
+    )
+    .unwrap();
+    let x = Tensor::randn([8, 3, 20, 25, 2], (Kind::Float, Device::Cpu));
+    let b = &model.branches[0];
+    let (q, k) = tch::no_grad(|| (b.query(&x, None), b.key(&x.flip([3]), None)));
+    let loss = model.view_losses(&[q.shallow_clone()], &[k.shallow_clone()], None, false);
+    let tau = cfg.model_args.temperature;
+    let want = (q.matmul(&k.tr()) / tau)
+        .cross_entropy_for_logits(&Tensor::arange(8, (Kind::Int64, Device::Cpu)));
+    let (got, want) = (loss[0].double_value(&[]), want.double_value(&[]));
+    assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
+    // `both`: the same batch part plus the queue as further negatives.
+    let cfg_both = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &["negatives=both", "model_args.dropout=0"],
+    );
+    let mut spec = SslSpec::from_config(&cfg_both).unwrap();
+    spec.recipe.negatives = Negatives::Both;
+    let both = SslModel::new(&spec, &ds.layout, Device::Cpu).unwrap();
+    let queue = &both.branches[0].queue.keys;
+    let loss = both.view_losses(&[q.shallow_clone()], &[k.shallow_clone()], None, false);
+    let logits = Tensor::cat(&[q.matmul(&k.tr()), q.matmul(queue)], 1) / tau;
+    let want = logits.cross_entropy_for_logits(&Tensor::arange(8, (Kind::Int64, Device::Cpu)));
     let (got, want) = (loss[0].double_value(&[]), want.double_value(&[]));
     assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
 }

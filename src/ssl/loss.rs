@@ -29,6 +29,28 @@ pub fn moco_logits_with(
     }
 }
 
+/// Logit given to a masked-out queue entry (after the division by tau): finite, so that a
+/// zero mask weight times its log-probability stays 0 in [`multi_positive`], and far below any
+/// real logit (|cosine| / tau <= 1 / 0.01 = 100 for any sane temperature).
+pub const MASKED_LOGIT: f64 = -1.0e4;
+
+/// Drops queue entries from a query's logits: `logits` (N, 1+K+E) with the queue in columns
+/// `1..=K`, `own` (N, K) bool; masked entries get [`MASKED_LOGIT`] (no gradient through them).
+pub fn mask_queue_logits(logits: &Tensor, own: &Tensor) -> Tensor {
+    let (n, width) = (logits.size()[0], logits.size()[1]);
+    let k = own.size()[1];
+    let opts = (tch::Kind::Bool, logits.device());
+    let full = Tensor::cat(
+        &[
+            Tensor::zeros([n, 1], opts),
+            own.shallow_clone(),
+            Tensor::zeros([n, width - 1 - k], opts),
+        ],
+        1,
+    );
+    logits.masked_fill(&full, MASKED_LOGIT)
+}
+
 /// Uniformity (Wang & Isola 2020, t = 2) of L2-normalised rows `z` (N, D): `log` of the mean
 /// over pairs `i != j` of `exp(-2 |z_i - z_j|^2)`, a scalar in `z`'s kind with grad (0 at most,
 /// lower = more uniform; NaN for N < 2). The `uniformity` lever adds it to each view's loss; the
@@ -98,6 +120,23 @@ pub fn cvc_km_losses_with(
     context: bool,
     extra: Option<&[Tensor]>,
 ) -> Vec<Tensor> {
+    cvc_km_losses_masked(q, k, queues, tau, topk, context, extra, None)
+}
+
+/// [`cvc_km_losses_with`] with the pool entries in `own` (N, K) bool dropped: never mined as
+/// positives, and their logits (plain and context) set to [`MASKED_LOGIT`] with mask 0 (the
+/// in-batch negatives mask each query's own key). `own = None` is the official loss.
+#[allow(clippy::too_many_arguments)]
+pub fn cvc_km_losses_masked(
+    q: &[Tensor],
+    k: &[Tensor],
+    queues: &[Tensor],
+    tau: f64,
+    topk: i64,
+    context: bool,
+    extra: Option<&[Tensor]>,
+    own: Option<&Tensor>,
+) -> Vec<Tensor> {
     let n_views = q.len();
     let l_pos: Vec<Tensor> = q
         .iter()
@@ -109,31 +148,56 @@ pub fn cvc_km_losses_with(
         .zip(queues)
         .map(|(q, qu)| q.matmul(&qu.detach()))
         .collect();
-    let mined: Vec<Tensor> = sim.iter().map(|s| topk_onehot(s, topk)).collect();
+    // Cosines are >= -1: a masked entry at -3 is mined only if fewer than topk remain.
+    let mined: Vec<Tensor> = sim
+        .iter()
+        .map(|s| match own {
+            Some(own) => topk_onehot(&s.masked_fill(own, -3.0), topk).masked_fill(own, 0.0),
+            None => topk_onehot(s, topk),
+        })
+        .collect();
+    // The (N, L) mask of the logits' masked columns: [l_pos, blocks x own, extra].
+    let column = |own: &Tensor, blocks: usize, extra_width: i64| {
+        let n = own.size()[0];
+        let opts = (tch::Kind::Bool, own.device());
+        let mut parts = vec![Tensor::zeros([n, 1], opts)];
+        parts.extend((0..blocks).map(|_| own.shallow_clone()));
+        parts.push(Tensor::zeros([n, extra_width], opts));
+        Tensor::cat(&parts, 1)
+    };
     (0..n_views)
         .map(|u| {
             let ones = l_pos[u].ones_like();
             let partners: Vec<usize> = (0..n_views).filter(|&v| v != u).collect();
+            let e_width = extra.map_or(0, |e| e[u].size()[1]);
             let per_pair: Vec<Tensor> = partners
                 .iter()
                 .map(|&v| {
-                    let (mut logits, mut mask) = if context {
+                    let (mut logits, mut mask, blocks) = if context {
                         let ctx = &sim[u] * &sim[v];
                         (
                             Tensor::cat(&[&l_pos[u], &sim[u], &ctx], 1),
                             Tensor::cat(&[&ones, &mined[v], &mined[v]], 1),
+                            2,
                         )
                     } else {
                         (
                             Tensor::cat(&[&l_pos[u], &sim[u]], 1),
                             Tensor::cat(&[&ones, &mined[v]], 1),
+                            1,
                         )
                     };
                     if let Some(e) = extra {
                         logits = Tensor::cat(&[&logits, &e[u]], 1);
                         mask = Tensor::cat(&[&mask, &e[u].zeros_like()], 1);
                     }
-                    multi_positive(&(logits / tau), &mask)
+                    let logits = match own {
+                        Some(own) => {
+                            (logits / tau).masked_fill(&column(own, blocks, e_width), MASKED_LOGIT)
+                        }
+                        None => logits / tau,
+                    };
+                    multi_positive(&logits, &mask)
                 })
                 .collect();
             let sum = per_pair
@@ -229,5 +293,69 @@ mod tests {
         );
         let want = (jm[0].double_value(&[]) + jb[0].double_value(&[])) / 2.0;
         assert!((all[0].double_value(&[]) - want).abs() < 1e-5);
+    }
+
+    /// Nothing masked: the masked CVC-KM is the official one.
+    #[test]
+    fn cvc_km_masked_without_mask_is_official() {
+        tch::manual_seed(11);
+        let unit = |n: i64, d: i64| {
+            let x = Tensor::randn([n, d], (Kind::Double, Device::Cpu));
+            &x / x.norm_scalaropt_dim(2, [1i64], true)
+        };
+        let (q, k): (Vec<Tensor>, Vec<Tensor>) = (0..3).map(|_| (unit(4, 5), unit(4, 5))).unzip();
+        let queues: Vec<Tensor> = (0..3).map(|_| unit(6, 5).tr()).collect();
+        let none = Tensor::zeros([4, 6], (Kind::Bool, Device::Cpu));
+        for context in [true, false] {
+            let a = cvc_km_losses_with(&q, &k, &queues, 0.1, 2, context, None);
+            let b = cvc_km_losses_masked(&q, &k, &queues, 0.1, 2, context, None, Some(&none));
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - b).abs().double_value(&[]) < 1e-12);
+            }
+        }
+    }
+
+    /// A masked pool entry is as if it were not there: row by row, the masked loss equals the
+    /// official loss on the pool without that row's masked columns.
+    #[test]
+    fn cvc_km_masked_drops_the_masked_entries() {
+        tch::manual_seed(12);
+        let unit = |n: i64, d: i64| {
+            let x = Tensor::randn([n, d], (Kind::Double, Device::Cpu));
+            &x / x.norm_scalaropt_dim(2, [1i64], true)
+        };
+        let n = 4;
+        let (q, k): (Vec<Tensor>, Vec<Tensor>) = (0..2).map(|_| (unit(n, 5), unit(n, 5))).unzip();
+        // In-batch pools: the keys themselves, each row's own key masked.
+        let pools: Vec<Tensor> = k.iter().map(|k| k.tr()).collect();
+        let eye = Tensor::eye(n, (Kind::Bool, Device::Cpu));
+        let masked = cvc_km_losses_masked(&q, &k, &pools, 0.2, 1, true, None, Some(&eye));
+        for (u, got) in masked.iter().enumerate() {
+            let mut sum = 0.0;
+            for i in 0..n {
+                let keep: Vec<i64> = (0..n).filter(|&j| j != i).collect();
+                let keep = Tensor::from_slice(&keep);
+                let row = |t: &Tensor| t.narrow(0, i, 1);
+                let qi: Vec<Tensor> = q.iter().map(row).collect();
+                let ki: Vec<Tensor> = k.iter().map(row).collect();
+                let pool_i: Vec<Tensor> = pools.iter().map(|p| p.index_select(1, &keep)).collect();
+                let l = cvc_km_losses_with(&qi, &ki, &pool_i, 0.2, 1, true, None);
+                sum += l[u].double_value(&[]);
+            }
+            let want = sum / n as f64;
+            assert!((got.double_value(&[]) - want).abs() < 1e-10, "view {u}");
+        }
+    }
+
+    #[test]
+    fn masked_queue_logits_keep_the_positive_and_extras() {
+        let l = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[2, 4]);
+        let own = Tensor::from_slice(&[true, false, false, true]).view([2, 2]);
+        let m = mask_queue_logits(&l, &own);
+        let got: Vec<f64> = Vec::<f64>::try_from(m.to_kind(Kind::Double).flatten(0, 1)).unwrap();
+        assert_eq!(
+            got,
+            vec![1.0, MASKED_LOGIT, 3.0, 4.0, 5.0, 6.0, MASKED_LOGIT, 8.0]
+        );
     }
 }

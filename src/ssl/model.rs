@@ -12,7 +12,9 @@ use crate::data::views::View;
 use crate::error::{Error, Result};
 use crate::model::stgcn::StGcnConfig;
 use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
-use crate::ssl::loss::{cvc_km_losses_with, info_nce, moco_logits_with, uniformity};
+use crate::ssl::loss::{
+    cvc_km_losses_masked, info_nce, mask_queue_logits, moco_logits_with, uniformity,
+};
 use crate::ssl::queue::Queue;
 use crate::train::config::{InitScheme, ModelKind, PretrainConfig};
 use std::collections::{BTreeMap, HashMap};
@@ -66,7 +68,11 @@ pub struct Recipe {
     pub reverse_negatives: bool,
     /// Weight of the uniformity term added to each view's loss (0 = off).
     pub uniformity: f64,
+    /// Where the negatives come from.
+    pub negatives: Negatives,
 }
+
+pub use crate::train::config::Negatives;
 
 impl SslSpec {
     /// From a pre-training config.
@@ -107,6 +113,7 @@ impl SslSpec {
                 shuffle_bn: cfg.shuffle_bn,
                 reverse_negatives: cfg.reverse_negatives,
                 uniformity: cfg.uniformity,
+                negatives: cfg.negatives,
             },
         })
     }
@@ -320,8 +327,33 @@ impl SslModel {
         )
     }
 
-    /// Per-view losses from queries `qs`, keys `ks` (N, D each, view order) against the current
-    /// queues: MoCo InfoNCE in phase 1, CVC-KM (`cross`) in phase 2. With `reversed` keys
+    /// Per view, the pool the negatives (and CVC-KM's mined positives) come from, `(D, P)`, and
+    /// the `(N, P)` mask of the entries that are the query's own positive, per [`Negatives`]: the
+    /// queue (`P = K`, no mask: the official loss), this batch's keys (`P = N`, the diagonal
+    /// masked), or both (`P = N + K`).
+    pub fn negative_pools(&self, ks: &[Tensor]) -> (Vec<Tensor>, Option<Tensor>) {
+        let queues = || self.branches.iter().map(|b| b.queue.keys.shallow_clone());
+        let batch_keys = || ks.iter().map(|k| k.detach().tr());
+        let n = ks[0].size()[0];
+        let device = ks[0].device();
+        let eye = || Tensor::eye(n, (Kind::Bool, device));
+        match self.spec.recipe.negatives {
+            Negatives::Queue => (queues().collect(), None),
+            Negatives::Batch => (batch_keys().collect(), Some(eye())),
+            Negatives::Both => {
+                let pools = batch_keys()
+                    .zip(queues())
+                    .map(|(b, q)| Tensor::cat(&[b, q.to_kind(ks[0].kind())], 1))
+                    .collect();
+                let queue_part = Tensor::zeros([n, self.spec.queue_size], (Kind::Bool, device));
+                (pools, Some(Tensor::cat(&[eye(), queue_part], 1)))
+            }
+        }
+    }
+
+    /// Per-view losses from queries `qs`, keys `ks` (N, D each, view order) against the
+    /// negatives' pools ([`SslModel::negative_pools`]; the current queues by default): MoCo
+    /// InfoNCE in phase 1, CVC-KM (`cross`) in phase 2. With `reversed` keys
     /// ([`SslModel::reversed_keys`]) each query also gets `q . k_rev` as one extra negative.
     pub fn view_losses(
         &self,
@@ -337,22 +369,28 @@ impl SslModel {
                 .map(|(q, kr)| (q * kr).sum_dim_intlist(&[1i64][..], true, q.kind()))
                 .collect()
         });
+        // The negatives' pool of each view, (D, P), and which entries are the query's own
+        // sample, (N, P) bool (`None`: nothing masked, the official loss).
+        let (memories, own) = self.negative_pools(ks);
         let losses: Vec<Tensor> = match (&self.spec.cross, cross) {
-            (Some(c), true) => {
-                let queues: Vec<Tensor> = self
-                    .branches
-                    .iter()
-                    .map(|b| b.queue.keys.shallow_clone())
-                    .collect();
-                cvc_km_losses_with(qs, ks, &queues, tau, c.topk, c.context, extra.as_deref())
-            }
-            _ => self
-                .branches
-                .iter()
-                .enumerate()
-                .map(|(i, b)| {
+            (Some(c), true) => cvc_km_losses_masked(
+                qs,
+                ks,
+                &memories,
+                tau,
+                c.topk,
+                c.context,
+                extra.as_deref(),
+                own.as_ref(),
+            ),
+            _ => (0..self.branches.len())
+                .map(|i| {
                     let e = extra.as_ref().map(|e| &e[i]);
-                    info_nce(&moco_logits_with(&qs[i], &ks[i], &b.queue.keys, tau, e))
+                    let logits = moco_logits_with(&qs[i], &ks[i], &memories[i], tau, e);
+                    info_nce(&match &own {
+                        Some(m) => mask_queue_logits(&logits, m),
+                        None => logits,
+                    })
                 })
                 .collect(),
         };
@@ -508,8 +546,13 @@ impl SslModel {
 /// and the bias rule of `nn.Conv2d` / `nn.Linear`), rank-1 (batch-norm) weights 1, biases 0.
 pub fn pytorch_init(vs: &nn::VarStore) {
     let vars = vs.variables();
+    // Name order: `variables()` is a HashMap whose iteration order changes from process to
+    // process, and the draws below come from torch's one generator.
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
     tch::no_grad(|| {
-        for (name, t) in &vars {
+        for name in names {
+            let t = &vars[name];
             let mut t = t.shallow_clone();
             if let Some(stem) = name.strip_suffix(".weight") {
                 if t.dim() >= 2 {

@@ -413,6 +413,22 @@ impl FeederArgs {
     }
 }
 
+/// Where a query's negatives come from (`negatives`). Ours; official: `queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Negatives {
+    /// The MoCo queue of earlier batches' keys (official).
+    #[default]
+    Queue,
+    /// The other samples' keys of the same batch (SimCLR / MoCo v3 style): every candidate is
+    /// computed by the current key encoder on the current batch, so a stale queue or batch
+    /// statistics cannot tell the positive apart, and the key encoder may follow the query fast
+    /// (low `momentum`). CVC-KM mines its neighbours in the batch too. The queue is not used.
+    Batch,
+    /// The batch's keys and the queue together.
+    Both,
+}
+
 /// `init`: how the query (and independent key) encoders and heads are initialised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -550,6 +566,8 @@ pub struct PretrainConfig {
     /// every view's loss; ours, 0 = off (official).
     #[serde(deserialize_with = "de_f64")]
     pub uniformity: f64,
+    /// `queue | batch | both`; see [`Negatives`].
+    pub negatives: Negatives,
     /// `step | cosine`; see [`LrSchedule`].
     pub lr_schedule: LrSchedule,
     /// Linear lr warm-up over this many epochs (from base_lr / warmup_epochs); 0 = off (official).
@@ -604,12 +622,51 @@ impl Default for PretrainConfig {
             shuffle_bn: 0,
             reverse_negatives: false,
             uniformity: 0.0,
+            negatives: Negatives::Queue,
             lr_schedule: LrSchedule::Step,
             warmup_epochs: 0,
             diagnostics: DiagnosticsArgs::default(),
             monitor: None,
         }
     }
+}
+
+/// The dotted key of the first leaf of `tree` whose value alone makes the config fail to
+/// deserialize (tried in the otherwise valid `schema` config), for error messages: serde names
+/// the problem ("unknown variant `x`") but not the key.
+fn bad_key(tree: &Value, schema: &Value) -> Option<String> {
+    fn leaves(v: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
+        match v.as_object() {
+            Some(map) => {
+                for (k, child) in map {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    leaves(child, &path, out);
+                }
+            }
+            None => out.push((prefix.to_string(), v.clone())),
+        }
+    }
+    serde_json::from_value::<PretrainConfig>(schema.clone()).ok()?;
+    let mut all = Vec::new();
+    leaves(tree, "", &mut all);
+    all.into_iter().find_map(|(path, value)| {
+        let mut t = schema.clone();
+        let mut node = &mut t;
+        for part in path.split('.') {
+            if !node.is_object() {
+                *node = Value::Object(Default::default());
+            }
+            node = node.as_object_mut()?.entry(part).or_insert(Value::Null);
+        }
+        *node = value;
+        serde_json::from_value::<PretrainConfig>(t)
+            .is_err()
+            .then_some(path)
+    })
 }
 
 /// Accepts a number or a numeric string (PyYAML reads `1e-4` as a string; so may other tools).
@@ -693,8 +750,13 @@ impl PretrainConfig {
         let schema = serde_json::to_value(Self::schema_example())
             .map_err(|e| Error::Other(format!("config schema: {e}")))?;
         check_known_keys(&tree, &schema, "", source)?;
-        let cfg: Self = serde_json::from_value(tree)
-            .map_err(|e| Error::input(source, "config", e.to_string()))?;
+        let cfg: Self = serde_json::from_value(tree.clone()).map_err(|e| {
+            let place = match bad_key(&tree, &schema) {
+                Some(key) => format!("config key '{key}'"),
+                None => "config".to_string(),
+            };
+            Error::input(source, place, e.to_string())
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
