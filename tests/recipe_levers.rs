@@ -115,25 +115,25 @@ fn all_levers_train_and_fast_matches_reference() {
     }
 }
 
+/// A SkeletonCLR model on the tiny config with dropout 0 and `extra` overrides, its weights drawn
+/// after `tch::manual_seed(seed)`.
+fn tiny_skeletonclr(extra: &[&str], seed: i64) -> (PretrainConfig, SslModel) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ov = vec!["model_args.dropout=0"];
+    ov.extend_from_slice(extra);
+    let cfg = tiny_config("skeletonclr", dir.path(), &ov);
+    tch::manual_seed(seed);
+    let spec = SslSpec::from_config(&cfg).unwrap();
+    let model = SslModel::new(&spec, &tiny_data().layout, Device::Cpu).unwrap();
+    (cfg, model)
+}
+
 /// `reverse_negatives` adds exactly one negative per query: for SkeletonCLR the loss equals a
 /// cross-entropy over [q.k, q.Q, q.k_rev] / tau computed by hand.
 #[test]
 fn reversed_keys_are_one_extra_negative() {
     let _serial = serial();
-    let ds = tiny_data();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(
-        "skeletonclr",
-        dir.path(),
-        &["reverse_negatives=true", "model_args.dropout=0"],
-    );
-    tch::manual_seed(3);
-    let model = SslModel::new(
-        &SslSpec::from_config(&cfg).unwrap(),
-        &ds.layout,
-        Device::Cpu,
-    )
-    .unwrap();
+    let (cfg, model) = tiny_skeletonclr(&["reverse_negatives=true"], 3);
     let x = Tensor::randn([8, 3, 20, 25, 2], (Kind::Float, Device::Cpu));
     let b = &model.branches[0];
     let (q, k, k_rev) = tch::no_grad(|| {
@@ -169,20 +169,7 @@ fn reversed_keys_are_one_extra_negative() {
 #[test]
 fn batch_negatives_are_the_other_keys_of_the_batch() {
     let _serial = serial();
-    let ds = tiny_data();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = tiny_config(
-        "skeletonclr",
-        dir.path(),
-        &["negatives=batch", "model_args.dropout=0"],
-    );
-    tch::manual_seed(5);
-    let model = SslModel::new(
-        &SslSpec::from_config(&cfg).unwrap(),
-        &ds.layout,
-        Device::Cpu,
-    )
-    .unwrap();
+    let (cfg, model) = tiny_skeletonclr(&["negatives=batch"], 5);
     let x = Tensor::randn([8, 3, 20, 25, 2], (Kind::Float, Device::Cpu));
     let b = &model.branches[0];
     let (q, k) = tch::no_grad(|| (b.query(&x, None), b.key(&x.flip([3]), None)));
@@ -193,14 +180,8 @@ fn batch_negatives_are_the_other_keys_of_the_batch() {
     let (got, want) = (loss[0].double_value(&[]), want.double_value(&[]));
     assert!((got - want).abs() < 1e-5 * want.abs(), "{got} vs {want}");
     // `both`: the same batch part plus the queue as further negatives.
-    let cfg_both = tiny_config(
-        "skeletonclr",
-        dir.path(),
-        &["negatives=both", "model_args.dropout=0"],
-    );
-    let mut spec = SslSpec::from_config(&cfg_both).unwrap();
-    spec.recipe.negatives = Negatives::Both;
-    let both = SslModel::new(&spec, &ds.layout, Device::Cpu).unwrap();
+    let (_, both) = tiny_skeletonclr(&["negatives=both"], 5);
+    assert_eq!(both.spec.recipe.negatives, Negatives::Both);
     let queue = &both.branches[0].queue.keys;
     let loss = both.view_losses(&[q.shallow_clone()], &[k.shallow_clone()], None, false);
     let logits = Tensor::cat(&[q.matmul(&k.tr()), q.matmul(queue)], 1) / tau;

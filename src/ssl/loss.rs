@@ -34,21 +34,22 @@ pub fn moco_logits_with(
 /// real logit (|cosine| / tau <= 1 / 0.01 = 100 for any sane temperature).
 pub const MASKED_LOGIT: f64 = -1.0e4;
 
-/// Drops queue entries from a query's logits: `logits` (N, 1+K+E) with the queue in columns
+/// The (N, 1 + blocks * K + extra) bool mask of logits laid out as `[l_pos, blocks x pool,
+/// extra]` that marks the pool entries in `own` (N, K).
+fn masked_columns(own: &Tensor, blocks: usize, extra: i64) -> Tensor {
+    let n = own.size()[0];
+    let opts = (tch::Kind::Bool, own.device());
+    let mut parts = vec![Tensor::zeros([n, 1], opts)];
+    parts.extend((0..blocks).map(|_| own.shallow_clone()));
+    parts.push(Tensor::zeros([n, extra], opts));
+    Tensor::cat(&parts, 1)
+}
+
+/// Drops pool entries from a query's logits: `logits` (N, 1+K+E) with the pool in columns
 /// `1..=K`, `own` (N, K) bool; masked entries get [`MASKED_LOGIT`] (no gradient through them).
 pub fn mask_queue_logits(logits: &Tensor, own: &Tensor) -> Tensor {
-    let (n, width) = (logits.size()[0], logits.size()[1]);
-    let k = own.size()[1];
-    let opts = (tch::Kind::Bool, logits.device());
-    let full = Tensor::cat(
-        &[
-            Tensor::zeros([n, 1], opts),
-            own.shallow_clone(),
-            Tensor::zeros([n, width - 1 - k], opts),
-        ],
-        1,
-    );
-    logits.masked_fill(&full, MASKED_LOGIT)
+    let extra = logits.size()[1] - 1 - own.size()[1];
+    logits.masked_fill(&masked_columns(own, 1, extra), MASKED_LOGIT)
 }
 
 /// Uniformity (Wang & Isola 2020, t = 2) of L2-normalised rows `z` (N, D): `log` of the mean
@@ -105,29 +106,17 @@ pub fn cvc_km_losses(
     topk: i64,
     context: bool,
 ) -> Vec<Tensor> {
-    cvc_km_losses_with(q, k, queues, tau, topk, context, None)
+    cvc_km_losses_with(q, k, queues, tau, topk, context, None, None)
 }
 
-/// [`cvc_km_losses`] with optional extra negatives per view: `extra[u]` (N, E) raw cosine
-/// similarities appended to every logit set of view u with mask 0 (e.g. the time-reversed keys
-/// of `reverse_negatives`). `None` is the official loss.
-pub fn cvc_km_losses_with(
-    q: &[Tensor],
-    k: &[Tensor],
-    queues: &[Tensor],
-    tau: f64,
-    topk: i64,
-    context: bool,
-    extra: Option<&[Tensor]>,
-) -> Vec<Tensor> {
-    cvc_km_losses_masked(q, k, queues, tau, topk, context, extra, None)
-}
-
-/// [`cvc_km_losses_with`] with the pool entries in `own` (N, K) bool dropped: never mined as
-/// positives, and their logits (plain and context) set to [`MASKED_LOGIT`] with mask 0 (the
-/// in-batch negatives mask each query's own key). `own = None` is the official loss.
+/// [`cvc_km_losses`] with two options, both `None` in the official loss:
+/// * `extra[u]` (N, E): raw cosine similarities appended to every logit set of view u with mask 0
+///   (e.g. the time-reversed keys of `reverse_negatives`);
+/// * `own` (N, K) bool: pool entries dropped, never mined as positives, their logits (plain and
+///   context) set to [`MASKED_LOGIT`] with mask 0 (the in-batch negatives mask each query's own
+///   key).
 #[allow(clippy::too_many_arguments)]
-pub fn cvc_km_losses_masked(
+pub fn cvc_km_losses_with(
     q: &[Tensor],
     k: &[Tensor],
     queues: &[Tensor],
@@ -156,15 +145,6 @@ pub fn cvc_km_losses_masked(
             None => topk_onehot(s, topk),
         })
         .collect();
-    // The (N, L) mask of the logits' masked columns: [l_pos, blocks x own, extra].
-    let column = |own: &Tensor, blocks: usize, extra_width: i64| {
-        let n = own.size()[0];
-        let opts = (tch::Kind::Bool, own.device());
-        let mut parts = vec![Tensor::zeros([n, 1], opts)];
-        parts.extend((0..blocks).map(|_| own.shallow_clone()));
-        parts.push(Tensor::zeros([n, extra_width], opts));
-        Tensor::cat(&parts, 1)
-    };
     (0..n_views)
         .map(|u| {
             let ones = l_pos[u].ones_like();
@@ -192,9 +172,8 @@ pub fn cvc_km_losses_masked(
                         mask = Tensor::cat(&[&mask, &e[u].zeros_like()], 1);
                     }
                     let logits = match own {
-                        Some(own) => {
-                            (logits / tau).masked_fill(&column(own, blocks, e_width), MASKED_LOGIT)
-                        }
+                        Some(own) => (logits / tau)
+                            .masked_fill(&masked_columns(own, blocks, e_width), MASKED_LOGIT),
                         None => logits / tau,
                     };
                     multi_positive(&logits, &mask)
@@ -307,8 +286,8 @@ mod tests {
         let queues: Vec<Tensor> = (0..3).map(|_| unit(6, 5).tr()).collect();
         let none = Tensor::zeros([4, 6], (Kind::Bool, Device::Cpu));
         for context in [true, false] {
-            let a = cvc_km_losses_with(&q, &k, &queues, 0.1, 2, context, None);
-            let b = cvc_km_losses_masked(&q, &k, &queues, 0.1, 2, context, None, Some(&none));
+            let a = cvc_km_losses(&q, &k, &queues, 0.1, 2, context);
+            let b = cvc_km_losses_with(&q, &k, &queues, 0.1, 2, context, None, Some(&none));
             for (a, b) in a.iter().zip(&b) {
                 assert!((a - b).abs().double_value(&[]) < 1e-12);
             }
@@ -329,7 +308,7 @@ mod tests {
         // In-batch pools: the keys themselves, each row's own key masked.
         let pools: Vec<Tensor> = k.iter().map(|k| k.tr()).collect();
         let eye = Tensor::eye(n, (Kind::Bool, Device::Cpu));
-        let masked = cvc_km_losses_masked(&q, &k, &pools, 0.2, 1, true, None, Some(&eye));
+        let masked = cvc_km_losses_with(&q, &k, &pools, 0.2, 1, true, None, Some(&eye));
         for (u, got) in masked.iter().enumerate() {
             let mut sum = 0.0;
             for i in 0..n {
@@ -339,7 +318,7 @@ mod tests {
                 let qi: Vec<Tensor> = q.iter().map(row).collect();
                 let ki: Vec<Tensor> = k.iter().map(row).collect();
                 let pool_i: Vec<Tensor> = pools.iter().map(|p| p.index_select(1, &keep)).collect();
-                let l = cvc_km_losses_with(&qi, &ki, &pool_i, 0.2, 1, true, None);
+                let l = cvc_km_losses(&qi, &ki, &pool_i, 0.2, 1, true);
                 sum += l[u].double_value(&[]);
             }
             let want = sum / n as f64;

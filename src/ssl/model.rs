@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::stgcn::StGcnConfig;
 use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
 use crate::ssl::loss::{
-    cvc_km_losses_masked, info_nce, mask_queue_logits, moco_logits_with, uniformity,
+    cvc_km_losses_with, info_nce, mask_queue_logits, moco_logits_with, uniformity,
 };
 use crate::ssl::queue::Queue;
 use crate::train::config::{InitScheme, ModelKind, PretrainConfig};
@@ -373,7 +373,7 @@ impl SslModel {
         // sample, (N, P) bool (`None`: nothing masked, the official loss).
         let (memories, own) = self.negative_pools(ks);
         let losses: Vec<Tensor> = match (&self.spec.cross, cross) {
-            (Some(c), true) => cvc_km_losses_masked(
+            (Some(c), true) => cvc_km_losses_with(
                 qs,
                 ks,
                 &memories,

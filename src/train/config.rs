@@ -423,7 +423,8 @@ pub enum Negatives {
     /// The other samples' keys of the same batch (SimCLR / MoCo v3 style): every candidate is
     /// computed by the current key encoder on the current batch, so a stale queue or batch
     /// statistics cannot tell the positive apart, and the key encoder may follow the query fast
-    /// (low `momentum`). CVC-KM mines its neighbours in the batch too. The queue is not used.
+    /// (low `momentum`). CVC-KM mines its neighbours in the batch too. The queue is still filled
+    /// (the diagnostics' positive margin reads it) but no loss reads it.
     Batch,
     /// The batch's keys and the queue together.
     Both,
