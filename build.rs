@@ -26,7 +26,6 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda_kernels.cpp");
     println!("cargo:rerun-if-changed=csrc/aggregate.cpp");
-    println!("cargo:rerun-if-changed=csrc/temporal_conv.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_kernels.cuh");
     println!("cargo:rustc-check-cfg=cfg(crossclr_no_shim)");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
@@ -114,7 +113,6 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
         .file("csrc/profiler.cpp")
         .file("csrc/cuda_kernels.cpp")
         .file("csrc/aggregate.cpp")
-        .file("csrc/temporal_conv.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(&out_dir)

@@ -23,6 +23,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let cfg = PretrainConfig::load(&args.config, &args.overrides)?;
+    super::install_cpu_cache(&cfg.kernels);
     if let Some(d) = &args.device {
         crossclr::device::parse_device(d)?;
     }

@@ -12,11 +12,11 @@
 //! with momentum [`super::layers::BN_MOMENTUM`] and `num_batches_tracked` grows by one.
 //!
 //! The fused op takes contiguous float32 CPU inputs `(N, C, ...)`; anything else (CUDA, float64,
-//! non-contiguous, a build without the shim, or `CROSSCLR_FUSED_BN=off` in the environment, read
-//! once per process) goes through the tch path (`Tensor::batch_norm` + `relu_`).
+//! non-contiguous, a build without the shim, or `kernels.fused_bn=off`) goes through the tch path
+//! (`Tensor::batch_norm` + `relu_`).
 //!
 //! [`bn_dropout_add_relu`] fuses the whole tail of an ST-GCN block, `relu(dropout_p(bn2(y)) + r)`,
-//! into one op of the same kind (switch: `CROSSCLR_FUSED_TAIL=off`): the dropout mask is a
+//! into one op of the same kind (switch: `kernels.fused_tail=off`): the dropout mask is a
 //! counter-based hash of (seed, element index), recomputed in backward instead of stored, and the
 //! batch-norm output, the dropout output and the sum are never materialised. Single-thread
 //! SkeletonCLR step at batch 128 on the 2-core Xeon (AVX-512): 5.29-5.41 s vs 5.50-5.68 s unfused,
@@ -26,15 +26,8 @@ use super::layers::BatchNorm;
 use crate::error::{Error, Result};
 #[cfg(not(crossclr_no_shim))]
 use crate::gpu::ffi::take_message;
-use std::sync::OnceLock;
+use crate::model::kernels::{FusedCuda, Kernels};
 use tch::{Device, Kind, Tensor};
-
-/// Environment variable: `off` (or `0`, `false`) disables the fused op.
-pub const ENV_SWITCH: &str = "CROSSCLR_FUSED_BN";
-
-/// Environment variable: `off` (or `0`, `false`) disables the fused block tail
-/// ([`bn_dropout_add_relu`]); independent of [`ENV_SWITCH`].
-pub const TAIL_ENV_SWITCH: &str = "CROSSCLR_FUSED_TAIL";
 
 /// Declares a family of C entry points of one signature, and `$alias`, the type of a pointer to
 /// any of them (so that one Rust wrapper serves them all).
@@ -97,29 +90,9 @@ fused_entries!(
     crossclr_fk_tail_train,
 );
 
-/// Whether the environment variable `name` says `off` (or `0`, `false`).
-pub(super) fn switched_off(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "off" | "0" | "false"
-            )
-        })
-        .unwrap_or(false)
-}
-
-/// Whether the fused op may be used: built with the shim and not switched off by [`ENV_SWITCH`].
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| cfg!(not(crossclr_no_shim)) && !switched_off(ENV_SWITCH))
-}
-
-/// Whether the fused block tail may be used: built with the shim and not switched off by
-/// [`TAIL_ENV_SWITCH`] (read once per process).
-pub fn tail_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| cfg!(not(crossclr_no_shim)) && !switched_off(TAIL_ENV_SWITCH))
+/// Whether the fused CPU ops exist in this build (the C++ shim was compiled).
+pub fn available() -> bool {
+    cfg!(not(crossclr_no_shim))
 }
 
 /// A contiguous float32 CPU tensor (the only layout the fused kernels read).
@@ -139,17 +112,19 @@ fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 /// Training-mode batch norm over channel dim 1 of `x` `(N, C, ...)`, then ReLU when `relu`; updates
 /// the running statistics and `num_batches_tracked` of `bn`. Returns a tensor of `x`'s shape.
 /// Uses the fused op when it applies (see the module docs), else the tch path.
-pub fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
+pub fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool, kernels: &Kernels) -> Result<Tensor> {
     if x.device().is_cuda() {
-        if super::fused_cuda::fits(x, bn)
+        if kernels.fused_cuda != FusedCuda::Off
+            && super::fused_cuda::fits(x, bn)
             && super::fused_cuda::usable(x.device())
-            && super::fused_cuda::prefer_fused(FusedOp::BatchNorm { relu }, x, bn, None)
+            && (kernels.fused_cuda == FusedCuda::On
+                || super::fused_cuda::prefer_fused(FusedOp::BatchNorm { relu }, x, bn, None))
         {
             return super::fused_cuda::bn_train(x, bn, relu);
         }
         return Ok(native(x, bn, relu));
     }
-    if enabled() && fits(x, bn) {
+    if available() && kernels.fused_bn_on() && fits(x, bn) {
         fused(x, bn, relu)
     } else {
         Ok(native(x, bn, relu))
@@ -293,7 +268,7 @@ pub(super) fn run_tail(
 /// regenerates the mask. The mask is exactly Bernoulli(1 - p) per element when `(1 - p) · 2^16` is
 /// whole (p = 0.5) and reproducible: its seed is drawn from libtorch's CPU generator (only when
 /// `p > 0`, like [`super::dropout`]), so `tch::manual_seed` fixes it. Otherwise (eval, CUDA, other
-/// dtypes or layouts, no shim, `CROSSCLR_FUSED_TAIL=off`) the unfused sequence runs:
+/// dtypes or layouts, no shim, `kernels.fused_tail=off`) the unfused sequence runs:
 /// `bn.forward` -> [`super::dropout`] -> `+ r` -> ReLU.
 pub fn bn_dropout_add_relu(
     y: &Tensor,
@@ -301,6 +276,7 @@ pub fn bn_dropout_add_relu(
     p: f64,
     r: Option<&Tensor>,
     train: bool,
+    kernels: &Kernels,
 ) -> Tensor {
     if train && y.device().is_cuda() {
         let r_fits = r.is_none_or(|r| {
@@ -309,32 +285,40 @@ pub fn bn_dropout_add_relu(
                 && r.is_contiguous()
                 && r.size() == y.size()
         });
-        if (0.0..1.0).contains(&p)
+        if kernels.fused_cuda != FusedCuda::Off
+            && (0.0..1.0).contains(&p)
             && r_fits
             && super::fused_cuda::fits(y, bn)
             && super::fused_cuda::usable(y.device())
-            && super::fused_cuda::prefer_fused(
-                FusedOp::Tail {
-                    p_bits: p.to_bits(),
-                    residual: r.is_some(),
-                },
-                y,
-                bn,
-                r,
-            )
+            && (kernels.fused_cuda == FusedCuda::On
+                || super::fused_cuda::prefer_fused(
+                    FusedOp::Tail {
+                        p_bits: p.to_bits(),
+                        residual: r.is_some(),
+                    },
+                    y,
+                    bn,
+                    r,
+                ))
         {
             match super::fused_cuda::tail(y, bn, p, r, 0) {
                 Ok(out) => return out,
                 Err(e) => warn_tail_failed(&e),
             }
         }
-        return tail_native(y, bn, p, r, train);
+        return tail_native(y, bn, p, r, train, kernels);
     }
     let r_fits = match r {
         None => true,
         Some(r) => is_plain_cpu_f32(r) && r.size() == y.size(),
     };
-    if train && tail_enabled() && (0.0..1.0).contains(&p) && r_fits && fits(y, bn) {
+    if train
+        && available()
+        && kernels.fused_tail_on()
+        && (0.0..1.0).contains(&p)
+        && r_fits
+        && fits(y, bn)
+    {
         let seed = if p > 0.0 { draw_seed() } else { 0 };
         match fused_tail(y, bn, p, r, seed) {
             Ok(out) => return out,
@@ -342,7 +326,7 @@ pub fn bn_dropout_add_relu(
             Err(e) => warn_tail_failed(&e),
         }
     }
-    tail_native(y, bn, p, r, train)
+    tail_native(y, bn, p, r, train, kernels)
 }
 
 /// A dropout seed from libtorch's CPU generator (as [`super::dropout`] draws its own).
@@ -363,8 +347,9 @@ pub(crate) fn tail_native(
     p: f64,
     r: Option<&Tensor>,
     train: bool,
+    kernels: &Kernels,
 ) -> Tensor {
-    let mut z = super::dropout(&bn.forward(y, train), p, train);
+    let mut z = super::dropout(&bn.forward(y, train, kernels), p, train);
     if let Some(r) = r {
         let _ = z.g_add_(r); // no backward pass needs the overwritten values
     }
@@ -574,14 +559,14 @@ mod tests {
         assert!(!x.is_contiguous());
         let vs2 = VarStore::new(Device::Cpu);
         let bn2 = copy_bn(&vs2, &bn);
-        let a = bn_train(&x, &bn, true).unwrap();
+        let a = bn_train(&x, &bn, true, &Kernels::default()).unwrap();
         let b = native(&x, &bn2, true);
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let x64 = x.to_kind(Kind::Double).contiguous();
         let mut vs64 = VarStore::new(Device::Cpu);
         let bn64 = random_bn(&vs64, 4);
         vs64.double();
-        let y64 = bn_train(&x64, &bn64, false).unwrap();
+        let y64 = bn_train(&x64, &bn64, false, &Kernels::default()).unwrap();
         assert_eq!(y64.kind(), Kind::Double);
         assert_eq!(bn64.num_batches_tracked.int64_value(&[]), 1);
     }
@@ -835,14 +820,14 @@ mod tests {
         let r = Tensor::randn([1, 4, 6, 5], opts);
         let vs2 = VarStore::new(Device::Cpu);
         let bn2 = copy_bn(&vs2, &bn);
-        let a = bn_dropout_add_relu(&y, &bn, 0.5, Some(&r), false);
+        let a = bn_dropout_add_relu(&y, &bn, 0.5, Some(&r), false, &Kernels::default());
         let b = (bn2.forward_native(&y, false) + &r).relu();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let mut vs64 = VarStore::new(Device::Cpu);
         let bn64 = random_bn(&vs64, 4);
         vs64.double();
         let y64 = y.to_kind(Kind::Double);
-        let out = bn_dropout_add_relu(&y64, &bn64, 0.5, None, true);
+        let out = bn_dropout_add_relu(&y64, &bn64, 0.5, None, true, &Kernels::default());
         assert_eq!(out.kind(), Kind::Double);
         assert_eq!(bn64.num_batches_tracked.int64_value(&[]), 1);
     }

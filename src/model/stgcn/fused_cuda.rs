@@ -22,24 +22,21 @@
 //! path is used for the rest of the process. Never validated inside a CUDA-graph capture: a
 //! capture that starts before any eager use runs the tch ops. Then, per op and shape, the faster
 //! of the fused kernels and the tch ops is chosen by timing both once (module `choice`), so the fused
-//! kernels never slow a step down. Switch: `CROSSCLR_FUSED_CUDA=off` (never), `on` (always, no
-//! timing), unset (timed choice).
+//! kernels never slow a step down. Lever: `kernels.fused_cuda` = `timed` (the default), `on`
+//! (always, no timing) or `off` (never); see `crate::model::kernels`.
 //!
 //! On the CPU the same kernel bodies run under a host emulation of the launch grid
 //! ([`emulated_bn_train`], [`emulated_tail`]): the tests check the kernels' indexing and arithmetic
 //! there, and that the NVRTC compile succeeds ([`nvrtc_compile`]), without a GPU.
 mod choice;
 
-pub use choice::{choices, graph_timed_bn, graph_timing, FusedChoice};
+pub use choice::{choices, graph_timed_bn, FusedChoice};
 pub(crate) use choice::{prefer_fused, FusedOp};
 
 use super::layers::BatchNorm;
 use crate::error::{Error, Result};
 use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
-
-/// Environment variable: `off` (or `0`, `false`) disables the fused CUDA kernels.
-pub const ENV_SWITCH: &str = "CROSSCLR_FUSED_CUDA";
 
 #[cfg(not(crossclr_no_shim))]
 extern "C" {
@@ -58,14 +55,12 @@ extern "C" {
     fn crossclr_fk_vec4() -> std::ffi::c_int;
 }
 
-/// Environment variable: `off` (or `0`, `false`) disables the four-wide variants of the kernels
-/// (16-byte loads and stores, used where a channel's length is a multiple of 4 and the buffers
-/// are 16-byte aligned; csrc/fused_kernels.cuh). On by default: measured on an H100
-/// (2026-11-27, same call, CUDA-graph step at batch 128): SkeletonCLR 17.23 / 17.37 ms vs
-/// 18.19 / 18.01 ms without, CrosSCLR-3 phase 1 44.66 vs 47.74 ms, phase 2 47.37 vs 49.78 ms.
-pub const ENV_VEC4: &str = "CROSSCLR_FUSED_VEC4";
-
-/// Whether the four-wide kernel variants are enabled ([`ENV_VEC4`] or [`set_vec4`]).
+/// Whether the four-wide kernel variants are enabled (16-byte loads and stores, used where a
+/// channel's length is a multiple of 4 and the buffers are 16-byte aligned;
+/// csrc/fused_kernels.cuh). Always on except while a test compares them with the scalar bodies
+/// ([`set_vec4`]): measured on an H100 (2026-11-27, same call, CUDA-graph step at batch 128),
+/// SkeletonCLR 17.23 / 17.37 ms vs 18.19 / 18.01 ms without, CrosSCLR-3 phase 1 44.66 vs 47.74
+/// ms, phase 2 47.37 vs 49.78 ms, so the switch that turned them off was removed.
 pub fn vec4() -> bool {
     #[cfg(not(crossclr_no_shim))]
     {
@@ -76,8 +71,8 @@ pub fn vec4() -> bool {
     false
 }
 
-/// Turns the four-wide kernel variants on or off for the rest of the process (overrides
-/// [`ENV_VEC4`]); takes effect for ops started afterwards.
+/// Turns the four-wide kernel variants on or off for the rest of the process; takes effect for
+/// ops started afterwards. For tests that compare them with the scalar bodies.
 pub fn set_vec4(on: bool) {
     #[cfg(not(crossclr_no_shim))]
     // SAFETY: sets a flag.
@@ -97,14 +92,9 @@ fn no_shim<T>(what: &str) -> Result<T> {
     Err(Error::Other(format!("{what}: built without the C++ shim")))
 }
 
-/// Whether the fused CUDA kernels may be used at all: the shim has its CUDA half and
-/// [`ENV_SWITCH`] does not say `off` (read once per process).
+/// Whether the fused CUDA kernels exist in this build: the shim has its CUDA half.
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        crate::gpu::shim_status() == crate::gpu::ShimStatus::Cuda
-            && !super::fused_bn::switched_off(ENV_SWITCH)
-    })
+    crate::gpu::shim_status() == crate::gpu::ShimStatus::Cuda
 }
 
 /// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`); needs libnvrtc, not a GPU.

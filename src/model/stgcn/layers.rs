@@ -1,5 +1,6 @@
 //! The small building blocks of the ST-GCN with the official variable names: batch norm with
 //! running statistics as non-trainable buffers, convolution weights in the official shapes.
+use crate::model::kernels::Kernels;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -51,18 +52,19 @@ impl BatchNorm {
     /// Normalises channel dim 1 of `x` (any rank >= 2); same shape out. Train mode uses batch
     /// statistics and updates the running statistics (momentum 0.1, unbiased variance) and the
     /// batch counter, through the fused CPU op where it applies (see `stgcn/fused_bn.rs`).
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_act(x, train, false)
+    /// `kernels` says whether the fused ops may be used.
+    pub fn forward(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
+        self.forward_act(x, train, false, kernels)
     }
 
     /// [`BatchNorm::forward`] followed by ReLU (fused into the batch norm in train mode on the CPU).
-    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_act(x, train, true)
+    pub fn forward_relu(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
+        self.forward_act(x, train, true, kernels)
     }
 
-    fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Tensor {
+    fn forward_act(&self, x: &Tensor, train: bool, relu: bool, kernels: &Kernels) -> Tensor {
         if train {
-            match super::fused_bn::bn_train(x, self, relu) {
+            match super::fused_bn::bn_train(x, self, relu, kernels) {
                 Ok(y) => return y,
                 // Only a broken invariant gets here (the fused op checks before it writes
                 // anything): the tch path gives the same result, or libtorch's own error.
@@ -93,37 +95,6 @@ impl BatchNorm {
             BN_EPS,
             true,
         )
-    }
-}
-
-/// Environment variable: `on` (or `1`, `true`) folds the biases of the convolutions that feed a
-/// batch norm in train mode into that batch norm (see `BatchNorm::folding`) on every device,
-/// `off` (`0`, `false`) on none; unset, they are folded on CUDA and not on the CPU.
-///
-/// CUDA: per temporal / residual convolution it removes a bias add over the output (forward,
-/// query and key passes) and a bias-gradient reduction (backward), 36 kernels of 20 MB each per
-/// SkeletonCLR step, and adds about as many tiny ones (the running-mean shift and the
-/// zero-gradient `lerp`). Measured on an H100 (2026-11-27, same call, CUDA-graph step at batch
-/// 128, alone): SkeletonCLR 17.37 / 17.58 ms vs 18.19 / 18.01 ms unfolded, CrosSCLR-3 phase 1
-/// 44.77 vs 47.74 ms, phase 2 48.14 vs 49.78 ms. CPU: no change measured (oneDNN adds a
-/// convolution's bias inside the convolution; SkeletonCLR batch 64, 3 interleaved pairs:
-/// 1512-1528 vs 1477-1536 ms), so the CPU keeps the plain form.
-pub const FOLD_BIAS_SWITCH: &str = "CROSSCLR_FOLD_BIAS";
-
-/// Whether train-mode forwards on `device` fold convolution biases into the following batch norm
-/// ([`FOLD_BIAS_SWITCH`], read once per process; default: on CUDA only).
-pub fn fold_bias_enabled(device: tch::Device) -> bool {
-    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let mode = *MODE.get_or_init(|| fold_mode(std::env::var(FOLD_BIAS_SWITCH).ok().as_deref()));
-    mode.unwrap_or(device.is_cuda())
-}
-
-/// [`FOLD_BIAS_SWITCH`]'s value as a forced choice (`None`: the device decides).
-fn fold_mode(value: Option<&str>) -> Option<bool> {
-    match value?.trim().to_ascii_lowercase().as_str() {
-        "on" | "1" | "true" => Some(true),
-        "off" | "0" | "false" => Some(false),
-        _ => None,
     }
 }
 
@@ -201,20 +172,5 @@ impl Conv {
     pub fn matrix(&self) -> Tensor {
         let s = self.weight.size();
         self.weight.view([s[0], s[1]])
-    }
-}
-
-#[cfg(test)]
-mod fold_mode_tests {
-    use super::fold_mode;
-
-    #[test]
-    fn unset_or_unknown_leaves_it_to_the_device() {
-        assert_eq!(fold_mode(None), None);
-        assert_eq!(fold_mode(Some("auto")), None);
-        assert_eq!(fold_mode(Some(" ON ")), Some(true));
-        assert_eq!(fold_mode(Some("1")), Some(true));
-        assert_eq!(fold_mode(Some("off")), Some(false));
-        assert_eq!(fold_mode(Some("false")), Some(false));
     }
 }

@@ -97,7 +97,7 @@ impl LoadedEncoder {
         let sd: HashMap<&str, &Tensor> = stripped.iter().map(|(k, t)| (k.as_str(), *t)).collect();
         let config = infer_config(&sd, crate::model::graph::NUM_PARTITIONS as i64, path)?;
         let mut vs = VarStore::new(device);
-        let mut net = StGcn::new(&vs.root(), &config, layout);
+        let net = StGcn::new(&vs.root(), &config, layout);
         let head = if with_head {
             let fc = vs.root() / "fc";
             if let Some(w) = sd.get("fc.weight") {
@@ -140,7 +140,6 @@ impl LoadedEncoder {
                 format!("unexpected keys: {}", report.unexpected.join(", ")),
             ));
         }
-        net.set_formulation(Default::default());
         Ok(LoadedEncoder {
             vs,
             net,
