@@ -27,6 +27,7 @@ pub mod aggregate;
 mod dropout;
 mod fused_bn;
 pub mod fused_cuda;
+mod fused_entry;
 pub mod layers;
 
 pub use dropout::dropout;

@@ -591,7 +591,7 @@ impl Run {
             for line in d.log_lines(&r) {
                 self.log.line(&line);
             }
-            r.apply_to(&mut record);
+            record.set_diagnostics(&r);
         }
         st.records.push(record);
         self.log.write_metrics(&st.records)

@@ -1,6 +1,7 @@
 //! The small building blocks of the ST-GCN with the official variable names: batch norm with
-//! running statistics as non-trainable buffers, convolution weights in the official shapes.
-use crate::model::kernels::Kernels;
+//! running statistics as non-trainable buffers, convolution weights in the official shapes. The
+//! batch norm's dispatching forwards (fused ops or tch) are in `fused_bn.rs`, one level up: this
+//! module depends on nothing of the model.
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -47,35 +48,6 @@ impl BatchNorm {
             running_var,
             num_batches_tracked,
         }
-    }
-
-    /// Normalises channel dim 1 of `x` (any rank >= 2); same shape out. Train mode uses batch
-    /// statistics and updates the running statistics (momentum 0.1, unbiased variance) and the
-    /// batch counter, through the fused CPU op where it applies (see `stgcn/fused_bn.rs`).
-    /// `kernels` says whether the fused ops may be used.
-    pub fn forward(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
-        self.forward_act(x, train, false, kernels)
-    }
-
-    /// [`BatchNorm::forward`] followed by ReLU (fused into the batch norm in train mode on the CPU).
-    pub fn forward_relu(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
-        self.forward_act(x, train, true, kernels)
-    }
-
-    fn forward_act(&self, x: &Tensor, train: bool, relu: bool, kernels: &Kernels) -> Tensor {
-        if train {
-            match super::fused_bn::bn_train(x, self, relu, kernels) {
-                Ok(y) => return y,
-                // Only a broken invariant gets here (the fused op checks before it writes
-                // anything): the tch path gives the same result, or libtorch's own error.
-                Err(e) => warn_fused_failed(&e),
-            }
-        }
-        let mut y = self.forward_native(x, train);
-        if relu {
-            let _ = y.relu_(); // batch-norm backward does not need its output
-        }
-        y
     }
 
     /// The tch path (`Tensor::batch_norm`), batch counter included.
@@ -133,12 +105,6 @@ impl BatchNorm {
             num_batches_tracked: self.num_batches_tracked.shallow_clone(),
         }
     }
-}
-
-/// Reports (once per process) that the fused batch norm failed and the tch path is used instead.
-fn warn_fused_failed(e: &crate::error::Error) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| eprintln!("crossclr: fused batch norm failed ({e}); using the tch path"));
 }
 
 /// A convolution with the official weight shape `(c_out, c_in, kt, 1)` and a bias `(c_out,)`.

@@ -168,7 +168,7 @@ fn run_once(
     let rs = r.map(|r| r.detach().set_requires_grad(true));
     let out = match (op, fused) {
         (FusedOp::BatchNorm { relu }, true) => super::bn_train(&xs, sbn, relu)?,
-        (FusedOp::BatchNorm { relu }, false) => super::super::fused_bn::native(&xs, sbn, relu),
+        (FusedOp::BatchNorm { relu }, false) => super::super::fused_entry::native(&xs, sbn, relu),
         (FusedOp::Tail { p_bits, .. }, true) => {
             super::tail(&xs, sbn, f64::from_bits(p_bits), rs.as_ref(), 0)?
         }
