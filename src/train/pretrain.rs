@@ -615,7 +615,7 @@ impl Run {
             state_bytes: 0,
         };
         if cfg.save_interval > 0
-            && (epoch % cfg.save_interval as usize == 0 || epoch == cfg.num_epoch)
+            && (epoch.is_multiple_of(cfg.save_interval as usize) || epoch == cfg.num_epoch)
         {
             let name = format!("epoch{epoch}");
             let p = checkpoint::save(&self.dir, &name, &st.trainer, meta.clone())?;
