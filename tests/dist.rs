@@ -2,8 +2,13 @@
 //! starts this test binary twice more as rank 0 and rank 1 (`dist_rank_worker`), which meet over a
 //! FileStore in a temp folder (no port to race for), one thread each, with a timeout so that a
 //! hang fails the test.
+mod common;
+use crossclr::data::loader::{try_epoch_shard_in, HostMemory, Shard};
 use crossclr::dist::{self, ProcessGroup, Rendezvous, Store};
+use crossclr::ssl::Pretrainer;
+use crossclr::train::pretrain::loader_config;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
@@ -12,6 +17,20 @@ const STORE_VAR: &str = "CROSSCLR_TEST_DIST_STORE";
 
 #[test]
 fn two_processes_agree_after_broadcast_all_reduce_and_all_gather() {
+    run_two_ranks("dist_rank_worker");
+}
+
+/// Two ranks of data-parallel CrosSCLR-2 on the tiny synthetic set (batch 4 each, global 8)
+/// start from different random models, then after the broadcast and 4 steps (phase 1 and CVC-KM)
+/// hold identical parameters, batch-norm statistics, key encoders and queues, and the queues have
+/// advanced by the global batch per step.
+#[test]
+fn two_ranks_train_in_lockstep() {
+    run_two_ranks("dist_train_worker");
+}
+
+/// Starts this test binary as rank 0 and rank 1 of `worker` and checks both succeed in time.
+fn run_two_ranks(worker: &str) {
     if !dist::available() {
         eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
         return;
@@ -22,12 +41,7 @@ fn two_processes_agree_after_broadcast_all_reduce_and_all_gather() {
     let mut children: Vec<_> = (0..2)
         .map(|rank| {
             Command::new(&exe)
-                .args([
-                    "dist_rank_worker",
-                    "--exact",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args([worker, "--exact", "--nocapture", "--test-threads=1"])
                 .env(RANK_VAR, rank.to_string())
                 .env(STORE_VAR, &store)
                 .env("OMP_NUM_THREADS", "1")
@@ -123,6 +137,65 @@ fn dist_rank_worker() {
     assert_eq!(all.size(), vec![4, 3]);
     let rows: Vec<f32> = Vec::try_from(all.select(1, 0)).unwrap();
     assert_eq!(rows, vec![0.0, 0.0, 1.0, 1.0]);
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
+}
+
+/// One rank of [`two_ranks_train_in_lockstep`] (does nothing when not started by it).
+#[test]
+fn dist_train_worker() {
+    let (Ok(rank), Ok(store)) = (std::env::var(RANK_VAR), std::env::var(STORE_VAR)) else {
+        return;
+    };
+    let rank: usize = rank.parse().unwrap();
+    tch::set_num_threads(1);
+    let pg = Arc::new(
+        ProcessGroup::gloo(
+            &Rendezvous {
+                rank,
+                world_size: 2,
+                store: Store::File(store.into()),
+            },
+            Duration::from_secs(60),
+        )
+        .unwrap(),
+    );
+    let ds = common::tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_config("crossclr2", dir.path(), &[]);
+    tch::manual_seed(50 + rank as i64); // a different model per rank before the broadcast
+    let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+    t.join_group(Arc::clone(&pg)).unwrap();
+    let mut loader = loader_config(&cfg);
+    loader.batch_size = cfg.batch_size / 2;
+    let shard = Shard { rank, world: 2 };
+    let mut steps = 0;
+    for epoch in 1..=2 {
+        tch::manual_seed(epoch as i64);
+        let batches =
+            try_epoch_shard_in(Arc::clone(&ds), &loader, epoch, shard, HostMemory::Pageable)
+                .unwrap();
+        for b in batches {
+            let s = t.train_step(&b.views[0], &b.views[1], epoch).unwrap();
+            assert!(s.loss.is_finite());
+            assert_eq!(s.phase, if epoch > cfg.cross_epoch { 2 } else { 1 });
+            steps += 1;
+        }
+    }
+    assert_eq!(steps, 4, "16 samples, global batch 8, 2 epochs");
+    // The queues advanced by the global batch (8) per step: 32 mod 64.
+    assert_eq!(t.model.queue_ptr(), 32);
+    for vs in [&t.model.vs_q, &t.model.vs_k] {
+        let vars = vs.variables();
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        for name in names {
+            let v = vars[name].detach().to_kind(Kind::Double).reshape([1, -1]);
+            let all = pg.all_gather(&v).unwrap();
+            let d = (all.get(0) - all.get(1)).abs().max().double_value(&[]);
+            assert_eq!(d, 0.0, "{name} differs across ranks after training");
+        }
+    }
     pg.barrier().unwrap();
     println!("rank worker ok (rank {rank})");
 }

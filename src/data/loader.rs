@@ -288,6 +288,31 @@ fn storage_mut(t: &mut Tensor, numel: usize) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, numel) }
 }
 
+/// One rank's share of every batch in data-parallel training: the epoch order and the
+/// augmentation draws are those of a single-process run with batch `batch_size · world`; global
+/// batch `b` holds positions `b·B·W .. (b+1)·B·W`, and rank `r` builds the `B` positions starting at
+/// `b·B·W + r·B`. So the ranks' batches together are exactly that run's batch, sample for sample
+/// and draw for draw, and every rank runs the same number of steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    /// A single-process run.
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+}
+
+/// Batches per epoch of one rank of `shard` (drop_last over the global batch `B · world`; without
+/// drop_last only a single process is supported).
+pub fn shard_batches_per_epoch(n: usize, cfg: &LoaderConfig, shard: Shard) -> usize {
+    if shard.world <= 1 {
+        return batches_per_epoch(n, cfg);
+    }
+    n / (cfg.batch_size * shard.world).max(1)
+}
+
 /// What every worker shares.
 struct Plan {
     dataset: Arc<SkeletonDataset>,
@@ -295,6 +320,7 @@ struct Plan {
     epoch: usize,
     order: Vec<usize>,
     memory: HostMemory,
+    shard: Shard,
 }
 
 impl Plan {
@@ -303,7 +329,7 @@ impl Plan {
     /// pinned when the plan says so).
     fn build(&self, b: usize) -> Batch {
         let bs = self.cfg.batch_size;
-        let start = b * bs;
+        let start = b * bs * self.shard.world + self.shard.rank * bs;
         let end = (start + bs).min(self.order.len());
         let indices = self.order[start..end].to_vec();
         let shape = self.dataset.sample_shape();
@@ -386,7 +412,14 @@ pub fn epoch_batches_from(
     epoch: usize,
     first_batch: usize,
 ) -> Loader {
-    start_loader(dataset, cfg, epoch, first_batch, HostMemory::Pageable)
+    start_loader(
+        dataset,
+        cfg,
+        epoch,
+        first_batch,
+        HostMemory::Pageable,
+        Shard::WHOLE,
+    )
 }
 
 /// As [`epoch_batches_from`] with the batch views in `memory` (pinned for a CUDA target, see
@@ -401,7 +434,39 @@ pub fn try_epoch_batches_in(
 ) -> Result<Loader> {
     cfg.validate(&dataset)?;
     memory.check()?;
-    Ok(start_loader(dataset, cfg, epoch, first_batch, memory))
+    Ok(start_loader(
+        dataset,
+        cfg,
+        epoch,
+        first_batch,
+        memory,
+        Shard::WHOLE,
+    ))
+}
+
+/// As [`try_epoch_batches_in`], for one rank of a data-parallel run ([`Shard`]): `cfg.batch_size`
+/// is the per-rank batch. Needs `drop_last` when `shard.world > 1`.
+pub fn try_epoch_shard_in(
+    dataset: Arc<SkeletonDataset>,
+    cfg: &LoaderConfig,
+    epoch: usize,
+    shard: Shard,
+    memory: HostMemory,
+) -> Result<Loader> {
+    cfg.validate(&dataset)?;
+    if shard.world == 0 || shard.rank >= shard.world {
+        return Err(Error::config(format!(
+            "rank {} is not in a world of {}",
+            shard.rank, shard.world
+        )));
+    }
+    if shard.world > 1 && !cfg.drop_last {
+        return Err(Error::config(
+            "a data-parallel loader drops the last incomplete batch (drop_last)",
+        ));
+    }
+    memory.check()?;
+    Ok(start_loader(dataset, cfg, epoch, 0, memory, shard))
 }
 
 /// Starts the workers of an epoch (see the module doc). Panics on an invalid config.
@@ -411,11 +476,12 @@ fn start_loader(
     epoch: usize,
     first_batch: usize,
     memory: HostMemory,
+    shard: Shard,
 ) -> Loader {
     if let Err(e) = cfg.validate(&dataset) {
         panic!("invalid loader config: {e}");
     }
-    let end = batches_per_epoch(dataset.len(), cfg);
+    let end = shard_batches_per_epoch(dataset.len(), cfg, shard);
     let order = epoch_order(dataset.len(), cfg, epoch);
     let plan = Arc::new(Plan {
         dataset,
@@ -423,6 +489,7 @@ fn start_loader(
         epoch,
         order,
         memory,
+        shard,
     });
     let first = first_batch.min(end);
     let workers = cfg.workers.min(end - first);
@@ -668,5 +735,43 @@ mod tests {
                 assert!(back.equal(v));
             }
         }
+    }
+
+    /// Two ranks' shards of batch 2 are, side by side, the single-process batch of 4: the same
+    /// samples and the same augmentation draws; both ranks run the same number of steps.
+    #[test]
+    fn shards_together_are_the_single_process_batches() {
+        let ds = dataset(10);
+        let whole: Vec<Batch> = epoch_batches(Arc::clone(&ds), &cfg(1), 3).collect();
+        let half = LoaderConfig {
+            batch_size: 2,
+            ..cfg(1)
+        };
+        let ranks: Vec<Vec<Batch>> = (0..2)
+            .map(|rank| {
+                let shard = Shard { rank, world: 2 };
+                assert_eq!(shard_batches_per_epoch(ds.len(), &half, shard), 2);
+                try_epoch_shard_in(Arc::clone(&ds), &half, 3, shard, HostMemory::Pageable)
+                    .unwrap()
+                    .collect()
+            })
+            .collect();
+        assert_eq!(whole.len(), 2);
+        for (b, batch) in whole.iter().enumerate() {
+            let (r0, r1) = (&ranks[0][b], &ranks[1][b]);
+            assert_eq!(
+                [r0.indices.clone(), r1.indices.clone()].concat(),
+                batch.indices
+            );
+            for v in 0..2 {
+                let joined = Tensor::cat(&[&r0.views[v], &r1.views[v]], 0);
+                assert_eq!(
+                    (&joined - &batch.views[v]).abs().max().double_value(&[]),
+                    0.0
+                );
+            }
+        }
+        let bad = Shard { rank: 2, world: 2 };
+        assert!(try_epoch_shard_in(ds, &half, 3, bad, HostMemory::Pageable).is_err());
     }
 }

@@ -2,10 +2,12 @@
 //! backward, SGD step, EMA, enqueue.
 use crate::data::layout::Layout;
 use crate::data::views::View;
+use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::ssl::model::{to_device, SslModel, SslSpec};
 use crate::train::config::PretrainConfig;
 use crate::train::sgd::Sgd;
+use std::sync::Arc;
 use tch::{Device, Tensor};
 
 /// What one step reports.
@@ -28,6 +30,8 @@ pub const NON_FINITE: &str = "non-finite loss";
 pub struct Pretrainer {
     pub model: SslModel,
     pub opt: Sgd,
+    /// The data-parallel group this trainer is a rank of ([`Pretrainer::join_group`]).
+    pub group: Option<Arc<ProcessGroup>>,
 }
 
 impl Pretrainer {
@@ -58,7 +62,39 @@ impl Pretrainer {
     ) -> Result<Self> {
         let model = SslModel::new(spec, layout, device)?;
         let opt = Sgd::new(model.trainable(), lr, momentum, weight_decay);
-        Ok(Pretrainer { model, opt })
+        Ok(Pretrainer {
+            model,
+            opt,
+            group: None,
+        })
+    }
+
+    /// Makes this trainer one rank of a data-parallel job (`crate::dist`): its variables
+    /// (parameters, batch-norm statistics, queues) become rank 0's, and from then on every step
+    /// averages the loss, the gradients and the batch-norm running statistics over the ranks and
+    /// enqueues every rank's keys, in rank order (the queues advance by `B · world` and stay identical on every rank, so CVC-KM mines
+    /// the same neighbours everywhere). The queue pointers must already agree (a fresh model, or
+    /// the same checkpoint on every rank).
+    pub fn join_group(&mut self, group: Arc<ProcessGroup>) -> Result<()> {
+        group.broadcast_vars(&self.model.vs_q)?;
+        group.broadcast_vars(&self.model.vs_k)?;
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// The batch-norm running means and variances of the query and key encoders, in name order.
+    fn running_statistics(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for vs in [&self.model.vs_q, &self.model.vs_k] {
+            let mut vars: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+                .collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            out.extend(vars.into_iter().map(|(_, t)| t));
+        }
+        out
     }
 
     pub fn set_lr(&mut self, lr: f64) {
@@ -84,13 +120,21 @@ impl Pretrainer {
         let x_q = to_device(x_q, device);
         let x_k = to_device(x_k, device);
         let out = self.model.forward(&x_q, &x_k, epoch);
-        let loss = out.loss.double_value(&[]);
+        let mut host = vec![out.loss.double_value(&[])];
+        host.extend(out.view_losses.iter().map(|l| l.double_value(&[])));
+        if let Some(g) = &self.group {
+            // Every rank sees the mean, so all stop together on a non-finite one.
+            let t = Tensor::from_slice(&host);
+            g.all_reduce_mean_(std::slice::from_ref(&t))?;
+            host = Vec::<f64>::try_from(&t)?;
+        }
+        let loss = host[0];
         let view_losses: Vec<(View, f64)> = self
             .model
             .branches
             .iter()
-            .zip(&out.view_losses)
-            .map(|(b, l)| (b.view, l.double_value(&[])))
+            .zip(&host[1..])
+            .map(|(b, l)| (b.view, *l))
             .collect();
         if !loss.is_finite() {
             let per: Vec<String> = view_losses
@@ -104,8 +148,30 @@ impl Pretrainer {
         }
         self.opt.zero_grad();
         out.loss.backward();
+        let keys = match &self.group {
+            None => out.keys,
+            Some(g) => {
+                let grads: Vec<Tensor> = self
+                    .model
+                    .trainable()
+                    .iter()
+                    .map(|(_, p)| p.grad())
+                    .filter(Tensor::defined)
+                    .collect();
+                g.all_reduce_mean_(&grads)?;
+                out.keys
+                    .iter()
+                    .map(|k| g.all_gather(k))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
         self.opt.step();
-        self.model.enqueue(&out.keys)?;
+        if let Some(g) = &self.group {
+            // Each rank's batch norms saw only its share of the batch: their running statistics
+            // are averaged, so that every rank keeps the same model (PyTorch's DDP keeps rank 0's).
+            g.all_reduce_mean_(&self.running_statistics())?;
+        }
+        self.model.enqueue(&keys)?;
         Ok(StepStats {
             loss,
             view_losses,
