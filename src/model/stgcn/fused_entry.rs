@@ -3,9 +3,7 @@
 //! checked against. The shared bottom of `fused_bn` (CPU ops, dispatch) and `fused_cuda` (CUDA
 //! kernels): both call down into this module, never into each other's internals.
 use super::layers::BatchNorm;
-#[cfg(not(crossclr_no_shim))]
-use crate::error::Error;
-use crate::error::Result;
+use crate::error::{Error, Result};
 #[cfg(not(crossclr_no_shim))]
 use crate::gpu::ffi::take_message;
 use tch::Tensor;
