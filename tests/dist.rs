@@ -199,3 +199,146 @@ fn dist_train_worker() {
     pg.barrier().unwrap();
     println!("rank worker ok (rank {rank})");
 }
+
+/// A free TCP port on 127.0.0.1 (asked from the OS; released just before the ranks bind it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `crossclr pretrain` as `world` ranks with torchrun's variables; returns each rank's
+/// (success, stdout + stderr).
+fn pretrain_ranks(world: usize, args: &[String]) -> Vec<(bool, String)> {
+    let port = free_port().to_string();
+    let mut children: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_crossclr"))
+                .arg("pretrain")
+                .args(args)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    while children.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+        if started.elapsed() > Duration::from_secs(300) {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+            }
+            panic!("pretrain ranks hung (no exit after 300 s)");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        })
+        .collect()
+}
+
+/// `crossclr pretrain` launched as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
+/// one epoch on one process, then `--resume` on 2 ranks for the second; only rank 0 writes the
+/// work_dir, the metrics have one row per epoch, and the checkpoint's queue pointer counts the
+/// global batch.
+#[test]
+fn pretrain_resumes_a_one_process_run_on_two_ranks() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synth");
+    let synth = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["synth", "--out"])
+        .arg(&data)
+        .args([
+            "--classes",
+            "2",
+            "--train-per-class",
+            "8",
+            "--val-per-class",
+            "1",
+            "--frames",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    let work = dir.path().join("work");
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: skeletonclr\nview: joint\nwork_dir: {}\nbatch_size: 8\nnum_epoch: 2\n\
+             workers: 1\nsave_interval: -1\nlog_interval: 1\nmodel_args:\n  queue_size: 32\n\
+             dataset:\n  format: npy\n  data: {}\n  label: {}\n  layout: ntu25\n",
+            work.display(),
+            data.join("train_data.npy").display(),
+            data.join("train_label.pkl").display()
+        ),
+    )
+    .unwrap();
+    let base = vec![
+        "--quiet".to_string(),
+        "--device".into(),
+        "cpu".into(),
+        "-c".into(),
+        config.display().to_string(),
+    ];
+    // Epoch 1 on one process (no torchrun variables).
+    let one = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .arg("pretrain")
+        .args(&base)
+        .arg("num_epoch=1")
+        .output()
+        .unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    // Epoch 2 on two ranks.
+    let mut args = base.clone();
+    args.push("--resume".into());
+    let ranks = pretrain_ranks(2, &args);
+    for (rank, (ok, text)) in ranks.iter().enumerate() {
+        assert!(ok, "rank {rank} failed:\n{text}");
+    }
+    let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
+    assert!(
+        log.contains("data parallel: rank 0 of 2 (Gloo), 4 samples per rank"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("rank 1 of 2"),
+        "rank 1 must not write the work_dir: {log}"
+    );
+    let csv = std::fs::read_to_string(work.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header + 2 epochs: {csv}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("last.json")).unwrap()).unwrap();
+    assert_eq!(meta["epoch"], 2);
+    // 16 samples, global batch 8: 2 steps per epoch, 4 in all.
+    assert_eq!(meta["global_step"], 4);
+}

@@ -16,9 +16,12 @@
 //! work_dir contents: `config.yaml` (resolved), `log.txt`, `metrics.jsonl`, `metrics.csv`,
 //! `steps.csv`, `loss.png`, `diagnostics.png` (when diagnostics ran),
 //! `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
-use crate::data::loader::{batches_per_epoch, try_epoch_batches_in, HostMemory, LoaderConfig};
+use crate::data::loader::{
+    shard_batches_per_epoch, try_epoch_shard_in, HostMemory, LoaderConfig, Shard,
+};
 use crate::data::views::View;
 use crate::data::SkeletonDataset;
+use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
 use crate::train::checkpoint::{self, CheckpointMeta};
@@ -57,6 +60,10 @@ pub struct RunOptions {
     /// Tests: run `step_impl: graph` with an eager stand-in for the CUDA graph (any device), to
     /// check its warm-up / capture / replay bookkeeping without a GPU (see [`step_engine`]).
     pub emulate_graph: bool,
+    /// Data parallelism: this process is one rank of the group (`crate::dist`). Each rank trains
+    /// on its share of every batch (`batch_size / world` samples); only rank 0 writes the
+    /// work_dir (the other ranks log to a temporary folder).
+    pub group: Option<Arc<ProcessGroup>>,
 }
 
 /// What a run did.
@@ -147,6 +154,11 @@ struct Run {
     bar: Option<ProgressBar>,
     /// The collapse diagnostics and k-NN monitor, when the config asks for them.
     diagnostics: Option<Diagnostics>,
+    /// This process's share of every batch (`Shard::WHOLE` without data parallelism).
+    shard: Shard,
+    /// Whether this process writes the work_dir (rank 0); the others log to `_scratch`.
+    writes: bool,
+    _scratch: Option<tempfile::TempDir>,
 }
 
 /// What changes as the run goes.
@@ -187,6 +199,7 @@ impl Run {
         let device = crate::device::parse_device(&device_name)?;
         let mut cfg = cfg.clone();
         cfg.kernels = cfg.kernels.resolved(device);
+        let shard = data_parallel_shard(&mut cfg, opts)?;
         let (step_impl, step_why) =
             step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?;
         let modes = step_engine::apply_numeric_modes(&cfg, device)?;
@@ -198,9 +211,18 @@ impl Run {
                 dir.display()
             )));
         }
-        let log = RunLogger::open(&dir, opts.echo)?;
-        checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
-        let (dataset, loader_cfg, steps) = open_dataset(&cfg, opts)?;
+        let writes = shard.rank == 0;
+        let scratch = if writes {
+            None
+        } else {
+            Some(tempfile::tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?)
+        };
+        let log_dir = scratch.as_ref().map_or(dir.as_path(), |t| t.path());
+        let log = RunLogger::open(log_dir, opts.echo && writes)?;
+        if writes {
+            checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
+        }
+        let (dataset, loader_cfg, steps) = open_dataset(&cfg, opts, shard)?;
         let step_line = format!(
             "step {} (step_impl {}: {step_why}), {modes}; kernels: {}",
             step_impl.name(),
@@ -221,6 +243,9 @@ impl Run {
             log,
             bar: None,
             diagnostics,
+            shard,
+            writes,
+            _scratch: scratch,
             cfg,
         })
     }
@@ -266,8 +291,18 @@ impl Run {
             self.steps,
             cfg.num_epoch
         ));
+        if let Some(group) = &opts.group {
+            trainer.join_group(Arc::clone(group))?;
+            self.log.line(&format!(
+                "data parallel: rank {} of {} (Gloo), {} samples per rank and step; parameters, \
+                 statistics and queues broadcast from rank 0",
+                group.rank(),
+                group.world_size(),
+                self.loader_cfg.batch_size
+            ));
+        }
         self.describe_diagnostics(&views);
-        self.start_progress_bar(start_epoch, opts.progress);
+        self.start_progress_bar(start_epoch, opts.progress && self.writes);
         self.log.line(&self.step_line.clone());
         let engine = self.fast_engine(&trainer, opts)?;
         Ok(RunState {
@@ -352,11 +387,11 @@ impl Run {
         tch::manual_seed(epoch_seed(cfg.seed, epoch));
         let cross = st.trainer.model.is_cross_epoch(epoch);
         let started = Instant::now();
-        let loader = try_epoch_batches_in(
+        let loader = try_epoch_shard_in(
             Arc::clone(&self.dataset),
             &self.loader_cfg,
             epoch,
-            0,
+            self.shard,
             self.host_memory,
         )?;
         let mut ep = EpochProgress {
@@ -599,6 +634,9 @@ impl Run {
 
     /// `epoch<N>` every `save_interval` epochs (and at the last), `last` every epoch.
     fn checkpoint(&mut self, st: &mut RunState, epoch: usize, lr: f64) -> Result<()> {
+        if !self.writes {
+            return Ok(());
+        }
         let cfg = &self.cfg;
         let meta = CheckpointMeta {
             format: String::new(),
@@ -650,14 +688,16 @@ impl Run {
 fn open_dataset(
     cfg: &PretrainConfig,
     opts: &RunOptions,
+    shard: Shard,
 ) -> Result<(Arc<SkeletonDataset>, LoaderConfig, usize)> {
     let dataset = match &opts.dataset {
         Some(d) => Arc::clone(d),
         None => Arc::new(crate::data::formats::open(&cfg.dataset_spec())?),
     };
-    let loader_cfg = loader_config(cfg);
+    let mut loader_cfg = loader_config(cfg);
+    loader_cfg.batch_size = cfg.batch_size / shard.world;
     loader_cfg.validate(&dataset)?;
-    let steps = batches_per_epoch(dataset.len(), &loader_cfg);
+    let steps = shard_batches_per_epoch(dataset.len(), &loader_cfg, shard);
     if steps == 0 {
         return Err(Error::config(format!(
             "batch_size {} exceeds the {} training samples of {} (drop_last leaves no batch)",
@@ -675,6 +715,37 @@ fn open_dataset(
         )));
     }
     Ok((dataset, loader_cfg, steps))
+}
+
+/// This process's share of every batch under data parallelism (`Shard::WHOLE` without): the
+/// global `batch_size` must split evenly over the ranks, and the step is the reference one (the
+/// fast and graph steps have no collectives yet; `auto` resolves to it, an explicit choice is
+/// refused).
+fn data_parallel_shard(cfg: &mut PretrainConfig, opts: &RunOptions) -> Result<Shard> {
+    let Some(group) = &opts.group else {
+        return Ok(Shard::WHOLE);
+    };
+    let world = group.world_size();
+    if cfg.batch_size % world != 0 {
+        return Err(Error::config(format!(
+            "batch_size {} does not split over {world} ranks",
+            cfg.batch_size
+        )));
+    }
+    match cfg.step_impl {
+        StepImpl::Auto | StepImpl::Reference => cfg.step_impl = StepImpl::Reference,
+        other => {
+            return Err(Error::config(format!(
+                "step_impl {}: data-parallel runs use the reference step for now (the fast and \
+                 graph steps have no collectives yet); use step_impl=auto or reference",
+                other.name()
+            )))
+        }
+    }
+    Ok(Shard {
+        rank: group.rank(),
+        world,
+    })
 }
 
 /// The fast-step suffix of a stop message: when the losses were read, and what that implies.
