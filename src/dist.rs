@@ -8,9 +8,9 @@
 //! `libgloo-dev`, installed by scripts/setup.sh; the torch wheel ships the Gloo library inside
 //! libtorch_cpu but not its headers). Without them every call returns an error that says so.
 //!
-//! Status (2026-12-07): the collectives and the rendezvous, tested with 2 processes on the CPU
-//! (tests/dist.rs). Not yet wired into `crossclr pretrain` (sharded loader, gradient all-reduce
-//! in the step, key all-gather before the enqueue, rank-0-only outputs), and no NCCL backend.
+//! `crossclr pretrain` uses it when started with torchrun's variables (docs/distributed.md):
+//! `ssl::Pretrainer::join_group` for the step, `data::loader::Shard` for the batches. Not built
+//! yet: NCCL, collectives in the fast / CUDA-graph step, SyncBatchNorm.
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -134,9 +134,11 @@ pub struct ProcessGroup {
     world_size: usize,
 }
 
-// SAFETY: the c10d process group is thread-safe for the calls made here (one at a time per
-// group, from the owning thread; the pointer is only moved between threads, never shared).
+// SAFETY: a c10d process group may be used from any thread: its collectives enqueue work on the
+// group's own worker threads under its internal locks (PyTorch calls them from many threads).
 unsafe impl Send for ProcessGroup {}
+// SAFETY: as above; the Rust side holds no state of its own besides the immutable rank and size.
+unsafe impl Sync for ProcessGroup {}
 
 #[cfg(not(crossclr_dist))]
 fn unavailable<T>(what: &str) -> Result<T> {

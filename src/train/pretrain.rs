@@ -215,7 +215,7 @@ impl Run {
         let scratch = if writes {
             None
         } else {
-            Some(tempfile::tempdir().map_err(|e| Error::io(&std::env::temp_dir(), e))?)
+            Some(tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?)
         };
         let log_dir = scratch.as_ref().map_or(dir.as_path(), |t| t.path());
         let log = RunLogger::open(log_dir, opts.echo && writes)?;
@@ -441,7 +441,7 @@ impl Run {
         };
         st.global_step += 1;
         ep.n_steps += 1;
-        ep.samples += stats.batch;
+        ep.samples += stats.batch * self.shard.world;
         ep.phase = stats.phase;
         let losses = HostLosses {
             total: stats.loss,
@@ -726,7 +726,7 @@ fn data_parallel_shard(cfg: &mut PretrainConfig, opts: &RunOptions) -> Result<Sh
         return Ok(Shard::WHOLE);
     };
     let world = group.world_size();
-    if cfg.batch_size % world != 0 {
+    if !cfg.batch_size.is_multiple_of(world) {
         return Err(Error::config(format!(
             "batch_size {} does not split over {world} ranks",
             cfg.batch_size
