@@ -256,12 +256,14 @@ impl fmt::Display for GenericSummary {
                 p.part,
                 p.samples,
                 p.shape,
-                self.out
-                    .join(format!("{}_position.npy", p.part))
-                    .display()
+                self.out.join(format!("{}_position.npy", p.part)).display()
             )?;
         }
-        writeln!(f, "  {} classes; dataset.toml names the layout", self.num_classes)?;
+        writeln!(
+            f,
+            "  {} classes; dataset.toml names the layout",
+            self.num_classes
+        )?;
         for (what, list) in [
             ("skipped samples", &self.failed),
             ("excluded by the reader", &self.excluded),
@@ -300,9 +302,7 @@ pub fn preprocess_generic(
         ));
     }
     if c_len < coords {
-        return Err(format!(
-            "{c_len} channels, expected {coords} coordinates"
-        ));
+        return Err(format!("{c_len} channels, expected {coords} coordinates"));
     }
     if v_len != layout.num_joints() {
         return Err(format!(
@@ -363,7 +363,8 @@ pub fn preprocess_generic(
         preprocess::rotate_y(&mut out, out_shape, layout.shoulders);
     }
     if normalize == Normalize::MinMax {
-        let ox = |c: usize, t: usize, v: usize, m: usize| ((c * frames + t) * v_len + v) * bodies + m;
+        let ox =
+            |c: usize, t: usize, v: usize, m: usize| ((c * frames + t) * v_len + v) * bodies + m;
         // A body is present in an output frame when any of its coordinates is non-zero before
         // centring; after centring the centre joint is 0, so test the resized raw frames instead.
         let mask: Vec<bool> = {
@@ -394,7 +395,9 @@ pub fn preprocess_generic(
                 for m in 0..bodies {
                     for v in 0..v_len {
                         let y = &mut out[ox(c, t, v, m)];
-                        *y = if !mask[t * bodies + m] || range.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+                        *y = if !mask[t * bodies + m]
+                            || range.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+                        {
                             0.0
                         } else {
                             2.0 * (*y - lo) / range - 1.0
@@ -673,12 +676,11 @@ pub fn prepare_generic(cfg: &GenericConfig) -> Result<GenericSummary> {
                 rows[m.row] = j;
             }
         }
-        let keep: Vec<usize> = (0..rows.len()).filter(|&r| !bad.contains(&rows[r])).collect();
-        let names: Vec<String> = keep.iter().map(|&r| metas[rows[r]].name.clone()).collect();
-        let labs: Vec<i64> = keep
-            .iter()
-            .map(|&r| labels[rows[r]].unwrap_or(0))
+        let keep: Vec<usize> = (0..rows.len())
+            .filter(|&r| !bad.contains(&rows[r]))
             .collect();
+        let names: Vec<String> = keep.iter().map(|&r| metas[rows[r]].name.clone()).collect();
+        let labs: Vec<i64> = keep.iter().map(|&r| labels[rows[r]].unwrap_or(0)).collect();
         let writer = if keep.len() == rows.len() {
             writer
         } else {
@@ -767,7 +769,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
-    fn raw(c: usize, t: usize, v: usize, m: usize, f: impl Fn(usize, usize, usize, usize) -> f32) -> RawSample {
+    fn raw(
+        c: usize,
+        t: usize,
+        v: usize,
+        m: usize,
+        f: impl Fn(usize, usize, usize, usize) -> f32,
+    ) -> RawSample {
         let mut data = vec![0f32; c * t * v * m];
         for ci in 0..c {
             for ti in 0..t {
@@ -814,30 +822,73 @@ mod tests {
     fn errors_name_the_problem() {
         let layout = Layout::coco17();
         let zero = raw(2, 3, 17, 1, |_, _, _, _| 0.0);
-        let e = preprocess_generic(&zero, 2, &layout, 4, 1, Normalize::None, ResizeRule::default())
-            .unwrap_err();
+        let e = preprocess_generic(
+            &zero,
+            2,
+            &layout,
+            4,
+            1,
+            Normalize::None,
+            ResizeRule::default(),
+        )
+        .unwrap_err();
         assert!(e.contains("zero valid frames"), "{e}");
         let joints = raw(2, 3, 18, 1, |_, _, _, _| 1.0);
-        let e = preprocess_generic(&joints, 2, &layout, 4, 1, Normalize::None, ResizeRule::default())
-            .unwrap_err();
+        let e = preprocess_generic(
+            &joints,
+            2,
+            &layout,
+            4,
+            1,
+            Normalize::None,
+            ResizeRule::default(),
+        )
+        .unwrap_err();
         assert!(e.contains("18 joints") && e.contains("coco17"), "{e}");
-        let nan = raw(2, 3, 17, 1, |c, t, v, _| if (c, t, v) == (1, 2, 5) { f32::NAN } else { 1.0 });
-        let e = preprocess_generic(&nan, 2, &layout, 4, 1, Normalize::None, ResizeRule::default())
-            .unwrap_err();
+        let nan = raw(2, 3, 17, 1, |c, t, v, _| {
+            if (c, t, v) == (1, 2, 5) {
+                f32::NAN
+            } else {
+                1.0
+            }
+        });
+        let e = preprocess_generic(
+            &nan,
+            2,
+            &layout,
+            4,
+            1,
+            Normalize::None,
+            ResizeRule::default(),
+        )
+        .unwrap_err();
         assert!(e.contains("frame 2, joint 5, body 0, channel 1"), "{e}");
     }
 
     #[test]
     fn minmax_scales_each_channel_to_unit_range() {
         let layout = Layout::kinect20();
-        let r = raw(3, 5, 20, 1, |c, t, v, _| (v as f32 * 0.1 + t as f32) * (c + 1) as f32 + 1.0);
-        let out = preprocess_generic(&r, 3, &layout, 5, 1, Normalize::MinMax, ResizeRule::default())
-            .unwrap();
+        let r = raw(3, 5, 20, 1, |c, t, v, _| {
+            (v as f32 * 0.1 + t as f32) * (c + 1) as f32 + 1.0
+        });
+        let out = preprocess_generic(
+            &r,
+            3,
+            &layout,
+            5,
+            1,
+            Normalize::MinMax,
+            ResizeRule::default(),
+        )
+        .unwrap();
         for c in 0..3 {
             let ch = &out[c * 100..(c + 1) * 100];
             let lo = ch.iter().cloned().fold(f32::INFINITY, f32::min);
             let hi = ch.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            assert!((lo + 1.0).abs() < 1e-6 && (hi - 1.0).abs() < 1e-6, "{c}: {lo} {hi}");
+            assert!(
+                (lo + 1.0).abs() < 1e-6 && (hi - 1.0).abs() < 1e-6,
+                "{c}: {lo} {hi}"
+            );
         }
     }
 }

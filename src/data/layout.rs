@@ -602,7 +602,10 @@ mod tests {
         assert_eq!(ntu.bone_parent[20], 20);
         assert_eq!(ntu.bone_parent[0], 1);
         let coco = Layout::coco17();
-        assert_eq!((coco.num_joints(), coco.center, coco.shoulders), (17, 0, (5, 6)));
+        assert_eq!(
+            (coco.num_joints(), coco.center, coco.shoulders),
+            (17, 0, (5, 6))
+        );
         // left ankle -> left knee -> left hip -> left shoulder -> nose
         assert_eq!(coco.bone_parent[15], 13);
         assert_eq!(coco.bone_parent[11], 5);

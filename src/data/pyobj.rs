@@ -204,8 +204,7 @@ impl Value {
             Value::Bool(b) => Some(*b as i64),
             Value::Array(a) => {
                 let a = a.borrow();
-                if a.num_elements() == 1 && (a.dtype.starts_with('i') || a.dtype.starts_with('u'))
-                {
+                if a.num_elements() == 1 && (a.dtype.starts_with('i') || a.dtype.starts_with('u')) {
                     a.to_f64().ok().map(|v| v[0] as i64)
                 } else {
                     None
@@ -377,9 +376,9 @@ impl<'a> Machine<'a> {
                 Some(v) => Value::List(Rc::new(RefCell::new(v.items().unwrap_or_default()))),
                 None => Value::List(Rc::new(RefCell::new(Vec::new()))),
             },
-            ("builtins", "tuple") | ("__builtin__", "tuple") => {
-                Value::Tuple(Rc::new(args.first().and_then(Value::items).unwrap_or_default()))
-            }
+            ("builtins", "tuple") | ("__builtin__", "tuple") => Value::Tuple(Rc::new(
+                args.first().and_then(Value::items).unwrap_or_default(),
+            )),
             ("builtins", "bytearray") | ("builtins", "bytes") | ("__builtin__", "bytearray") => {
                 match args.first() {
                     Some(Value::Bytes(b)) => Value::Bytes(b.clone()),

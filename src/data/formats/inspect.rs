@@ -456,7 +456,11 @@ fn inspect_json(path: &Path, out: &mut String) -> Result<()> {
             s.shape[1],
             s.label
         );
-        channel_stats(&s.data, [1, s.shape[0], s.shape[1], s.shape[2], s.shape[3]], out);
+        channel_stats(
+            &s.data,
+            [1, s.shape[0], s.shape[1], s.shape[2], s.shape[3]],
+            out,
+        );
     } else if let Some(o) = v.as_object() {
         let no_skel = o
             .values()

@@ -27,9 +27,8 @@ struct LabelInfo {
 
 fn read_label_file(path: &Path) -> Result<HashMap<String, LabelInfo>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}"))
-    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}")))?;
     let obj = v
         .as_object()
         .ok_or_else(|| Error::input(path, "top level", "expected {video: {...}}"))?;
@@ -118,9 +117,8 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
 /// Reads one video: `(2 or 3, T, 18, bodies)`, persons ranked per frame by summed score.
 pub fn read_video(path: &Path, bodies: usize, score_channel: bool) -> Result<RawSample> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}"))
-    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}")))?;
     let frames = v.get("data").and_then(|d| d.as_array()).ok_or_else(|| {
         Error::input(
             path,
@@ -145,7 +143,11 @@ pub fn read_video(path: &Path, bodies: usize, score_channel: bool) -> Result<Raw
         for (m, s) in skel.iter().enumerate() {
             let nums = |key: &str, n: usize| -> Result<Vec<f32>> {
                 let a = s.get(key).and_then(|a| a.as_array()).ok_or_else(|| {
-                    Error::input(path, place(&format!(".skeleton[{m}]")), format!("no \"{key}\" list"))
+                    Error::input(
+                        path,
+                        place(&format!(".skeleton[{m}]")),
+                        format!("no \"{key}\" list"),
+                    )
                 })?;
                 if a.len() != n {
                     return Err(Error::input(
@@ -186,7 +188,11 @@ pub fn read_video(path: &Path, bodies: usize, score_channel: bool) -> Result<Raw
         let t = (fi - first) as usize;
         let mut order: Vec<usize> = (0..persons.len()).collect();
         let total = |m: usize| -> f32 { persons[m].1.iter().sum() };
-        order.sort_by(|&a, &b| total(b).partial_cmp(&total(a)).unwrap_or(std::cmp::Ordering::Equal));
+        order.sort_by(|&a, &b| {
+            total(b)
+                .partial_cmp(&total(a))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
         for (slot, &m) in order.iter().take(bodies).enumerate() {
             let (pose, score) = &persons[m];
             for v in 0..JOINTS {

@@ -43,7 +43,10 @@ pub fn read_labels(path: &Path) -> Result<Vec<Interval>> {
             return Err(Error::input(
                 path,
                 place(),
-                format!("{} fields, expected action_id,start,end[,confidence]", f.len()),
+                format!(
+                    "{} fields, expected action_id,start,end[,confidence]",
+                    f.len()
+                ),
             ));
         }
         let num = |s: &str| -> Result<i64> {
@@ -120,11 +123,14 @@ fn cut(s: &RawSample, start: usize, end: usize) -> RawSample {
 
 pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     if cfg.score_channel {
-        return Err(Error::config("--score-channel: PKU-MMD skeletons have no scores"));
+        return Err(Error::config(
+            "--score-channel: PKU-MMD skeletons have no scores",
+        ));
     }
-    let label_dir = cfg.labels.as_ref().ok_or_else(|| {
-        Error::config("--format pku-mmd needs --labels <folder of label files>")
-    })?;
+    let label_dir = cfg
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::config("--format pku-mmd needs --labels <folder of label files>"))?;
     let xview = match (cfg.split.as_deref(), &cfg.split_file) {
         (_, Some(_)) => false,
         (None, None) | (Some("xview"), None) => true,
@@ -141,7 +147,11 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     };
     let files = files_with_suffix(&cfg.input, ".txt")?;
     if files.is_empty() {
-        return Err(Error::input(&cfg.input, "folder", "no .txt skeleton file found"));
+        return Err(Error::input(
+            &cfg.input,
+            "folder",
+            "no .txt skeleton file found",
+        ));
     }
     let mut entries = Vec::new();
     let mut excluded = Vec::new();

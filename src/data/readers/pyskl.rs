@@ -31,25 +31,23 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
                 Error::input(
                     path,
                     "top level",
-                    "a dict without 'annotations': not a pyskl annotation pickle",
+                    "not a pyskl annotation pickle: a dict without 'annotations'",
                 )
             })?,
         ),
         Value::List(_) => (None, root.clone()),
-        other => {
-            return Err(Error::input(
-                path,
-                "top level",
-                format!(
-                    "{}: expected a dict {{'split', 'annotations'}} (pyskl annotation pickle)",
-                    other.kind()
-                ),
-            ))
-        }
+        other => return Err(Error::input(
+            path,
+            "top level",
+            format!(
+                "{}: not a pyskl annotation pickle (expected a dict {{'split', 'annotations'}})",
+                other.kind()
+            ),
+        )),
     };
-    let annotations = annotations.items().ok_or_else(|| {
-        Error::input(path, "annotations", "expected a list of dicts")
-    })?;
+    let annotations = annotations
+        .items()
+        .ok_or_else(|| Error::input(path, "annotations", "expected a list of dicts"))?;
     let (parts, split_desc, mut excluded) = choose_split(path, split.as_ref(), cfg)?;
 
     // Coordinates from the first annotation with a keypoint array.
@@ -195,7 +193,12 @@ fn choose_split(path: &Path, split: Option<&Value>, cfg: &GenericConfig) -> Resu
 fn convert(a: &Value, coords: usize, score: bool) -> std::result::Result<RawSample, String> {
     let kp = match a.get("keypoint") {
         Some(Value::Array(k)) => k.borrow().clone(),
-        Some(other) => return Err(format!("'keypoint' is {}, expected a numpy array", other.kind())),
+        Some(other) => {
+            return Err(format!(
+                "'keypoint' is {}, expected a numpy array",
+                other.kind()
+            ))
+        }
         None => return Err("no 'keypoint' array".into()),
     };
     if kp.shape.len() != 4 {

@@ -16,11 +16,17 @@ pub fn view_of(name: &str) -> Option<u32> {
 
 pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     if cfg.score_channel {
-        return Err(Error::config("--score-channel: NW-UCLA JSON has no keypoint scores"));
+        return Err(Error::config(
+            "--score-channel: NW-UCLA JSON has no keypoint scores",
+        ));
     }
     let files = files_with_suffix(&cfg.input, ".json")?;
     if files.is_empty() {
-        return Err(Error::input(&cfg.input, "folder", "no .json sample file found"));
+        return Err(Error::input(
+            &cfg.input,
+            "folder",
+            "no .json sample file found",
+        ));
     }
     let mut entries = Vec::with_capacity(files.len());
     for path in files {
@@ -54,16 +60,18 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
 /// Reads one sample file: `(3, T, V, 1)` and its 0-based label.
 pub fn read_sample(path: &Path) -> Result<RawSample> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}"))
-    })?;
-    let skel = v.get("skeletons").and_then(|s| s.as_array()).ok_or_else(|| {
-        Error::input(
-            path,
-            "top level",
-            "no \"skeletons\" list: not an NW-UCLA sample file (CTR-GCN form)",
-        )
-    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}")))?;
+    let skel = v
+        .get("skeletons")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| {
+            Error::input(
+                path,
+                "top level",
+                "no \"skeletons\" list: not an NW-UCLA sample file (CTR-GCN form)",
+            )
+        })?;
     let label = match v.get("label") {
         Some(l) => {
             let l = l.as_i64().ok_or_else(|| {
