@@ -701,7 +701,7 @@ pub fn prepare_generic(cfg: &GenericConfig) -> Result<GenericSummary> {
     }
     summary.written = written;
     summary.num_classes = num_classes;
-    let builtin = Layout::builtins().iter().any(|b| *b == layout);
+    let builtin = Layout::builtins().contains(&layout);
     let layout_ref = if builtin {
         layout.name.clone()
     } else {

@@ -90,9 +90,9 @@ impl NdArray {
         let mut idx = vec![0usize; rank];
         for (f, &v) in vals.iter().enumerate() {
             let mut r = f;
-            for d in 0..rank {
-                idx[d] = r % self.shape[d];
-                r /= self.shape[d];
+            for (i, &s) in idx.iter_mut().zip(&self.shape) {
+                *i = r % s;
+                r /= s;
             }
             let c = idx
                 .iter()
@@ -764,6 +764,26 @@ mod tests {
         assert_eq!(f16_to_f32(0xc000), -2.0);
         assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
         assert_eq!(f16_to_f32(0), 0.0);
+    }
+
+    #[test]
+    fn fortran_and_big_endian_arrays() {
+        let a = NdArray {
+            dtype: "f4".into(),
+            big_endian: false,
+            shape: vec![2, 3],
+            fortran: true,
+            data: (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect(),
+        };
+        assert_eq!(a.to_f64().unwrap(), vec![0.0, 2.0, 4.0, 1.0, 3.0, 5.0]);
+        let b = NdArray {
+            dtype: "i2".into(),
+            big_endian: true,
+            shape: vec![2],
+            fortran: false,
+            data: vec![0x01, 0x02, 0xff, 0xfe],
+        };
+        assert_eq!(b.to_f64().unwrap(), vec![258.0, -2.0]);
     }
 
     /// `pickle.dumps({'a': [1, 'x'], 'b': 2.5}, protocol=2)`.

@@ -18,6 +18,9 @@ use std::path::Path;
 
 const JOINTS: usize = 18;
 
+/// One person of a frame: pose `[x0, y0, x1, y1, ...]` and per-joint scores.
+type Person = (Vec<f32>, Vec<f32>);
+
 /// Label file entry.
 #[derive(Debug, Clone, Copy)]
 struct LabelInfo {
@@ -128,7 +131,7 @@ pub fn read_video(path: &Path, bodies: usize, score_channel: bool) -> Result<Raw
     })?;
     let label = v.get("label_index").and_then(|l| l.as_i64());
     // (frame_index, persons as (pose xy 36, score 18)).
-    let mut parsed: Vec<(i64, Vec<(Vec<f32>, Vec<f32>)>)> = Vec::with_capacity(frames.len());
+    let mut parsed: Vec<(i64, Vec<Person>)> = Vec::with_capacity(frames.len());
     for (i, f) in frames.iter().enumerate() {
         let place = |w: &str| format!("data[{i}]{w}");
         let fi = f

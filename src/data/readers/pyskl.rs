@@ -36,14 +36,16 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
             })?,
         ),
         Value::List(_) => (None, root.clone()),
-        other => return Err(Error::input(
-            path,
-            "top level",
-            format!(
+        other => {
+            return Err(Error::input(
+                path,
+                "top level",
+                format!(
                 "{}: not a pyskl annotation pickle (expected a dict {{'split', 'annotations'}})",
                 other.kind()
             ),
-        )),
+            ))
+        }
     };
     let annotations = annotations
         .items()
