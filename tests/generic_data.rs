@@ -317,7 +317,13 @@ fn pku_line(f: usize, second_body: bool) -> String {
                 let x = if m == 1 && !second_body {
                     0.0
                 } else {
-                    v as f64 * 0.03 + c as f64 + m as f64 + (f as f64 * 0.2).sin() * 0.1
+                    // Joint 0's y also carries the line number (to check the interval cut).
+                    let mark = if v == 0 && c == 1 {
+                        f as f64 * 0.01
+                    } else {
+                        0.0
+                    };
+                    v as f64 * 0.03 + c as f64 + m as f64 + (f as f64 * 0.2).sin() * 0.1 + mark
                 };
                 vals.push(format!("{x:.5}"));
             }
@@ -335,7 +341,7 @@ fn write_pku(skel: &Path, labels: &Path) {
             std::fs::write(skel.join(format!("{name}.txt")), lines.join("\n") + "\n").unwrap();
             std::fs::write(
                 labels.join(format!("{name}.txt")),
-                "1,0,15,1\n2,15,35,2\n3,35,60,1\n",
+                "1,1,15,1\n2,16,35,2\n3,36,60,1\n",
             )
             .unwrap();
         }
@@ -358,6 +364,20 @@ fn pku_mmd_intervals_views_and_errors() {
     assert_eq!(names[..3], ["0002-L_1", "0002-L_2", "0002-L_3"]);
     assert_eq!(l[..3], [0, 1, 2]);
     assert_eq!(read_toml(out.path())["layout"].as_str(), Some("pku25"));
+    // Interval 1 of 0002-L is lines 1..=15 (1-based, inclusive): with 15 output frames the rows
+    // are those lines, centred (y is untouched by the y-rotation): y0 - y20 = -0.6 + 0.01 line.
+    let mut c15 = cfg(Format::PkuMmd, &skel, out.path());
+    c15.labels = Some(labels.clone());
+    c15.frames = 15;
+    prepare_generic(&c15).unwrap();
+    let (_, x) = npy::read_f32(&out.path().join("val_position.npy")).unwrap();
+    for t in 0..15 {
+        let y0 = x[((15 + t) * 25) * 2];
+        assert!(
+            (y0 - (-0.6 + 0.01 * t as f32)).abs() < 1e-4,
+            "frame {t}: {y0}"
+        );
+    }
     // A cross-subject style list file.
     let list = root.path().join("cross-subject.txt");
     std::fs::write(
@@ -372,9 +392,9 @@ fn pku_mmd_intervals_views_and_errors() {
     // Missing label file, wrong values per line, interval past the end.
     std::fs::write(skel.join("0004-M.txt"), pku_line(0, false) + "\n").unwrap();
     std::fs::write(skel.join("0005-M.txt"), "1 2 3\n").unwrap();
-    std::fs::write(labels.join("0005-M.txt"), "4,0,1,1\n").unwrap();
+    std::fs::write(labels.join("0005-M.txt"), "4,1,1,1\n").unwrap();
     std::fs::write(skel.join("0006-M.txt"), pku_line(0, false) + "\n").unwrap();
-    std::fs::write(labels.join("0006-M.txt"), "4,0,9,1\n").unwrap();
+    std::fs::write(labels.join("0006-M.txt"), "4,1,9,1\n").unwrap();
     let s = prepare_generic(&c).unwrap();
     let text = s.to_string();
     assert_eq!(s.failed.len(), 3, "{text}");

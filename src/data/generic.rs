@@ -17,7 +17,9 @@
 //!    and trailing invalid frames are dropped (interior ones are kept, as zeros); no valid frame at
 //!    all is an error ("zero valid frames");
 //! 4. **centring**: in every frame and body, the layout's centre joint is subtracted from every
-//!    joint (coordinate channels only; a body absent from a frame stays zero);
+//!    joint (coordinate channels only); a joint whose coordinates are all exactly 0 (a missing
+//!    keypoint, or a body absent from the frame) stays 0. On NTU-like data this is the official
+//!    centring (a real joint is never exactly at the origin);
 //! 5. **resize**: the `L` kept frames are resized to `frames` rows with OpenCV's `INTER_LINEAR`
 //!    rule ([`preprocess::resize_rows`], default arithmetic bit-exact to the opencv-python wheels);
 //! 6. **y-rotation** (3D data only, skipped for 2D): per frame and body, the shoulder vector of
@@ -347,7 +349,14 @@ pub fn preprocess_generic(
                     0.0
                 };
                 for v in 0..v_len {
-                    x[ix(c, t, v, m)] = raw.data[at(c, first + t, v, m)] - origin;
+                    // A missing joint (all coordinates exactly 0) stays 0.
+                    let missing = (0..coords).all(|k| raw.data[at(k, first + t, v, m)] == 0.0);
+                    let y = raw.data[at(c, first + t, v, m)];
+                    x[ix(c, t, v, m)] = if missing && c < coords {
+                        0.0
+                    } else {
+                        y - origin
+                    };
                 }
             }
         }
@@ -417,15 +426,23 @@ pub fn read_split_file(path: &Path) -> Result<HashMap<String, Part>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut map = HashMap::new();
     let mut current = Part::Train;
+    let mut headers = 0;
     for line in text.lines() {
         let lower = line.to_ascii_lowercase();
         let mut rest = line;
-        if lower.contains(':') || lower.contains("videos") {
-            if lower.contains("train") {
-                current = Part::Train;
+        let header = lower.trim_end().ends_with(':')
+            || (!lower.contains(',') && (lower.contains("video") || lower.contains(':')));
+        if header {
+            current = if lower.contains("train") {
+                Part::Train
             } else if lower.contains("val") || lower.contains("test") {
-                current = Part::Val;
-            }
+                Part::Val
+            } else if headers == 0 {
+                Part::Train
+            } else {
+                Part::Val
+            };
+            headers += 1;
             rest = line.split_once(':').map(|(_, r)| r).unwrap_or("");
         }
         for name in rest.split([',', ' ', '\t']).map(str::trim) {
@@ -815,6 +832,24 @@ mod tests {
                     assert_eq!(out[((c * 4 + t) * 17 + v) * 2 + 1], 0.0);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn missing_joints_stay_zero() {
+        let layout = Layout::coco17();
+        let r = raw(2, 4, 17, 1, |_, t, v, _| {
+            if v == 3 && t == 1 {
+                0.0
+            } else {
+                10.0 + v as f32
+            }
+        });
+        let out = preprocess_generic(&r, 2, &layout, 4, 1, Normalize::None, ResizeRule::default())
+            .unwrap();
+        for c in 0..2 {
+            assert_eq!(out[(c * 4 + 1) * 17 + 3], 0.0);
+            assert_eq!(out[(c * 4 + 2) * 17 + 3], 3.0);
         }
     }
 

@@ -1,4 +1,4 @@
-//! Readers of `prepare generic` (see `docs/data-formats.md` of this repository for each format):
+//! Readers of `prepare generic` (`docs/own-data.md` describes each format):
 //! each lists its samples (name, file, label and split when known) and returns a loader per
 //! sample that the parallel pipeline of [`crate::data::generic`] runs.
 use crate::data::generic::{Format, GenericConfig, Listing};

@@ -500,7 +500,7 @@ fn inspect_pku_txt(path: &Path, out: &mut String) -> Result<()> {
             "{}: PKU-MMD label file, {} action intervals, lengths {:?}",
             path.display(),
             iv.len(),
-            iv.iter().map(|i| i.end - i.start).collect::<Vec<_>>()
+            iv.iter().map(|i| i.end + 1 - i.start).collect::<Vec<_>>()
         );
         label_counts(&labels, out);
     } else {

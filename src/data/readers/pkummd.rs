@@ -3,7 +3,7 @@
 //! order, layout `pku25`), and a label file of the same name per video in the `--labels` folder,
 //! one action interval per line: `action_id, start_frame, end_frame, confidence` (1-based action
 //! ids, 51 classes). Each interval becomes one sample named `<video>_<k>` (k = 1-based line),
-//! made of the file's frames `start..end` taken as a Python slice (0-based, end excluded).
+//! made of the file's frames `start..=end` (1-based, inclusive: lines `start` to `end`).
 //!
 //! Split: `--split xview` (default) is the paper's cross-view protocol read from the video
 //! name: middle (`-M`) and right (`-R`) cameras train, left (`-L`) test; `--split xsub` needs
@@ -24,7 +24,9 @@ const BODIES: usize = 2;
 pub struct Interval {
     /// 0-based class.
     pub label: i64,
+    /// First frame, 1-based.
     pub start: usize,
+    /// Last frame, 1-based, inclusive.
     pub end: usize,
 }
 
@@ -54,7 +56,7 @@ pub fn read_labels(path: &Path) -> Result<Vec<Interval>> {
                 .map_err(|_| Error::input(path, place(), format!("not an integer: {s:?}")))
         };
         let (a, s, e) = (num(f[0])?, num(f[1])?, num(f[2])?);
-        if a < 1 || s < 0 || e <= s {
+        if a < 1 || s < 1 || e < s {
             return Err(Error::input(
                 path,
                 place(),
@@ -214,7 +216,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
                             &lp,
                             format!("line {}", k + 1),
                             format!(
-                                "interval {}..{} ends after the {} frames of {}",
+                                "interval {}..={} ends after the {} frames of {}",
                                 iv.start,
                                 iv.end,
                                 s.shape[1],
@@ -222,7 +224,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
                             ),
                         ));
                     }
-                    Ok(cut(&s, iv.start, iv.end))
+                    Ok(cut(&s, iv.start - 1, iv.end))
                 }),
             });
         }
