@@ -54,6 +54,11 @@ fn read_label_file(path: &Path) -> Result<HashMap<String, LabelInfo>> {
 
 pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     let root = &cfg.input;
+    if let Some(o) = &cfg.split {
+        return Err(Error::config(format!(
+            "--split {o}: Kinetics-skeleton is split by its kinetics_train / kinetics_val folders"
+        )));
+    }
     let mut entries = Vec::new();
     let mut excluded = Vec::new();
     let mut found = false;

@@ -14,6 +14,7 @@ use crate::data::prepare::FileProblem;
 use crate::data::readers::files_with_suffix;
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 const VALUES_PER_FRAME: usize = 150;
 const JOINTS: usize = 25;
@@ -200,17 +201,24 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
                 continue;
             }
         };
+        // The video is read once, by whichever of its intervals runs first; the others reuse it.
+        let video_data: Arc<OnceLock<std::result::Result<RawSample, String>>> =
+            Arc::new(OnceLock::new());
         for (k, iv) in intervals.into_iter().enumerate() {
             let p = path.clone();
             let name = format!("{video}_{}", k + 1);
             let lp = label_path.clone();
+            let cache = Arc::clone(&video_data);
             entries.push(Entry {
                 name,
                 file: path.clone(),
                 label: Some(iv.label),
                 part,
                 load: Box::new(move || {
-                    let s = read_skeleton(&p)?;
+                    let s = cache
+                        .get_or_init(|| read_skeleton(&p).map_err(|e| e.to_string()))
+                        .as_ref()
+                        .map_err(|e| Error::Other(e.clone()))?;
                     if iv.end > s.shape[1] {
                         return Err(Error::input(
                             &lp,
@@ -224,7 +232,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
                             ),
                         ));
                     }
-                    Ok(cut(&s, iv.start - 1, iv.end))
+                    Ok(cut(s, iv.start - 1, iv.end))
                 }),
             });
         }

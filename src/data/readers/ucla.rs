@@ -20,6 +20,11 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
             "--score-channel: NW-UCLA JSON has no keypoint scores",
         ));
     }
+    if let Some(o) = cfg.split.as_deref().filter(|s| *s != "xview") {
+        return Err(Error::config(format!(
+            "--split {o}: NW-UCLA JSON knows xview (views 1+2 / 3), or a list with --split-file"
+        )));
+    }
     let files = files_with_suffix(&cfg.input, ".json")?;
     if files.is_empty() {
         return Err(Error::input(
