@@ -77,7 +77,7 @@ def preprocess(kp, frames, bodies, center):
     x[: min(m_in, bodies)] = kp[:bodies]
     valid = np.abs(x).sum(axis=(0, 2, 3)) != 0
     idx = np.nonzero(valid)[0]
-    x = x[:, idx[0]: idx[-1] + 1]
+    x = x[:, idx]
     present = np.abs(x).sum(axis=(2, 3)) != 0  # (M, L)
     x = x - x[:, :, center: center + 1, :] * present[:, :, None, None]
     y = np.stack([resize(x[m], frames) for m in range(bodies)])  # (M, frames, V, C)

@@ -651,3 +651,78 @@ fn whole_path_kinetics_with_scores() {
         3,
     );
 }
+
+// ---------------------------------------------------------------- real data, when present
+
+/// MSR Action3D (../shared/data, not in the repo) rewritten as NW-UCLA JSON (odd subjects view 1,
+/// even subjects view 3), prepared by the generic path with layout msr20, equals `prepare msr`
+/// (the official preprocessing) value by value, except the sequences with an empty frame before
+/// their last valid one (the generic path drops such frames, the official length rule keeps them
+/// and cuts the tail instead).
+#[test]
+fn real_msr_through_the_json_reader_equals_prepare_msr() {
+    use crossclr::data::msr;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data/msr-action3d/real_world_coordinates");
+    if !dir.exists() {
+        eprintln!(
+            "SKIP real_msr_through_the_json_reader_equals_prepare_msr: {} is absent",
+            dir.display()
+        );
+        return;
+    }
+    let json = tempfile::tempdir().unwrap();
+    let mut gaps = std::collections::HashSet::new();
+    for (path, n) in msr::list_msr_files(&dir, None).unwrap() {
+        let (t, data) = msr::read_msr_file(&path).unwrap();
+        let hip_zero = |f: usize| (0..3).all(|c| data[(c * t + f) * 20 + 6] == 0.0);
+        if let Some(last) = (0..t).rev().find(|&f| !hip_zero(f)) {
+            if (0..last).any(hip_zero) {
+                gaps.insert(format!("{}_skeleton3D.txt", n.id()));
+            }
+        }
+        let frames: Vec<Vec<[f64; 3]>> = (0..t)
+            .map(|f| {
+                (0..20)
+                    .map(|v| {
+                        let at = |c: usize| data[(c * t + f) * 20 + v] as f64;
+                        [at(0), at(1), at(2)]
+                    })
+                    .collect()
+            })
+            .collect();
+        let view = if n.subject % 2 == 1 { 1 } else { 3 };
+        let name = format!("{}_v{view:02}", n.id());
+        let j = serde_json::json!({"file_name": name, "skeletons": frames, "label": n.action});
+        std::fs::write(json.path().join(format!("{name}.json")), j.to_string()).unwrap();
+    }
+    let a = tempfile::tempdir().unwrap();
+    msr::prepare_msr(&dir, a.path(), 50).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let mut c = GenericConfig::new(Format::UclaJson, json.path(), b.path());
+    c.layout = Some("msr20".into());
+    c.bodies = 1;
+    let s = prepare_generic(&c).unwrap();
+    assert_eq!((s.parts[0].samples, s.parts[1].samples), (284, 273), "{s}");
+    let mut compared = 0;
+    for part in ["train", "val"] {
+        let (sa, xa) = npy::read_f32(&a.path().join(format!("{part}_position.npy"))).unwrap();
+        let (sb, xb) = npy::read_f32(&b.path().join(format!("{part}_position.npy"))).unwrap();
+        assert_eq!(sa, sb);
+        let (names, _) = pickle::read_labels(&a.path().join(format!("{part}_label.pkl"))).unwrap();
+        let per = 50 * 20 * 3;
+        let differ: Vec<&String> = (0..sa[0])
+            .filter(|&i| xa[i * per..(i + 1) * per] != xb[i * per..(i + 1) * per])
+            .map(|i| &names[i])
+            .collect();
+        assert!(
+            differ.iter().all(|n| gaps.contains(*n)),
+            "{part}: {differ:?} differ, sequences with gaps: {gaps:?}"
+        );
+        compared += sa[0] - differ.len();
+        let (_, la) = pickle::read_labels(&a.path().join(format!("{part}_label.pkl"))).unwrap();
+        let (_, lb) = pickle::read_labels(&b.path().join(format!("{part}_label.pkl"))).unwrap();
+        assert_eq!(la, lb);
+    }
+    assert_eq!(compared + gaps.len(), 557, "{gaps:?}");
+}

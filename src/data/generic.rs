@@ -13,9 +13,9 @@
 //! 1. **checks**: `V` must equal the layout's joint count; every value must be finite (NaN or
 //!    infinite keypoints are an error naming the frame, joint and body);
 //! 2. **bodies**: the first `M` bodies are kept in the reader's order (missing ones are zeros);
-//! 3. **true length**: a frame is valid when any coordinate of any kept body is non-zero; leading
-//!    and trailing invalid frames are dropped (interior ones are kept, as zeros); no valid frame at
-//!    all is an error ("zero valid frames");
+//! 3. **true length**: a frame is valid when any coordinate of any kept body is non-zero; invalid
+//!    frames (padding, and dropped frames inside the sequence) are removed, the `L` valid frames
+//!    keep their order; no valid frame at all is an error ("zero valid frames");
 //! 4. **centring**: in every frame and body, the layout's centre joint is subtracted from every
 //!    joint (coordinate channels only); a joint whose coordinates are all exactly 0 (a missing
 //!    keypoint, or a body absent from the frame) stays 0. On NTU-like data this is the official
@@ -329,13 +329,13 @@ pub fn preprocess_generic(
         (0..coords).any(|c| (0..v_len).any(|v| raw.data[at(c, t, v, m)] != 0.0))
     };
     let valid = |t: usize| (0..m_keep).any(|m| present(t, m));
-    let Some(first) = (0..t_len).find(|&t| valid(t)) else {
+    let kept: Vec<usize> = (0..t_len).filter(|&t| valid(t)).collect();
+    if kept.is_empty() {
         return Err(format!(
             "zero valid frames: all {t_len} frames are zero in the kept bodies"
         ));
-    };
-    let last = (0..t_len).rev().find(|&t| valid(t)).unwrap_or(first);
-    let len = last + 1 - first;
+    }
+    let len = kept.len();
     // (C, len, V, bodies), centred.
     let shape = [c_len, len, v_len, bodies];
     let mut x = vec![0f32; c_len * len * v_len * bodies];
@@ -344,14 +344,14 @@ pub fn preprocess_generic(
         for t in 0..len {
             for m in 0..m_keep {
                 let origin = if c < coords {
-                    raw.data[at(c, first + t, layout.center, m)]
+                    raw.data[at(c, kept[t], layout.center, m)]
                 } else {
                     0.0
                 };
                 for v in 0..v_len {
                     // A missing joint (all coordinates exactly 0) stays 0.
-                    let missing = (0..coords).all(|k| raw.data[at(k, first + t, v, m)] == 0.0);
-                    let y = raw.data[at(c, first + t, v, m)];
+                    let missing = (0..coords).all(|k| raw.data[at(k, kept[t], v, m)] == 0.0);
+                    let y = raw.data[at(c, kept[t], v, m)];
                     x[ix(c, t, v, m)] = if missing && c < coords {
                         0.0
                     } else {
@@ -380,7 +380,7 @@ pub fn preprocess_generic(
             let mut pres = vec![0f32; len * bodies];
             for t in 0..len {
                 for m in 0..m_keep {
-                    pres[t * bodies + m] = if present(first + t, m) { 1.0 } else { 0.0 };
+                    pres[t * bodies + m] = if present(kept[t], m) { 1.0 } else { 0.0 };
                 }
             }
             let r = preprocess::resize_rows(&pres, [1, len, 1, bodies], len, frames, rule);
