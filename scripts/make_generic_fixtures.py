@@ -52,8 +52,8 @@ def annotations(n, v, c, score):
 def splits(n):
     names = [f"S{i:03d}" for i in range(n)]
     return {
-        "xsub_train": [x for i, x in enumerate(names) if i % 3 != 2],
-        "xsub_val": [x for i, x in enumerate(names) if i % 3 == 2],
+        "xsub_train": [x for i, x in enumerate(names) if i % 6 < 4],
+        "xsub_val": [x for i, x in enumerate(names) if i % 6 >= 4],
         "xview_train": [x for i, x in enumerate(names) if i < 12],
         "xview_val": [x for i, x in enumerate(names) if i >= 12],
     }

@@ -58,9 +58,9 @@ fn pyskl_2d_matches_an_independent_numpy_implementation() {
     let (names, labels) = pickle::read_labels(&out.path().join("train_label.pkl")).unwrap();
     assert_eq!(names[0], "S000");
     assert_eq!(names.len(), 12);
-    assert_eq!(labels[..4], [0, 1, 0, 1]);
+    assert_eq!(labels[..5], [0, 1, 2, 0, 0]);
     let (vnames, _) = pickle::read_labels(&out.path().join("val_label.pkl")).unwrap();
-    assert_eq!(vnames[0], "S002");
+    assert_eq!(vnames[..3], ["S004", "S005", "S010"]);
     let t = read_toml(out.path());
     assert_eq!(t["layout"].as_str(), Some("coco17"));
     assert_eq!(t["channels"].as_integer(), Some(2));
@@ -74,6 +74,12 @@ fn pyskl_2d_matches_an_independent_numpy_implementation() {
             "val_label.pkl",
             "val_position.npy"
         ]
+    );
+    // inspect checks the folder with the layout of its dataset.toml.
+    let d = crossclr::data::formats::inspect::inspect(out.path(), None).unwrap();
+    assert!(
+        d.contains("dataset ok: [12, 2, 20, 17, 2], 3 classes, layout coco17"),
+        "{d}"
     );
     // The same data through the evaluation reader: the generic npy + pkl + layout.
     let ds = crossclr::data::formats::open_generic(

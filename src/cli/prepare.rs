@@ -41,8 +41,9 @@ pub struct Args {
     /// TRAIN,VAL split names; pku-mmd: xview (default). Default: the dataset's own protocol.
     #[arg(long)]
     pub split: Option<String>,
-    /// generic: a list file of training sample names (one per line or comma-separated), or with
-    /// "Training ...:" / "Validation ...:" sections (PKU-MMD's cross-subject.txt).
+    /// generic: a split file: a split column (`name,train|val|test` per line), a list of training
+    /// sample names (one per line or comma-separated), or "Training ...:" / "Validation ...:"
+    /// sections (PKU-MMD's cross-subject.txt).
     #[arg(long)]
     pub split_file: Option<PathBuf>,
     /// generic (2D data): keep the keypoint score as a third channel, as ST-GCN does.

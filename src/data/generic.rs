@@ -419,12 +419,40 @@ pub fn preprocess_generic(
     Ok(out)
 }
 
-/// A split list file: either plain names (one per line or comma-separated: the training set,
-/// everything else is validation) or sections whose header line contains `train` or
-/// `val`/`test` (e.g. PKU-MMD's `cross-subject.txt`: `Training videos:` then the names).
+/// A split file, one of: a split column (`name,train` / `name,val` per line, optional header);
+/// plain names (one per line or comma-separated: the training set, everything else is
+/// validation); or sections whose header line contains `train` or `val`/`test` (e.g. PKU-MMD's
+/// `cross-subject.txt`: `Training videos:` then the names).
 pub fn read_split_file(path: &Path) -> Result<HashMap<String, Part>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut map = HashMap::new();
+    // A split column: every line `name,part` (or tab / space separated), part = train | val |
+    // test (a header line `name,split` is allowed).
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split([',', '\t', ' '])
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .collect()
+        })
+        .collect();
+    let part_of = |f: &str| match f.to_ascii_lowercase().as_str() {
+        "train" | "training" => Some(Part::Train),
+        "val" | "valid" | "validation" | "test" => Some(Part::Val),
+        _ => None,
+    };
+    let body = match rows.first() {
+        Some(h) if h.len() == 2 && part_of(h[1]).is_none() => &rows[1..],
+        _ => &rows[..],
+    };
+    if !body.is_empty() && body.iter().all(|r| r.len() == 2 && part_of(r[1]).is_some()) {
+        for r in body {
+            map.insert(r[0].to_string(), part_of(r[1]).unwrap_or(Part::Val));
+        }
+        return Ok(map);
+    }
     let mut current = Part::Train;
     let mut headers = 0;
     for line in text.lines() {
@@ -833,6 +861,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn split_files_in_three_forms() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.txt");
+        std::fs::write(&p, "name,split\na,train\nb,val\nc,test\n").unwrap();
+        let m = read_split_file(&p).unwrap();
+        assert_eq!(
+            (m["a"], m["b"], m["c"]),
+            (Part::Train, Part::Val, Part::Val)
+        );
+        std::fs::write(&p, "a\nb, c\n").unwrap();
+        let m = read_split_file(&p).unwrap();
+        assert_eq!((m.len(), m["c"]), (3, Part::Train));
+        std::fs::write(&p, "Training videos: \na, b\nValidataion videos: \nc\n").unwrap();
+        let m = read_split_file(&p).unwrap();
+        assert_eq!((m["b"], m["c"]), (Part::Train, Part::Val));
     }
 
     #[test]

@@ -123,12 +123,14 @@ fn inspect_dir(dir: &Path, layout: Option<&str>, out: &mut String, depth: usize)
             let label = dir.join(format!("{part}_label.pkl"));
             let _ = writeln!(out, "-- {n} (+ {part}_label.pkl)");
             if label.exists() {
-                match crate::data::formats::open_generic(p, &label, layout.unwrap_or("ntu25")) {
+                let declared = dataset_toml_layout(dir);
+                let layout = layout.or(declared.as_deref()).unwrap_or("ntu25");
+                match crate::data::formats::open_generic(p, &label, layout) {
                     Ok(ds) => {
                         let _ = writeln!(
                             out,
-                            "dataset ok: {:?}, {} classes",
-                            ds.shape, ds.num_classes
+                            "dataset ok: {:?}, {} classes, layout {}",
+                            ds.shape, ds.num_classes, ds.layout.name
                         );
                     }
                     Err(e) => {
@@ -514,4 +516,17 @@ fn inspect_pku_txt(path: &Path, out: &mut String) -> Result<()> {
         channel_stats(&s.data, [1, 3, s.shape[1], 25, 2], out);
     }
     Ok(())
+}
+
+/// The layout `<dir>/dataset.toml` names (a file name resolved against `dir`).
+fn dataset_toml_layout(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("dataset.toml")).ok()?;
+    let v: toml::Value = toml::from_str(&text).ok()?;
+    let l = v.get("layout")?.as_str()?;
+    let f = dir.join(l);
+    Some(if f.is_file() {
+        f.display().to_string()
+    } else {
+        l.to_string()
+    })
 }
