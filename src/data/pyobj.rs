@@ -22,7 +22,8 @@ pub struct NdArray {
     pub shape: Vec<usize>,
     /// Fortran (column-major) order.
     pub fortran: bool,
-    pub data: Vec<u8>,
+    /// Shared with the pickle's bytes object (no copy).
+    pub data: Rc<Vec<u8>>,
 }
 
 impl NdArray {
@@ -102,6 +103,41 @@ impl NdArray {
         }
         Ok(out)
     }
+
+    /// A thread-safe array owning its bytes (moved out when this is their only holder).
+    pub fn into_raw(self) -> RawArray {
+        RawArray {
+            dtype: self.dtype,
+            big_endian: self.big_endian,
+            shape: self.shape,
+            fortran: self.fortran,
+            data: Rc::try_unwrap(self.data).unwrap_or_else(|rc| rc.as_ref().clone()),
+        }
+    }
+}
+
+/// [`NdArray`] owning its bytes: `Send`, so it can be decoded on a worker thread.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RawArray {
+    pub dtype: String,
+    pub big_endian: bool,
+    pub shape: Vec<usize>,
+    pub fortran: bool,
+    pub data: Vec<u8>,
+}
+
+impl RawArray {
+    /// [`NdArray::to_f64`] of these bytes.
+    pub fn to_f64(&self) -> std::result::Result<Vec<f64>, String> {
+        NdArray {
+            dtype: self.dtype.clone(),
+            big_endian: self.big_endian,
+            shape: self.shape.clone(),
+            fortran: self.fortran,
+            data: Rc::new(self.data.clone()),
+        }
+        .to_f64()
+    }
 }
 
 /// IEEE half -> single.
@@ -132,7 +168,12 @@ pub enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
+    /// Shared (memoised strings are not copied).
+    Str(Rc<str>),
+    /// A long string (over [`LONG_STRING`] bytes) left in the pickle's bytes: `(offset, len)` of
+    /// its UTF-8. Protocol 2 encodes every bytes object (e.g. array data) as such a string passed
+    /// to `_codecs.encode(s, 'latin1')`, which reads it from there without a copy.
+    LongStr(usize, usize),
     Bytes(Rc<Vec<u8>>),
     Tuple(Rc<Vec<Value>>),
     List(Rc<RefCell<Vec<Value>>>),
@@ -156,6 +197,7 @@ impl Value {
             Value::Int(_) => "an int".into(),
             Value::Float(_) => "a float".into(),
             Value::Str(_) => "a string".into(),
+            Value::LongStr(_, n) => format!("a string of {n} bytes"),
             Value::Bytes(_) => "bytes".into(),
             Value::Tuple(_) => "a tuple".into(),
             Value::List(_) => "a list".into(),
@@ -180,7 +222,7 @@ impl Value {
     pub fn get(&self, key: &str) -> Option<Value> {
         match self {
             Value::Dict(d) => d.borrow().iter().find_map(|(k, v)| match k {
-                Value::Str(s) if s == key => Some(v.clone()),
+                Value::Str(s) if &**s == key => Some(v.clone()),
                 Value::Bytes(b) if b.as_slice() == key.as_bytes() => Some(v.clone()),
                 _ => None,
             }),
@@ -191,7 +233,7 @@ impl Value {
     /// A string (`str` or `bytes`).
     pub fn as_str(&self) -> Option<String> {
         match self {
-            Value::Str(s) => Some(s.clone()),
+            Value::Str(s) => Some(s.to_string()),
             Value::Bytes(b) => Some(String::from_utf8_lossy(b).into_owned()),
             _ => None,
         }
@@ -304,9 +346,14 @@ impl<'a> Machine<'a> {
         Ok(s)
     }
     fn utf8(&mut self, n: usize) -> PResult<Value> {
+        if n > LONG_STRING {
+            let start = self.pos;
+            self.take(n)?;
+            return Ok(Value::LongStr(start, n));
+        }
         let b = self.take(n)?;
         match std::str::from_utf8(b) {
-            Ok(s) => Ok(Value::Str(s.to_string())),
+            Ok(s) => Ok(Value::Str(Rc::from(s))),
             Err(_) => self.err("invalid UTF-8 in a string"),
         }
     }
@@ -388,6 +435,10 @@ impl<'a> Machine<'a> {
             }
             ("_codecs", "encode") => match args.first() {
                 Some(Value::Str(s)) => Value::Bytes(Rc::new(latin1(s))),
+                Some(Value::LongStr(at, n)) => match std::str::from_utf8(&self.data[*at..at + n]) {
+                    Ok(s) => Value::Bytes(Rc::new(latin1(s))),
+                    Err(_) => return self.err("invalid UTF-8 in a string"),
+                },
                 _ => return self.err("_codecs.encode of a non-string"),
             },
             (_, "dtype") if numpy => match args.first() {
@@ -406,7 +457,7 @@ impl<'a> Machine<'a> {
                     big_endian: big,
                     shape: vec![],
                     fortran: false,
-                    data: b.as_ref().clone(),
+                    data: Rc::clone(b),
                 };
                 let v = match a.to_f64() {
                     Ok(v) if v.len() == 1 => v[0],
@@ -426,13 +477,13 @@ impl<'a> Machine<'a> {
                 };
                 let shape = self.shape_of(shape)?;
                 let (t, big) = d.borrow().clone();
-                let fortran = matches!(args.get(3), Some(Value::Str(o)) if o == "F");
+                let fortran = matches!(args.get(3), Some(Value::Str(o)) if &**o == "F");
                 Value::Array(Rc::new(RefCell::new(NdArray {
                     dtype: t,
                     big_endian: big,
                     shape,
                     fortran,
-                    data: b.as_ref().clone(),
+                    data: Rc::clone(b),
                 })))
             }
             _ => Value::Object(format!("{module}.{name}")),
@@ -467,8 +518,8 @@ impl<'a> Machine<'a> {
                     other => return self.err(format!("ndarray dtype is {}", other.kind())),
                 };
                 let data = match &s[4] {
-                    Value::Bytes(b) => b.as_ref().clone(),
-                    Value::Str(st) => latin1(st),
+                    Value::Bytes(b) => Rc::clone(b),
+                    Value::Str(st) => Rc::new(latin1(st)),
                     other => {
                         return self.err(format!(
                             "ndarray data is {} (object arrays are not supported)",
@@ -487,7 +538,7 @@ impl<'a> Machine<'a> {
                 // (version, byte order, ...)
                 if let Some(s) = state.items() {
                     if let Some(Value::Str(order)) = s.get(1) {
-                        d.borrow_mut().1 = order == ">";
+                        d.borrow_mut().1 = &**order == ">";
                     }
                 }
             }
@@ -619,7 +670,9 @@ impl<'a> Machine<'a> {
                     let n = self.pop()?;
                     let m = self.pop()?;
                     match (m, n) {
-                        (Value::Str(m), Value::Str(n)) => self.push(Value::Global(m, n)),
+                        (Value::Str(m), Value::Str(n)) => {
+                            self.push(Value::Global(m.to_string(), n.to_string()))
+                        }
                         _ => return self.err("STACK_GLOBAL of non-strings"),
                     }
                 }
@@ -739,8 +792,13 @@ impl<'a> Machine<'a> {
     }
 }
 
+/// Strings longer than this many bytes stay in the pickle's bytes ([`Value::LongStr`]).
+pub const LONG_STRING: usize = 4096;
+
 fn latin1(s: &str) -> Vec<u8> {
-    s.chars().map(|c| c as u32 as u8).collect()
+    let mut v = Vec::with_capacity(s.len());
+    v.extend(s.chars().map(|c| c as u32 as u8));
+    v
 }
 
 /// Decodes a pickle.
@@ -773,7 +831,7 @@ mod tests {
             big_endian: false,
             shape: vec![2, 3],
             fortran: true,
-            data: (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect(),
+            data: Rc::new((0..6).flat_map(|i| (i as f32).to_le_bytes()).collect()),
         };
         assert_eq!(a.to_f64().unwrap(), vec![0.0, 2.0, 4.0, 1.0, 3.0, 5.0]);
         let b = NdArray {
@@ -781,7 +839,7 @@ mod tests {
             big_endian: true,
             shape: vec![2],
             fortran: false,
-            data: vec![0x01, 0x02, 0xff, 0xfe],
+            data: Rc::new(vec![0x01, 0x02, 0xff, 0xfe]),
         };
         assert_eq!(b.to_f64().unwrap(), vec![258.0, -2.0]);
     }

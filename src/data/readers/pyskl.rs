@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Reads the pickle and lists its samples (all converted to float32 up front).
+/// Reads the pickle and lists its samples (arrays moved out of the tree; decoded to float32 by
+/// the loaders, in parallel).
 pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     let path = &cfg.input;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -24,6 +25,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
             format!("not a readable pyskl annotation pickle: {}", e.what),
         )
     })?;
+    drop(bytes);
     let (split, annotations) = match &root {
         Value::Dict(_) => (
             root.get("split"),
@@ -82,14 +84,19 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
         };
         seen.insert(name.clone(), ());
         let label = a.get("label").and_then(|v| v.as_i64());
-        let sample = convert(a, coords, cfg.score_channel)
-            .map_err(|what| Error::input(path, format!("sample {name} (annotations[{i}])"), what));
+        let place = format!("sample {name} (annotations[{i}])");
+        let extracted = extract(a, coords, cfg.score_channel);
+        let file = path.clone();
         entries.push(Entry {
             name,
             file: path.clone(),
             label,
             part,
-            load: Box::new(move || sample),
+            load: Box::new(move || {
+                extracted
+                    .and_then(decode)
+                    .map_err(|what| Error::input(&file, place, what))
+            }),
         });
     }
     if let Some(p) = &parts {
@@ -191,10 +198,17 @@ fn choose_split(path: &Path, split: Option<&Value>, cfg: &GenericConfig) -> Resu
     Ok((Some(parts), format!("{train} / {val}"), Vec::new()))
 }
 
-/// One annotation -> `(C, T, V, M)` float32.
-fn convert(a: &Value, coords: usize, score: bool) -> std::result::Result<RawSample, String> {
+/// One annotation's arrays, checked and moved out of the pickle's tree (decoded later, on a
+/// worker thread, by [`decode`]).
+struct Extracted {
+    keypoint: pyobj::RawArray,
+    score: Option<pyobj::RawArray>,
+}
+
+fn extract(a: &Value, coords: usize, score: bool) -> std::result::Result<Extracted, String> {
+    // The arrays' bytes are moved out (not copied) and the tree is dropped after listing.
     let kp = match a.get("keypoint") {
-        Some(Value::Array(k)) => k.borrow().clone(),
+        Some(Value::Array(k)) => take_array(&k),
         Some(other) => {
             return Err(format!(
                 "'keypoint' is {}, expected a numpy array",
@@ -215,10 +229,9 @@ fn convert(a: &Value, coords: usize, score: bool) -> std::result::Result<RawSamp
             "'keypoint' has {c} coordinates, the first sample had {coords}"
         ));
     }
-    let vals = kp.to_f64().map_err(|e| format!("'keypoint': {e}"))?;
-    let scores = if score {
+    let score = if score {
         let s = match a.get("keypoint_score") {
-            Some(Value::Array(s)) => s.borrow().clone(),
+            Some(Value::Array(s)) => take_array(&s),
             _ => return Err("--score-channel: no 'keypoint_score' array".into()),
         };
         if s.shape != [m, t, v] {
@@ -228,10 +241,26 @@ fn convert(a: &Value, coords: usize, score: bool) -> std::result::Result<RawSamp
                 [m, t, v]
             ));
         }
-        Some(s.to_f64().map_err(|e| format!("'keypoint_score': {e}"))?)
+        Some(s.into_raw())
     } else {
         None
     };
+    Ok(Extracted {
+        keypoint: kp.into_raw(),
+        score,
+    })
+}
+
+/// `keypoint` (M, T, V, C) (+ `keypoint_score` (M, T, V)) -> `(C [+1], T, V, M)` float32.
+fn decode(e: Extracted) -> std::result::Result<RawSample, String> {
+    let kp = &e.keypoint;
+    let [m, t, v, c] = [kp.shape[0], kp.shape[1], kp.shape[2], kp.shape[3]];
+    let vals = kp.to_f64().map_err(|e| format!("'keypoint': {e}"))?;
+    let scores = match &e.score {
+        Some(s) => Some(s.to_f64().map_err(|e| format!("'keypoint_score': {e}"))?),
+        None => None,
+    };
+    let score = scores.is_some();
     let ch = c + usize::from(score);
     let mut data = vec![0f32; ch * t * v * m];
     for mi in 0..m {
@@ -252,4 +281,14 @@ fn convert(a: &Value, coords: usize, score: bool) -> std::result::Result<RawSamp
         shape: [ch, t, v, m],
         label: None,
     })
+}
+
+/// Moves an array out of the tree, or copies it when another place of the pickle shares it
+/// (`get` holds one reference, the annotation dict another).
+fn take_array(a: &std::rc::Rc<std::cell::RefCell<pyobj::NdArray>>) -> pyobj::NdArray {
+    if std::rc::Rc::strong_count(a) > 2 {
+        a.borrow().clone()
+    } else {
+        std::mem::take(&mut *a.borrow_mut())
+    }
 }
