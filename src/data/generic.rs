@@ -505,6 +505,12 @@ pub fn prepare_generic(cfg: &GenericConfig) -> Result<GenericSummary> {
             ))
         })?;
     let layout = Layout::resolve(&layout_name)?;
+    if cfg.labels.is_some() && cfg.format != Format::PkuMmd {
+        return Err(Error::config(format!(
+            "--labels is for --format pku-mmd; {} keeps its labels in the samples",
+            cfg.format.name()
+        )));
+    }
     let listing = readers::list(cfg)?;
     if listing.coords != 2 && listing.coords != 3 {
         return Err(Error::input(
@@ -548,7 +554,13 @@ pub fn prepare_generic(cfg: &GenericConfig) -> Result<GenericSummary> {
         let part = match &split_map {
             Some(m) => m
                 .get(&e.name)
-                .or_else(|| m.get(e.name.split('_').next().unwrap_or("")))
+                .or_else(|| {
+                    // PKU-MMD samples `<video>_<k>` match their video id.
+                    let (video, k) = e.name.rsplit_once('_')?;
+                    k.bytes()
+                        .all(|b| b.is_ascii_digit())
+                        .then(|| m.get(video))?
+                })
                 .copied()
                 .or(if m.values().any(|p| *p == Part::Val) {
                     None
