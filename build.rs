@@ -26,9 +26,11 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/cuda_kernels.cpp");
     println!("cargo:rerun-if-changed=csrc/aggregate.cpp");
-    println!("cargo:rerun-if-changed=csrc/temporal_conv.cpp");
     println!("cargo:rerun-if-changed=csrc/fused_kernels.cuh");
     println!("cargo:rustc-check-cfg=cfg(crossclr_no_shim)");
+    println!("cargo:rustc-check-cfg=cfg(crossclr_dist)");
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         println!("cargo:rustc-cfg=crossclr_no_shim");
         return;
@@ -114,7 +116,6 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
         .file("csrc/profiler.cpp")
         .file("csrc/cuda_kernels.cpp")
         .file("csrc/aggregate.cpp")
-        .file("csrc/temporal_conv.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(&out_dir)
@@ -149,5 +150,49 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
             "cargo:warning=crossclr: the C++ shim failed to compile ({e}); building without it"
         );
         println!("cargo:rustc-cfg=crossclr_no_shim");
+        return;
+    }
+    build_dist(&include);
+}
+
+/// `csrc/dist.cpp` (c10d Gloo collectives for data-parallel training), as its own library so
+/// that a missing or unfitting Gloo header set disables only data parallelism: it needs the Gloo
+/// headers, which the torch wheel does not ship (Debian's `libgloo-dev`, installed by
+/// scripts/setup.sh, or a folder in `GLOO_INCLUDE`). Sets `--cfg crossclr_dist` when it builds.
+fn build_dist(include: &Path) {
+    let gloo = std::env::var_os("GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/include"));
+    if !gloo.join("gloo/config.h").exists() {
+        println!(
+            "cargo:warning=crossclr: Gloo headers not found in {} (apt-get install libgloo-dev, or set GLOO_INCLUDE): building without data parallelism",
+            gloo.display()
+        );
+        return;
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("csrc/dist.cpp")
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&gloo)
+        .flag("-std=c++17")
+        .flag(format!(
+            "-D_GLIBCXX_USE_CXX11_ABI={}",
+            std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
+        ))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag("-DUSE_C10D_GLOO")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false)
+        .opt_level(2)
+        .debug(false);
+    match build.try_compile("crossclr_dist") {
+        Ok(()) => println!("cargo:rustc-cfg=crossclr_dist"),
+        Err(e) => println!(
+            "cargo:warning=crossclr: csrc/dist.cpp failed to compile ({e}); building without data parallelism"
+        ),
     }
 }

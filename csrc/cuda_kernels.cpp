@@ -76,21 +76,11 @@ struct Dims {
   int vec4;                // the four-wide kernels may be used (enabled and L % 4 == 0)
 };
 
-// Whether the four-wide kernels are enabled: crossclr_fk_set_vec4, else CROSSCLR_FUSED_VEC4
-// (read once; on unless it says off / 0 / false). On by default: measured on an H100
-// (2026-11-27), -3 % to -6 % per step (docs/gpu.md).
-std::atomic<int> g_vec4{-1};
+// Whether the four-wide kernels are enabled: on unless a test turned them off with
+// crossclr_fk_set_vec4 (measured on an H100 (2026-11-27), -3 % to -6 % per step, docs/gpu.md).
+std::atomic<int> g_vec4{1};
 
-bool vec4_enabled() {
-  int v = g_vec4.load();
-  if (v < 0) {
-    const char *e = std::getenv("CROSSCLR_FUSED_VEC4");
-    v = e != nullptr && (std::strcmp(e, "off") == 0 || std::strcmp(e, "0") == 0 || std::strcmp(e, "false") == 0) ? 0
-                                                                                                                     : 1;
-    g_vec4.store(v);
-  }
-  return v == 1;
-}
+bool vec4_enabled() { return g_vec4.load() == 1; }
 
 // True when every non-null pointer is 16-byte aligned (the four-wide loads and stores need it).
 template <typename... P>
@@ -758,7 +748,7 @@ bool use_host(const at::Tensor &x) {
 
 extern "C" {
 
-// The four-wide kernels: on (1) or off (0) from now on, overriding CROSSCLR_FUSED_VEC4.
+// The four-wide kernels: on (1) or off (0) from now on (for tests comparing them with the scalar ones).
 void crossclr_fk_set_vec4(int on) { g_vec4.store(on != 0 ? 1 : 0); }
 
 // 1 when the four-wide kernels are enabled.

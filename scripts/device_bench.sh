@@ -61,15 +61,14 @@ run_json() {
 }
 
 # One row of our graph step (TF32, cuDNN autotuning) with a lever set by environment assignments,
-# labelled "-TAG" in the JSON mode: lever_row TAG VAR=VALUE... (uses $model, $phase, $COMMON).
+# labelled "-TAG" in the JSON mode: lever_row TAG kernels.KEY=VALUE... (uses $model, $phase,
+# $COMMON; the keys of a config's `kernels:` block, src/model/kernels.rs).
 lever_row() {
     local tag=$1
     shift
-    (
-        export "$@"
-        run_json "ours graph+tf32+cudnn $tag $model p$phase" "$BIN" bench --model "$model" --phase "$phase" \
-            $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on
-    ) && sed -i "\$ s/\"mode\":\"\\([a-z+_]*\\)\"/\"mode\":\"\\1-$tag\"/" "$JSONL"
+    run_json "ours graph+tf32+cudnn $tag $model p$phase" "$BIN" bench --model "$model" --phase "$phase" \
+        $COMMON --step fast --tf32 on --cudnn-benchmark on --graph on "$@" \
+        && sed -i "\$ s/\"mode\":\"\\([a-z+_]*\\)\"/\"mode\":\"\\1-$tag\"/" "$JSONL"
 }
 
 say "== device"
@@ -138,34 +137,23 @@ for cfg in ${CONFIGS:-skeletonclr-1 crossclr3-1 crossclr3-2}; do
             --tf32 on --cudnn-benchmark on --graph off
         run_json "ours graph+tf32+cudnn $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON --step fast \
             --tf32 on --cudnn-benchmark on --graph on
-        # The same with the graph products on unpacked 25-joint rows (CROSSCLR_AGG_PACK=off: cuBLAS
+        # The same with the graph products on unpacked 25-joint rows (kernels.agg_pack=off: cuBLAS
         # align1 kernels), to measure what the row packing brings.
-        [ "${ROWS:-all}" = all ] && lever_row unpacked CROSSCLR_AGG_PACK=off
-        # The step as shipped before 2026-11-27's H100 call: without the four-wide kernels, with
-        # the wall-time fused-vs-tch choice, the GCN bias as a separate add and unfolded biases
-        # (all four now default on CUDA: each row alone, then together, measured in that call).
-        lever_row before CROSSCLR_FUSED_VEC4=off CROSSCLR_FUSED_CHOICE=wall CROSSCLR_GCN_BIAS=add \
-            CROSSCLR_FOLD_BIAS=off
-        # Each of those four levers off alone (ROWS=all), to see what each brings in the default.
-        if [ "${ROWS:-all}" = all ]; then
-            lever_row no-vec4 CROSSCLR_FUSED_VEC4=off
-            lever_row wall-choice CROSSCLR_FUSED_CHOICE=wall
-            lever_row gcn-bias-add CROSSCLR_GCN_BIAS=add
-            lever_row unfolded CROSSCLR_FOLD_BIAS=off
-        fi
-        # With the temporal convolutions' weight gradients on their own stream
-        # (CROSSCLR_WGRAD_STREAM=on; measured no faster on 2026-11-27, hence off by default).
-        [ "${EXTRA:-0}" = 1 ] && lever_row wgrad-stream CROSSCLR_WGRAD_STREAM=on
-        # The same without side streams (CROSSCLR_VIEW_STREAMS=off: every query / key pass on one
+        [ "${ROWS:-all}" = all ] && lever_row unpacked kernels.agg_pack=off
+        # Unfolded conv biases (kernels.fold_bias=off; default on CUDA since 2026-11-27). The other
+        # levers of that call (four-wide kernels, graph-timed choice, GCN bias in the product) won
+        # and are no longer switches (removed 2026-12-07, src/model/kernels.rs).
+        [ "${ROWS:-all}" = all ] && lever_row unfolded kernels.fold_bias=off
+        # The same without side streams (kernels.view_streams=off: every query / key pass on one
         # stream), to measure what running the views' encoders concurrently brings.
-        [ "${ROWS:-all}" = all ] && lever_row one-stream CROSSCLR_VIEW_STREAMS=off
-        # One side stream per pass instead of the default one per view (CROSSCLR_VIEW_STREAMS=passes:
+        [ "${ROWS:-all}" = all ] && lever_row one-stream kernels.view_streams=off
+        # One side stream per pass instead of the default one per view (kernels.view_streams=passes:
         # ~2 % faster on an H100 on 2026-11-27, ~10 % more reserved memory, above PyTorch's).
-        [ "$model" != skeletonclr ] && lever_row per-pass-streams CROSSCLR_VIEW_STREAMS=passes
-        # Without the earlier levers (CROSSCLR_FUSED_CUDA=off: batch norm, ReLU, dropout, residual
-        # add as separate libtorch kernels; CROSSCLR_AGG_OP=off: the graph product + permuting copy),
+        [ "$model" != skeletonclr ] && lever_row per-pass-streams kernels.view_streams=passes
+        # Without the earlier levers (kernels.fused_cuda=off: batch norm, ReLU, dropout, residual
+        # add as separate libtorch kernels; kernels.agg_op=off: the graph product + permuting copy),
         # i.e. the step measured on 2026-11-26, to measure what they bring together.
-        [ "${UNFUSED:-1}" = 1 ] && lever_row unfused CROSSCLR_FUSED_CUDA=off CROSSCLR_AGG_OP=off
+        [ "${UNFUSED:-1}" = 1 ] && lever_row unfused kernels.fused_cuda=off kernels.agg_op=off
         if [ "${EXTRA:-0}" = 1 ]; then
             run_json "ours graph (libtorch defaults) $model p$phase" "$BIN" bench --model "$model" --phase "$phase" $COMMON \
                 --step fast --graph on --tf32 default --cudnn-benchmark off
@@ -196,9 +184,10 @@ elif [ "$PROFILE" != 0 ]; then
             [ "$PROFILE" = ours ] && fused_modes=on
             for fused in $fused_modes; do
                 tag="ours_${1}_p$2_fused-$fused"
-                CROSSCLR_FUSED_CUDA=$fused CROSSCLR_AGG_OP=$fused timeout "$STAGE_TIMEOUT" "$BIN" bench \
+                timeout "$STAGE_TIMEOUT" "$BIN" bench \
                     --model "$1" --phase "$2" --batch 128 --warmup "$WARMUP" --iters 3 --device cuda --step fast \
                     --graph off --tf32 on --cudnn-benchmark on --profile "$PROF/$tag.json" --profile-steps 3 --json \
+                    "kernels.fused_cuda=$([ $fused = on ] && echo timed || echo off)" "kernels.agg_op=$fused" \
                     >>"$LOG" 2>&1 || say "FAIL profile $tag"
                 cp "$PROF/$tag.txt" "$PROF/$tag.jsonl" "$OUT/profile/" 2>/dev/null
             done

@@ -28,11 +28,11 @@ for phase in 1 2; do
     cross=$([ $phase = 1 ] && echo 10 || echo 0)
     if ! timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 cross_epoch=$cross \
         >"$OUT/loop$phase.log" 2>&1; then
-        echo "loop phase $phase failed (see loop$phase.log); again with CROSSCLR_VIEW_STREAMS=off"
+        echo "loop phase $phase failed (see loop$phase.log); again with kernels.view_streams=off"
         tail -n 4 "$OUT/loop$phase.log"
         rm -rf /tmp/loop$phase
-        CROSSCLR_VIEW_STREAMS=off timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 \
-            cross_epoch=$cross >"$OUT/loop${phase}_one_stream.log" 2>&1 || echo "loop phase $phase failed again"
+        timeout 75 "$BIN" pretrain "${LOOP_ARGS[@]}" work_dir=/tmp/loop$phase num_epoch=3 \
+            cross_epoch=$cross kernels.view_streams=off >"$OUT/loop${phase}_one_stream.log" 2>&1 || echo "loop phase $phase failed again"
     fi
     cp /tmp/loop$phase/metrics.csv "$OUT/loop_phase$phase.csv" 2>/dev/null
     cp /tmp/loop$phase/log.txt "$OUT/loop_phase${phase}_log.txt" 2>/dev/null

@@ -14,3 +14,16 @@ fi
 TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 ln -sfn "$TORCH_DIR" .libtorch
 echo "libtorch: $(readlink .libtorch)"
+# The Gloo headers for data-parallel training (csrc/dist.cpp; the wheel ships Gloo inside
+# libtorch_cpu but not its headers). Optional: without them the build leaves data parallelism out.
+if [ ! -f /usr/include/gloo/config.h ] && [ -z "${GLOO_INCLUDE:-}" ]; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null \
+    && { $SUDO apt-get install -y -q libgloo-dev >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libgloo-dev >/dev/null 2>&1; }; }; then
+    echo "gloo headers: /usr/include/gloo (libgloo-dev)"
+  else
+    echo "gloo headers: not installed (apt-get install libgloo-dev failed or is unavailable); building without data parallelism"
+  fi
+fi

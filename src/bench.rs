@@ -99,6 +99,9 @@ pub struct BenchConfig {
     /// (rows `.jsonl` and table `.txt` beside it); see [`profile_steps`].
     pub profile: Option<PathBuf>,
     pub profile_steps: usize,
+    /// Which kernels the encoders and the step use (`auto` resolved for `device`); the same keys
+    /// as a config's `kernels:` block (`crossclr bench kernels.fold_bias=off ...`).
+    pub kernels: crate::model::kernels::Kernels,
 }
 
 impl BenchConfig {
@@ -123,6 +126,7 @@ impl BenchConfig {
             seed: 0,
             profile: None,
             profile_steps: 5,
+            kernels: Default::default(),
         }
     }
 
@@ -220,34 +224,23 @@ pub struct BenchReport {
     pub peak_reserved_bytes: Option<i64>,
     /// "cuda_max_memory_allocated" or "process_peak_rss".
     pub peak_kind: &'static str,
-    /// CUDA: whether the encoders' batch norms ran on the fused CUDA kernels
-    /// (`model::stgcn::fused_cuda`; off with CROSSCLR_FUSED_CUDA=off or after a failed self-check).
+    /// The kernel choices the step ran with, resolved for the device (`crate::model::kernels`).
+    pub kernels: crate::model::kernels::Kernels,
+    /// CUDA: whether the fused CUDA kernels were usable (built, and their self-check passed);
+    /// with `kernels.fused_cuda` not `off` the batch norms may then run on them.
     pub fused_cuda: bool,
     /// CUDA: per op and shape, the fused kernels' and the tch ops' forward + backward times and
     /// which one was chosen (`model::stgcn::fused_cuda::choices`).
     pub fused_cuda_ops: Vec<crate::model::stgcn::fused_cuda::FusedChoice>,
-    /// CUDA, fast step: whether each view's query and key passes ran on their own side streams
-    /// (`gpu::streams`; off with CROSSCLR_VIEW_STREAMS=off).
-    pub view_streams: bool,
-    /// CUDA, fast step: how many side streams the passes ran on (`gpu::streams::count_for`;
-    /// one per view by default, one per pass with `CROSSCLR_VIEW_STREAMS=passes`), 0 without.
+    /// CUDA, fast step: how many side streams the passes ran on (`kernels.view_streams`), 0
+    /// without.
     pub side_streams: usize,
-    /// CUDA, fast step: whether the temporal convolutions' weight gradients ran on their own
-    /// stream (`model::stgcn::temporal_conv`; on with CROSSCLR_WGRAD_STREAM=on).
-    pub wgrad_stream: bool,
-    /// Rows of 25 joints packed into one for the graph products on this device
-    /// (`model::stgcn::aggregate::packing`; 1 = unpacked, CROSSCLR_AGG_PACK=off).
+    /// Rows of the joints packed into one for the graph products on this device
+    /// (`model::stgcn::aggregate::packing`; 1 = unpacked).
     pub agg_pack: i64,
     /// CUDA: whether the fused kernels' four-wide variants were enabled
-    /// (`model::stgcn::fused_cuda::vec4`; default on, CROSSCLR_FUSED_VEC4=off).
+    /// (`model::stgcn::fused_cuda::vec4`).
     pub fused_vec4: bool,
-    /// Whether train-mode forwards folded the temporal and residual convolutions' biases into the
-    /// following batch norms (`model::stgcn::layers::BatchNorm::folding`; default on CUDA only,
-    /// CROSSCLR_FOLD_BIAS=on|off).
-    pub fold_bias: bool,
-    /// Whether the aggregate-first blocks added the graph-convolution bias inside the 1×1 product
-    /// (`model::stgcn::aggregate::bias_in_product`; CROSSCLR_GCN_BIAS=gemm|add).
-    pub gcn_bias_in_product: bool,
     /// `PYTORCH_CUDA_ALLOC_CONF` (or `PYTORCH_ALLOC_CONF`) as this process saw it; the CLI sets
     /// `gpu::DEFAULT_CUDA_ALLOC_CONF` when the user set neither.
     pub cuda_alloc_conf: Option<String>,
@@ -363,6 +356,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
     let ms_mean = times.iter().sum::<f64>() / times.len() as f64;
     times.sort_by(|a, b| a.total_cmp(b));
     let ms_median = median(&times);
+    let kernels = cfg.kernels.resolved(device);
     let mode = match (cfg.step, cfg.graph) {
         (StepKind::Reference, _) => "reference",
         (StepKind::Fast, false) => "fast",
@@ -397,29 +391,19 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport> {
         peak_bytes,
         peak_reserved_bytes,
         peak_kind,
+        kernels,
         fused_cuda: crate::model::stgcn::fused_cuda::usable(device),
         fused_cuda_ops: crate::model::stgcn::fused_cuda::choices(),
-        view_streams: matches!(device, Device::Cuda(_))
-            && cfg.step == StepKind::Fast
-            && gpu::streams::enabled()
-            && gpu::shim_status() == gpu::ShimStatus::Cuda,
-        agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, device),
-        fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
-        fold_bias: crate::model::stgcn::layers::fold_bias_enabled(device),
-        gcn_bias_in_product: crate::model::stgcn::aggregate::bias_in_product(),
         side_streams: if matches!(device, Device::Cuda(_))
             && cfg.step == StepKind::Fast
-            && gpu::streams::enabled()
             && gpu::shim_status() == gpu::ShimStatus::Cuda
         {
-            gpu::streams::count_for(cfg.model.views())
+            kernels.view_streams.count(cfg.model.views())
         } else {
             0
         },
-        wgrad_stream: matches!(device, Device::Cuda(_))
-            && cfg.step == StepKind::Fast
-            && crate::model::stgcn::temporal_conv::on_by_default()
-            && gpu::shim_status() == gpu::ShimStatus::Cuda,
+        agg_pack: crate::model::stgcn::aggregate::packing(cfg.joints, kernels.agg_pack_on(device)),
+        fused_vec4: matches!(device, Device::Cuda(_)) && crate::model::stgcn::fused_cuda::vec4(),
         cuda_alloc_conf: std::env::var("PYTORCH_CUDA_ALLOC_CONF")
             .or_else(|_| std::env::var("PYTORCH_ALLOC_CONF"))
             .ok(),

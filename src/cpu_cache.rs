@@ -13,8 +13,9 @@
 //! Smaller blocks stay with glibc, whose trim threshold is raised so its heap is kept too. The
 //! process's resident memory therefore stays near its peak (like PyTorch's CUDA caching allocator).
 //!
-//! The binary installs it at start ([`install_from_env`]); `CROSSCLR_CPU_CACHE=off` disables it,
-//! `CROSSCLR_CPU_CACHE_MB` caps the cached bytes, `CROSSCLR_CPU_HUGE_PAGES=off` disables huge pages.
+//! The binary installs it at start ([`install`]) as the command's kernel options say
+//! (`crate::model::kernels::Kernels`): `kernels.cpu_cache=off` disables it, `kernels.cpu_cache_mb`
+//! caps the cached bytes, `kernels.cpu_huge_pages=off` disables huge pages.
 use crate::error::{Error, Result};
 
 /// Settings of the caching CPU allocator.
@@ -118,31 +119,6 @@ pub fn install(cfg: CpuCacheConfig) -> Result<()> {
             "the caching CPU allocator needs the C++ shim, which this build lacks".into(),
         ))
     }
-}
-
-/// Installs the allocator as the environment says (see the module docs); returns whether it is
-/// active. A failure is reported as an error, never silently ignored.
-pub fn install_from_env() -> Result<bool> {
-    let off = |name: &str| {
-        std::env::var(name)
-            .map(|v| matches!(v.trim(), "0" | "off" | "false" | "no"))
-            .unwrap_or(false)
-    };
-    if off("CROSSCLR_CPU_CACHE") {
-        return Ok(false);
-    }
-    let mut cfg = CpuCacheConfig::default();
-    if let Ok(mb) = std::env::var("CROSSCLR_CPU_CACHE_MB") {
-        let mb: usize = mb.trim().parse().map_err(|_| {
-            Error::config(format!(
-                "CROSSCLR_CPU_CACHE_MB must be a whole number of MiB, got {mb:?}"
-            ))
-        })?;
-        cfg.max_cached_bytes = mb << 20;
-    }
-    cfg.huge_pages = !off("CROSSCLR_CPU_HUGE_PAGES");
-    install(cfg)?;
-    Ok(is_active())
 }
 
 /// True when the caching allocator is libtorch's current CPU allocator.

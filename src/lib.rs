@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cpu_cache;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod gpu;

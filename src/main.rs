@@ -49,8 +49,10 @@ fn main() {
     // configured the CUDA allocator (less reserved memory with the step's side streams).
     crossclr::gpu::default_cuda_alloc_conf();
     // Before any tensor exists: reuse large CPU tensor blocks across steps (src/cpu_cache.rs).
-    if let Err(e) = crossclr::cpu_cache::install_from_env() {
-        eprintln!("warning: {e:#}; continuing with libtorch's default CPU allocator");
+    // `pretrain` and `bench` install it as their `kernels.cpu_cache*` keys say, after reading
+    // them; the other commands with the defaults.
+    if !matches!(cli.command, Command::Pretrain(_) | Command::Bench(_)) {
+        cli::install_cpu_cache(&Default::default());
     }
     let result = match cli.command {
         Command::Prepare(a) => cli::prepare::run(a),

@@ -266,3 +266,49 @@ fn loader_bench_pins_batches_on_cuda() {
         assert!(row["samples_per_s"].as_f64().unwrap() > 0.0);
     }
 }
+
+/// The step timing takes a config's `kernels.*` keys and reports the resolved set; another key,
+/// or a bad value, is refused with the key named.
+#[test]
+fn bench_takes_the_kernel_keys_of_a_config() {
+    let mut args = vec![
+        "--model",
+        "skeletonclr",
+        "--step",
+        "reference",
+        "--device",
+        "cpu",
+        "--json",
+        "kernels.fold_bias=on",
+        "kernels.stgcn=reference",
+        "kernels.cpu_cache=off",
+    ];
+    args.extend_from_slice(TINY);
+    let out = bench(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    let k = &v["kernels"];
+    assert_eq!(k["fold_bias"], "on");
+    assert_eq!(k["stgcn"], "reference");
+    assert_eq!(k["cpu_cache"], "off");
+    // `auto` resolved for the CPU.
+    assert_eq!(k["agg_pack"], "off");
+    assert_eq!(k["fused_bn"], "on");
+
+    let mut args = vec!["--device", "cpu", "batch_size=4"];
+    args.extend_from_slice(TINY);
+    let err = String::from_utf8_lossy(&bench(&args).stderr).to_string();
+    assert!(err.contains("only kernels.* keys"), "{err}");
+    let mut args = vec!["--device", "cpu", "kernels.fold_bias=sometimes"];
+    args.extend_from_slice(TINY);
+    let err = String::from_utf8_lossy(&bench(&args).stderr).to_string();
+    assert!(
+        err.contains("kernels.fold_bias") && err.contains("auto, on or off"),
+        "{err}"
+    );
+}

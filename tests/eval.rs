@@ -555,9 +555,10 @@ fn stream_view_is_computed_and_prefix_is_honoured() {
         (&got - joints).abs().max().double_value(&[]) > 1e-2 * scale,
         "motion stream must not see joints"
     );
-    // The default motion prefix is absent from this file: a clear error, not random weights.
+    // Without --prefix: the default motion prefix is absent from this file, and its only encoder
+    // is detected (the same weights as the explicit prefix).
     let streams = parse_streams("motion", &[]).unwrap();
-    let err = build_encoders(
+    let detected = build_encoders(
         WeightsSource::File(&ckpt),
         &streams,
         &layout,
@@ -565,9 +566,31 @@ fn stream_view_is_computed_and_prefix_is_honoured() {
         0.0,
         tch::Device::Cpu,
     )
+    .unwrap();
+    assert_eq!(detected[0].spec.prefix, "encoder_q.");
+    let again = tch::no_grad(|| detected[0].forward(&x, &layout, false));
+    assert_eq!((&again - &got).abs().max().double_value(&[]), 0.0);
+    // A file with two query encoders, neither the bone one: a clear error naming them, not
+    // random weights.
+    let two = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _j = StGcn::new(&(two.root() / "encoder_q"), &cfg, &layout);
+    let _m = StGcn::new(&(two.root() / "encoder_q_motion"), &cfg, &layout);
+    let two_path = dir.path().join("two.safetensors");
+    crossclr::model::weights::save_safetensors(&two, &two_path).unwrap();
+    let err = build_encoders(
+        WeightsSource::File(&two_path),
+        &parse_streams("bone", &[]).unwrap(),
+        &layout,
+        3,
+        0.0,
+        tch::Device::Cpu,
+    )
     .err()
     .unwrap();
-    assert!(err.to_string().contains("encoder_q_motion."), "{err}");
+    assert!(
+        err.to_string().contains("'encoder_q_motion.'") && err.to_string().contains("--prefix"),
+        "{err}"
+    );
     // Keyed prefixes.
     let s = parse_streams("joint,bone", &["bone=encoder_q.".to_string()]).unwrap();
     assert_eq!(
@@ -1130,4 +1153,46 @@ fn cli_baseline_random_matches_weights_none() {
     assert_eq!(kb["results"], kn["results"]);
     assert_eq!(k["baseline_random"]["results"], kn["results"]);
     assert!(kn.get("baseline_random").is_none());
+}
+
+/// `embed` on a SkeletonCLR-style file (query and key encoders, as `pretrain` writes) without
+/// `--prefix`: the joint query encoder is detected and named, and its features are written.
+#[test]
+fn embed_detects_the_query_encoder_of_a_pretrain_checkpoint() {
+    use crossclr::model::stgcn::{StGcn, StGcnConfig};
+    let layout = crossclr::data::Layout::ntu25();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cfg = StGcnConfig {
+        hidden_channels: 4,
+        hidden_dim: 16,
+        ..Default::default()
+    };
+    let _q = StGcn::new(&(vs.root() / "encoder_q"), &cfg, &layout);
+    let _k = StGcn::new(&(vs.root() / "encoder_k"), &cfg, &layout);
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("last.safetensors");
+    crossclr::model::weights::save_safetensors(&vs, &weights).unwrap();
+    let input = dir.path().join("x.npy");
+    let x: Vec<f32> = (0..2 * 3 * 8 * 25 * 2)
+        .map(|i| (i % 7) as f32 * 0.1)
+        .collect();
+    crossclr::data::npy::write_f32(&input, &[2, 3, 8, 25, 2], &x).unwrap();
+    let output = dir.path().join("f.npy");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["embed", "--weights"])
+        .arg(&weights)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("encoder 'encoder_q.'") && stderr.contains("query encoder"),
+        "{stderr}"
+    );
+    let (shape, _) = crossclr::data::npy::mmap_f32(&output).unwrap();
+    assert_eq!(shape, vec![2, 16]);
 }

@@ -38,17 +38,6 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn fast_step_matches_reference_step() {
-    fast_step_matches_reference(false);
-}
-
-/// The same with the temporal convolutions' weight gradients deferred to the join after backward
-/// (`model::stgcn::temporal_conv`; on the CPU they are parked without a stream).
-#[test]
-fn fast_step_with_deferred_weight_gradients_matches_reference_step() {
-    fast_step_matches_reference(true);
-}
-
-fn fast_step_matches_reference(defer_wgrad: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if crossclr::gpu::shim_status() == ShimStatus::Missing {
         eprintln!("skipping: built without the C++ shim");
@@ -77,8 +66,6 @@ fn fast_step_matches_reference(defer_wgrad: bool) {
     )
     .unwrap();
     let mut fast = FastStep::new(&fast_model.model, 4, LR, SGD).unwrap();
-    fast.set_defer_wgrad(defer_wgrad);
-    assert_eq!(fast.defers_wgrad(), defer_wgrad);
     let cross_epoch = spec.cross.as_ref().unwrap().cross_epoch;
     // A phase-1 step, two phase-2 steps (motion-only EMA, CVC-KM), one more phase-1 step.
     for (i, epoch) in [1, cross_epoch + 1, cross_epoch + 1, 1]
@@ -144,13 +131,12 @@ fn fast_step_rejects_wrong_batches() {
     assert!(fast.step(&pre.model, &x, &x, false).is_err());
 }
 
-/// On a CUDA device (skipped without one): the step with the temporal convolutions' weight
-/// gradients on their own stream (`model::stgcn::temporal_conv`) gives the same losses and states
-/// as the step without, eagerly (2 steps) and captured in a CUDA graph (3 warm-up steps + 2
-/// replays), side streams on, TF32 off. A missing join or a race on the weight-gradient stream
-/// would show as different parameters.
+/// On a CUDA device (skipped without one): the step with one side stream per pass
+/// (`kernels.view_streams=passes`) gives the same losses and states as the step on one stream
+/// (`off`), eagerly (2 steps) and captured in a CUDA graph (3 warm-up steps + 2 replays), TF32
+/// off. A missing join or a race between the streams would show as different parameters.
 #[test]
-fn deferred_weight_gradients_on_cuda_match() {
+fn side_streams_on_cuda_match_one_stream() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !cuda_ready() {
         return;
@@ -173,13 +159,21 @@ fn deferred_weight_gradients_on_cuda_match() {
             )
         })
         .collect();
-    let run = |defer: bool| -> (Vec<f64>, Vec<(String, Tensor)>) {
+    let run = |side_streams: bool| -> (Vec<f64>, Vec<(String, Tensor)>) {
+        use crossclr::model::kernels::{Kernels, ViewStreams};
         tch::manual_seed(7);
-        let pre =
+        let mut pre =
             Pretrainer::new(&spec, &layout, device, LR, SGD.momentum, SGD.weight_decay).unwrap();
+        pre.model.set_kernels(Kernels {
+            view_streams: if side_streams {
+                ViewStreams::Passes
+            } else {
+                ViewStreams::Off
+            },
+            ..Kernels::for_device(device)
+        });
         let mut step = FastStep::new(&pre.model, batch, LR, SGD).unwrap();
-        step.set_defer_wgrad(defer);
-        assert_eq!(step.defers_wgrad(), defer);
+        assert_eq!(step.uses_side_streams(), side_streams);
         let mut losses = Vec::new();
         for (i, (xq, xk)) in inputs[..2].iter().enumerate() {
             tch::manual_seed(1000 + i as i64);
@@ -217,7 +211,7 @@ fn deferred_weight_gradients_on_cuda_match() {
     let _ = run(true);
     let (loss_a, state_a) = run(false);
     let (loss_b, state_b) = run(true);
-    eprintln!("losses without / with deferred weight gradients: {loss_a:?} / {loss_b:?}");
+    eprintln!("losses on one stream / on side streams: {loss_a:?} / {loss_b:?}");
     for (i, (a, b)) in loss_a.iter().zip(&loss_b).enumerate() {
         assert!(
             (a - b).abs() < 1e-4 * a.abs().max(1.0),
@@ -238,7 +232,7 @@ fn packed_aggregation_on_cuda_matches() {
     }
     use crossclr::model::stgcn::aggregate;
     let device = Device::Cuda(0);
-    assert_eq!(aggregate::packing(25, device), 4);
+    assert_eq!(aggregate::packing(25, true), 4);
     tch::manual_seed(9);
     let opts = (Kind::Float, device);
     let rows = 16 * 256 * 50;
@@ -250,7 +244,7 @@ fn packed_aggregation_on_cuda_matches() {
             x.detach().set_requires_grad(true),
             g.detach().set_requires_grad(true),
         );
-        let z = aggregate::packed(&x, &g, pack);
+        let z = aggregate::packed(&x, &g, pack, true);
         (&z * &dz).sum(Kind::Float).backward();
         [z.detach(), x.grad(), g.grad()]
     };
@@ -268,7 +262,7 @@ fn packed_aggregation_on_cuda_matches() {
 }
 
 /// On a CUDA device (skipped without one): the device-time timing of the fused-vs-tch choice
-/// (`CROSSCLR_FUSED_CHOICE=graph`) captures and replays both implementations, leaves the model's
+/// (the default, CUDA-graph timing) captures and replays both implementations, leaves the model's
 /// batch norm untouched and frees everything it allocated.
 #[test]
 fn graph_timed_choice_on_cuda() {

@@ -18,7 +18,8 @@
 use crossclr::data::layout::Layout;
 use crossclr::model::graph;
 use crossclr::model::head;
-use crossclr::model::stgcn::{Aggregation, Formulation, StGcn, StGcnConfig};
+use crossclr::model::kernels::{Kernels, StGcnForm};
+use crossclr::model::stgcn::{StGcn, StGcnConfig};
 use crossclr::model::weights;
 use std::collections::HashMap;
 use std::io::Read;
@@ -130,11 +131,19 @@ fn load_official(dir: &Path) -> Official {
     Official { vs, net, fc, npz }
 }
 
-const VARIANTS: [(Formulation, Aggregation); 3] = [
-    (Formulation::Reference, Aggregation::Auto),
-    (Formulation::ChannelMajor, Aggregation::ConvFirst),
-    (Formulation::ChannelMajor, Aggregation::AggFirst),
+const VARIANTS: [StGcnForm; 3] = [
+    StGcnForm::Reference,
+    StGcnForm::ConvFirst,
+    StGcnForm::AggFirst,
 ];
+
+/// The CPU defaults with `form`.
+fn kernels(form: StGcnForm) -> Kernels {
+    Kernels {
+        stgcn: form,
+        ..Kernels::for_device(tch::Device::Cpu)
+    }
+}
 
 #[test]
 fn pt_reader_matches_npz_parameters() {
@@ -194,16 +203,15 @@ fn eval_features_and_outputs_match() {
             v.copy_(&earlier);
         }
     });
-    for (f, a) in VARIANTS {
-        o.net.set_formulation(f);
-        o.net.set_aggregation(a);
+    for f in VARIANTS {
+        o.net.set_kernels(kernels(f));
         let feats = tch::no_grad(|| o.net.forward(x, false));
         let out = tch::no_grad(|| o.fc.forward(&feats));
         let df = max_abs_diff(&feats, &o.npz["eval_features256"]);
         let dout = max_abs_diff(&out, &o.npz["eval_output"]);
         assert!(
             df < 1e-5 && dout < 1e-5,
-            "{f:?}/{a:?}: features diff {df}, output diff {dout}"
+            "{f:?}: features diff {df}, output diff {dout}"
         );
     }
 }
@@ -213,12 +221,11 @@ fn train_outputs_match() {
     let Some(dir) = fixture_dir() else { return };
     let mut o = load_official(&dir);
     let x = &o.npz["input"];
-    for (f, a) in VARIANTS {
-        o.net.set_formulation(f);
-        o.net.set_aggregation(a);
+    for f in VARIANTS {
+        o.net.set_kernels(kernels(f));
         let out = tch::no_grad(|| o.fc.forward(&o.net.forward(x, true)));
         let d = max_abs_diff(&out, &o.npz["train_output"]);
-        assert!(d < 1e-5, "{f:?}/{a:?}: train output diff {d}");
+        assert!(d < 1e-5, "{f:?}: train output diff {d}");
     }
     let nbt = o.vs.variables()["st_gcn_networks.9.tcn.3.num_batches_tracked"].int64_value(&[]);
     assert_eq!(
@@ -257,9 +264,8 @@ fn gradients_match_in_float64() {
     o.vs.double();
     let x = o.npz["input"].to_kind(Kind::Double);
     let w = o.npz["train_output_weight"].to_kind(Kind::Double);
-    for (f, a) in VARIANTS {
-        o.net.set_formulation(f);
-        o.net.set_aggregation(a);
+    for f in VARIANTS {
+        o.net.set_kernels(kernels(f));
         o.vs.trainable_variables()
             .iter_mut()
             .for_each(|t| t.zero_grad());
@@ -268,7 +274,7 @@ fn gradients_match_in_float64() {
         (out * &w).sum(Kind::Double).backward();
         // Absolute floor: the biases of convolutions followed by batch norm have a true gradient
         // of 0; the fixture holds float32 noise of about 1e-5 there.
-        check_gradients(&o, 1e-4, 2e-5, &format!("{f:?}/{a:?} float64"));
+        check_gradients(&o, 1e-4, 2e-5, &format!("{f:?} float64"));
     }
 }
 
@@ -278,7 +284,7 @@ fn gradients_match_in_float32_loosely() {
     let mut o = load_official(&dir);
     let x = o.npz["input"].shallow_clone();
     let w = o.npz["train_output_weight"].shallow_clone();
-    o.net.set_formulation(Formulation::ChannelMajor);
+    o.net.set_kernels(kernels(StGcnForm::AggFirst));
     let out = o.fc.forward(&o.net.forward(&x, true));
     (out * &w).sum(Kind::Float).backward();
     check_gradients(&o, 1e-2, 1e-4, "float32");

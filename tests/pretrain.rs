@@ -702,3 +702,43 @@ fn knn_monitor_runs() {
     );
     assert!(dir.path().join("diagnostics.png").exists());
 }
+
+/// The `kernels:` block: dotted overrides reach the encoders, the work_dir's config.yaml holds the
+/// set resolved for the device (no `auto` left) and loads back as a config, the log says which
+/// kernels ran, and two forms of the same function train to the same losses (dropout off: the
+/// reference form draws its dropout mask differently from the fused tail).
+#[test]
+fn kernels_are_resolved_written_and_used() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let common = ["num_epoch=1", "model_args.dropout=0.0"];
+    let forced = [
+        &common[..],
+        &["kernels.stgcn=reference", "kernels.fold_bias=on"],
+    ]
+    .concat();
+    let sa = run_with(&tiny_config("skeletonclr", a.path(), &forced), &opts(&ds)).unwrap();
+    let sb = run_with(&tiny_config("skeletonclr", b.path(), &common), &opts(&ds)).unwrap();
+    let (la, lb) = (sa.records[0].loss, sb.records[0].loss);
+    assert!((la - lb).abs() < 1e-3 * lb.abs(), "{la} vs {lb}");
+
+    let written = PretrainConfig::load(&a.path().join("config.yaml"), &[]).unwrap();
+    let k = written.kernels;
+    assert_eq!(k.stgcn, crossclr::model::kernels::StGcnForm::Reference);
+    assert_eq!(k.fold_bias, crossclr::model::kernels::Switch::On);
+    assert_eq!(
+        k,
+        k.resolved(Device::Cpu),
+        "config.yaml holds the resolved set"
+    );
+    let text = std::fs::read_to_string(b.path().join("config.yaml")).unwrap();
+    let block = &text[text.find("kernels:").expect("a kernels block")..];
+    assert!(!block.contains("auto"), "{block}");
+    assert!(block.contains("fold_bias: off"), "CPU default: {block}");
+    let log = std::fs::read_to_string(a.path().join("log.txt")).unwrap();
+    assert!(
+        log.contains("kernels: stgcn=reference fold_bias=on"),
+        "{log}"
+    );
+}

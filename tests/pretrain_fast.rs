@@ -168,10 +168,11 @@ fn fast_resume_is_exact() {
             .max()
             .double_value(&[]);
         assert!(d <= 1e-6, "{na} differs by {d}");
-        // With CROSSCLR_FOLD_BIAS=on the biases of the temporal and residual convolutions are
+        // With kernels.fold_bias on the biases of the temporal and residual convolutions are
         // folded into their batch norms: their gradient is exactly zero (float noise in
         // PyTorch), so from their initial value 0 their momentum stays 0.
-        let folded = crossclr::model::stgcn::layers::fold_bias_enabled(tch::Device::Cpu)
+        let folded = crossclr::model::kernels::Kernels::for_device(tch::Device::Cpu)
+            .fold_bias_on(tch::Device::Cpu)
             && (na.ends_with("tcn.2.bias") || na.ends_with("residual.0.bias"));
         if na.starts_with("momentum_buffer.") && !folded {
             momentum += 1;

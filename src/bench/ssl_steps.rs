@@ -77,7 +77,7 @@ pub(super) fn build(
     example: &(Tensor, Tensor),
 ) -> Result<Box<dyn StepRunner>> {
     let spec = spec(cfg);
-    let pre = Pretrainer::new(
+    let mut pre = Pretrainer::new(
         &spec,
         layout,
         cfg.device,
@@ -85,6 +85,7 @@ pub(super) fn build(
         SGD.momentum,
         SGD.weight_decay,
     )?;
+    pre.model.set_kernels(cfg.kernels.resolved(cfg.device));
     let cross = cfg.phase == 2;
     match (cfg.step, cfg.graph) {
         (StepKind::Reference, _) => {

@@ -3,6 +3,7 @@
 use clap::ValueEnum;
 use crossclr::bench::loader::{self as loader_bench, DataSource, LoaderBenchConfig, PinChoice};
 use crossclr::bench::{self, BenchConfig, BenchModel, StepKind, Tf32};
+use crossclr::model::kernels::Kernels;
 use crossclr::train::config::{ModelKind, PretrainConfig};
 use std::path::{Path, PathBuf};
 
@@ -115,8 +116,9 @@ pub struct Args {
     /// follow as for `crossclr pretrain` (e.g. `batch_size=64 seed=1`).
     #[arg(long, short = 'c', requires = "loader", conflicts_with = "model")]
     config: Option<PathBuf>,
-    /// --loader: key=value overrides of the config (dotted keys, YAML values).
-    #[arg(requires = "loader")]
+    /// Dotted key=value overrides, YAML values. Step timing: the kernel levers of a config's
+    /// `kernels:` block (`kernels.fold_bias=off kernels.stgcn=reference ...`, see
+    /// `crossclr::model::kernels`). --loader: any key of the config.
     overrides: Vec<String>,
     /// --loader: a `crossclr synth` output folder to read (train split, memory-mapped), instead
     /// of the config's dataset.
@@ -215,7 +217,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         profile: args.profile.clone(),
         profile_steps: args.profile_steps,
+        kernels: step_kernels(&args.overrides)?,
     };
+    super::install_cpu_cache(&cfg.kernels);
     let report = bench::run(&cfg)?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -223,6 +227,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", report.summary());
     }
     Ok(())
+}
+
+/// The kernel levers of the step timing: the `kernels.*` overrides applied to the defaults, parsed
+/// and checked as a config file's `kernels:` block (errors name the key).
+fn step_kernels(overrides: &[String]) -> anyhow::Result<Kernels> {
+    if let Some(other) = overrides
+        .iter()
+        .find(|o| !o.trim_start().starts_with("kernels."))
+    {
+        anyhow::bail!(
+            "bench: override '{other}': step timing takes only kernels.* keys (any config key \
+             needs --loader)"
+        );
+    }
+    let defaults = PretrainConfig::default().to_yaml()?;
+    let cfg = PretrainConfig::from_text(
+        &defaults,
+        false,
+        Path::new("<crossclr bench overrides>"),
+        overrides,
+    )?;
+    Ok(cfg.kernels)
 }
 
 /// The model kind of the default config for `--model`.

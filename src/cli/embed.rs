@@ -19,8 +19,9 @@ pub struct Args {
     /// Output `.npy` `(N, D)` float32.
     #[arg(long)]
     pub output: PathBuf,
-    /// Key prefix of the encoder in the weights (e.g. `encoder_q.`, `encoder_q_bone.`); none by
-    /// default. `module.` is removed automatically.
+    /// Key prefix of the encoder in the weights (e.g. `encoder_q.`, `encoder_q_bone.`, `""` for a
+    /// bare encoder). Default: detected from the file as in every command (the joint query
+    /// encoder, the only encoder, or the only query encoder). `module.` is removed automatically.
     #[arg(long)]
     pub prefix: Option<String>,
     /// `features` (pooled backbone output, hidden_dim wide) or `projection` (the `fc` head).
@@ -52,6 +53,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device,
         layer == EmbedLayer::Projection,
     )?;
+    if let Some(why) = enc.detected {
+        eprintln!(
+            "encoder '{}' of {} ({why}; --prefix chooses another)",
+            enc.prefix,
+            args.weights.display()
+        );
+    }
     let (shape, data) = npy::mmap_f32(&args.input)?;
     let data = data.as_slice();
     if shape.len() != 5

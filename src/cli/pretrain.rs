@@ -78,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         all.extend(args.overrides.iter().cloned());
         cfg = PretrainConfig::load(&args.config, &all)?;
     }
+    super::install_cpu_cache(&cfg.kernels);
     if let Some(d) = &args.device {
         crossclr::device::parse_device(d)?;
     }

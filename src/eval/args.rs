@@ -249,8 +249,10 @@ pub struct EncoderArgs {
     #[arg(long, default_value = "joint")]
     pub streams: String,
     /// Key prefix of each stream's encoder in the weights: one per stream in order (`encoder_q.`)
-    /// or `stream=prefix` (repeatable). Defaults: joint `encoder_q.`, motion `encoder_q_motion.`,
-    /// bone `encoder_q_bone.`. A SkeletonCLR trained on motion: `--streams motion --prefix encoder_q.`
+    /// or `stream=prefix` (repeatable). Default: detected from the file, the same way in every
+    /// command: the stream's query encoder (joint `encoder_q.`, motion `encoder_q_motion.`, bone
+    /// `encoder_q_bone.`), else the file's only encoder or only query encoder (a SkeletonCLR
+    /// trained on motion, `--streams motion`, reads its `encoder_q.`); the choice is printed.
     #[arg(long = "prefix")]
     pub prefixes: Vec<String>,
     /// Hidden channels of a random encoder (`--weights none`); files give their own.

@@ -3,13 +3,15 @@
 //! initialised (`--weights none`: the supervised-from-scratch baseline of fine-tuning).
 //!
 //! A stream's input is computed from the joint data with [`apply_view`], as the official CrosSCLR
-//! model does; so a SkeletonCLR pre-trained on motion is evaluated with `--streams motion --prefix
-//! encoder_q.` and really sees motion (the official linear evaluation silently feeds it joints).
+//! model does; so a SkeletonCLR pre-trained on motion is evaluated with `--streams motion` (its
+//! only query encoder, `encoder_q.`, is found in the file; [`crate::model::weights::prefix`]) and
+//! really sees motion (the official linear evaluation silently feeds it joints).
 use crate::data::layout::Layout;
 use crate::data::views::{apply_view, View};
 use crate::error::{Error, Result};
 use crate::model::graph::NUM_PARTITIONS;
 use crate::model::stgcn::{StGcn, StGcnConfig};
+use crate::model::weights::prefix::{detect_prefix, encoder_prefixes};
 use crate::model::weights::{encoder::infer_config, load_into, read_state_dict};
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,8 +22,13 @@ use tch::{Device, Tensor};
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct StreamSpec {
     pub view: View,
-    /// e.g. `encoder_q.`, `encoder_q_motion.`.
+    /// e.g. `encoder_q.`, `encoder_q_motion.`: given with `--prefix`, else the view's default
+    /// until [`build_encoders`] detects the encoder in the file
+    /// ([`crate::model::weights::prefix`]).
     pub prefix: String,
+    /// Whether `prefix` was given (`--prefix`); if not, it is detected from the weights file.
+    #[serde(skip)]
+    pub given: bool,
 }
 
 impl StreamSpec {
@@ -63,6 +70,7 @@ pub fn parse_streams(streams: &str, prefixes: &[String]) -> Result<Vec<StreamSpe
         .map(|&view| StreamSpec {
             view,
             prefix: default_prefix(view).to_string(),
+            given: false,
         })
         .collect();
     let keyed = prefixes.iter().any(|p| p.contains('='));
@@ -78,6 +86,7 @@ pub fn parse_streams(streams: &str, prefixes: &[String]) -> Result<Vec<StreamSpe
                 Error::config(format!("--prefix {p}: stream {view} is not in --streams"))
             })?;
             spec.prefix = prefix.to_string();
+            spec.given = true;
         }
     } else if !prefixes.is_empty() {
         if prefixes.len() != specs.len() {
@@ -89,6 +98,7 @@ pub fn parse_streams(streams: &str, prefixes: &[String]) -> Result<Vec<StreamSpe
         }
         for (s, p) in specs.iter_mut().zip(prefixes) {
             s.prefix = p.clone();
+            s.given = true;
         }
     }
     Ok(specs)
@@ -141,6 +151,20 @@ pub fn build_encoders(
     };
     let mut out = Vec::new();
     for spec in streams {
+        let mut spec = spec.clone();
+        if let (WeightsSource::File(path), Some(tensors), false) = (&source, &tensors, spec.given) {
+            let found = encoder_prefixes(tensors.iter().map(|(k, _)| k.as_str()));
+            let d = detect_prefix(&found, &spec.prefix)
+                .map_err(|e| Error::input(path, format!("stream {}", spec.name()), e))?;
+            eprintln!(
+                "stream {}: encoder '{}' of {} ({}; --prefix chooses another)",
+                spec.name(),
+                d.prefix,
+                path.display(),
+                d.reason
+            );
+            spec.prefix = d.prefix;
+        }
         let config = match (&source, &tensors) {
             (WeightsSource::File(path), Some(tensors)) => {
                 let stripped: Vec<(String, &Tensor)> = tensors

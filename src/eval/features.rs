@@ -235,9 +235,9 @@ impl FeatureSet {
     pub fn save(&self, dir: &Path, split: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         for (s, f) in self.streams.iter().zip(&self.features) {
-            crate::eval::report::write_matrix(&dir.join(format!("features_{split}_{s}.npy")), f)?;
+            crate::eval::files::write_matrix(&dir.join(format!("features_{split}_{s}.npy")), f)?;
         }
-        crate::eval::report::write_lines(&dir.join(format!("names_{split}.txt")), &self.names)
+        crate::eval::files::write_lines(&dir.join(format!("names_{split}.txt")), &self.names)
     }
 
     /// The same samples with `num_classes` raised to `k` (e.g. the maximum over train and test).

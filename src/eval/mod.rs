@@ -3,6 +3,7 @@ pub mod args;
 pub mod encoder;
 pub mod ensemble;
 pub mod features;
+pub mod files;
 pub mod finetune;
 pub mod knn;
 pub mod linear;

@@ -23,7 +23,6 @@ use super::ops::{ema_, FusedSgd, SgdConfig};
 use super::streams::SideStreams;
 use crate::data::views::{motion, View};
 use crate::error::{Error, Result};
-use crate::model::stgcn::temporal_conv::{self, WgradScope};
 use crate::ssl::model::SslModel;
 use tch::{Device, Kind, Tensor};
 
@@ -44,11 +43,9 @@ pub struct FastStep {
     params: Vec<Tensor>,
     /// Names of `params` (the model's `trainable()` names, sorted: `train::sgd::Sgd`'s order).
     names: Vec<String>,
-    /// Side streams for the query and key passes of each view (CUDA only; [`SideStreams`]).
+    /// Side streams for the query and key passes of each view (CUDA only; [`SideStreams`], as
+    /// many as the model's `kernels.view_streams` asks).
     streams: Option<SideStreams>,
-    /// Whether the temporal convolutions' weight gradients are deferred to their own stream
-    /// ([`temporal_conv`]; CUDA only by default).
-    defer_wgrad: bool,
 }
 
 /// The losses of one step, detached, on the model's device (no host sync).
@@ -93,7 +90,10 @@ impl FastStep {
             .collect();
         let (names, params): (Vec<String>, Vec<Tensor>) = model.trainable().into_iter().unzip();
         let opt = FusedSgd::new(&params, lr, sgd)?;
-        let streams = SideStreams::new(device, super::streams::count_for(model.branches.len()))?;
+        let streams = SideStreams::new(
+            device,
+            model.kernels.view_streams.count(model.branches.len()),
+        )?;
         Ok(FastStep {
             device,
             batch,
@@ -106,21 +106,7 @@ impl FastStep {
             params,
             names,
             streams,
-            defer_wgrad: device.is_cuda() && temporal_conv::on_by_default(),
         })
-    }
-
-    /// Turns the deferred weight gradients of the temporal convolutions on or off (off by
-    /// default: measured no faster on an H200; `CROSSCLR_WGRAD_STREAM=on` turns them on for CUDA
-    /// steps). Has no effect when [`temporal_conv::enabled`] is false.
-    pub fn set_defer_wgrad(&mut self, on: bool) {
-        self.defer_wgrad = on && temporal_conv::enabled();
-    }
-
-    /// Whether the temporal convolutions' weight gradients are deferred (see
-    /// [`FastStep::set_defer_wgrad`]).
-    pub fn defers_wgrad(&self) -> bool {
-        self.defer_wgrad
     }
 
     /// Sets the learning rate (device-side; valid across graph replays).
@@ -276,13 +262,6 @@ impl FastStep {
                 )
             })
         };
-        // While the scope lives, each temporal convolution's weight gradient is computed on its
-        // own stream in backward and handed to `.grad` by the join below.
-        let wgrad = if self.defer_wgrad {
-            WgradScope::enter()?
-        } else {
-            None
-        };
         // Queries then keys, in view order (the reference's issue order, so the same dropout draws),
         // each on its own side stream when the device has them.
         let mut passes = match &self.streams {
@@ -302,9 +281,6 @@ impl FastStep {
         if let Some(streams) = &self.streams {
             // Autograd ran each view's backward on its forward's stream; the update reads all grads.
             streams.join_all()?;
-        }
-        if let Some(scope) = &wgrad {
-            scope.join()?;
         }
         self.opt.step()?;
         tch::no_grad(|| -> Result<()> {
@@ -327,7 +303,7 @@ impl FastStep {
         self.streams.is_some()
     }
 
-    /// Number of side streams the passes run on (0 without; [`super::streams::count_for`]).
+    /// Number of side streams the passes run on (0 without; `kernels.view_streams`).
     pub fn side_stream_count(&self) -> usize {
         self.streams.as_ref().map_or(0, SideStreams::len)
     }

@@ -7,41 +7,11 @@
 //! into edges of the graph (branches that run in parallel on replay).
 //!
 //! Host issue order is unchanged (task 0, 1, ... in order), so random draws (dropout) are the same
-//! as on one stream. `CROSSCLR_VIEW_STREAMS=off` turns the side streams off; by default a view's
-//! query and key pass share one side stream (`passes`: one stream per pass; see [`count_for`]).
+//! as on one stream. How many streams a step uses is the lever `kernels.view_streams`
+//! (`crate::model::kernels::ViewStreams`: one per view by default, one per pass, or none).
 use super::ffi;
 use crate::error::Result;
 use tch::{Device, Tensor};
-
-/// Whether the step may use side streams (`CROSSCLR_VIEW_STREAMS`, default on).
-pub fn enabled() -> bool {
-    !matches!(
-        std::env::var("CROSSCLR_VIEW_STREAMS").as_deref(),
-        Ok("off") | Ok("0") | Ok("false")
-    )
-}
-
-/// How many side streams a step over `views` views asks for: one per view, shared by its query and
-/// key pass (at least 2, so SkeletonCLR keeps its two; the default), or with
-/// `CROSSCLR_VIEW_STREAMS=passes` one per pass (`2 × views`). Each stream keeps its own cache of
-/// freed blocks in the CUDA graph's pool, so fewer streams reserve less memory at some loss of
-/// overlap. Measured on an H100 (2026-11-27, same call, CrosSCLR-3 at batch 128, graph step):
-/// one per view 41.27 / 43.70 ms (phase 1 / 2) and 7920 / 8360 MiB peak reserved, one per pass
-/// 40.34 / 42.89 ms and 8792 / 9232 MiB, against PyTorch eager's 8480 / 8478 MiB: one per view
-/// is the default because it keeps the reserved memory below PyTorch's for 2 % of the step.
-pub fn count_for(views: usize) -> usize {
-    count_for_mode(
-        std::env::var("CROSSCLR_VIEW_STREAMS").ok().as_deref(),
-        views,
-    )
-}
-
-fn count_for_mode(mode: Option<&str>, views: usize) -> usize {
-    match mode {
-        Some("passes") => 2 * views,
-        _ => views.max(2),
-    }
-}
 
 /// One CUDA stream (an owned handle to a `c10::cuda::CUDAStream`).
 pub struct Stream {
@@ -124,13 +94,13 @@ pub struct SideStreams {
 }
 
 impl SideStreams {
-    /// `n` streams from libtorch's pool on `device`; `None` on the CPU, for `n < 2`, when
-    /// [`enabled`] says off, or when the shim has no CUDA half.
+    /// `n` streams from libtorch's pool on `device`; `None` on the CPU, for `n < 2` (the lever
+    /// `kernels.view_streams=off` asks for 0), or when the shim has no CUDA half.
     pub fn new(device: Device, n: usize) -> Result<Option<Self>> {
         let Device::Cuda(index) = device else {
             return Ok(None);
         };
-        if n < 2 || !enabled() || super::shim_status() != super::ShimStatus::Cuda {
+        if n < 2 || super::shim_status() != super::ShimStatus::Cuda {
             return Ok(None);
         }
         #[cfg(not(crossclr_no_shim))]
@@ -229,20 +199,5 @@ impl SideStreams {
             let _ = (n, inputs, &mut task);
             Err(ffi::no_shim("SideStreams::fork_join"))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::count_for_mode;
-
-    #[test]
-    fn one_stream_per_view_unless_asked_for_one_per_pass() {
-        assert_eq!(count_for_mode(None, 3), 3);
-        assert_eq!(count_for_mode(Some("on"), 1), 2);
-        assert_eq!(count_for_mode(Some("views"), 3), 3);
-        assert_eq!(count_for_mode(Some("views"), 1), 2);
-        assert_eq!(count_for_mode(Some("passes"), 3), 6);
-        assert_eq!(count_for_mode(Some("passes"), 1), 2);
     }
 }

@@ -6,16 +6,19 @@
 //! `edge_importance.{i}`; batch-norm running statistics and `num_batches_tracked` are
 //! non-trainable variables (saved and loaded, never optimised).
 //!
-//! Two formulations compute the same function (to float rounding):
-//! - [`Formulation::Reference`]: the official data layout `(N·M, C, T, V)`, 1×1 convolution then
+//! Which code computes a forward is the encoder's [`Kernels`] (set once, [`StGcn::set_kernels`];
+//! default: the measured best for the variables' device). Its forms compute the same function
+//! (to float rounding):
+//! - [`StGcnForm::Reference`]: the official data layout `(N·M, C, T, V)`, 1×1 convolution then
 //!   `einsum("nkctv,kvw->nctw")`, `(9,1)` convolutions.
-//! - [`Formulation::ChannelMajor`] (default, faster on the CPU): activations are kept as
-//!   `(1, C, N·M, T, V)`. Every 1×1 convolution is then one matrix product `(C_out, C_in) @
-//!   (C_in, N·M·T·V)` without any permute, batch norm works on the same tensor, and the temporal
-//!   convolution is a `(1, 9, 1)` 3-D convolution over it. The graph aggregation multiplies the
-//!   joint axis by `A ⊙ E` (see [`Aggregation`]).
+//! - the channel-major forms (default [`StGcnForm::AggFirst`], faster on the CPU and CUDA):
+//!   activations are kept as `(1, C, N·M, T, V)`. Every 1×1 convolution is then one matrix
+//!   product `(C_out, C_in) @ (C_in, N·M·T·V)` without any permute, batch norm works on the same
+//!   tensor, and the temporal convolution is a `(1, 9, 1)` 3-D convolution over it. The graph
+//!   aggregation multiplies the joint axis by `A ⊙ E`, before or after the 1×1 product.
 use crate::data::layout::Layout;
 use crate::model::graph;
+pub use crate::model::kernels::{Kernels, StGcnForm};
 use serde::{Deserialize, Serialize};
 use tch::nn::Path;
 use tch::Tensor;
@@ -24,8 +27,8 @@ pub mod aggregate;
 mod dropout;
 mod fused_bn;
 pub mod fused_cuda;
+mod fused_entry;
 pub mod layers;
-pub mod temporal_conv;
 
 pub use dropout::dropout;
 use layers::{BatchNorm, Conv};
@@ -52,50 +55,6 @@ impl Default for StGcnConfig {
             edge_importance: true,
             temporal_kernel: 9,
         }
-    }
-}
-
-/// How a block is computed (all give the same numbers up to float rounding).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Formulation {
-    /// Official layout and einsum: the readable reference.
-    Reference,
-    /// Channel-major activations `(1, C, N·M, T, V)` (default; fewer copies on the CPU).
-    #[default]
-    ChannelMajor,
-}
-
-/// Order of the graph aggregation and the 1×1 convolution in the channel-major formulation
-/// (they commute: both are linear).
-///
-/// Measured on the 2-core CPU (batch 128 × 2 bodies × 50 frames, forward + backward, best of 3,
-/// process CPU seconds on a shared, busy machine, runs interleaved): PyTorch official 10.2-13.9,
-/// [`Formulation::Reference`] 11.1-11.8, `ConvFirst` 10.8, `Auto` 10.2, `AggFirst` 8.9-10.1,
-/// hence `AggFirst` is the default.
-/// (`cargo test --lib bench_formulations -- --ignored --nocapture`.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Aggregation {
-    /// `K` products `W_k x + b_k` (`C_out` channels each), then `sum_k y_k @ (A_k ⊙ E_k)`.
-    ConvFirst,
-    /// Aggregate the `C_in` input channels per partition first (`x @ (A_k ⊙ E_k)`), stack the
-    /// `K` results and apply one `(C_out, K·C_in)` product; the bias becomes
-    /// `Σ_k b_k · colsum(A_k ⊙ E_k)`. Fewest passes over memory; the default.
-    #[default]
-    AggFirst,
-    /// Aggregation first when `C_in < C_out`, convolution first otherwise.
-    Auto,
-}
-
-/// The formulation a new encoder uses: the environment variable `CROSSCLR_STGCN` (`reference`,
-/// `agg_first`, `conv_first`, `auto`) overrides the default, channel-major / aggregate-first, which
-/// was the fastest measured both on the 2-core CPU and on an H200 (26.8 vs 31.4 ms per SkeletonCLR
-/// step against the official layout, docs/results/h200_bench.jsonl).
-pub fn default_formulation() -> (Formulation, Aggregation) {
-    match std::env::var("CROSSCLR_STGCN").as_deref() {
-        Ok("reference") => (Formulation::Reference, Aggregation::Auto),
-        Ok("conv_first") => (Formulation::ChannelMajor, Aggregation::ConvFirst),
-        Ok("auto") => (Formulation::ChannelMajor, Aggregation::Auto),
-        _ => (Formulation::ChannelMajor, Aggregation::AggFirst),
     }
 }
 
@@ -136,15 +95,8 @@ pub struct StGcn {
     blocks: Vec<Block>,
     /// `edge_importance.{i}` `(K, V, V)`, ones at init; empty when disabled.
     edge_importance: Vec<Tensor>,
-    formulation: Formulation,
-    aggregation: Aggregation,
-    /// Fold the temporal and residual convolutions' biases into the following batch norms in
-    /// train mode (channel-major only; `layers::BatchNorm::folding`); `None`:
-    /// [`layers::fold_bias_enabled`] decides for the input's device (on CUDA, not on the CPU).
-    fold_bias: Option<bool>,
-    /// Add the graph convolution's bias inside the 1×1 product (aggregate-first only; see
-    /// [`aggregate::packed_with_colsums`]); `None`: [`aggregate::bias_in_product`] decides.
-    gcn_bias_in_product: Option<bool>,
+    /// Which code computes the forward (resolved for the variables' device at construction).
+    kernels: Kernels,
 }
 
 /// (C_in, C_out, stride, residual?) of the 10 blocks, as in the official `Model`.
@@ -217,17 +169,13 @@ impl StGcn {
         } else {
             Vec::new()
         };
-        let (formulation, aggregation) = default_formulation();
         StGcn {
             cfg: cfg.clone(),
             a,
             data_bn,
             blocks,
             edge_importance,
-            formulation,
-            aggregation,
-            fold_bias: None,
-            gcn_bias_in_product: None,
+            kernels: Kernels::for_device(p.device()),
         }
     }
 
@@ -240,39 +188,15 @@ impl StGcn {
         &self.cfg
     }
 
-    /// Chooses how blocks are computed (default [`Formulation::ChannelMajor`]).
-    pub fn set_formulation(&mut self, f: Formulation) {
-        self.formulation = f;
+    /// Chooses the code that computes forwards (see [`Kernels`]; the default is
+    /// [`Kernels::for_device`] of the variables' device).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
     }
 
-    /// Chooses the aggregation order of the channel-major formulation.
-    pub fn set_aggregation(&mut self, a: Aggregation) {
-        self.aggregation = a;
-    }
-
-    pub fn formulation(&self) -> Formulation {
-        self.formulation
-    }
-
-    /// Whether train-mode forwards of the channel-major formulation fold the temporal and
-    /// residual convolutions' biases into the following batch norms (same function; see
-    /// `layers::BatchNorm::folding`).
-    pub fn set_fold_bias(&mut self, on: bool) {
-        self.fold_bias = Some(on);
-    }
-
-    /// Whether train-mode forwards on `device` fold the biases (forced by [`Self::set_fold_bias`],
-    /// else [`layers::fold_bias_enabled`]).
-    pub fn fold_bias(&self, device: tch::Device) -> bool {
-        self.fold_bias
-            .unwrap_or_else(|| layers::fold_bias_enabled(device))
-    }
-
-    /// Forces where the aggregate-first block adds its graph-convolution bias: inside the 1×1
-    /// product (`Some(true)`), as a separate add (`Some(false)`), or as
-    /// [`aggregate::bias_in_product`] says (`None`, the default).
-    pub fn set_gcn_bias_in_product(&mut self, on: Option<bool>) {
-        self.gcn_bias_in_product = on;
+    /// The kernel choices forwards use.
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
     }
 
     /// `A ⊙ E_i` for block `i`, `(K, V, V)`.
@@ -299,33 +223,26 @@ impl StGcn {
             .permute([0, 4, 3, 1, 2])
             .contiguous()
             .view([n * m, v * c, t]);
-        let xb = self.data_bn.forward(&xb, train).view([n * m, v, c, t]);
-        match self.formulation {
-            Formulation::Reference => {
+        let kernels = &self.kernels;
+        let xb = self
+            .data_bn
+            .forward(&xb, train, kernels)
+            .view([n * m, v, c, t]);
+        match kernels.stgcn {
+            StGcnForm::Reference => {
                 let mut h = xb.permute([0, 2, 3, 1]).contiguous(); // (N·M, C, T, V)
                 for (i, b) in self.blocks.iter().enumerate() {
-                    h = b.forward_reference(&h, &self.graph_of(i), train);
+                    h = b.forward_reference(&h, &self.graph_of(i), train, kernels);
                 }
                 // avg-pool over (T', V), then mean over M.
                 h.mean_dim([2i64, 3].as_slice(), false, None)
                     .view([n, m, -1])
                     .mean_dim([1i64].as_slice(), false, None)
             }
-            Formulation::ChannelMajor => {
+            StGcnForm::AggFirst | StGcnForm::ConvFirst | StGcnForm::Auto => {
                 let mut h = xb.permute([2, 0, 3, 1]).contiguous().unsqueeze(0); // (1, C, N·M, T, V)
                 for (i, b) in self.blocks.iter().enumerate() {
-                    let fold = train && self.fold_bias(h.device());
-                    let bias_in_product = self
-                        .gcn_bias_in_product
-                        .unwrap_or_else(aggregate::bias_in_product);
-                    h = b.forward_channel_major(
-                        &h,
-                        &self.graph_of(i),
-                        train,
-                        fold,
-                        bias_in_product,
-                        self.aggregation,
-                    );
+                    h = b.forward_channel_major(&h, &self.graph_of(i), train, kernels);
                 }
                 let ch = h.size()[1];
                 // (1, C, N·M, T', V) -> mean over (T', V) -> (C, N, M) -> mean over M -> (N, C)
@@ -345,7 +262,7 @@ impl Block {
 
     // ---- Reference formulation: x (N·M, C, T, V) ----
 
-    fn forward_reference(&self, x: &Tensor, g: &Tensor, train: bool) -> Tensor {
+    fn forward_reference(&self, x: &Tensor, g: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
         let res = match &self.residual {
             Residual::None => None,
             Residual::Identity => Some(x.shallow_clone()),
@@ -358,7 +275,7 @@ impl Block {
                     [1, 1],
                     1,
                 );
-                Some(bn.forward(&r, train))
+                Some(bn.forward(&r, train, kernels))
             }
         };
         let s = x.size();
@@ -372,7 +289,7 @@ impl Block {
         );
         let y = y.view([s[0], self.k, self.c_out(), s[2], s[3]]);
         let y = Tensor::einsum("nkctv,kvw->nctw", &[&y, g], None::<i64>);
-        let y = self.bn1.forward(&y, train).relu();
+        let y = self.bn1.forward(&y, train, kernels).relu();
         let pad = (self.conv.weight.size()[2] - 1) / 2;
         let y = y.conv2d(
             &self.conv.weight,
@@ -382,7 +299,7 @@ impl Block {
             [1, 1],
             1,
         );
-        let y = dropout(&self.bn2.forward(&y, train), self.dropout, train);
+        let y = dropout(&self.bn2.forward(&y, train, kernels), self.dropout, train);
         match res {
             Some(r) => (y + r).relu(),
             None => y.relu(),
@@ -396,17 +313,16 @@ impl Block {
         x: &Tensor,
         g: &Tensor,
         train: bool,
-        fold: bool,
-        bias_in_product: bool,
-        agg: Aggregation,
+        kernels: &Kernels,
     ) -> Tensor {
         // With `fold` (train mode) the biases of the temporal and the residual convolutions are
         // folded into the batch norms that follow them (`BatchNorm::folding`): same outputs,
         // running statistics and parameter updates, two passes over the activation fewer per
         // convolution.
-        let y = self.aggregate(x, g, agg, bias_in_product);
-        let y = self.tcn(&y, train, fold);
-        self.add_residual(y, x, train, fold)
+        let fold = train && kernels.fold_bias_on(x.device());
+        let y = self.aggregate(x, g, kernels);
+        let y = self.tcn(&y, train, fold, kernels);
+        self.add_residual(y, x, train, fold, kernels)
     }
 
     /// `gcn`: 1×1 conv to K·C_out channels and graph aggregation with `g = A ⊙ E` `(K, V, W)`.
@@ -414,14 +330,14 @@ impl Block {
     ///
     /// Only 2-D matrix products on contiguous views: their backward passes need no copies
     /// (batched or broadcast products copy their transposed operands on the CPU).
-    fn aggregate(&self, x: &Tensor, g: &Tensor, agg: Aggregation, bias_in_product: bool) -> Tensor {
+    fn aggregate(&self, x: &Tensor, g: &Tensor, kernels: &Kernels) -> Tensor {
         let s = x.size();
         let (c_in, rows, t, v) = (s[1], s[2] * s[3], s[3], s[4]);
         let (k, c) = (self.k, self.c_out());
-        let agg_first = match agg {
-            Aggregation::ConvFirst => false,
-            Aggregation::AggFirst => true,
-            Aggregation::Auto => c_in < c,
+        let agg_first = match kernels.stgcn {
+            StGcnForm::ConvFirst => false,
+            StGcnForm::Auto => c_in < c,
+            StGcnForm::AggFirst | StGcnForm::Reference => true,
         };
         let w = self.gcn.matrix(); // (K·C, C_in), rows k·C + c
         let x2 = x.view([c_in * rows, v]);
@@ -432,42 +348,30 @@ impl Block {
             // out = W_c (C, K·C_in) @ z with W_c[c, (k, ci)] = weight[k·C + c, ci].
             // On CUDA, 4 rows of 25 joints are packed into one so that cuBLAS gets 16-byte
             // aligned rows (`aggregate::packed`).
-            let pack = aggregate::packing(v, x.device());
+            // The bias goes inside the product: z gets K rows of column sums per row block,
+            // [colsum_k[w] for each (row, w)], and W_c gets the bias b[k, c] as K more columns,
+            // so out = [W_c b] @ [z; S] without a pass over the output for the add nor one over
+            // its gradient for the bias gradient (a separate broadcast add was measured slower:
+            // H100 SkeletonCLR 18.19 vs 17.80 ms, CPU 1.03x the wall time).
+            // With packed rows (CUDA) `pad` zero rows / columns keep the weight operand's rows a
+            // multiple of 4 floats long (16-byte aligned for cuBLAS).
+            let pack = aggregate::packing(v, kernels.agg_pack_on(x.device()));
             let wc = w
                 .view([k, c, c_in])
                 .permute([1, 0, 2])
                 .reshape([c, k * c_in]);
-            if bias_in_product {
-                // The bias inside the product: z gets K rows of column sums per row block,
-                // [colsum_k[w] for each (row, w)], and W_c gets the bias b[k, c] as K more
-                // columns, so out = [W_c b] @ [z; S] without a pass over the output for the add
-                // nor one over its gradient for the bias gradient.
-                // With packed rows (CUDA) `pad` zero rows / columns keep the weight operand's
-                // rows a multiple of 4 floats long (16-byte aligned for cuBLAS).
-                let inner = k * c_in + k;
-                let pad = if pack > 1 { (4 - inner % 4) % 4 } else { 0 };
-                let z = aggregate::packed_with_colsums(&x2, g, pack, rows, pad)
-                    .view([inner + pad, rows * v]);
-                let bias_cols = self.gcn.bias.view([k, c]).transpose(0, 1);
-                let wb = if pad > 0 {
-                    let zeros = Tensor::zeros([c, pad], (wc.kind(), wc.device()));
-                    Tensor::cat(&[wc, bias_cols, zeros], 1)
-                } else {
-                    Tensor::cat(&[wc, bias_cols], 1)
-                };
-                return wb.mm(&z).view([1, c, s[2], t, v]);
-            }
-            let z = aggregate::packed(&x2, g, pack).view([k * c_in, rows * v]);
-            // bias: sum_k b[k, c] * sum_v g[k, v, w], shape (C, 1, W)
-            let bias = (self.gcn.bias.view([k, c, 1])
-                * g.sum_dim_intlist([1i64].as_slice(), true, None))
-            .sum_dim_intlist([0i64].as_slice(), false, None)
-            .unsqueeze(1);
-            // Out of place: an in-place add on a view of the product makes autograd copy the whole
-            // gradient in backward (CopySlices + AsStridedBackward: 59 ms of a 1.49 s CPU step at
-            // batch 64 in `bench --profile`; 1.43 s without).
-            let o = wc.mm(&z).view([c, rows, v]) + &bias;
-            o.view([1, c, s[2], t, v])
+            let inner = k * c_in + k;
+            let pad = if pack > 1 { (4 - inner % 4) % 4 } else { 0 };
+            let z = aggregate::packed_with_colsums(&x2, g, pack, rows, pad, kernels.agg_op_on())
+                .view([inner + pad, rows * v]);
+            let bias_cols = self.gcn.bias.view([k, c]).transpose(0, 1);
+            let wb = if pad > 0 {
+                let zeros = Tensor::zeros([c, pad], (wc.kind(), wc.device()));
+                Tensor::cat(&[wc, bias_cols, zeros], 1)
+            } else {
+                Tensor::cat(&[wc, bias_cols], 1)
+            };
+            wb.mm(&z).view([1, c, s[2], t, v])
         } else {
             // y_k = W_k x + b_k (C, R·V) as K separate products (slicing one big product would
             // cost K full-size zero-filled gradients in backward); out = sum_k y_k @ g_k.
@@ -493,12 +397,20 @@ impl Block {
     /// and the dropout are fused with the residual sum in [`Block::add_residual`]).
     /// `(1, C, N·M, T, V) -> (1, C, N·M, T', V)`.
     /// With `fold`, the convolution has no bias: [`Block::add_residual`] folds it into `bn2`.
-    fn tcn(&self, y: &Tensor, train: bool, fold: bool) -> Tensor {
-        let y = self.bn1.forward_relu(y, train);
+    fn tcn(&self, y: &Tensor, train: bool, fold: bool, kernels: &Kernels) -> Tensor {
+        let y = self.bn1.forward_relu(y, train, kernels);
         let w = &self.conv.weight;
         let pad = (w.size()[2] - 1) / 2;
         let bias = (!fold).then_some(&self.conv.bias);
-        temporal_conv::conv(&y, w, bias, self.stride, pad)
+        // (kt, 1) as a (1, kt, 1) 3-D convolution over (1, C, N·M, T, V).
+        y.conv3d(
+            &w.unsqueeze(2),
+            bias,
+            [1, self.stride, 1],
+            [0, pad, 0],
+            [1, 1, 1],
+            1,
+        )
     }
 
     /// `relu(dropout(bn2(y)) + residual(x))`; `x` `(1, C_in, N·M, T, V)`, `y` the temporal
@@ -507,7 +419,14 @@ impl Block {
     /// `bn_dropout_add_relu`), else as BN -> dropout -> in-place add -> in-place ReLU.
     /// With `fold` (train mode only), `y` comes without the temporal convolution's bias and the
     /// residual convolution runs without its bias; both are folded into their batch norms.
-    fn add_residual(&self, y: Tensor, x: &Tensor, train: bool, fold: bool) -> Tensor {
+    fn add_residual(
+        &self,
+        y: Tensor,
+        x: &Tensor,
+        train: bool,
+        fold: bool,
+        kernels: &Kernels,
+    ) -> Tensor {
         let r = match &self.residual {
             Residual::None => None,
             Residual::Identity => Some(x.shallow_clone()),
@@ -522,18 +441,18 @@ impl Block {
                 let xm = xs.view([s[1], -1]);
                 Some(if fold {
                     let r = conv.matrix().mm(&xm).view(shape);
-                    bn.folding(&conv.bias).forward(&r, train)
+                    bn.folding(&conv.bias).forward(&r, train, kernels)
                 } else {
                     let r = conv.bias.view([-1, 1]).addmm(&conv.matrix(), &xm);
-                    bn.forward(&r.view(shape), train)
+                    bn.forward(&r.view(shape), train, kernels)
                 })
             }
         };
         if fold {
             let bn2 = self.bn2.folding(&self.conv.bias);
-            fused_bn::bn_dropout_add_relu(&y, &bn2, self.dropout, r.as_ref(), train)
+            fused_bn::bn_dropout_add_relu(&y, &bn2, self.dropout, r.as_ref(), train, kernels)
         } else {
-            fused_bn::bn_dropout_add_relu(&y, &self.bn2, self.dropout, r.as_ref(), train)
+            fused_bn::bn_dropout_add_relu(&y, &self.bn2, self.dropout, r.as_ref(), train, kernels)
         }
     }
 }
@@ -541,6 +460,7 @@ impl Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::Switch;
     use tch::nn::VarStore;
     use tch::{Device, Kind};
 
@@ -590,24 +510,21 @@ mod tests {
         let vs = VarStore::new(Device::Cpu);
         let mut net = StGcn::new(&vs.root(), &tiny_cfg(), &Layout::ntu25());
         let x = Tensor::randn([2, 3, 12, 25, 2], (Kind::Float, Device::Cpu));
-        let variants = [
-            (Formulation::Reference, Aggregation::Auto),
-            (Formulation::ChannelMajor, Aggregation::ConvFirst),
-            (Formulation::ChannelMajor, Aggregation::AggFirst),
-        ];
+        let with_form = |stgcn| Kernels {
+            stgcn,
+            ..Kernels::for_device(Device::Cpu)
+        };
         // Eval first (train mode updates the running statistics).
         let mut evals = Vec::new();
-        for (f, a) in variants {
-            net.set_formulation(f);
-            net.set_aggregation(a);
+        for form in StGcnForm::ALL {
+            net.set_kernels(with_form(form));
             let y = net.forward(&x, false);
             assert_eq!(y.size(), vec![2, 16]);
             evals.push(y);
         }
         let mut outs = Vec::new();
-        for ((f, a), y) in variants.into_iter().zip(evals) {
-            net.set_formulation(f);
-            net.set_aggregation(a);
+        for (form, y) in StGcnForm::ALL.into_iter().zip(evals) {
+            net.set_kernels(with_form(form));
             let yt = tch::no_grad(|| net.forward(&x, true));
             outs.push((y, yt));
         }
@@ -644,9 +561,10 @@ mod tests {
         vs
     }
 
-    /// The graph-convolution bias inside the 1×1 product (column-sum rows) gives the same
-    /// outputs and gradients as the separate add, with non-zero biases and edge importance, in
-    /// float64 (unpacked rows on the CPU; aggregate.rs compares the packed op with the unpacked).
+    /// The graph-convolution bias inside the 1×1 product (column-sum rows, aggregate first)
+    /// gives the same outputs and gradients as the convolution-first form's separate biases, with
+    /// non-zero biases and edge importance, in float64 (unpacked rows on the CPU; aggregate.rs
+    /// compares the packed op with the unpacked).
     #[test]
     fn gcn_bias_in_the_product_matches_the_add() {
         let src = randomized(1.0, |name| {
@@ -656,7 +574,14 @@ mod tests {
         let w = Tensor::randn([2, 16], (Kind::Double, Device::Cpu));
         let run = |in_product: bool| {
             let (vs, mut net) = copy_of(&src, Kind::Double);
-            net.set_gcn_bias_in_product(Some(in_product));
+            net.set_kernels(Kernels {
+                stgcn: if in_product {
+                    StGcnForm::AggFirst
+                } else {
+                    StGcnForm::ConvFirst
+                },
+                ..Kernels::for_device(Device::Cpu)
+            });
             let y = net.forward(&x, true);
             (&y * &w).sum(Kind::Double).backward();
             let mut grads: Vec<(String, Tensor)> = vs
@@ -699,7 +624,10 @@ mod tests {
         let w = Tensor::randn([3, 16], (kind, Device::Cpu));
         let run = |fold: bool| {
             let (vs, mut net) = copy_of(&src, kind);
-            net.set_fold_bias(fold);
+            net.set_kernels(Kernels {
+                fold_bias: if fold { Switch::On } else { Switch::Off },
+                ..Kernels::for_device(Device::Cpu)
+            });
             let mut outs = Vec::new();
             for _ in 0..2 {
                 let y = net.forward(&x, true);
@@ -741,82 +669,5 @@ mod tests {
         }
         // 10 temporal convolutions and the 2 residual convolutions (blocks 5 and 8).
         assert_eq!(zero_grads, 12);
-    }
-
-    /// Process CPU seconds (user + system) from /proc/self/stat (Linux), for timing on a busy box.
-    fn cpu_seconds() -> f64 {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-        // fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the ')'; 100 ticks/s.
-        (ticks(11) + ticks(12)) / 100.0
-    }
-
-    /// Timing of one forward + backward at batch 128 x 2 bodies x 50 frames for each
-    /// formulation: `cargo test --lib bench_formulations -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_formulations() {
-        let batch: i64 = std::env::var("BENCH_BATCH")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(128);
-        let reps: usize = std::env::var("BENCH_REPS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(3);
-        tch::manual_seed(0);
-        let vs = VarStore::new(Device::Cpu);
-        let mut net = StGcn::new(&vs.root(), &StGcnConfig::default(), &Layout::ntu25());
-        let x = Tensor::randn([batch, 3, 50, 25, 2], (Kind::Float, Device::Cpu));
-        println!("threads {}", tch::get_num_threads());
-        // BENCH_VARIANTS: comma-separated subset of reference,conv_first,agg_first,auto.
-        let wanted = std::env::var("BENCH_VARIANTS")
-            .unwrap_or_else(|_| "reference,conv_first,agg_first,auto".into());
-        let all = [
-            ("reference", Formulation::Reference, Aggregation::Auto),
-            (
-                "conv_first",
-                Formulation::ChannelMajor,
-                Aggregation::ConvFirst,
-            ),
-            (
-                "agg_first",
-                Formulation::ChannelMajor,
-                Aggregation::AggFirst,
-            ),
-            ("auto", Formulation::ChannelMajor, Aggregation::Auto),
-        ];
-        let variants: Vec<_> = all
-            .into_iter()
-            .filter(|(n, _, _)| wanted.split(',').any(|w| w == *n))
-            .collect();
-        // Interleaved repetitions (fairer on a shared machine); best of `reps` per variant.
-        let mut best = vec![(f64::MAX, f64::MAX, f64::MAX, f64::MAX); variants.len()];
-        for _ in 0..reps {
-            for (i, (_, f, a)) in variants.iter().enumerate() {
-                net.set_formulation(*f);
-                net.set_aggregation(*a);
-                vs.trainable_variables()
-                    .iter_mut()
-                    .for_each(|t| t.zero_grad());
-                let (t0, c0) = (std::time::Instant::now(), cpu_seconds());
-                let y = net.forward(&x, true);
-                let (t1, c1) = (std::time::Instant::now(), cpu_seconds());
-                y.sum(Kind::Float).backward();
-                let (t2, c2) = (std::time::Instant::now(), cpu_seconds());
-                let tot = (t2 - t0).as_secs_f64();
-                if tot < best[i].1 {
-                    best[i] = ((t1 - t0).as_secs_f64(), tot, c1 - c0, c2 - c0);
-                }
-            }
-        }
-        for ((_, f, a), b) in variants.iter().zip(&best) {
-            println!(
-                "{f:?}/{a:?}: forward {:.3} s, forward+backward {:.3} s wall (cpu {:.2} s / {:.2} s)",
-                b.0, b.1, b.2, b.3
-            );
-        }
     }
 }

@@ -21,6 +21,7 @@ use tch::{Device, Kind, Tensor};
 
 pub mod encoder;
 pub mod pickle;
+pub mod prefix;
 
 pub use encoder::{EmbedLayer, LoadedEncoder};
 

@@ -10,6 +10,7 @@
 use crate::data::layout::Layout;
 use crate::data::views::View;
 use crate::error::{Error, Result};
+use crate::model::kernels::Kernels;
 use crate::model::stgcn::StGcnConfig;
 use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
 use crate::ssl::loss::{
@@ -138,6 +139,9 @@ pub struct SslModel {
     pub vs_q: nn::VarStore,
     pub vs_k: nn::VarStore,
     pub branches: Vec<Branch>,
+    /// Which code computes the encoders and the fast step's streams (default: the measured best
+    /// for the device; [`SslModel::set_kernels`]).
+    pub kernels: Kernels,
 }
 
 impl SslModel {
@@ -241,7 +245,17 @@ impl SslModel {
             vs_q,
             vs_k,
             branches,
+            kernels: Kernels::for_device(device),
         })
+    }
+
+    /// Sets the kernel choices of every encoder (query and key) and of the fast step.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        for b in &mut self.branches {
+            b.encoder_q.set_kernels(kernels);
+            b.encoder_k.set_kernels(kernels);
+        }
+        self.kernels = kernels;
     }
 
     /// Whether 1-based `epoch` runs CVC-KM (phase 2).

@@ -32,16 +32,19 @@ pub struct Pretrainer {
 
 impl Pretrainer {
     /// Builds model + optimizer from a config on `device` (seed torch first for reproducibility).
+    /// The encoders compute with the config's `kernels`, resolved for `device`.
     pub fn from_config(cfg: &PretrainConfig, layout: &Layout, device: Device) -> Result<Self> {
         let spec = SslSpec::from_config(cfg)?;
-        Self::new(
+        let mut trainer = Self::new(
             &spec,
             layout,
             device,
             cfg.base_lr,
             cfg.sgd_momentum,
             cfg.weight_decay,
-        )
+        )?;
+        trainer.model.set_kernels(cfg.kernels.resolved(device));
+        Ok(trainer)
     }
 
     /// Builds from a spec with SGD (`lr`, `momentum`, `weight_decay`).

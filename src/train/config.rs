@@ -580,6 +580,10 @@ pub struct PretrainConfig {
     pub monitor: Option<DatasetSpec>,
     /// cuDNN autotuning: `auto | true | false`; see [`CudnnBenchmark`] (CUDA only).
     pub cudnn_benchmark: CudnnBenchmark,
+    /// Which kernels compute the encoder and the step (`kernels: {fold_bias: off, ...}`); `auto`
+    /// values are resolved for the run's device at start-up and written resolved to the
+    /// work_dir's config.yaml. See [`crate::model::kernels`].
+    pub kernels: crate::model::kernels::Kernels,
 }
 
 impl Default for PretrainConfig {
@@ -628,6 +632,7 @@ impl Default for PretrainConfig {
             warmup_epochs: 0,
             diagnostics: DiagnosticsArgs::default(),
             monitor: None,
+            kernels: Default::default(),
         }
     }
 }

@@ -39,7 +39,6 @@ use crate::ssl::branch::{Branch, Head};
 use crate::ssl::model::SslModel;
 use crate::ssl::queue::normalize_rows_or_cols;
 use crate::train::config::PretrainConfig;
-use crate::train::logger::EpochRecord;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -108,20 +107,6 @@ pub struct DiagRecord {
     pub knn: Option<KnnRecord>,
     /// Wall time of the view diagnostics.
     pub seconds: f64,
-}
-
-impl DiagRecord {
-    /// Copies the results into the epoch's metrics record.
-    pub fn apply_to(&self, r: &mut EpochRecord) {
-        if !self.views.is_empty() {
-            r.diagnostics = Some(self.views.clone());
-        }
-        if let Some(k) = &self.knn {
-            r.knn1 = Some(k.k1);
-            r.knn20 = Some(k.k20);
-        }
-        r.diag_seconds = Some(self.seconds + self.knn.map_or(0.0, |k| k.seconds));
-    }
 }
 
 /// The k-NN monitor's data: the training set as the bank and the labelled monitor split.

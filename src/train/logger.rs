@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::plot::LinePanel;
 use crate::train::atomic::write_atomic;
-use crate::train::diagnostics::ViewDiag;
+use crate::train::diagnostics::{DiagRecord, ViewDiag};
 use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -39,6 +39,20 @@ pub struct EpochRecord {
     /// Wall time of the diagnostics and the monitor after the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diag_seconds: Option<f64>,
+}
+
+impl EpochRecord {
+    /// Copies an epoch's diagnostics and k-NN monitor results into the record.
+    pub fn set_diagnostics(&mut self, d: &DiagRecord) {
+        if !d.views.is_empty() {
+            self.diagnostics = Some(d.views.clone());
+        }
+        if let Some(k) = &d.knn {
+            self.knn1 = Some(k.k1);
+            self.knn20 = Some(k.k20);
+        }
+        self.diag_seconds = Some(d.seconds + d.knn.map_or(0.0, |k| k.seconds));
+    }
 }
 
 /// The per-view diagnostic columns of `metrics.csv` (`<view>_<name>`), in this order.

@@ -17,6 +17,7 @@
 //! `steps.csv`, `loss.png`, `diagnostics.png` (when diagnostics ran),
 //! `last.{safetensors,state.safetensors,json}`, `epoch<N>.*`.
 use crate::data::loader::{batches_per_epoch, try_epoch_batches_in, HostMemory, LoaderConfig};
+use crate::data::views::View;
 use crate::data::SkeletonDataset;
 use crate::error::{Error, Result};
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
@@ -29,7 +30,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tch::Device;
+use tch::{Device, Tensor};
 
 pub mod step_engine;
 
@@ -113,37 +114,549 @@ pub fn run(cfg: &PretrainConfig) -> Result<Summary> {
     )
 }
 
-/// Runs pre-training with options.
+/// Runs pre-training with options: prepare the run, build the model (or resume it), then epoch
+/// after epoch the steps, the epoch's record and the checkpoints.
 pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
-    cfg.validate()?;
-    let device_name = match &opts.device {
-        Some(d) => d.clone(),
-        None => cfg.device.as_device_string()?,
-    };
-    let device = crate::device::parse_device(&device_name)?;
-    let (step_impl, step_why) = step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?;
-    let modes = step_engine::apply_numeric_modes(cfg, device)?;
-    let dir = cfg.work_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let existing = checkpoint::read_meta(&dir, LAST)?;
-    if existing.is_some() && !opts.resume {
-        return Err(Error::config(format!(
-            "{} already holds a run (last.json); pass --resume to continue it or choose another work_dir",
-            dir.display()
-        )));
+    let mut run = Run::prepare(cfg, opts)?;
+    let mut state = run.build_or_resume(opts)?;
+    for epoch in state.start_epoch..=run.cfg.num_epoch {
+        let record = run.one_epoch(&mut state, epoch, opts)?;
+        let lr = record.lr;
+        run.record(&mut state, record)?;
+        run.checkpoint(&mut state, epoch, lr)?;
     }
-    let mut log = RunLogger::open(&dir, opts.echo)?;
-    checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
+    Ok(run.finish(state))
+}
 
+/// What is fixed for the whole run, resolved before the first step.
+struct Run {
+    /// The config with its `kernels` resolved for the device (as written to config.yaml).
+    cfg: PretrainConfig,
+    device: Device,
+    device_name: String,
+    dir: PathBuf,
+    dataset: Arc<SkeletonDataset>,
+    loader_cfg: LoaderConfig,
+    host_memory: HostMemory,
+    /// Steps per epoch.
+    steps: usize,
+    step_impl: StepImpl,
+    /// The log line saying which step, numeric modes and kernels run.
+    step_line: String,
+    log: RunLogger,
+    bar: Option<ProgressBar>,
+    /// The collapse diagnostics and k-NN monitor, when the config asks for them.
+    diagnostics: Option<Diagnostics>,
+}
+
+/// What changes as the run goes.
+struct RunState {
+    trainer: Pretrainer,
+    /// The fast step (`step_impl: fast | graph`); `None`: the reference step.
+    engine: Option<FastEngine>,
+    start_epoch: usize,
+    global_step: u64,
+    records: Vec<EpochRecord>,
+    /// The `last` checkpoint's weights file.
+    last_weights: PathBuf,
+    /// The model's views, in branch order.
+    views: Vec<View>,
+}
+
+/// One epoch's running counts.
+struct EpochProgress {
+    epoch: usize,
+    lr: f64,
+    cross: bool,
+    tally: EpochTally,
+    /// Steps run this epoch (with the fast step, some may not be read back yet).
+    n_steps: usize,
+    samples: usize,
+    phase: u8,
+}
+
+impl Run {
+    /// Validates the config, resolves the device, the step and the kernels, claims the work_dir
+    /// (writing config.yaml and opening the log) and opens the dataset.
+    fn prepare(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Run> {
+        cfg.validate()?;
+        let device_name = match &opts.device {
+            Some(d) => d.clone(),
+            None => cfg.device.as_device_string()?,
+        };
+        let device = crate::device::parse_device(&device_name)?;
+        let mut cfg = cfg.clone();
+        cfg.kernels = cfg.kernels.resolved(device);
+        let (step_impl, step_why) =
+            step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?;
+        let modes = step_engine::apply_numeric_modes(&cfg, device)?;
+        let dir = cfg.work_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        if checkpoint::read_meta(&dir, LAST)?.is_some() && !opts.resume {
+            return Err(Error::config(format!(
+                "{} already holds a run (last.json); pass --resume to continue it or choose another work_dir",
+                dir.display()
+            )));
+        }
+        let log = RunLogger::open(&dir, opts.echo)?;
+        checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
+        let (dataset, loader_cfg, steps) = open_dataset(&cfg, opts)?;
+        let step_line = format!(
+            "step {} (step_impl {}: {step_why}), {modes}; kernels: {}",
+            step_impl.name(),
+            cfg.step_impl.name(),
+            cfg.kernels.summary()
+        );
+        let diagnostics = Diagnostics::new(&cfg, &dataset)?;
+        Ok(Run {
+            device,
+            device_name,
+            dir,
+            host_memory: HostMemory::for_target(device),
+            dataset,
+            loader_cfg,
+            steps,
+            step_impl,
+            step_line,
+            log,
+            bar: None,
+            diagnostics,
+            cfg,
+        })
+    }
+
+    /// Builds the model (seeded from the run seed) and, with `--resume`, loads the `last`
+    /// checkpoint; opens steps.csv, describes the run, sets up the progress bar and the step.
+    fn build_or_resume(&mut self, opts: &RunOptions) -> Result<RunState> {
+        let cfg = &self.cfg;
+        tch::manual_seed(epoch_seed(cfg.seed, 0));
+        let mut trainer = Pretrainer::from_config(cfg, &self.dataset.layout, self.device)?;
+        let (mut start_epoch, mut global_step, mut records) = (1, 0, Vec::new());
+        if opts.resume {
+            let meta = checkpoint::load(&self.dir, LAST, &mut trainer)?;
+            if meta.model != cfg.model.name() || meta.seed != cfg.seed {
+                return Err(Error::config(format!(
+                    "resume: checkpoint is model {} seed {}, config says {} seed {}",
+                    meta.model,
+                    meta.seed,
+                    cfg.model.name(),
+                    cfg.seed
+                )));
+            }
+            start_epoch = meta.epoch + 1;
+            global_step = meta.global_step;
+            records = read_records(&self.dir, meta.epoch)?;
+            self.log.open_steps(meta.epoch)?;
+            self.log.line(&format!(
+                "resumed from {} at epoch {}",
+                self.dir.join("last.json").display(),
+                meta.epoch
+            ));
+        } else {
+            self.log.open_steps(0)?;
+        }
+        let views: Vec<View> = trainer.model.branches.iter().map(|b| b.view).collect();
+        self.log.line(&format!(
+            "model {} views [{}] on {}: {} trainable parameters; {} samples, {} steps/epoch, epochs {start_epoch}..={}",
+            cfg.model.name(),
+            views.iter().map(|v| v.name()).collect::<Vec<_>>().join(", "),
+            self.device_name,
+            trainer.model.num_trainable(),
+            self.dataset.len(),
+            self.steps,
+            cfg.num_epoch
+        ));
+        self.describe_diagnostics(&views);
+        self.start_progress_bar(start_epoch, opts.progress);
+        self.log.line(&self.step_line.clone());
+        let engine = self.fast_engine(&trainer, opts)?;
+        Ok(RunState {
+            trainer,
+            engine,
+            start_epoch,
+            global_step,
+            records,
+            last_weights: checkpoint::paths(&self.dir, LAST).0,
+            views,
+        })
+    }
+
+    /// Logs what the diagnostics will measure and adds their metric columns.
+    fn describe_diagnostics(&mut self, views: &[View]) {
+        let Some(d) = &self.diagnostics else {
+            return;
+        };
+        self.log.line(&d.describe());
+        self.log.set_columns(MetricColumns {
+            diag_views: if d.samples() > 0 {
+                views.iter().map(|v| v.name().to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            knn: d.knn_due(self.cfg.num_epoch),
+        });
+    }
+
+    /// The progress bar over the steps still to run (none when not asked for or nothing to run).
+    fn start_progress_bar(&mut self, start_epoch: usize, progress: bool) {
+        let total = (self.cfg.num_epoch + 1).saturating_sub(start_epoch) * self.steps;
+        self.bar = (progress && total > 0).then(|| {
+            let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+            if let Ok(style) = ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta_precise}]",
+            ) {
+                b.set_style(style);
+            }
+            b
+        });
+        self.log.set_bar(self.bar.clone());
+    }
+
+    /// The fast step for `step_impl: fast | graph` (`None` for the reference step).
+    fn fast_engine(&self, trainer: &Pretrainer, opts: &RunOptions) -> Result<Option<FastEngine>> {
+        let batch = self.cfg.batch_size as i64;
+        Ok(match self.step_impl {
+            StepImpl::Fast => Some(FastEngine::new(trainer, &self.cfg, batch, None)?),
+            StepImpl::Graph => {
+                let graph = GraphOptions {
+                    fallback: self.cfg.step_impl == StepImpl::Auto,
+                    emulate: opts.emulate_graph,
+                };
+                Some(FastEngine::new(trainer, &self.cfg, batch, Some(graph))?)
+            }
+            _ => None,
+        })
+    }
+
+    /// One epoch: lr and torch seed, the loader's batches through the step, the losses read
+    /// back; returns the epoch's record (diagnostics not measured yet).
+    fn one_epoch(
+        &mut self,
+        st: &mut RunState,
+        epoch: usize,
+        opts: &RunOptions,
+    ) -> Result<EpochRecord> {
+        let cfg = &self.cfg;
+        let lr = epoch_lr(
+            cfg.lr_schedule,
+            cfg.base_lr,
+            &cfg.step,
+            cfg.warmup_epochs,
+            cfg.num_epoch,
+            epoch,
+        );
+        st.trainer.set_lr(lr);
+        if let Some(f) = st.engine.as_mut() {
+            f.set_lr(lr);
+        }
+        tch::manual_seed(epoch_seed(cfg.seed, epoch));
+        let cross = st.trainer.model.is_cross_epoch(epoch);
+        let started = Instant::now();
+        let loader = try_epoch_batches_in(
+            Arc::clone(&self.dataset),
+            &self.loader_cfg,
+            epoch,
+            0,
+            self.host_memory,
+        )?;
+        let mut ep = EpochProgress {
+            epoch,
+            lr,
+            cross,
+            tally: EpochTally::new(st.views.len(), st.global_step),
+            n_steps: 0,
+            samples: 0,
+            phase: if cross { 2 } else { 1 },
+        };
+        for batch in loader {
+            let (mut x_q, x_k) = (
+                batch.views[0].shallow_clone(),
+                batch.views[1].shallow_clone(),
+            );
+            if opts.inject_nan_from_epoch.is_some_and(|e| epoch >= e) {
+                x_q *= f64::NAN;
+            }
+            if st.engine.is_some() {
+                self.fast_step(st, &mut ep, &x_q, &x_k)?;
+            } else {
+                self.reference_step(st, &mut ep, &x_q, &x_k)?;
+            }
+        }
+        if st.engine.is_some() {
+            self.finish_fast_epoch(st, &mut ep)?;
+        }
+        Ok(self.epoch_record(st, &ep, started.elapsed().as_secs_f64()))
+    }
+
+    /// One step of the reference implementation (losses read and checked at once).
+    fn reference_step(
+        &mut self,
+        st: &mut RunState,
+        ep: &mut EpochProgress,
+        x_q: &Tensor,
+        x_k: &Tensor,
+    ) -> Result<()> {
+        let stats = match st.trainer.train_step(x_q, x_k, ep.epoch) {
+            Ok(s) => s,
+            Err(e) if e.to_string().starts_with(NON_FINITE) => {
+                let msg = self.stop_message(st, &e.to_string(), ep, ep.n_steps + 1);
+                return Err(self.stop(msg));
+            }
+            Err(e) => return Err(e),
+        };
+        st.global_step += 1;
+        ep.n_steps += 1;
+        ep.samples += stats.batch;
+        ep.phase = stats.phase;
+        let losses = HostLosses {
+            total: stats.loss,
+            views: stats.view_losses.iter().map(|(_, l)| *l).collect(),
+        };
+        let (steps, interval) = (self.steps, self.cfg.log_interval);
+        ep.tally
+            .record(&mut self.log, &losses, ep.epoch, steps, ep.lr, interval);
+        if let Some(b) = &self.bar {
+            b.set_message(format!(
+                "{}/{} loss {:.3}",
+                ep.epoch, self.cfg.num_epoch, stats.loss
+            ));
+            b.inc(1);
+        }
+        Ok(())
+    }
+
+    /// One step of the fast implementation; its losses are read back when a log line is due (at
+    /// most once per `log_interval` steps).
+    fn fast_step(
+        &mut self,
+        st: &mut RunState,
+        ep: &mut EpochProgress,
+        x_q: &Tensor,
+        x_k: &Tensor,
+    ) -> Result<()> {
+        let Some(fast) = st.engine.as_mut() else {
+            return Err(Error::Other(
+                "internal: fast step without its engine".into(),
+            ));
+        };
+        let ran = fast.step(&st.trainer.model, x_q, x_k, ep.cross, &mut self.log)?;
+        let before = st.global_step;
+        self.count_fast_steps(st, ep, ran);
+        let interval = self.cfg.log_interval as u64;
+        if interval > 0 && st.global_step / interval > before / interval {
+            self.read_fast(st, ep)?;
+            if let Some(b) = &self.bar {
+                b.set_message(format!(
+                    "{}/{} loss {:.3}",
+                    ep.epoch, self.cfg.num_epoch, ep.tally.last_loss
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the fast step's pending work, reads every loss back and hands the queue pointer and
+    /// momentum buffers to the trainer (the checkpoints read them there).
+    fn finish_fast_epoch(&mut self, st: &mut RunState, ep: &mut EpochProgress) -> Result<()> {
+        let Some(fast) = st.engine.as_mut() else {
+            return Ok(());
+        };
+        let ran = fast.finish_epoch(&st.trainer.model, ep.cross)?;
+        self.count_fast_steps(st, ep, ran);
+        self.read_fast(st, ep)?;
+        if ep.tally.recorded != ep.n_steps {
+            return Err(Error::Other(format!(
+                "internal: epoch {} ran {} steps but read {} losses",
+                ep.epoch, ep.n_steps, ep.tally.recorded
+            )));
+        }
+        if let Some(fast) = st.engine.as_mut() {
+            fast.sync_to(&mut st.trainer)?;
+        }
+        Ok(())
+    }
+
+    fn count_fast_steps(&self, st: &mut RunState, ep: &mut EpochProgress, ran: usize) {
+        st.global_step += ran as u64;
+        ep.n_steps += ran;
+        ep.samples += ran * self.cfg.batch_size;
+        if let Some(b) = &self.bar {
+            b.inc(ran as u64);
+        }
+    }
+
+    /// Reads the fast step's pending losses into the epoch tally (log lines included); a
+    /// non-finite one becomes the run's stop error.
+    fn read_fast(&mut self, st: &mut RunState, ep: &mut EpochProgress) -> Result<()> {
+        let Some(fast) = st.engine.as_mut() else {
+            return Ok(());
+        };
+        let (steps, interval) = (self.steps, self.cfg.log_interval);
+        let read = ep.tally.read(
+            fast,
+            &mut self.log,
+            ep.epoch,
+            steps,
+            ep.lr,
+            interval,
+            &st.views,
+        )?;
+        match read {
+            Some((e, step)) => {
+                let msg = fast_stop(&self.stop_message(st, &e, ep, step), ep.n_steps);
+                Err(self.stop(msg))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The message of a non-finite-loss stop (same format for every step implementation).
+    fn stop_message(&self, st: &RunState, e: &str, ep: &EpochProgress, step: usize) -> String {
+        let good = if checkpoint::paths(&self.dir, LAST).2.exists() {
+            format!("the last good checkpoint is {}", st.last_weights.display())
+        } else {
+            "no checkpoint was written yet".to_string()
+        };
+        format!(
+            "stopping: {e} at epoch {}, step {step} of {} (lr {}); {good}",
+            ep.epoch, self.steps, ep.lr
+        )
+    }
+
+    /// Logs `msg`, abandons the progress bar and returns the run's error.
+    fn stop(&mut self, msg: String) -> Error {
+        self.log.line(&msg);
+        if let Some(b) = &self.bar {
+            b.abandon();
+        }
+        Error::Other(msg)
+    }
+
+    /// The epoch's record from its tally, logged (with the fused CUDA choices after the first).
+    fn epoch_record(&mut self, st: &RunState, ep: &EpochProgress, seconds: f64) -> EpochRecord {
+        let n = ep.n_steps as f64;
+        let record = EpochRecord {
+            epoch: ep.epoch,
+            phase: ep.phase,
+            lr: ep.lr,
+            loss: ep.tally.sum / n,
+            view_losses: st
+                .views
+                .iter()
+                .zip(&ep.tally.view_sums)
+                .map(|(v, s)| (v.name().to_string(), s / n))
+                .collect(),
+            steps: ep.n_steps,
+            seconds,
+            samples_per_second: ep.samples as f64 / seconds.max(1e-9),
+            diagnostics: None,
+            knn1: None,
+            knn20: None,
+            diag_seconds: None,
+        };
+        let views: Vec<String> = record
+            .view_losses
+            .iter()
+            .map(|(v, l)| format!("{v} {l:.4}"))
+            .collect();
+        self.log.line(&format!(
+            "epoch {} (phase {}, lr {}): loss {:.4} [{}], {seconds:.1} s, {:.1} samples/s",
+            ep.epoch,
+            ep.phase,
+            ep.lr,
+            record.loss,
+            views.join(", "),
+            record.samples_per_second
+        ));
+        if ep.epoch == st.start_epoch && self.device.is_cuda() {
+            // Which batch norms run on the fused CUDA kernels (timed per shape on first use).
+            for c in crate::model::stgcn::fused_cuda::choices() {
+                self.log.line(&format!(
+                    "fused CUDA {} {:?}: fused {:.3} ms, tch {:.3} ms -> {}",
+                    c.op,
+                    c.shape,
+                    c.fused_ms,
+                    c.native_ms,
+                    if c.fused { "fused" } else { "tch" }
+                ));
+            }
+        }
+        record
+    }
+
+    /// Measures the diagnostics when due, appends the record and rewrites the metrics files.
+    fn record(&mut self, st: &mut RunState, mut record: EpochRecord) -> Result<()> {
+        if let Some(d) = self.diagnostics.as_ref().filter(|d| d.due(record.epoch)) {
+            let r = d.measure(&st.trainer.model, record.epoch)?;
+            for line in d.log_lines(&r) {
+                self.log.line(&line);
+            }
+            record.set_diagnostics(&r);
+        }
+        st.records.push(record);
+        self.log.write_metrics(&st.records)
+    }
+
+    /// `epoch<N>` every `save_interval` epochs (and at the last), `last` every epoch.
+    fn checkpoint(&mut self, st: &mut RunState, epoch: usize, lr: f64) -> Result<()> {
+        let cfg = &self.cfg;
+        let meta = CheckpointMeta {
+            format: String::new(),
+            epoch,
+            global_step: st.global_step,
+            queue_ptr: 0,
+            model: cfg.model.name().into(),
+            seed: cfg.seed,
+            rng: "loader order/augmentation and tch::manual_seed derived from (seed, epoch) at each epoch start".into(),
+            lr,
+            weights_file: String::new(),
+            weights_bytes: 0,
+            state_file: String::new(),
+            state_bytes: 0,
+        };
+        if cfg.save_interval > 0
+            && (epoch.is_multiple_of(cfg.save_interval as usize) || epoch == cfg.num_epoch)
+        {
+            let name = format!("epoch{epoch}");
+            let p = checkpoint::save(&self.dir, &name, &st.trainer, meta.clone())?;
+            self.log.line(&format!("saved {}", p.display()));
+        }
+        st.last_weights = checkpoint::save(&self.dir, LAST, &st.trainer, meta)?;
+        Ok(())
+    }
+
+    /// Ends the run: the progress bar, the last log line, the summary.
+    fn finish(mut self, st: RunState) -> Summary {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+        self.log.line("done");
+        Summary {
+            work_dir: self.dir,
+            first_epoch: st.start_epoch,
+            last_epoch: self.cfg.num_epoch,
+            records: st.records,
+            last_checkpoint: st.last_weights,
+            device: self.device,
+            steps_per_epoch: self.steps,
+            step_impl: self.step_impl,
+        }
+    }
+}
+
+/// The run's dataset (opened from the config unless the options bring one), its loader config
+/// (validated against it) and the number of steps per epoch; refuses a batch larger than the
+/// dataset and a channel count that differs from `model_args.in_channels`.
+fn open_dataset(
+    cfg: &PretrainConfig,
+    opts: &RunOptions,
+) -> Result<(Arc<SkeletonDataset>, LoaderConfig, usize)> {
     let dataset = match &opts.dataset {
         Some(d) => Arc::clone(d),
         None => Arc::new(crate::data::formats::open(&cfg.dataset_spec())?),
     };
     let loader_cfg = loader_config(cfg);
     loader_cfg.validate(&dataset)?;
-    // Batches for a CUDA device come in pinned memory, so the step's `non_blocking` copies are
-    // truly asynchronous; on CPU they stay in ordinary memory.
-    let host_memory = HostMemory::for_target(device);
     let steps = batches_per_epoch(dataset.len(), &loader_cfg);
     if steps == 0 {
         return Err(Error::config(format!(
@@ -161,321 +674,7 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             dataset.source.display()
         )));
     }
-
-    tch::manual_seed(epoch_seed(cfg.seed, 0));
-    let mut trainer = Pretrainer::from_config(cfg, &dataset.layout, device)?;
-    let mut start_epoch = 1;
-    let mut global_step: u64 = 0;
-    let mut records = Vec::new();
-    if opts.resume {
-        let meta = checkpoint::load(&dir, LAST, &mut trainer)?;
-        if meta.model != cfg.model.name() || meta.seed != cfg.seed {
-            return Err(Error::config(format!(
-                "resume: checkpoint is model {} seed {}, config says {} seed {}",
-                meta.model,
-                meta.seed,
-                cfg.model.name(),
-                cfg.seed
-            )));
-        }
-        start_epoch = meta.epoch + 1;
-        global_step = meta.global_step;
-        records = read_records(&dir, meta.epoch)?;
-        log.open_steps(meta.epoch)?;
-        log.line(&format!(
-            "resumed from {} at epoch {}",
-            dir.join("last.json").display(),
-            meta.epoch
-        ));
-    }
-    if !opts.resume {
-        log.open_steps(0)?;
-    }
-    log.line(&format!(
-        "model {} views [{}] on {device_name}: {} trainable parameters; {} samples, {steps} steps/epoch, epochs {start_epoch}..={}",
-        cfg.model.name(),
-        trainer.model.branches.iter().map(|b| b.view.name()).collect::<Vec<_>>().join(", "),
-        trainer.model.num_trainable(),
-        dataset.len(),
-        cfg.num_epoch
-    ));
-
-    // The fixed diagnostics subset and the k-NN monitor split (no torch random draws).
-    let diagnostics = Diagnostics::new(cfg, &dataset)?;
-    if let Some(d) = &diagnostics {
-        log.line(&d.describe());
-        log.set_columns(MetricColumns {
-            diag_views: if d.samples() > 0 {
-                trainer
-                    .model
-                    .branches
-                    .iter()
-                    .map(|b| b.view.name().to_string())
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            knn: d.knn_due(cfg.num_epoch),
-        });
-    }
-
-    let total = (cfg.num_epoch + 1).saturating_sub(start_epoch) * steps;
-    let bar = if opts.progress && total > 0 {
-        let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
-        if let Ok(style) = ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta_precise}]",
-        ) {
-            b.set_style(style);
-        }
-        Some(b)
-    } else {
-        None
-    };
-    log.set_bar(bar.clone());
-    log.line(&format!(
-        "step {} (step_impl {}: {step_why}), {modes}",
-        step_impl.name(),
-        cfg.step_impl.name()
-    ));
-    let mut engine = match step_impl {
-        StepImpl::Fast => Some(FastEngine::new(&trainer, cfg, cfg.batch_size as i64, None)?),
-        StepImpl::Graph => {
-            let graph = GraphOptions {
-                fallback: cfg.step_impl == StepImpl::Auto,
-                emulate: opts.emulate_graph,
-            };
-            Some(FastEngine::new(
-                &trainer,
-                cfg,
-                cfg.batch_size as i64,
-                Some(graph),
-            )?)
-        }
-        _ => None,
-    };
-    let (_, _, last_json) = checkpoint::paths(&dir, LAST);
-    let mut last_weights = checkpoint::paths(&dir, LAST).0;
-    let view_kinds: Vec<crate::data::views::View> =
-        trainer.model.branches.iter().map(|b| b.view).collect();
-    // The message of a non-finite-loss stop (same format for every step implementation).
-    let stop_message = |e: &str, epoch: usize, step: usize, lr: f64, last_weights: &PathBuf| {
-        let good = if last_json.exists() {
-            format!("the last good checkpoint is {}", last_weights.display())
-        } else {
-            "no checkpoint was written yet".to_string()
-        };
-        format!("stopping: {e} at epoch {epoch}, step {step} of {steps} (lr {lr}); {good}")
-    };
-
-    for epoch in start_epoch..=cfg.num_epoch {
-        let lr = epoch_lr(
-            cfg.lr_schedule,
-            cfg.base_lr,
-            &cfg.step,
-            cfg.warmup_epochs,
-            cfg.num_epoch,
-            epoch,
-        );
-        trainer.set_lr(lr);
-        if let Some(f) = engine.as_mut() {
-            f.set_lr(lr);
-        }
-        tch::manual_seed(epoch_seed(cfg.seed, epoch));
-        let cross = trainer.model.is_cross_epoch(epoch);
-        let started = Instant::now();
-        let loader =
-            try_epoch_batches_in(Arc::clone(&dataset), &loader_cfg, epoch, 0, host_memory)?;
-        let mut tally = EpochTally::new(view_kinds.len(), global_step);
-        // Steps run this epoch (with the fast step, some may not be read back yet).
-        let mut n_steps = 0usize;
-        let mut samples = 0usize;
-        let mut phase = if cross { 2 } else { 1 };
-        let stop = |log: &mut RunLogger, msg: String| {
-            log.line(&msg);
-            if let Some(b) = &bar {
-                b.abandon();
-            }
-            Error::Other(msg)
-        };
-        // Reads the fast step's pending losses into the epoch tally (log lines included); a
-        // non-finite one becomes the run's stop error.
-        let read_fast = |tally: &mut EpochTally,
-                         fast: &mut FastEngine,
-                         log: &mut RunLogger,
-                         n_steps: usize,
-                         last_weights: &PathBuf|
-         -> Result<()> {
-            let read = tally.read(fast, log, epoch, steps, lr, cfg.log_interval, &view_kinds)?;
-            match read {
-                Some((e, step)) => {
-                    let msg = fast_stop(&stop_message(&e, epoch, step, lr, last_weights), n_steps);
-                    Err(stop(log, msg))
-                }
-                None => Ok(()),
-            }
-        };
-        for batch in loader {
-            let (mut x_q, x_k) = (
-                batch.views[0].shallow_clone(),
-                batch.views[1].shallow_clone(),
-            );
-            if opts.inject_nan_from_epoch.is_some_and(|e| epoch >= e) {
-                x_q *= f64::NAN;
-            }
-            let Some(fast) = engine.as_mut() else {
-                let stats = match trainer.train_step(&x_q, &x_k, epoch) {
-                    Ok(s) => s,
-                    Err(e) if e.to_string().starts_with(NON_FINITE) => {
-                        let msg =
-                            stop_message(&e.to_string(), epoch, n_steps + 1, lr, &last_weights);
-                        return Err(stop(&mut log, msg));
-                    }
-                    Err(e) => return Err(e),
-                };
-                global_step += 1;
-                n_steps += 1;
-                samples += stats.batch;
-                phase = stats.phase;
-                let losses = HostLosses {
-                    total: stats.loss,
-                    views: stats.view_losses.iter().map(|(_, l)| *l).collect(),
-                };
-                tally.record(&mut log, &losses, epoch, steps, lr, cfg.log_interval);
-                if let Some(b) = &bar {
-                    b.set_message(format!("{epoch}/{} loss {:.3}", cfg.num_epoch, stats.loss));
-                    b.inc(1);
-                }
-                continue;
-            };
-            let ran = fast.step(&trainer.model, &x_q, &x_k, cross, &mut log)?;
-            let before = global_step;
-            global_step += ran as u64;
-            n_steps += ran;
-            samples += ran * cfg.batch_size;
-            if let Some(b) = &bar {
-                b.inc(ran as u64);
-            }
-            // Read the losses back when a log line is due (at most once per log_interval steps).
-            let interval = cfg.log_interval as u64;
-            if interval > 0 && global_step / interval > before / interval {
-                read_fast(&mut tally, fast, &mut log, n_steps, &last_weights)?;
-                if let Some(b) = &bar {
-                    b.set_message(format!(
-                        "{epoch}/{} loss {:.3}",
-                        cfg.num_epoch, tally.last_loss
-                    ));
-                }
-            }
-        }
-        if let Some(fast) = engine.as_mut() {
-            let ran = fast.finish_epoch(&trainer.model, cross)?;
-            global_step += ran as u64;
-            n_steps += ran;
-            samples += ran * cfg.batch_size;
-            if let Some(b) = &bar {
-                b.inc(ran as u64);
-            }
-            read_fast(&mut tally, fast, &mut log, n_steps, &last_weights)?;
-            if tally.recorded != n_steps {
-                return Err(Error::Other(format!(
-                    "internal: epoch {epoch} ran {n_steps} steps but read {} losses",
-                    tally.recorded
-                )));
-            }
-            // Checkpoints below read the pointer and momentum buffers from the trainer.
-            fast.sync_to(&mut trainer)?;
-        }
-        let (sum, view_sums) = (tally.sum, tally.view_sums.clone());
-        let seconds = started.elapsed().as_secs_f64();
-        let mut record = EpochRecord {
-            epoch,
-            phase,
-            lr,
-            loss: sum / n_steps as f64,
-            view_losses: trainer
-                .model
-                .branches
-                .iter()
-                .zip(&view_sums)
-                .map(|(b, s)| (b.view.name().to_string(), s / n_steps as f64))
-                .collect(),
-            steps: n_steps,
-            seconds,
-            samples_per_second: samples as f64 / seconds.max(1e-9),
-            diagnostics: None,
-            knn1: None,
-            knn20: None,
-            diag_seconds: None,
-        };
-        let views: Vec<String> = record
-            .view_losses
-            .iter()
-            .map(|(v, l)| format!("{v} {l:.4}"))
-            .collect();
-        log.line(&format!(
-            "epoch {epoch} (phase {phase}, lr {lr}): loss {:.4} [{}], {seconds:.1} s, {:.1} samples/s",
-            record.loss,
-            views.join(", "),
-            record.samples_per_second
-        ));
-        if epoch == start_epoch && device.is_cuda() {
-            // Which batch norms run on the fused CUDA kernels (timed per shape on first use).
-            for c in crate::model::stgcn::fused_cuda::choices() {
-                log.line(&format!(
-                    "fused CUDA {} {:?}: fused {:.3} ms, tch {:.3} ms -> {}",
-                    c.op,
-                    c.shape,
-                    c.fused_ms,
-                    c.native_ms,
-                    if c.fused { "fused" } else { "tch" }
-                ));
-            }
-        }
-        if let Some(d) = diagnostics.as_ref().filter(|d| d.due(epoch)) {
-            let r = d.measure(&trainer.model, epoch)?;
-            for line in d.log_lines(&r) {
-                log.line(&line);
-            }
-            r.apply_to(&mut record);
-        }
-        records.push(record);
-        log.write_metrics(&records)?;
-        let meta = CheckpointMeta {
-            format: String::new(),
-            epoch,
-            global_step,
-            queue_ptr: 0,
-            model: cfg.model.name().into(),
-            seed: cfg.seed,
-            rng: "loader order/augmentation and tch::manual_seed derived from (seed, epoch) at each epoch start".into(),
-            lr,
-            weights_file: String::new(),
-            weights_bytes: 0,
-            state_file: String::new(),
-            state_bytes: 0,
-        };
-        if cfg.save_interval > 0
-            && (epoch % cfg.save_interval as usize == 0 || epoch == cfg.num_epoch)
-        {
-            let p = checkpoint::save(&dir, &format!("epoch{epoch}"), &trainer, meta.clone())?;
-            log.line(&format!("saved {}", p.display()));
-        }
-        last_weights = checkpoint::save(&dir, LAST, &trainer, meta)?;
-    }
-    if let Some(b) = &bar {
-        b.finish();
-    }
-    log.line("done");
-    Ok(Summary {
-        work_dir: dir,
-        first_epoch: start_epoch,
-        last_epoch: cfg.num_epoch,
-        records,
-        last_checkpoint: last_weights,
-        device,
-        steps_per_epoch: steps,
-        step_impl,
-    })
+    Ok((dataset, loader_cfg, steps))
 }
 
 /// The fast-step suffix of a stop message: when the losses were read, and what that implies.
@@ -551,7 +750,7 @@ impl EpochTally {
         steps: usize,
         lr: f64,
         log_interval: usize,
-        views: &[crate::data::views::View],
+        views: &[View],
     ) -> Result<Option<(String, usize)>> {
         for l in &fast.take_losses()? {
             if !l.total.is_finite() {

@@ -6,17 +6,9 @@
 //! SkeletonCLR step those copies were most of `aten::copy_` (11% of the step). The op in
 //! csrc/aggregate.cpp writes each partition's product straight into its slice of `z` (and
 //! accumulates the input gradient over the partitions), so no copy is made; it uses libtorch's
-//! products, on the CPU or CUDA. Switch: `CROSSCLR_AGG_OP=off` (read once per process) or a build
-//! without the shim give the plain formulation.
-use super::fused_bn::switched_off;
-use std::sync::OnceLock;
+//! products, on the CPU or CUDA. `use_op = false` (the lever `kernels.agg_op=off`) or a build
+//! without the shim give the plain formulation; `kernels.agg_pack` chooses the row packing.
 use tch::Tensor;
-
-/// Environment variable: `off` (or `0`, `false`) selects the plain product + copy.
-pub const ENV_SWITCH: &str = "CROSSCLR_AGG_OP";
-/// Environment variable: `off` (or `0`, `false`) disables the row packing of [`packed`] on CUDA;
-/// `on` forces it on every device (the CPU included, for tests and measurements).
-pub const ENV_PACK: &str = "CROSSCLR_AGG_PACK";
 
 #[cfg(not(crossclr_no_shim))]
 extern "C" {
@@ -30,15 +22,15 @@ extern "C" {
     ) -> std::ffi::c_int;
 }
 
-/// Whether the op is used (built with the shim, not switched off).
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| cfg!(not(crossclr_no_shim)) && !switched_off(ENV_SWITCH))
+/// Whether the op exists in this build (the C++ shim was compiled).
+pub fn available() -> bool {
+    cfg!(not(crossclr_no_shim))
 }
 
-/// `z` `(K, R, W)` with `z[k] = x @ g[k]`; `x` `(R, V)` contiguous, `g` `(K, V, W)`.
-pub fn aggregate_first(x: &Tensor, g: &Tensor) -> Tensor {
-    if enabled() {
+/// `z` `(K, R, W)` with `z[k] = x @ g[k]`; `x` `(R, V)` contiguous, `g` `(K, V, W)`. With
+/// `use_op` (and [`available`]) through the copy-free op, else the plain product + copy.
+pub fn aggregate_first(x: &Tensor, g: &Tensor, use_op: bool) -> Tensor {
+    if use_op && available() {
         match run_op(x, g, 0, 0) {
             Ok(z) => return z,
             // Only a broken invariant gets here (shapes are checked before anything is computed).
@@ -53,8 +45,14 @@ pub fn aggregate_first(x: &Tensor, g: &Tensor) -> Tensor {
 /// `g` through them too), then `pad · T` rows of zeros (for aligned product operands). With the
 /// 1×1 convolution's bias as `K` extra weight columns (and `pad` zero ones), one product then adds
 /// the block's bias `Σ_k b[k, c] · colsum_k[w]` (see `Block::aggregate` in `stgcn.rs`).
-pub fn aggregate_first_with_colsums(x: &Tensor, g: &Tensor, tail_rows: i64, pad: i64) -> Tensor {
-    if enabled() {
+pub fn aggregate_first_with_colsums(
+    x: &Tensor,
+    g: &Tensor,
+    tail_rows: i64,
+    pad: i64,
+    use_op: bool,
+) -> Tensor {
+    if use_op && available() {
         match run_op(x, g, tail_rows, pad) {
             Ok(z) => return z,
             Err(msg) => warn_once(&msg),
@@ -85,17 +83,30 @@ fn block_diagonal(g: &Tensor, pack: i64) -> Tensor {
 
 /// [`aggregate_first_with_colsums`] on `pack` rows packed into one (as [`packed`]); falls back to
 /// the unpacked op when `pack` does not divide both row counts.
-pub fn packed_with_colsums(x: &Tensor, g: &Tensor, pack: i64, tail_rows: i64, pad: i64) -> Tensor {
+pub fn packed_with_colsums(
+    x: &Tensor,
+    g: &Tensor,
+    pack: i64,
+    tail_rows: i64,
+    pad: i64,
+    use_op: bool,
+) -> Tensor {
     let (v, w) = (g.size()[1], g.size()[2]);
     let r = x.size()[0];
     if pack <= 1 || r % pack != 0 || tail_rows % pack != 0 {
-        return aggregate_first_with_colsums(x, g, tail_rows, pad);
+        return aggregate_first_with_colsums(x, g, tail_rows, pad, use_op);
     }
     let g_bd = block_diagonal(g, pack);
     // The column sums of the block-diagonal are `pack` copies of colsum_k: one packed tail row
     // is `pack` unpacked ones.
-    aggregate_first_with_colsums(&x.view([r / pack, pack * v]), &g_bd, tail_rows / pack, pad)
-        .view([-1, w])
+    aggregate_first_with_colsums(
+        &x.view([r / pack, pack * v]),
+        &g_bd,
+        tail_rows / pack,
+        pad,
+        use_op,
+    )
+    .view([-1, w])
 }
 
 /// The same `z` `(K, R, W)` as [`aggregate_first`], computed on `P` rows packed into one:
@@ -109,54 +120,24 @@ pub fn packed_with_colsums(x: &Tensor, g: &Tensor, pack: i64, tail_rows: i64, pa
 /// these memory-bound products. The gradient of `g` is the sum of the diagonal blocks of the
 /// block-diagonal's gradient (autograd does it through the `I_P ⊗` product). `P` is the smallest
 /// packing that makes `P·V` a multiple of 4 (1 when V already is): see [`packing`].
-pub fn packed(x: &Tensor, g: &Tensor, pack: i64) -> Tensor {
+pub fn packed(x: &Tensor, g: &Tensor, pack: i64, use_op: bool) -> Tensor {
     let (k, v, w) = (g.size()[0], g.size()[1], g.size()[2]);
     let r = x.size()[0];
     if pack <= 1 || r % pack != 0 {
-        return aggregate_first(x, g);
+        return aggregate_first(x, g, use_op);
     }
-    aggregate_first(&x.view([r / pack, pack * v]), &block_diagonal(g, pack)).view([k, r, w])
+    aggregate_first(
+        &x.view([r / pack, pack * v]),
+        &block_diagonal(g, pack),
+        use_op,
+    )
+    .view([k, r, w])
 }
 
-/// Environment variable: `gemm` adds the block's graph-convolution bias inside the 1×1 product
-/// (column-sum rows, [`packed_with_colsums`]); `add` adds it as a separate broadcast add.
-pub const ENV_GCN_BIAS: &str = "CROSSCLR_GCN_BIAS";
-
-/// Whether the channel-major block adds its graph-convolution bias inside the 1×1 product (read
-/// once per process from [`ENV_GCN_BIAS`]). Default: inside, on every device.
-///
-/// Measured on an H100 (2026-11-27, same call, CUDA-graph step at batch 128, alone): SkeletonCLR
-/// 17.80 / 17.69 ms vs 18.19 / 18.01 ms with the separate add, CrosSCLR-3 phase 1 45.73 vs 47.74
-/// ms, phase 2 48.60 vs 49.78 ms; peak reserved memory +60 MiB (SkeletonCLR) / +260 MiB
-/// (CrosSCLR-3).
-///
-/// Measured on the 2-core CPU (2026-11-27, whole process of `crossclr bench --model skeletonclr
-/// --batch 128 --warmup 1 --iters 3`, 4 interleaved pairs): 0.967x the wall time of the separate
-/// add (0.935-1.051), peak RSS -31 MiB; step medians at batch 64 -3 % (SkeletonCLR, 3 of 3
-/// pairs) and -2 % (CrosSCLR-3 phase 1, 2 of 2).
-pub fn bias_in_product() -> bool {
-    static MODE: OnceLock<Option<bool>> = OnceLock::new();
-    let mode = *MODE.get_or_init(
-        || match std::env::var(ENV_GCN_BIAS).as_deref().map(str::trim) {
-            Ok("gemm") => Some(true),
-            Ok("add") => Some(false),
-            _ => None,
-        },
-    );
-    mode.unwrap_or(true)
-}
-
-/// The row packing [`packed`] uses for `V` joints on `device`: `4 / gcd(V, 4)` on CUDA (1 on the
-/// CPU, where the extra arithmetic of the zero blocks costs more than aligned rows gain), or 1
-/// with `CROSSCLR_AGG_PACK=off`; `CROSSCLR_AGG_PACK=on` packs on every device.
-pub fn packing(v: i64, device: tch::Device) -> i64 {
-    static MODE: OnceLock<Option<bool>> = OnceLock::new();
-    let mode = *MODE.get_or_init(|| match std::env::var(ENV_PACK).as_deref() {
-        Ok("on") | Ok("1") | Ok("true") => Some(true),
-        _ if switched_off(ENV_PACK) => Some(false),
-        _ => None,
-    });
-    let on = mode.unwrap_or(device.is_cuda());
+/// The row packing [`packed`] uses for `V` joints: `4 / gcd(V, 4)` when `on` (the lever
+/// `kernels.agg_pack`, by default on CUDA only: on the CPU the extra arithmetic of the zero blocks
+/// costs more than aligned rows gain), else 1.
+pub fn packing(v: i64, on: bool) -> i64 {
     if !on || v <= 0 {
         return 1;
     }
@@ -242,7 +223,7 @@ mod tests {
         let g = Tensor::randn([3, 25, 25], opts);
         let dz = Tensor::randn([3, 37, 25], opts);
         let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| value_and_grads(f, &x, &g, &dz);
-        let (z1, dx1, dg1) = run(&|x, g| aggregate_first(x, g));
+        let (z1, dx1, dg1) = run(&|x, g| aggregate_first(x, g, true));
         let (z2, dx2, dg2) = run(&|x, g| plain(x, g));
         assert_eq!(z1.size(), vec![3, 37, 25]);
         for (a, b) in [(&z1, &z2), (&dx1, &dx2), (&dg1, &dg2)] {
@@ -262,8 +243,8 @@ mod tests {
             let g = Tensor::randn([3, 25, 25], opts);
             let dz = Tensor::randn([3, rows, 25], opts);
             let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| value_and_grads(f, &x, &g, &dz);
-            let (z1, dx1, dg1) = run(&|x, g| packed(x, g, 4));
-            let (z2, dx2, dg2) = run(&|x, g| aggregate_first(x, g));
+            let (z1, dx1, dg1) = run(&|x, g| packed(x, g, 4, true));
+            let (z2, dx2, dg2) = run(&|x, g| aggregate_first(x, g, true));
             assert_eq!(z1.size(), vec![3, rows, 25]);
             for (a, b) in [(&z1, &z2), (&dx1, &dx2), (&dg1, &dg2)] {
                 let d = (a - b).abs().max().double_value(&[]);
@@ -294,11 +275,11 @@ mod tests {
         for (name, got) in [
             (
                 "op",
-                run(&|x, g| aggregate_first_with_colsums(x, g, tail, pad)),
+                run(&|x, g| aggregate_first_with_colsums(x, g, tail, pad, true)),
             ),
             (
                 "packed",
-                run(&|x, g| packed_with_colsums(x, g, 4, tail, pad)),
+                run(&|x, g| packed_with_colsums(x, g, 4, tail, pad, true)),
             ),
         ] {
             for (a, b) in [(&got.0, &want.0), (&got.1, &want.1), (&got.2, &want.2)] {
@@ -310,13 +291,11 @@ mod tests {
 
     #[test]
     fn packing_aligns_rows_to_16_bytes_on_cuda_only() {
-        if std::env::var(ENV_PACK).is_ok() {
-            return; // the environment overrides the default
-        }
-        assert_eq!(packing(25, Device::Cuda(0)), 4);
-        assert_eq!(packing(20, Device::Cuda(0)), 1);
-        assert_eq!(packing(18, Device::Cuda(0)), 2);
-        assert_eq!(packing(25, Device::Cpu), 1);
+        let on = |d| crate::model::kernels::Kernels::default().agg_pack_on(d);
+        assert_eq!(packing(25, on(Device::Cuda(0))), 4);
+        assert_eq!(packing(20, on(Device::Cuda(0))), 1);
+        assert_eq!(packing(18, on(Device::Cuda(0))), 2);
+        assert_eq!(packing(25, on(Device::Cpu)), 1);
     }
 
     /// Mismatched shapes are an error from the op (and the plain path then reports libtorch's).

@@ -12,114 +12,66 @@
 //! with momentum [`super::layers::BN_MOMENTUM`] and `num_batches_tracked` grows by one.
 //!
 //! The fused op takes contiguous float32 CPU inputs `(N, C, ...)`; anything else (CUDA, float64,
-//! non-contiguous, a build without the shim, or `CROSSCLR_FUSED_BN=off` in the environment, read
-//! once per process) goes through the tch path (`Tensor::batch_norm` + `relu_`).
+//! non-contiguous, a build without the shim, or `kernels.fused_bn=off`) goes through the tch path
+//! (`Tensor::batch_norm` + `relu_`).
 //!
 //! [`bn_dropout_add_relu`] fuses the whole tail of an ST-GCN block, `relu(dropout_p(bn2(y)) + r)`,
-//! into one op of the same kind (switch: `CROSSCLR_FUSED_TAIL=off`): the dropout mask is a
+//! into one op of the same kind (switch: `kernels.fused_tail=off`): the dropout mask is a
 //! counter-based hash of (seed, element index), recomputed in backward instead of stored, and the
 //! batch-norm output, the dropout output and the sum are never materialised. Single-thread
 //! SkeletonCLR step at batch 128 on the 2-core Xeon (AVX-512): 5.29-5.41 s vs 5.50-5.68 s unfused,
 //! user+sys 27.4-27.8 s vs 30.7-37.0 s per bench run, peak RSS 3204 vs 3637 MiB.
 use super::fused_cuda::FusedOp;
+use super::fused_entry::{
+    crossclr_fused_bn_tail_train, crossclr_fused_bn_train, native, run_bn, run_tail,
+};
 use super::layers::BatchNorm;
 use crate::error::{Error, Result};
-#[cfg(not(crossclr_no_shim))]
-use crate::gpu::ffi::take_message;
-use std::sync::OnceLock;
+use crate::model::kernels::{FusedCuda, Kernels};
 use tch::{Device, Kind, Tensor};
 
-/// Environment variable: `off` (or `0`, `false`) disables the fused op.
-pub const ENV_SWITCH: &str = "CROSSCLR_FUSED_BN";
+/// Whether the fused CPU ops exist in this build (the C++ shim was compiled).
+pub fn available() -> bool {
+    cfg!(not(crossclr_no_shim))
+}
 
-/// Environment variable: `off` (or `0`, `false`) disables the fused block tail
-/// ([`bn_dropout_add_relu`]); independent of [`ENV_SWITCH`].
-pub const TAIL_ENV_SWITCH: &str = "CROSSCLR_FUSED_TAIL";
+/// The forwards of [`BatchNorm`] (its parameters and the tch path are in `layers.rs`; the
+/// dispatch to the fused ops lives here, above both kinds of fused ops).
+impl BatchNorm {
+    /// Normalises channel dim 1 of `x` (any rank >= 2); same shape out. Train mode uses batch
+    /// statistics and updates the running statistics (momentum 0.1, unbiased variance) and the
+    /// batch counter, through the fused CPU op where it applies (see `stgcn/fused_bn.rs`).
+    /// `kernels` says whether the fused ops may be used.
+    pub fn forward(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
+        self.forward_act(x, train, false, kernels)
+    }
 
-/// Declares a family of C entry points of one signature, and `$alias`, the type of a pointer to
-/// any of them (so that one Rust wrapper serves them all).
-macro_rules! fused_entries {
-    ($(#[$doc:meta])* $alias:ident = fn $params:tt; $($name:ident),+ $(,)?) => {
-        $(#[$doc])*
-        #[cfg(not(crossclr_no_shim))]
-        pub(super) type $alias = unsafe extern "C" fn $params -> std::ffi::c_int;
-        #[cfg(crossclr_no_shim)]
-        pub(super) type $alias = ();
-        #[cfg(not(crossclr_no_shim))]
-        extern "C" {
-            $(pub(super) fn $name $params -> std::ffi::c_int;)+
+    /// [`BatchNorm::forward`] followed by ReLU (fused into the batch norm in train mode on the CPU).
+    pub fn forward_relu(&self, x: &Tensor, train: bool, kernels: &Kernels) -> Tensor {
+        self.forward_act(x, train, true, kernels)
+    }
+
+    fn forward_act(&self, x: &Tensor, train: bool, relu: bool, kernels: &Kernels) -> Tensor {
+        if train {
+            match bn_train(x, self, relu, kernels) {
+                Ok(y) => return y,
+                // Only a broken invariant gets here (the fused op checks before it writes
+                // anything): the tch path gives the same result, or libtorch's own error.
+                Err(e) => warn_fused_failed(&e),
+            }
         }
-        // Without the shim: placeholders, so that the wrappers compile unchanged (and fail).
-        $(#[cfg(crossclr_no_shim)]
-        #[allow(non_upper_case_globals)]
-        pub(super) const $name: $alias = ();)+
-    };
+        let mut y = self.forward_native(x, train);
+        if relu {
+            let _ = y.relu_(); // batch-norm backward does not need its output
+        }
+        y
+    }
 }
 
-fused_entries!(
-    /// Fused training batch norm (+ ReLU): `crossclr_fused_bn_train` (CPU, csrc/fused_bn.cpp) and
-    /// `crossclr_fk_bn_train` (CUDA kernels, csrc/cuda_kernels.cpp). Tensors are `at::Tensor*`;
-    /// returns 0 and a new tensor in `out`, or 1 and a message in `err`.
-    BnEntry = fn(
-        x: *mut std::ffi::c_void,
-        w: *mut std::ffi::c_void,
-        b: *mut std::ffi::c_void,
-        running_mean: *mut std::ffi::c_void,
-        running_var: *mut std::ffi::c_void,
-        momentum: f64,
-        eps: f64,
-        relu: std::ffi::c_int,
-        out: *mut *mut std::ffi::c_void,
-        err: *mut *mut std::ffi::c_char,
-    );
-    crossclr_fused_bn_train,
-    crossclr_fk_bn_train,
-);
-
-fused_entries!(
-    /// Fused block tail `relu(dropout_p(bn(y)) + r)` (`r` null: no residual):
-    /// `crossclr_fused_bn_tail_train` (CPU) and `crossclr_fk_tail_train` (CUDA kernels).
-    TailEntry = fn(
-        y: *mut std::ffi::c_void,
-        r: *mut std::ffi::c_void,
-        w: *mut std::ffi::c_void,
-        b: *mut std::ffi::c_void,
-        running_mean: *mut std::ffi::c_void,
-        running_var: *mut std::ffi::c_void,
-        momentum: f64,
-        eps: f64,
-        p: f64,
-        seed: i64,
-        out: *mut *mut std::ffi::c_void,
-        err: *mut *mut std::ffi::c_char,
-    );
-    crossclr_fused_bn_tail_train,
-    crossclr_fk_tail_train,
-);
-
-/// Whether the environment variable `name` says `off` (or `0`, `false`).
-pub(super) fn switched_off(name: &str) -> bool {
-    std::env::var(name)
-        .map(|v| {
-            matches!(
-                v.trim().to_ascii_lowercase().as_str(),
-                "off" | "0" | "false"
-            )
-        })
-        .unwrap_or(false)
-}
-
-/// Whether the fused op may be used: built with the shim and not switched off by [`ENV_SWITCH`].
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| cfg!(not(crossclr_no_shim)) && !switched_off(ENV_SWITCH))
-}
-
-/// Whether the fused block tail may be used: built with the shim and not switched off by
-/// [`TAIL_ENV_SWITCH`] (read once per process).
-pub fn tail_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| cfg!(not(crossclr_no_shim)) && !switched_off(TAIL_ENV_SWITCH))
+/// Reports (once per process) that the fused batch norm failed and the tch path is used instead.
+fn warn_fused_failed(e: &crate::error::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| eprintln!("crossclr: fused batch norm failed ({e}); using the tch path"));
 }
 
 /// A contiguous float32 CPU tensor (the only layout the fused kernels read).
@@ -139,144 +91,28 @@ fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 /// Training-mode batch norm over channel dim 1 of `x` `(N, C, ...)`, then ReLU when `relu`; updates
 /// the running statistics and `num_batches_tracked` of `bn`. Returns a tensor of `x`'s shape.
 /// Uses the fused op when it applies (see the module docs), else the tch path.
-pub fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
+pub fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool, kernels: &Kernels) -> Result<Tensor> {
     if x.device().is_cuda() {
-        if super::fused_cuda::fits(x, bn)
+        if kernels.fused_cuda != FusedCuda::Off
+            && super::fused_cuda::fits(x, bn)
             && super::fused_cuda::usable(x.device())
-            && super::fused_cuda::prefer_fused(FusedOp::BatchNorm { relu }, x, bn, None)
+            && (kernels.fused_cuda == FusedCuda::On
+                || super::fused_cuda::prefer_fused(FusedOp::BatchNorm { relu }, x, bn, None))
         {
             return super::fused_cuda::bn_train(x, bn, relu);
         }
         return Ok(native(x, bn, relu));
     }
-    if enabled() && fits(x, bn) {
+    if available() && kernels.fused_bn_on() && fits(x, bn) {
         fused(x, bn, relu)
     } else {
         Ok(native(x, bn, relu))
     }
 }
 
-/// The tch path: `Tensor::batch_norm` (training) + in-place ReLU.
-pub(crate) fn native(x: &Tensor, bn: &BatchNorm, relu: bool) -> Tensor {
-    let mut y = bn.forward_native(x, true);
-    if relu {
-        let _ = y.relu_(); // batch-norm backward does not need its output
-    }
-    y
-}
-
-/// A live tch tensor as the shim's `at::Tensor*`.
-#[cfg(not(crossclr_no_shim))]
-fn ptr(t: &Tensor) -> *mut std::ffi::c_void {
-    t.as_ptr() as *mut std::ffi::c_void
-}
-
-/// Runs the fused batch-norm entry point `entry` (CPU op, or CUDA kernels) on live tensors and
-/// takes ownership of the tensor it returns; on success counts one batch in
-/// `bn.num_batches_tracked` (the C side updates the running statistics, not the counter). `what`
-/// names the op in the error.
-#[cfg(not(crossclr_no_shim))]
-pub(super) fn run_bn(
-    entry: BnEntry,
-    what: &str,
-    x: &Tensor,
-    bn: &BatchNorm,
-    relu: bool,
-) -> Result<Tensor> {
-    // SAFETY: every pointer is a live tch tensor borrowed for the call; the C side checks them
-    // (null, undefined, device, dtype, layout, shape) and never lets an exception escape.
-    call_fused(what, bn, |out, err| unsafe {
-        entry(
-            ptr(x),
-            ptr(&bn.weight),
-            ptr(&bn.bias),
-            ptr(&bn.running_mean),
-            ptr(&bn.running_var),
-            super::layers::BN_MOMENTUM,
-            super::layers::BN_EPS,
-            std::ffi::c_int::from(relu),
-            out,
-            err,
-        )
-    })
-}
-
-/// [`run_bn`] for the block-tail entry points (`r` `None`: a null residual).
-#[cfg(not(crossclr_no_shim))]
-pub(super) fn run_tail(
-    entry: TailEntry,
-    what: &str,
-    y: &Tensor,
-    bn: &BatchNorm,
-    p: f64,
-    r: Option<&Tensor>,
-    seed: i64,
-) -> Result<Tensor> {
-    // SAFETY: as in `run_bn`; a null residual means none.
-    call_fused(what, bn, |out, err| unsafe {
-        entry(
-            ptr(y),
-            r.map_or(std::ptr::null_mut(), ptr),
-            ptr(&bn.weight),
-            ptr(&bn.bias),
-            ptr(&bn.running_mean),
-            ptr(&bn.running_var),
-            super::layers::BN_MOMENTUM,
-            super::layers::BN_EPS,
-            p,
-            seed,
-            out,
-            err,
-        )
-    })
-}
-
-/// Runs a fused-op entry point `f(out, err) -> status` and takes ownership of the tensor it
-/// returns; on success counts one batch in `bn.num_batches_tracked`.
-#[cfg(not(crossclr_no_shim))]
-fn call_fused(
-    what: &str,
-    bn: &BatchNorm,
-    f: impl FnOnce(*mut *mut std::ffi::c_void, *mut *mut std::ffi::c_char) -> std::ffi::c_int,
-) -> Result<Tensor> {
-    let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
-    let mut err: *mut std::ffi::c_char = std::ptr::null_mut();
-    let status = f(&mut out, &mut err);
-    if status != 0 || out.is_null() {
-        return Err(Error::Other(format!(
-            "{what}: {}",
-            take_message(err, "no output tensor")
-        )));
-    }
-    tch::no_grad(|| {
-        let _ = bn.num_batches_tracked.shallow_clone().g_add_scalar_(1);
-    });
-    // SAFETY: `out` is a fresh `at::Tensor*` owned by us; tch's drop deletes it.
-    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
-}
-
 /// The fused op; `x` and the parameters must be contiguous float32 CPU tensors (else an error).
 pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
     run_bn(crossclr_fused_bn_train, "fused batch norm", x, bn, relu)
-}
-
-/// [`run_bn`] and [`run_tail`] without the shim: the error.
-#[cfg(crossclr_no_shim)]
-pub(super) fn run_bn(_: BnEntry, what: &str, _: &Tensor, _: &BatchNorm, _: bool) -> Result<Tensor> {
-    Err(Error::Other(format!("{what}: built without the C++ shim")))
-}
-
-#[cfg(crossclr_no_shim)]
-pub(super) fn run_tail(
-    _: TailEntry,
-    what: &str,
-    _: &Tensor,
-    _: &BatchNorm,
-    _: f64,
-    _: Option<&Tensor>,
-    _: i64,
-) -> Result<Tensor> {
-    Err(Error::Other(format!("{what}: built without the C++ shim")))
 }
 
 /// The tail of an ST-GCN block in training or eval mode: `relu(dropout_p(bn(y)) + r)`.
@@ -293,7 +129,7 @@ pub(super) fn run_tail(
 /// regenerates the mask. The mask is exactly Bernoulli(1 - p) per element when `(1 - p) · 2^16` is
 /// whole (p = 0.5) and reproducible: its seed is drawn from libtorch's CPU generator (only when
 /// `p > 0`, like [`super::dropout`]), so `tch::manual_seed` fixes it. Otherwise (eval, CUDA, other
-/// dtypes or layouts, no shim, `CROSSCLR_FUSED_TAIL=off`) the unfused sequence runs:
+/// dtypes or layouts, no shim, `kernels.fused_tail=off`) the unfused sequence runs:
 /// `bn.forward` -> [`super::dropout`] -> `+ r` -> ReLU.
 pub fn bn_dropout_add_relu(
     y: &Tensor,
@@ -301,6 +137,7 @@ pub fn bn_dropout_add_relu(
     p: f64,
     r: Option<&Tensor>,
     train: bool,
+    kernels: &Kernels,
 ) -> Tensor {
     if train && y.device().is_cuda() {
         let r_fits = r.is_none_or(|r| {
@@ -309,32 +146,40 @@ pub fn bn_dropout_add_relu(
                 && r.is_contiguous()
                 && r.size() == y.size()
         });
-        if (0.0..1.0).contains(&p)
+        if kernels.fused_cuda != FusedCuda::Off
+            && (0.0..1.0).contains(&p)
             && r_fits
             && super::fused_cuda::fits(y, bn)
             && super::fused_cuda::usable(y.device())
-            && super::fused_cuda::prefer_fused(
-                FusedOp::Tail {
-                    p_bits: p.to_bits(),
-                    residual: r.is_some(),
-                },
-                y,
-                bn,
-                r,
-            )
+            && (kernels.fused_cuda == FusedCuda::On
+                || super::fused_cuda::prefer_fused(
+                    FusedOp::Tail {
+                        p_bits: p.to_bits(),
+                        residual: r.is_some(),
+                    },
+                    y,
+                    bn,
+                    r,
+                ))
         {
             match super::fused_cuda::tail(y, bn, p, r, 0) {
                 Ok(out) => return out,
                 Err(e) => warn_tail_failed(&e),
             }
         }
-        return tail_native(y, bn, p, r, train);
+        return tail_native(y, bn, p, r, train, kernels);
     }
     let r_fits = match r {
         None => true,
         Some(r) => is_plain_cpu_f32(r) && r.size() == y.size(),
     };
-    if train && tail_enabled() && (0.0..1.0).contains(&p) && r_fits && fits(y, bn) {
+    if train
+        && available()
+        && kernels.fused_tail_on()
+        && (0.0..1.0).contains(&p)
+        && r_fits
+        && fits(y, bn)
+    {
         let seed = if p > 0.0 { draw_seed() } else { 0 };
         match fused_tail(y, bn, p, r, seed) {
             Ok(out) => return out,
@@ -342,7 +187,7 @@ pub fn bn_dropout_add_relu(
             Err(e) => warn_tail_failed(&e),
         }
     }
-    tail_native(y, bn, p, r, train)
+    tail_native(y, bn, p, r, train, kernels)
 }
 
 /// A dropout seed from libtorch's CPU generator (as [`super::dropout`] draws its own).
@@ -363,8 +208,9 @@ pub(crate) fn tail_native(
     p: f64,
     r: Option<&Tensor>,
     train: bool,
+    kernels: &Kernels,
 ) -> Tensor {
-    let mut z = super::dropout(&bn.forward(y, train), p, train);
+    let mut z = super::dropout(&bn.forward(y, train, kernels), p, train);
     if let Some(r) = r {
         let _ = z.g_add_(r); // no backward pass needs the overwritten values
     }
@@ -574,14 +420,14 @@ mod tests {
         assert!(!x.is_contiguous());
         let vs2 = VarStore::new(Device::Cpu);
         let bn2 = copy_bn(&vs2, &bn);
-        let a = bn_train(&x, &bn, true).unwrap();
+        let a = bn_train(&x, &bn, true, &Kernels::default()).unwrap();
         let b = native(&x, &bn2, true);
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let x64 = x.to_kind(Kind::Double).contiguous();
         let mut vs64 = VarStore::new(Device::Cpu);
         let bn64 = random_bn(&vs64, 4);
         vs64.double();
-        let y64 = bn_train(&x64, &bn64, false).unwrap();
+        let y64 = bn_train(&x64, &bn64, false, &Kernels::default()).unwrap();
         assert_eq!(y64.kind(), Kind::Double);
         assert_eq!(bn64.num_batches_tracked.int64_value(&[]), 1);
     }
@@ -835,15 +681,56 @@ mod tests {
         let r = Tensor::randn([1, 4, 6, 5], opts);
         let vs2 = VarStore::new(Device::Cpu);
         let bn2 = copy_bn(&vs2, &bn);
-        let a = bn_dropout_add_relu(&y, &bn, 0.5, Some(&r), false);
+        let a = bn_dropout_add_relu(&y, &bn, 0.5, Some(&r), false, &Kernels::default());
         let b = (bn2.forward_native(&y, false) + &r).relu();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let mut vs64 = VarStore::new(Device::Cpu);
         let bn64 = random_bn(&vs64, 4);
         vs64.double();
         let y64 = y.to_kind(Kind::Double);
-        let out = bn_dropout_add_relu(&y64, &bn64, 0.5, None, true);
+        let out = bn_dropout_add_relu(&y64, &bn64, 0.5, None, true, &Kernels::default());
         assert_eq!(out.kind(), Kind::Double);
         assert_eq!(bn64.num_batches_tracked.int64_value(&[]), 1);
+    }
+
+    /// With the same seed, the emulated CUDA tail and the CPU fused tail draw the same dropout
+    /// mask: same outputs and gradients.
+    #[test]
+    fn emulated_tail_draws_the_cpu_mask() {
+        use super::super::fused_cuda;
+        let shape = [1i64, 3, 4, 50, 25];
+        let y = fused_cuda::test_tensor(&shape, 41, 2.0, 0.2, Device::Cpu);
+        let r = fused_cuda::test_tensor(&shape, 42, 1.0, 0.0, Device::Cpu);
+        let run = |emulated: bool| {
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let bn = fused_cuda::test_bn(&vs, 3, 43);
+            let yv = y.detach().set_requires_grad(true);
+            let out = if emulated {
+                fused_cuda::emulated_tail(&yv, &bn, 0.5, Some(&r), 12345).unwrap()
+            } else {
+                fused_tail(&yv, &bn, 0.5, Some(&r), 12345).unwrap()
+            };
+            out.sum(Kind::Float).backward();
+            (out.detach(), yv.grad())
+        };
+        let (out_e, grad_e) = run(true);
+        let (out_c, grad_c) = run(false);
+        assert!(
+            fused_cuda::rel_diff(&out_e, &out_c) < 1e-6,
+            "{}",
+            fused_cuda::rel_diff(&out_e, &out_c)
+        );
+        assert!(
+            fused_cuda::rel_diff(&grad_e, &grad_c) < 1e-4,
+            "{}",
+            fused_cuda::rel_diff(&grad_e, &grad_c)
+        );
+        // p = 0.5 really drops: some kept, some dropped elements.
+        let zero_frac = out_e
+            .eq(0.0)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(zero_frac > 0.2 && zero_frac < 0.9, "{zero_frac}");
     }
 }

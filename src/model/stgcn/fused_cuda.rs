@@ -22,24 +22,21 @@
 //! path is used for the rest of the process. Never validated inside a CUDA-graph capture: a
 //! capture that starts before any eager use runs the tch ops. Then, per op and shape, the faster
 //! of the fused kernels and the tch ops is chosen by timing both once (module `choice`), so the fused
-//! kernels never slow a step down. Switch: `CROSSCLR_FUSED_CUDA=off` (never), `on` (always, no
-//! timing), unset (timed choice).
+//! kernels never slow a step down. Lever: `kernels.fused_cuda` = `timed` (the default), `on`
+//! (always, no timing) or `off` (never); see `crate::model::kernels`.
 //!
 //! On the CPU the same kernel bodies run under a host emulation of the launch grid
 //! ([`emulated_bn_train`], [`emulated_tail`]): the tests check the kernels' indexing and arithmetic
 //! there, and that the NVRTC compile succeeds ([`nvrtc_compile`]), without a GPU.
 mod choice;
 
-pub use choice::{choices, graph_timed_bn, graph_timing, FusedChoice};
+pub use choice::{choices, graph_timed_bn, FusedChoice};
 pub(crate) use choice::{prefer_fused, FusedOp};
 
 use super::layers::BatchNorm;
 use crate::error::{Error, Result};
 use std::sync::{Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
-
-/// Environment variable: `off` (or `0`, `false`) disables the fused CUDA kernels.
-pub const ENV_SWITCH: &str = "CROSSCLR_FUSED_CUDA";
 
 #[cfg(not(crossclr_no_shim))]
 extern "C" {
@@ -58,14 +55,12 @@ extern "C" {
     fn crossclr_fk_vec4() -> std::ffi::c_int;
 }
 
-/// Environment variable: `off` (or `0`, `false`) disables the four-wide variants of the kernels
-/// (16-byte loads and stores, used where a channel's length is a multiple of 4 and the buffers
-/// are 16-byte aligned; csrc/fused_kernels.cuh). On by default: measured on an H100
-/// (2026-11-27, same call, CUDA-graph step at batch 128): SkeletonCLR 17.23 / 17.37 ms vs
-/// 18.19 / 18.01 ms without, CrosSCLR-3 phase 1 44.66 vs 47.74 ms, phase 2 47.37 vs 49.78 ms.
-pub const ENV_VEC4: &str = "CROSSCLR_FUSED_VEC4";
-
-/// Whether the four-wide kernel variants are enabled ([`ENV_VEC4`] or [`set_vec4`]).
+/// Whether the four-wide kernel variants are enabled (16-byte loads and stores, used where a
+/// channel's length is a multiple of 4 and the buffers are 16-byte aligned;
+/// csrc/fused_kernels.cuh). Always on except while a test compares them with the scalar bodies
+/// ([`set_vec4`]): measured on an H100 (2026-11-27, same call, CUDA-graph step at batch 128),
+/// SkeletonCLR 17.23 / 17.37 ms vs 18.19 / 18.01 ms without, CrosSCLR-3 phase 1 44.66 vs 47.74
+/// ms, phase 2 47.37 vs 49.78 ms, so the switch that turned them off was removed.
 pub fn vec4() -> bool {
     #[cfg(not(crossclr_no_shim))]
     {
@@ -76,8 +71,8 @@ pub fn vec4() -> bool {
     false
 }
 
-/// Turns the four-wide kernel variants on or off for the rest of the process (overrides
-/// [`ENV_VEC4`]); takes effect for ops started afterwards.
+/// Turns the four-wide kernel variants on or off for the rest of the process; takes effect for
+/// ops started afterwards. For tests that compare them with the scalar bodies.
 pub fn set_vec4(on: bool) {
     #[cfg(not(crossclr_no_shim))]
     // SAFETY: sets a flag.
@@ -97,14 +92,9 @@ fn no_shim<T>(what: &str) -> Result<T> {
     Err(Error::Other(format!("{what}: built without the C++ shim")))
 }
 
-/// Whether the fused CUDA kernels may be used at all: the shim has its CUDA half and
-/// [`ENV_SWITCH`] does not say `off` (read once per process).
+/// Whether the fused CUDA kernels exist in this build: the shim has its CUDA half.
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        crate::gpu::shim_status() == crate::gpu::ShimStatus::Cuda
-            && !super::fused_bn::switched_off(ENV_SWITCH)
-    })
+    crate::gpu::shim_status() == crate::gpu::ShimStatus::Cuda
 }
 
 /// Compiles the kernels with NVRTC for `arch` (e.g. `sm_90`); needs libnvrtc, not a GPU.
@@ -232,8 +222,8 @@ pub(crate) fn fits(x: &Tensor, bn: &BatchNorm) -> bool {
 /// CUDA tensors, the host emulation for CPU tensors. Updates the running statistics and
 /// `num_batches_tracked` of `bn`. Errors (nothing updated) when the inputs do not fit.
 pub(crate) fn bn_train(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
-    super::fused_bn::run_bn(
-        super::fused_bn::crossclr_fk_bn_train,
+    super::fused_entry::run_bn(
+        super::fused_entry::crossclr_fk_bn_train,
         "fused CUDA batch norm",
         x,
         bn,
@@ -250,8 +240,8 @@ pub(crate) fn tail(
     r: Option<&Tensor>,
     seed: i64,
 ) -> Result<Tensor> {
-    super::fused_bn::run_tail(
-        super::fused_bn::crossclr_fk_tail_train,
+    super::fused_entry::run_tail(
+        super::fused_entry::crossclr_fk_tail_train,
         "fused CUDA block tail",
         y,
         bn,
@@ -293,7 +283,13 @@ pub fn emulated_tail(
 
 /// Deterministic test values (SplitMix64 -> uniform in [-1, 1) scaled and shifted), so that the
 /// check does not move libtorch's generators.
-fn test_tensor(shape: &[i64], salt: u64, scale: f32, offset: f32, device: Device) -> Tensor {
+pub(super) fn test_tensor(
+    shape: &[i64],
+    salt: u64,
+    scale: f32,
+    offset: f32,
+    device: Device,
+) -> Tensor {
     let n: i64 = shape.iter().product();
     let values: Vec<f32> = (0..n as u64)
         .map(|i| {
@@ -306,7 +302,7 @@ fn test_tensor(shape: &[i64], salt: u64, scale: f32, offset: f32, device: Device
 }
 
 /// A batch norm on `device` with varied parameters (so that the ReLU cuts at varied places).
-fn test_bn(vs: &tch::nn::VarStore, c: i64, salt: u64) -> BatchNorm {
+pub(super) fn test_bn(vs: &tch::nn::VarStore, c: i64, salt: u64) -> BatchNorm {
     let bn = BatchNorm::new(&vs.root(), c);
     let device = vs.device();
     tch::no_grad(|| {
@@ -327,7 +323,7 @@ fn test_bn(vs: &tch::nn::VarStore, c: i64, salt: u64) -> BatchNorm {
 }
 
 /// Relative L2 difference `|a - b| / |b|` (absolute when `b` is zero).
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+pub(super) fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_device(Device::Cpu).to_kind(Kind::Double);
     let b = b.to_device(Device::Cpu).to_kind(Kind::Double);
     let num = (&a - &b).norm().double_value(&[]);
@@ -419,7 +415,7 @@ pub fn self_check(device: Device) -> Result<()> {
                 None,
                 c,
                 |x, _, bn| bn_train(x, bn, relu),
-                |x, _, bn| super::fused_bn::native(x, bn, relu),
+                |x, _, bn| super::fused_entry::native(x, bn, relu),
             )?;
         }
         for res in [None, Some(&r)] {
@@ -545,46 +541,6 @@ mod tests {
             let d = rel_diff(a, b);
             assert!(d < 1e-5, "{name}: {d}");
         }
-    }
-
-    /// With the same seed, the emulated CUDA tail and the CPU fused tail draw the same dropout
-    /// mask: same outputs and gradients.
-    #[test]
-    fn emulated_tail_draws_the_cpu_mask() {
-        let shape = [1i64, 3, 4, 50, 25];
-        let y = test_tensor(&shape, 41, 2.0, 0.2, Device::Cpu);
-        let r = test_tensor(&shape, 42, 1.0, 0.0, Device::Cpu);
-        let run = |emulated: bool| {
-            let vs = tch::nn::VarStore::new(Device::Cpu);
-            let bn = test_bn(&vs, 3, 43);
-            let yv = y.detach().set_requires_grad(true);
-            let out = if emulated {
-                emulated_tail(&yv, &bn, 0.5, Some(&r), 12345).unwrap()
-            } else {
-                super::super::fused_bn::fused_tail(&yv, &bn, 0.5, Some(&r), 12345).unwrap()
-            };
-            out.sum(Kind::Float).backward();
-            (out.detach(), yv.grad())
-        };
-        let (out_e, grad_e) = run(true);
-        let (out_c, grad_c) = run(false);
-        assert!(
-            rel_diff(&out_e, &out_c) < 1e-6,
-            "{}",
-            rel_diff(&out_e, &out_c)
-        );
-        assert!(
-            rel_diff(&grad_e, &grad_c) < 1e-4,
-            "{}",
-            rel_diff(&grad_e, &grad_c)
-        );
-        // p = 0.5 really drops: some kept, some dropped elements.
-        let zero_frac = out_e
-            .eq(0.0)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[]);
-        assert!(zero_frac > 0.2 && zero_frac < 0.9, "{zero_frac}");
     }
 
     /// Bad inputs are refused before anything is updated.

@@ -1,5 +1,7 @@
 //! The small building blocks of the ST-GCN with the official variable names: batch norm with
-//! running statistics as non-trainable buffers, convolution weights in the official shapes.
+//! running statistics as non-trainable buffers, convolution weights in the official shapes. The
+//! batch norm's dispatching forwards (fused ops or tch) are in `fused_bn.rs`, one level up: this
+//! module depends on nothing of the model.
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -48,34 +50,6 @@ impl BatchNorm {
         }
     }
 
-    /// Normalises channel dim 1 of `x` (any rank >= 2); same shape out. Train mode uses batch
-    /// statistics and updates the running statistics (momentum 0.1, unbiased variance) and the
-    /// batch counter, through the fused CPU op where it applies (see `stgcn/fused_bn.rs`).
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_act(x, train, false)
-    }
-
-    /// [`BatchNorm::forward`] followed by ReLU (fused into the batch norm in train mode on the CPU).
-    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_act(x, train, true)
-    }
-
-    fn forward_act(&self, x: &Tensor, train: bool, relu: bool) -> Tensor {
-        if train {
-            match super::fused_bn::bn_train(x, self, relu) {
-                Ok(y) => return y,
-                // Only a broken invariant gets here (the fused op checks before it writes
-                // anything): the tch path gives the same result, or libtorch's own error.
-                Err(e) => warn_fused_failed(&e),
-            }
-        }
-        let mut y = self.forward_native(x, train);
-        if relu {
-            let _ = y.relu_(); // batch-norm backward does not need its output
-        }
-        y
-    }
-
     /// The tch path (`Tensor::batch_norm`), batch counter included.
     pub(crate) fn forward_native(&self, x: &Tensor, train: bool) -> Tensor {
         if train {
@@ -93,37 +67,6 @@ impl BatchNorm {
             BN_EPS,
             true,
         )
-    }
-}
-
-/// Environment variable: `on` (or `1`, `true`) folds the biases of the convolutions that feed a
-/// batch norm in train mode into that batch norm (see `BatchNorm::folding`) on every device,
-/// `off` (`0`, `false`) on none; unset, they are folded on CUDA and not on the CPU.
-///
-/// CUDA: per temporal / residual convolution it removes a bias add over the output (forward,
-/// query and key passes) and a bias-gradient reduction (backward), 36 kernels of 20 MB each per
-/// SkeletonCLR step, and adds about as many tiny ones (the running-mean shift and the
-/// zero-gradient `lerp`). Measured on an H100 (2026-11-27, same call, CUDA-graph step at batch
-/// 128, alone): SkeletonCLR 17.37 / 17.58 ms vs 18.19 / 18.01 ms unfolded, CrosSCLR-3 phase 1
-/// 44.77 vs 47.74 ms, phase 2 48.14 vs 49.78 ms. CPU: no change measured (oneDNN adds a
-/// convolution's bias inside the convolution; SkeletonCLR batch 64, 3 interleaved pairs:
-/// 1512-1528 vs 1477-1536 ms), so the CPU keeps the plain form.
-pub const FOLD_BIAS_SWITCH: &str = "CROSSCLR_FOLD_BIAS";
-
-/// Whether train-mode forwards on `device` fold convolution biases into the following batch norm
-/// ([`FOLD_BIAS_SWITCH`], read once per process; default: on CUDA only).
-pub fn fold_bias_enabled(device: tch::Device) -> bool {
-    static MODE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let mode = *MODE.get_or_init(|| fold_mode(std::env::var(FOLD_BIAS_SWITCH).ok().as_deref()));
-    mode.unwrap_or(device.is_cuda())
-}
-
-/// [`FOLD_BIAS_SWITCH`]'s value as a forced choice (`None`: the device decides).
-fn fold_mode(value: Option<&str>) -> Option<bool> {
-    match value?.trim().to_ascii_lowercase().as_str() {
-        "on" | "1" | "true" => Some(true),
-        "off" | "0" | "false" => Some(false),
-        _ => None,
     }
 }
 
@@ -164,12 +107,6 @@ impl BatchNorm {
     }
 }
 
-/// Reports (once per process) that the fused batch norm failed and the tch path is used instead.
-fn warn_fused_failed(e: &crate::error::Error) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| eprintln!("crossclr: fused batch norm failed ({e}); using the tch path"));
-}
-
 /// A convolution with the official weight shape `(c_out, c_in, kt, 1)` and a bias `(c_out,)`.
 #[derive(Debug)]
 pub struct Conv {
@@ -201,20 +138,5 @@ impl Conv {
     pub fn matrix(&self) -> Tensor {
         let s = self.weight.size();
         self.weight.view([s[0], s[1]])
-    }
-}
-
-#[cfg(test)]
-mod fold_mode_tests {
-    use super::fold_mode;
-
-    #[test]
-    fn unset_or_unknown_leaves_it_to_the_device() {
-        assert_eq!(fold_mode(None), None);
-        assert_eq!(fold_mode(Some("auto")), None);
-        assert_eq!(fold_mode(Some(" ON ")), Some(true));
-        assert_eq!(fold_mode(Some("1")), Some(true));
-        assert_eq!(fold_mode(Some("off")), Some(false));
-        assert_eq!(fold_mode(Some("false")), Some(false));
     }
 }

@@ -26,6 +26,10 @@ pub struct LoadedEncoder {
     pub net: StGcn,
     pub head: Option<Head>,
     pub config: StGcnConfig,
+    /// The key prefix the encoder was read from (given, or detected: [`super::prefix`]).
+    pub prefix: String,
+    /// Why that prefix, when it was detected rather than given.
+    pub detected: Option<&'static str>,
 }
 
 fn shape(sd: &HashMap<&str, &Tensor>, name: &str, file: &Path) -> Result<Vec<i64>> {
@@ -64,8 +68,10 @@ pub fn infer_config(
 }
 
 impl LoadedEncoder {
-    /// Loads the encoder under `prefix` (e.g. `encoder_q.`; `module.` is removed automatically)
-    /// from `path` onto `device`. With `with_head`, the `fc` head is loaded too (a Linear
+    /// Loads the encoder under `prefix` (e.g. `encoder_q.`, `""` for a bare encoder; `module.` is
+    /// removed automatically) from `path` onto `device`; `None` detects it from the file as every
+    /// command does ([`super::prefix::detect_prefix`]: the joint query encoder, the only encoder or
+    /// the only query encoder, else an error naming the encoders). With `with_head`, the `fc` head is loaded too (a Linear
     /// `fc.weight` or the MLP `fc.0`/`fc.2`); it is an error if the weights hold none.
     /// Every encoder variable must be present.
     pub fn load(
@@ -76,12 +82,19 @@ impl LoadedEncoder {
         with_head: bool,
     ) -> Result<Self> {
         let tensors = read_state_dict(path)?;
+        let (prefix, detected) = match prefix {
+            Some(p) => (p.to_string(), None),
+            None => {
+                let found =
+                    super::prefix::encoder_prefixes(tensors.iter().map(|(k, _)| k.as_str()));
+                let d = super::prefix::detect_prefix(&found, "encoder_q.")
+                    .map_err(|e| Error::input(path, "keys", e))?;
+                (d.prefix, Some(d.reason))
+            }
+        };
         let strip = |n: &str| -> Option<String> {
             let n = n.strip_prefix("module.").unwrap_or(n);
-            match prefix {
-                Some(p) => n.strip_prefix(p).map(str::to_string),
-                None => Some(n.to_string()),
-            }
+            n.strip_prefix(prefix.as_str()).map(str::to_string)
         };
         let stripped: Vec<(String, &Tensor)> = tensors
             .iter()
@@ -91,13 +104,13 @@ impl LoadedEncoder {
             return Err(Error::input(
                 path,
                 "keys",
-                format!("no key starts with prefix '{}'", prefix.unwrap_or("")),
+                format!("no key starts with prefix '{prefix}'"),
             ));
         }
         let sd: HashMap<&str, &Tensor> = stripped.iter().map(|(k, t)| (k.as_str(), *t)).collect();
         let config = infer_config(&sd, crate::model::graph::NUM_PARTITIONS as i64, path)?;
         let mut vs = VarStore::new(device);
-        let mut net = StGcn::new(&vs.root(), &config, layout);
+        let net = StGcn::new(&vs.root(), &config, layout);
         let head = if with_head {
             let fc = vs.root() / "fc";
             if let Some(w) = sd.get("fc.weight") {
@@ -117,7 +130,7 @@ impl LoadedEncoder {
             None
         };
         let skip: &[&str] = if with_head { &[] } else { &["fc."] };
-        let report = load_into(&mut vs, &tensors, prefix, skip)
+        let report = load_into(&mut vs, &tensors, Some(prefix.as_str()), skip)
             .map_err(|e| Error::input(path, "weights", e.to_string()))?;
         // `A` follows from the layout and `num_batches_tracked` is absent from old checkpoints.
         let missing: Vec<&String> = report
@@ -140,12 +153,13 @@ impl LoadedEncoder {
                 format!("unexpected keys: {}", report.unexpected.join(", ")),
             ));
         }
-        net.set_formulation(Default::default());
         Ok(LoadedEncoder {
             vs,
             net,
             head,
             config,
+            prefix,
+            detected,
         })
     }
 

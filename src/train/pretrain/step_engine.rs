@@ -142,21 +142,13 @@ pub fn apply_numeric_modes(cfg: &PretrainConfig, device: Device) -> Result<Strin
             format!("{set} -> {got}")
         }
     };
-    use crate::model::stgcn::{aggregate, fused_cuda, layers};
+    use crate::model::stgcn::fused_cuda;
     Ok(format!(
-        "tf32 {}{state}, cudnn_benchmark {}; fused CUDA kernels {} (four-wide {}, choice timed {}), \
-         conv biases folded into BN {}, GCN bias in the 1x1 product {}",
+        "tf32 {}{state}, cudnn_benchmark {}; fused CUDA kernels usable {} (four-wide {})",
         resolved(cfg.tf32.name(), tf32.name()),
         resolved(cfg.cudnn_benchmark.name(), &benchmark.to_string()),
         fused_cuda::usable(device),
         fused_cuda::vec4(),
-        if fused_cuda::graph_timing() {
-            "as CUDA-graph replays"
-        } else {
-            "as eager wall time"
-        },
-        layers::fold_bias_enabled(device),
-        aggregate::bias_in_product(),
     ))
 }
 

@@ -5,17 +5,17 @@
 //! So a fused kernel that loses on some shape or card never slows a run down, and the timings
 //! are reported ([`choices`], the `fused_cuda_ops` field of `crossclr bench --json`).
 //!
-//! `CROSSCLR_FUSED_CUDA=on` skips the timing and always uses the fused kernels (when they passed
-//! the self-check); `off` never uses them.
+//! `kernels.fused_cuda=on` skips the timing and always uses the fused kernels (when they passed
+//! the self-check); `off` never uses them (`crate::model::kernels`).
 //!
-//! What the default timing measures (`CROSSCLR_FUSED_CHOICE=graph`, the default): device work, as
+//! What the timing measures: device work, as
 //! a CUDA-graph step runs it: each implementation's forward + backward is captured into a CUDA
 //! graph (after two warm-up runs on the graph's stream) and replayed [`GRAPH_REPLAYS`] times
 //! between two syncs; the graphs are dropped and the allocator's cache emptied afterwards, so the
 //! timing leaves no reserved memory behind. If a capture fails, that shape falls back to the
-//! wall-time timing. `CROSSCLR_FUSED_CHOICE=wall` times one eager forward + backward between two
-//! device syncs instead, which for these ops (20-100 µs of device work) is mostly the host's launch
-//! and autograd overhead, so its choices flip between runs: on an H100 (2026-11-27) the wall
+//! wall-time timing: one eager forward + backward between two device syncs, which for these ops
+//! (20-100 µs of device work) is mostly the host's launch and autograd overhead, so its choices
+//! flip between runs (it was a switch until 2026-12-07, removed as losing): on an H100 (2026-11-27) the wall
 //! timing picked the tch ops for a BN whose fused kernel takes 0.116 ms of device time against
 //! 0.210 ms (it measured 4.3 ms of wall time for it once). Alone the graph timing moved the step by
 //! less than 1 %; with the other 2026-11-27 levers (four-wide kernels, folded and in-product
@@ -30,10 +30,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Timed runs per implementation (after one warm-up run).
 const TIMED_RUNS: usize = 3;
-/// Replays per implementation with `CROSSCLR_FUSED_CHOICE=graph`.
+/// Replays per implementation in the CUDA-graph timing.
 pub const GRAPH_REPLAYS: usize = 20;
-/// Environment variable choosing how the per-shape choice is timed: `graph` (default) or `wall`.
-pub const CHOICE_SWITCH: &str = "CROSSCLR_FUSED_CHOICE";
 
 /// Which fused op a choice is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -87,34 +85,10 @@ pub fn choices() -> Vec<FusedChoice> {
     all
 }
 
-/// Whether the choice times device work in CUDA-graph replays: yes unless
-/// `CROSSCLR_FUSED_CHOICE=wall` (read once per process).
-pub fn graph_timing() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var(CHOICE_SWITCH)
-            .map(|v| !v.trim().eq_ignore_ascii_case("wall"))
-            .unwrap_or(true)
-    })
-}
-
-/// `CROSSCLR_FUSED_CUDA=on`: always fused, no timing (read once per process).
-fn forced() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var(super::ENV_SWITCH)
-            .map(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "on" | "1" | "true"))
-            .unwrap_or(false)
-    })
-}
-
 /// Whether `op` on input `x` (CUDA, already known to fit and to have passed the self-check)
 /// should run on the fused kernels. Times both implementations the first time the shape is seen
 /// outside a capture; inside a capture an unseen shape gets the tch ops.
 pub(crate) fn prefer_fused(op: FusedOp, x: &Tensor, bn: &BatchNorm, r: Option<&Tensor>) -> bool {
-    if forced() {
-        return true;
-    }
     let Device::Cuda(index) = x.device() else {
         return false;
     };
@@ -125,19 +99,15 @@ pub(crate) fn prefer_fused(op: FusedOp, x: &Tensor, bn: &BatchNorm, r: Option<&T
     if !matches!(super::capturing(index), Ok(false)) {
         return false;
     }
-    let timed = if graph_timing() {
-        match tch::with_grad(|| time_both_in_graphs(op, x, bn, r)) {
-            Ok(t) => Ok((t, "graph")),
-            Err(e) => {
-                eprintln!(
-                    "crossclr: timing the fused CUDA {} in CUDA graphs failed ({e}); timing it eagerly",
-                    op.name()
-                );
-                tch::with_grad(|| time_both(op, x, bn, r)).map(|t| (t, "wall"))
-            }
+    let timed = match tch::with_grad(|| time_both_in_graphs(op, x, bn, r)) {
+        Ok(t) => Ok((t, "graph")),
+        Err(e) => {
+            eprintln!(
+                "crossclr: timing the fused CUDA {} in CUDA graphs failed ({e}); timing it eagerly",
+                op.name()
+            );
+            tch::with_grad(|| time_both(op, x, bn, r)).map(|t| (t, "wall"))
         }
-    } else {
-        tch::with_grad(|| time_both(op, x, bn, r)).map(|t| (t, "wall"))
     };
     match timed {
         Ok(((fused_ms, native_ms), timing)) => {
@@ -198,7 +168,7 @@ fn run_once(
     let rs = r.map(|r| r.detach().set_requires_grad(true));
     let out = match (op, fused) {
         (FusedOp::BatchNorm { relu }, true) => super::bn_train(&xs, sbn, relu)?,
-        (FusedOp::BatchNorm { relu }, false) => super::super::fused_bn::native(&xs, sbn, relu),
+        (FusedOp::BatchNorm { relu }, false) => super::super::fused_entry::native(&xs, sbn, relu),
         (FusedOp::Tail { p_bits, .. }, true) => {
             super::tail(&xs, sbn, f64::from_bits(p_bits), rs.as_ref(), 0)?
         }
@@ -250,7 +220,7 @@ fn time_both_in_graphs(
 }
 
 /// Device milliseconds per forward + backward of the training batch norm (+ ReLU) of `x` with
-/// `bn`'s values, fused and tch, as `CROSSCLR_FUSED_CHOICE=graph` times them (for tests and
+/// `bn`'s values, fused and tch, as the choice times them (for tests and
 /// diagnostics; `bn` is not touched). Errors on the CPU or when a capture fails.
 pub fn graph_timed_bn(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<(f64, f64)> {
     tch::with_grad(|| time_both_in_graphs(FusedOp::BatchNorm { relu }, x, bn, None))

@@ -1,0 +1,419 @@
+//! Collectives for data-parallel training on libtorch's own c10d (csrc/dist.cpp): a Gloo process
+//! group (CPU tensors, and CUDA tensors through host staging), rendezvous over a FileStore or
+//! torchrun's TCPStore, and the operations a data-parallel step needs: broadcast (parameters,
+//! buffers and queues from rank 0 at start), all-reduce (gradients, averaged and coalesced into
+//! one buffer) and all-gather (every rank's keys before the enqueue).
+//!
+//! The process group is built only when the Gloo headers were found at build time (Debian's
+//! `libgloo-dev`, installed by scripts/setup.sh; the torch wheel ships the Gloo library inside
+//! libtorch_cpu but not its headers). Without them every call returns an error that says so.
+//!
+//! Status (2026-12-07): the collectives and the rendezvous, tested with 2 processes on the CPU
+//! (tests/dist.rs). Not yet wired into `crossclr pretrain` (sharded loader, gradient all-reduce
+//! in the step, key all-gather before the enqueue, rank-0-only outputs), and no NCCL backend.
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+use tch::Tensor;
+
+/// Where the ranks meet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Store {
+    /// A file every rank can open (one machine, or a shared file system); no port to pick.
+    File(PathBuf),
+    /// torchrun's TCPStore at `host:port`. `host_here`: this process hosts the store (rank 0
+    /// when no torchrun agent hosts it).
+    Tcp {
+        host: String,
+        port: u16,
+        host_here: bool,
+    },
+}
+
+/// One rank's place in the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendezvous {
+    pub rank: usize,
+    pub world_size: usize,
+    pub store: Store,
+}
+
+impl Rendezvous {
+    /// The rendezvous torchrun (or Slurm with the same variables) describes: `RANK`,
+    /// `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`; with `TORCHELASTIC_USE_AGENT_STORE=True` the
+    /// agent hosts the TCPStore and every rank connects as a client, else rank 0 hosts it.
+    /// `None` when `WORLD_SIZE` is unset (a single-process run). `var` reads one variable (the
+    /// process environment in the CLI, a map in tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let Some(world) = var("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let number = |name: &str, text: &str| -> Result<usize> {
+            text.trim().parse().map_err(|_| {
+                Error::config(format!(
+                    "environment variable {name}={text:?} is not a whole number"
+                ))
+            })
+        };
+        let world_size = number("WORLD_SIZE", &world)?;
+        let rank_text =
+            var("RANK").ok_or_else(|| Error::config("WORLD_SIZE is set but RANK is not"))?;
+        let rank = number("RANK", &rank_text)?;
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::config(format!(
+                "RANK {rank} is not in a world of WORLD_SIZE {world_size}"
+            )));
+        }
+        let host = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port_text = var("MASTER_PORT")
+            .ok_or_else(|| Error::config("WORLD_SIZE is set but MASTER_PORT is not"))?;
+        let port = number("MASTER_PORT", &port_text)?;
+        let port = u16::try_from(port)
+            .map_err(|_| Error::config(format!("MASTER_PORT {port} is not a port number")))?;
+        let agent = var("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        Ok(Some(Rendezvous {
+            rank,
+            world_size,
+            store: Store::Tcp {
+                host,
+                port,
+                host_here: rank == 0 && !agent,
+            },
+        }))
+    }
+}
+
+#[cfg(crossclr_dist)]
+extern "C" {
+    fn crossclr_dist_new_gloo(
+        file: *const std::ffi::c_char,
+        host: *const std::ffi::c_char,
+        port: std::ffi::c_int,
+        host_store: std::ffi::c_int,
+        rank: std::ffi::c_int,
+        world: std::ffi::c_int,
+        timeout_ms: i64,
+        out: *mut *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_free(pg: *mut std::ffi::c_void);
+    fn crossclr_dist_broadcast(
+        pg: *mut std::ffi::c_void,
+        t: *mut std::ffi::c_void,
+        root: std::ffi::c_int,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_all_reduce_sum(
+        pg: *mut std::ffi::c_void,
+        t: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_all_gather(
+        pg: *mut std::ffi::c_void,
+        out: *mut std::ffi::c_void,
+        input: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_barrier(
+        pg: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+}
+
+/// Whether this build has the c10d Gloo process group.
+pub fn available() -> bool {
+    cfg!(crossclr_dist)
+}
+
+/// A c10d Gloo process group; dropped, it leaves the group.
+pub struct ProcessGroup {
+    #[cfg_attr(not(crossclr_dist), allow(dead_code))]
+    raw: *mut std::ffi::c_void,
+    rank: usize,
+    world_size: usize,
+}
+
+// SAFETY: the c10d process group is thread-safe for the calls made here (one at a time per
+// group, from the owning thread; the pointer is only moved between threads, never shared).
+unsafe impl Send for ProcessGroup {}
+
+#[cfg(not(crossclr_dist))]
+fn unavailable<T>(what: &str) -> Result<T> {
+    Err(Error::Other(format!(
+        "{what}: this build has no data parallelism (the Gloo headers were not found at build \
+         time: apt-get install libgloo-dev, or set GLOO_INCLUDE, and rebuild)"
+    )))
+}
+
+impl ProcessGroup {
+    /// Joins the Gloo process group of `rendezvous` (blocks until every rank has joined, or
+    /// `timeout`). Collectives that wait longer than `timeout` fail with an error naming the
+    /// operation: a dead or hung rank ends the job instead of hanging it.
+    pub fn gloo(rendezvous: &Rendezvous, timeout: Duration) -> Result<Self> {
+        #[cfg(crossclr_dist)]
+        {
+            use std::ffi::CString;
+            let cstr = |s: &str, what: &str| {
+                CString::new(s).map_err(|_| Error::config(format!("{what} {s:?} contains a NUL")))
+            };
+            let (file, host, port, host_here) = match &rendezvous.store {
+                Store::File(p) => (
+                    Some(cstr(&p.display().to_string(), "store file")?),
+                    None,
+                    0,
+                    false,
+                ),
+                Store::Tcp {
+                    host,
+                    port,
+                    host_here,
+                } => (None, Some(cstr(host, "MASTER_ADDR")?), *port, *host_here),
+            };
+            let mut raw = std::ptr::null_mut();
+            let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+            // SAFETY: the C strings live across the call; `raw` is a valid out-pointer.
+            crate::gpu::ffi::call("joining the Gloo process group", |err| unsafe {
+                crossclr_dist_new_gloo(
+                    file.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                    host.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                    std::ffi::c_int::from(port),
+                    std::ffi::c_int::from(host_here),
+                    rendezvous.rank as std::ffi::c_int,
+                    rendezvous.world_size as std::ffi::c_int,
+                    timeout_ms,
+                    &mut raw,
+                    err,
+                )
+            })
+            .map_err(|e| {
+                Error::Other(format!(
+                    "rank {} of {}: {e}",
+                    rendezvous.rank, rendezvous.world_size
+                ))
+            })?;
+            Ok(ProcessGroup {
+                raw,
+                rank: rendezvous.rank,
+                world_size: rendezvous.world_size,
+            })
+        }
+        #[cfg(not(crossclr_dist))]
+        {
+            let _ = (rendezvous, timeout);
+            unavailable("joining the Gloo process group")
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// Runs one collective, naming it and this rank in the error.
+    #[cfg(crossclr_dist)]
+    fn collective(
+        &self,
+        what: &str,
+        f: impl FnOnce(*mut *mut std::ffi::c_char) -> std::ffi::c_int,
+    ) -> Result<()> {
+        crate::gpu::ffi::call(what, f)
+            .map_err(|e| Error::Other(format!("rank {} of {}: {e}", self.rank, self.world_size)))
+    }
+
+    /// Overwrites `t` on every rank with rank `root`'s values (`t` contiguous).
+    pub fn broadcast_(&self, t: &Tensor, root: usize) -> Result<()> {
+        #[cfg(crossclr_dist)]
+        {
+            // SAFETY: a live tch tensor borrowed for the call; the C side checks it.
+            self.collective("broadcast", |err| unsafe {
+                crossclr_dist_broadcast(self.raw, t.as_ptr() as *mut _, root as i32, err)
+            })
+        }
+        #[cfg(not(crossclr_dist))]
+        {
+            let _ = (t, root);
+            unavailable("broadcast")
+        }
+    }
+
+    /// Sums `t` over the ranks, in place (`t` contiguous).
+    pub fn all_reduce_sum_(&self, t: &Tensor) -> Result<()> {
+        #[cfg(crossclr_dist)]
+        {
+            // SAFETY: as in `broadcast_`.
+            self.collective("all_reduce", |err| unsafe {
+                crossclr_dist_all_reduce_sum(self.raw, t.as_ptr() as *mut _, err)
+            })
+        }
+        #[cfg(not(crossclr_dist))]
+        {
+            let _ = t;
+            unavailable("all_reduce")
+        }
+    }
+
+    /// Every rank's `t` `(N, ...)` stacked in rank order: `(world · N, ...)`.
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.contiguous();
+        let mut shape = t.size();
+        if shape.is_empty() {
+            return Err(Error::Other(
+                "all_gather: a scalar has no rows to gather".into(),
+            ));
+        }
+        shape[0] *= self.world_size as i64;
+        let out = Tensor::empty(shape.as_slice(), (t.kind(), t.device()));
+        #[cfg(crossclr_dist)]
+        {
+            // SAFETY: two live tch tensors borrowed for the call.
+            self.collective("all_gather", |err| unsafe {
+                crossclr_dist_all_gather(
+                    self.raw,
+                    out.as_ptr() as *mut _,
+                    t.as_ptr() as *mut _,
+                    err,
+                )
+            })?;
+            Ok(out)
+        }
+        #[cfg(not(crossclr_dist))]
+        {
+            let _ = out;
+            unavailable("all_gather")
+        }
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) -> Result<()> {
+        #[cfg(crossclr_dist)]
+        {
+            // SAFETY: plain call on the live group.
+            self.collective("barrier", |err| unsafe {
+                crossclr_dist_barrier(self.raw, err)
+            })
+        }
+        #[cfg(not(crossclr_dist))]
+        unavailable("barrier")
+    }
+
+    /// Averages `tensors` (e.g. every parameter's gradient) over the ranks, coalesced: one
+    /// flat buffer per dtype and device, one all-reduce, then each tensor gets its slice back.
+    pub fn all_reduce_mean_(&self, tensors: &[Tensor]) -> Result<()> {
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        let flat = Tensor::cat(
+            &tensors
+                .iter()
+                .map(|t| t.detach().reshape([-1]))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        self.all_reduce_sum_(&flat)?;
+        let flat = flat / self.world_size as f64;
+        let mut offset = 0i64;
+        tch::no_grad(|| {
+            for t in tensors {
+                let n = t.numel() as i64;
+                let mut dst = t.shallow_clone();
+                dst.copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
+                offset += n;
+            }
+        });
+        Ok(())
+    }
+
+    /// Makes every variable of `vs` (parameters and buffers: batch-norm statistics, queues)
+    /// equal to rank 0's, in name order.
+    pub fn broadcast_vars(&self, vs: &tch::nn::VarStore) -> Result<()> {
+        let vars = vs.variables();
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &vars[name];
+            let buf = t.detach().contiguous();
+            self.broadcast_(&buf, 0)
+                .map_err(|e| Error::Other(format!("variable {name}: {e}")))?;
+            if buf.data_ptr() != t.data_ptr() {
+                tch::no_grad(|| t.shallow_clone().copy_(&buf));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        #[cfg(crossclr_dist)]
+        // SAFETY: `raw` came from crossclr_dist_new_gloo and is freed once.
+        unsafe {
+            crossclr_dist_free(self.raw)
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn torchrun_variables_give_the_rendezvous() {
+        assert_eq!(Rendezvous::from_vars(vars(&[])).unwrap(), None);
+        let r = Rendezvous::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            r.store,
+            Store::Tcp {
+                host: "10.0.0.1".into(),
+                port: 29500,
+                host_here: true
+            }
+        );
+        // torchrun's agent hosts the store: rank 0 connects as a client.
+        let r = Rendezvous::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert!(matches!(
+            r.store,
+            Store::Tcp {
+                host_here: false,
+                ..
+            }
+        ));
+        for bad in [
+            vec![("WORLD_SIZE", "2")],
+            vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_PORT", "1")],
+            vec![("WORLD_SIZE", "x"), ("RANK", "0"), ("MASTER_PORT", "1")],
+            vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "70000")],
+        ] {
+            let e = Rendezvous::from_vars(vars(&bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("RANK") || e.contains("WORLD_SIZE") || e.contains("MASTER_PORT"),
+                "{e}"
+            );
+        }
+    }
+}
