@@ -313,6 +313,40 @@ fn ucla_json_cross_view_and_errors() {
     assert!(text.contains("not an NW-UCLA sample"), "{text}");
 }
 
+/// A layout file is copied next to the data and named by dataset.toml, so the folder stands alone.
+#[test]
+fn layout_file_travels_with_the_data() {
+    let raw = tempfile::tempdir().unwrap();
+    write_ucla(raw.path());
+    let rig = raw.path().join("rig.toml");
+    let joints: Vec<String> = (1..=20).map(|j| format!("\"j{j}\"")).collect();
+    let edges: Vec<String> = (1..20).map(|j| format!("[{j}, {}]", j + 1)).collect();
+    std::fs::write(
+        &rig,
+        format!(
+            "name = \"chain20\"\njoints = [{}]\nedges = [{}]\ncenter = 2\nshoulders = [5, 9]\n",
+            joints.join(", "),
+            edges.join(", ")
+        ),
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = cfg(Format::UclaJson, raw.path(), out.path());
+    c.layout = Some(rig.display().to_string());
+    c.bodies = 1;
+    prepare_generic(&c).unwrap();
+    assert_eq!(
+        read_toml(out.path())["layout"].as_str(),
+        Some("layout.toml")
+    );
+    assert!(out.path().join("layout.toml").is_file());
+    let d = crossclr::data::formats::inspect::inspect(out.path(), None).unwrap();
+    assert!(d.contains("layout chain20"), "{d}");
+    // Centre joint 2 (1-based) is the origin of every frame.
+    let (_, x) = npy::read_f32(&out.path().join("train_position.npy")).unwrap();
+    assert!((0..3 * 20).all(|ct| x[ct * 20 + 1] == 0.0));
+}
+
 // ---------------------------------------------------------------- PKU-MMD
 
 fn pku_line(f: usize, second_body: bool) -> String {
