@@ -478,9 +478,10 @@ fn write_kinetics(root: &Path) {
                 .collect();
             let json = serde_json::json!({"data": frames, "label": "x", "label_index": i % 3});
             std::fs::write(dir.join(format!("{vid}.json")), json.to_string()).unwrap();
+            let name = ["waving", "jumping", "clapping"][i % 3];
             labels.insert(
                 vid,
-                serde_json::json!({"has_skeleton": true, "label": "x", "label_index": i % 3}),
+                serde_json::json!({"has_skeleton": true, "label": name, "label_index": i % 3}),
             );
         }
         let extra = format!("{part}_empty");
@@ -519,6 +520,10 @@ fn kinetics_keeps_the_most_confident_persons() {
     assert_eq!(s.excluded.len(), 2, "{s}");
     assert!(s.to_string().contains("has_skeleton is false"), "{s}");
     assert_eq!(read_toml(out.path())["layout"].as_str(), Some("openpose18"));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("classes.txt")).unwrap(),
+        "waving\njumping\nclapping\n"
+    );
 }
 
 // ---------------------------------------------------------------- inspect

@@ -5,6 +5,7 @@
 //! <out>/{train,val}_position.npy   float32 (N, C, frames, V, M), preprocessed (below)
 //! <out>/{train,val}_label.pkl      (names, 0-based labels), as the official label pickles
 //! <out>/dataset.toml               layout, class count, shapes, reader, preprocessing settings
+//! <out>/classes.txt                class names, one per line, where the format has them (Kinetics)
 //! ```
 //!
 //! Each sample `x` of shape `(C, T, V, M_in)` as the reader returns it (`T` = the frames the source
@@ -158,6 +159,8 @@ pub struct Listing {
     pub excluded: Vec<FileProblem>,
     /// How the split was decided (for the summary).
     pub split: String,
+    /// Class names by label, where the format has them (written to `classes.txt`).
+    pub class_names: std::collections::BTreeMap<i64, String>,
 }
 
 /// Settings of [`prepare_generic`].
@@ -813,6 +816,20 @@ pub fn prepare_generic(cfg: &GenericConfig) -> Result<GenericSummary> {
         val_shape = summary.parts[1].shape,
         source = cfg.input.display().to_string().replace('"', "'"),
     );
+    if !listing.class_names.is_empty() {
+        let mut text: String = (0..num_classes as i64)
+            .map(|k| {
+                listing
+                    .class_names
+                    .get(&k)
+                    .cloned()
+                    .unwrap_or_else(|| k.to_string())
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        text.push('\n');
+        npy::write_atomic(&cfg.out.join("classes.txt"), text.as_bytes())?;
+    }
     npy::write_atomic(&cfg.out.join("dataset.toml"), info.as_bytes())?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)

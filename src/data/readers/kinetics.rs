@@ -22,10 +22,11 @@ const JOINTS: usize = 18;
 type Person = (Vec<f32>, Vec<f32>);
 
 /// Label file entry.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct LabelInfo {
     has_skeleton: bool,
     label: Option<i64>,
+    name: Option<String>,
 }
 
 fn read_label_file(path: &Path) -> Result<HashMap<String, LabelInfo>> {
@@ -46,6 +47,7 @@ fn read_label_file(path: &Path) -> Result<HashMap<String, LabelInfo>> {
                         .and_then(|b| b.as_bool())
                         .unwrap_or(true),
                     label: e.get("label_index").and_then(|l| l.as_i64()),
+                    name: e.get("label").and_then(|l| l.as_str()).map(str::to_string),
                 },
             )
         })
@@ -61,6 +63,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     }
     let mut entries = Vec::new();
     let mut excluded = Vec::new();
+    let mut class_names = std::collections::BTreeMap::new();
     let mut found = false;
     for (part, sub) in [(Part::Train, "train"), (Part::Val, "val")] {
         let dir = root.join(format!("kinetics_{sub}"));
@@ -74,16 +77,21 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
         } else {
             None
         };
+        for info in labels.iter().flat_map(|l| l.values()) {
+            if let (Some(k), Some(n)) = (info.label, &info.name) {
+                class_names.entry(k).or_insert_with(|| n.clone());
+            }
+        }
         for path in files_with_suffix(&dir, ".json")? {
             let video = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let info = labels.as_ref().and_then(|l| l.get(&video)).copied();
+            let info = labels.as_ref().and_then(|l| l.get(&video)).cloned();
             if let Some(LabelInfo {
                 has_skeleton: false,
                 ..
-            }) = info
+            }) = &info
             {
                 excluded.push(FileProblem {
                     file: video.clone(),
@@ -118,6 +126,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
         coords: 2,
         score_channel: cfg.score_channel,
         excluded,
+        class_names,
         split: "kinetics_train / kinetics_val".into(),
     })
 }

@@ -242,6 +242,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
         coords: 3,
         score_channel: false,
         excluded,
+        class_names: Default::default(),
         split: if xview {
             "cross-view (-M, -R train / -L val)".into()
         } else {

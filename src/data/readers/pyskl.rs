@@ -117,6 +117,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
         coords,
         score_channel: cfg.score_channel,
         excluded,
+        class_names: Default::default(),
         split: split_desc,
     })
 }

@@ -58,6 +58,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
         coords: 3,
         score_channel: false,
         excluded: Vec::new(),
+        class_names: Default::default(),
         split: "cross-view (v01, v02 train / v03 val)".into(),
     })
 }
