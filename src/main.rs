@@ -16,7 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build the official NTU RGB+D files (npy + pkl, 50-frame position.npy) from raw .skeleton files.
+    /// Build training files (npy + pkl, 50-frame position.npy): raw NTU, MSR Action3D, or any
+    /// supported format (`prepare generic --format pyskl|ucla-json|pku-mmd|kinetics-json`).
     Prepare(cli::prepare::Args),
     /// Print shape, dtype, label counts and value ranges of any dataset file the tool reads.
     Inspect(cli::inspect::Args),

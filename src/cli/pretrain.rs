@@ -1,4 +1,5 @@
 //! `crossclr pretrain --config <file> [key=value ...] [--resume] [--device cpu|cuda|cuda:N]`.
+use crossclr::data::formats::DatasetFormat;
 use crossclr::dist::{ProcessGroup, Rendezvous};
 use crossclr::train::config::PretrainConfig;
 use crossclr::train::pretrain::{run_with, RunOptions};
@@ -29,8 +30,62 @@ pub struct Args {
     pub dist_timeout: u64,
 }
 
+/// Overrides that make the config follow the data where the user left a setting implicit:
+/// `model_args.in_channels` = the data's C (2D data: 2, or 3 with a score channel) and the layout
+/// named by a `dataset.toml` next to the data (as `prepare generic` and `synth` write), each only
+/// when neither the config file nor the command line mentions it.
+fn follow_the_data(cfg: &PretrainConfig, text: &str, overrides: &[String]) -> Vec<String> {
+    let mentioned = |key: &str| text.contains(key) || overrides.iter().any(|o| o.contains(key));
+    let spec = cfg.dataset_spec();
+    let mut extra = Vec::new();
+    if spec.format == DatasetFormat::Npy && !mentioned("in_channels") {
+        if let Ok(h) = crossclr::data::npy::read_header(&spec.data) {
+            if h.shape.len() == 5 && h.shape[1] as i64 != cfg.model_args.in_channels {
+                println!(
+                    "model_args.in_channels = {} from {} (C of the data)",
+                    h.shape[1],
+                    spec.data.display()
+                );
+                extra.push(format!("model_args.in_channels={}", h.shape[1]));
+            }
+        }
+    }
+    if !mentioned("layout") {
+        let toml_path = spec.data.parent().map(|d| d.join("dataset.toml"));
+        let named = toml_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+            .and_then(|v| v.get("layout").and_then(|l| l.as_str()).map(str::to_string));
+        if let (Some(layout), Some(p)) = (named, toml_path) {
+            let dir = p.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+            let file = dir.join(&layout);
+            let layout = if file.is_file() {
+                file.display().to_string()
+            } else {
+                layout
+            };
+            println!("layout {layout} from {}", p.display());
+            let key = if cfg.dataset.is_some() {
+                "dataset.layout"
+            } else {
+                "layout"
+            };
+            extra.push(format!("{key}={layout}"));
+        }
+    }
+    extra
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = PretrainConfig::load(&args.config, &args.overrides)?;
+    let mut cfg = PretrainConfig::load(&args.config, &args.overrides)?;
+    let text = std::fs::read_to_string(&args.config).unwrap_or_default();
+    let extra = follow_the_data(&cfg, &text, &args.overrides);
+    if !extra.is_empty() {
+        let mut all = extra;
+        all.extend(args.overrides.iter().cloned());
+        cfg = PretrainConfig::load(&args.config, &all)?;
+    }
     super::install_cpu_cache(&cfg.kernels);
     if let Some(d) = &args.device {
         crossclr::device::parse_device(d)?;

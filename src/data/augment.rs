@@ -7,7 +7,9 @@
 //!    `start ~ UniformInt[0, 2P]`;
 //! 2. **shear**: six uniforms `a1, a2, a3, b1, b2, b3` in `[-amplitude, amplitude]` (drawn in that
 //!    order) build `S = [[1, a1, b1], [a2, 1, b2], [a3, b3, 1]]`, and every 3-vector `p` (every
-//!    joint, frame and body, zeros included) becomes `S p` (computed in f64, stored as f32).
+//!    joint, frame and body, zeros included) becomes `S p` (computed in f64, stored as f32). On 2D
+//!    data (C = 2) the same six draws are made and the upper-left 2 x 2 block `[[1, a1], [a2, 1]]`
+//!    shears the (x, y) plane.
 //!
 //! All randomness comes from the `rng` passed in, so a seeded rng (e.g. `rand_chacha`) gives
 //! reproducible augmentations.
@@ -98,8 +100,8 @@ impl AugmentConfig {
         self.temporal_padding_ratio > 0
     }
 
-    /// Checks the settings against a sample shape `[C, T, V, M]`: the shear needs C == 3 and a
-    /// finite amplitude.
+    /// Checks the settings against a sample shape `[C, T, V, M]`: the shear needs C == 2 or 3 and
+    /// a finite amplitude.
     pub fn validate(&self, sample_shape: [usize; 4]) -> Result<()> {
         if !self.shear_amplitude.is_finite() {
             return Err(Error::config(format!(
@@ -113,9 +115,9 @@ impl AugmentConfig {
                 sample_shape[0], sample_shape
             )));
         }
-        if self.shear_enabled() && sample_shape[0] != 3 {
+        if self.shear_enabled() && !(2..=3).contains(&sample_shape[0]) {
             return Err(Error::config(format!(
-                "shear needs 3 coordinates per joint, the data has C = {} (shape {:?})",
+                "shear needs 2 or 3 coordinates per joint, the data has C = {} (shape {:?})",
                 sample_shape[0], sample_shape
             )));
         }
@@ -178,7 +180,7 @@ pub fn padded_to_source(j: usize, padding: usize, frames: usize) -> usize {
 }
 
 /// One augmentation of sample `x` (`C x T x V x M`, flat) with draws from `rng`; returns a new
-/// `C x T x V x M` sample. Panics if the shear is enabled and C != 3 (check the config with
+/// `C x T x V x M` sample. Panics if the shear is enabled and C is not 2 or 3 (check the config with
 /// [`AugmentConfig::validate`] first).
 pub fn augment(x: &[f32], shape: [usize; 4], cfg: &AugmentConfig, rng: &mut impl Rng) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
@@ -359,8 +361,20 @@ pub fn apply_draw(x: &[f32], shape: [usize; 4], draw: &AugmentDraw, out: &mut [f
                     out[to..to + block].copy_from_slice(&x[from..from + block]);
                 }
             }
+            Some(s) if c == 2 => {
+                let (from, to) = (src * block, frame * block);
+                let px = &x[from..from + block];
+                let py = &x[plane + from..plane + from + block];
+                let (o0, o1) = out.split_at_mut(plane);
+                let (qx, qy) = (&mut o0[to..to + block], &mut o1[to..to + block]);
+                for k in 0..block {
+                    let p = [px[k] as f64, py[k] as f64];
+                    qx[k] = (s[0][0] * p[0] + s[0][1] * p[1]) as f32;
+                    qy[k] = (s[1][0] * p[0] + s[1][1] * p[1]) as f32;
+                }
+            }
             Some(s) => {
-                assert_eq!(c, 3, "shear needs C == 3, got shape {shape:?}");
+                assert_eq!(c, 3, "shear needs C == 2 or 3, got shape {shape:?}");
                 let (from, to) = (src * block, frame * block);
                 let px = &x[from..from + block];
                 let py = &x[plane + from..plane + from + block];
@@ -524,11 +538,12 @@ mod tests {
     }
 
     #[test]
-    fn validate_rejects_non_xyz_data() {
+    fn validate_rejects_data_without_2_or_3_coordinates() {
         let cfg = AugmentConfig::default();
         assert!(cfg.validate([3, 50, 25, 2]).is_ok());
-        let e = cfg.validate([2, 50, 25, 2]).unwrap_err().to_string();
-        assert!(e.contains("C = 2"), "{e}");
+        assert!(cfg.validate([2, 50, 25, 2]).is_ok());
+        let e = cfg.validate([4, 50, 25, 2]).unwrap_err().to_string();
+        assert!(e.contains("C = 4"), "{e}");
         // Without shear any C is fine.
         let crop_only = AugmentConfig {
             shear_amplitude: -1.0,
@@ -536,6 +551,26 @@ mod tests {
             ..AugmentConfig::default()
         };
         assert!(crop_only.validate([2, 50, 25, 2]).is_ok());
+    }
+
+    #[test]
+    fn shear_on_2d_data_uses_the_xy_block() {
+        let shape = [2, 4, 3, 1];
+        let x: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let cfg = AugmentConfig {
+            temporal_padding_ratio: 0,
+            ..AugmentConfig::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let draw = AugmentDraw::sample(4, &cfg, &mut rng.clone());
+        let s = draw.shear.unwrap();
+        let y = augment(&x, shape, &cfg, &mut rng);
+        let plane = 12;
+        for k in 0..plane {
+            let (px, py) = (x[k] as f64, x[plane + k] as f64);
+            assert_eq!(y[k], (s[0][0] * px + s[0][1] * py) as f32);
+            assert_eq!(y[plane + k], (s[1][0] * px + s[1][1] * py) as f32);
+        }
     }
 
     #[test]

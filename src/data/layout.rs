@@ -1,7 +1,10 @@
 //! Skeleton layouts as data: joints, edges, centre joint, bone parents, shoulders.
 //!
 //! Built in: `ntu25` (NTU RGB+D, Kinect v2), `kinect20` (Kinect v1 SDK order), `msr20` (MSR Action3D
-//! order). Any other layout loads from a TOML or YAML file (see [`LayoutFile`]). Joint indices are
+//! order), `pku25` (PKU-MMD: the NTU order under its own name), and the 2D pose-estimator layouts
+//! `coco17` (COCO keypoints, pyskl's `coco` graph) and `openpose18` (OpenPose COCO-18, ST-GCN's
+//! `openpose` graph). A layout does not fix the coordinate count: 2D data (C = 2, or 3 with a
+//! keypoint-score channel) use the same layout type; the y-rotation of `prepare` only runs on 3D data. Any other layout loads from a TOML or YAML file (see [`LayoutFile`]). Joint indices are
 //! 0-based in memory; files use 1-based indices unless `index_base = 0`.
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -186,6 +189,88 @@ const MSR20_EDGES: [(usize, usize); 19] = [
     (17, 19),
 ];
 
+/// COCO-17 keypoints (pyskl / mmpose order, 0-based in this list).
+const COCO17_NAMES: [&str; 17] = [
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
+];
+/// pyskl's `coco` graph `inward` edges, 0-based (centre 0 = nose).
+const COCO17_EDGES: [(usize, usize); 16] = [
+    (15, 13),
+    (13, 11),
+    (16, 14),
+    (14, 12),
+    (11, 5),
+    (12, 6),
+    (9, 7),
+    (7, 5),
+    (10, 8),
+    (8, 6),
+    (5, 0),
+    (6, 0),
+    (1, 0),
+    (3, 1),
+    (2, 0),
+    (4, 2),
+];
+
+/// OpenPose COCO-18 keypoints (ST-GCN's Kinetics-skeleton order, 0-based in this list).
+const OPENPOSE18_NAMES: [&str; 18] = [
+    "nose",
+    "neck",
+    "right_shoulder",
+    "right_elbow",
+    "right_wrist",
+    "left_shoulder",
+    "left_elbow",
+    "left_wrist",
+    "right_hip",
+    "right_knee",
+    "right_ankle",
+    "left_hip",
+    "left_knee",
+    "left_ankle",
+    "right_eye",
+    "left_eye",
+    "right_ear",
+    "left_ear",
+];
+/// ST-GCN's `openpose` graph `neighbor_link`, 0-based (centre 1 = neck).
+const OPENPOSE18_EDGES: [(usize, usize); 17] = [
+    (4, 3),
+    (3, 2),
+    (7, 6),
+    (6, 5),
+    (13, 12),
+    (12, 11),
+    (10, 9),
+    (9, 8),
+    (11, 5),
+    (8, 2),
+    (5, 1),
+    (2, 1),
+    (0, 1),
+    (15, 0),
+    (14, 0),
+    (17, 15),
+    (16, 14),
+];
+
 fn zero_based(edges: &[(usize, usize)]) -> Vec<(usize, usize)> {
     edges.iter().map(|&(a, b)| (a - 1, b - 1)).collect()
 }
@@ -242,12 +327,70 @@ impl Layout {
         }
     }
 
-    /// A built-in layout by name (`ntu25`/`ntu`/`ntu-rgb+d`, `kinect20`, `msr20`), or a layout file.
+    /// PKU-MMD (Kinect v2, 25 joints in the NTU order): [`Layout::ntu25`] under the name `pku25`.
+    pub fn pku25() -> Self {
+        Layout {
+            name: "pku25".into(),
+            ..Self::ntu25()
+        }
+    }
+
+    /// COCO-17 keypoints (2D pose estimators, pyskl): pyskl's `coco` graph, centre = nose (0),
+    /// shoulders 5 / 6, bones towards the nose, length joint = nose.
+    pub fn coco17() -> Self {
+        let edges = COCO17_EDGES.to_vec();
+        let bone_parent = parents_towards(17, &edges, 0);
+        Layout {
+            name: "coco17".into(),
+            joint_names: COCO17_NAMES.iter().map(|s| s.to_string()).collect(),
+            edges,
+            center: 0,
+            bone_parent,
+            shoulders: (5, 6),
+            length_joint: 0,
+            partition: PartitionKind::OfficialSpatial,
+        }
+    }
+
+    /// OpenPose COCO-18 (ST-GCN's Kinetics-skeleton): ST-GCN's `openpose` graph, centre = neck (1),
+    /// shoulders 5 (left) / 2 (right), bones towards the neck, length joint = neck.
+    pub fn openpose18() -> Self {
+        let edges = OPENPOSE18_EDGES.to_vec();
+        let bone_parent = parents_towards(18, &edges, 1);
+        Layout {
+            name: "openpose18".into(),
+            joint_names: OPENPOSE18_NAMES.iter().map(|s| s.to_string()).collect(),
+            edges,
+            center: 1,
+            bone_parent,
+            shoulders: (5, 2),
+            length_joint: 1,
+            partition: PartitionKind::OfficialSpatial,
+        }
+    }
+
+    /// Every built-in layout.
+    pub fn builtins() -> Vec<Self> {
+        vec![
+            Self::ntu25(),
+            Self::kinect20(),
+            Self::msr20(),
+            Self::pku25(),
+            Self::coco17(),
+            Self::openpose18(),
+        ]
+    }
+
+    /// A built-in layout by name (`ntu25`/`ntu`/`ntu-rgb+d`, `kinect20`, `msr20`, `pku25`, `coco17`,
+    /// `openpose18`), or a layout file.
     pub fn resolve(name_or_path: &str) -> Result<Self> {
         match name_or_path {
             "ntu25" | "ntu" | "ntu-rgb+d" | "ntu60" | "ntu120" => Ok(Self::ntu25()),
             "kinect20" | "kinect-v1" => Ok(Self::kinect20()),
             "msr20" | "msr" | "msr-action3d" => Ok(Self::msr20()),
+            "pku25" | "pku-mmd" | "pkummd" => Ok(Self::pku25()),
+            "coco17" | "coco" => Ok(Self::coco17()),
+            "openpose18" | "openpose" | "kinetics" => Ok(Self::openpose18()),
             other => Self::from_file(Path::new(other)),
         }
     }
@@ -451,13 +594,32 @@ mod tests {
 
     #[test]
     fn builtins_are_consistent() {
-        for l in [Layout::ntu25(), Layout::kinect20(), Layout::msr20()] {
+        for l in Layout::builtins() {
             l.validate(Path::new("<builtin>")).unwrap();
             assert_eq!(l.edges.len(), l.num_joints() - 1, "{} is a tree", l.name);
         }
         let ntu = Layout::ntu25();
         assert_eq!(ntu.bone_parent[20], 20);
         assert_eq!(ntu.bone_parent[0], 1);
+        let coco = Layout::coco17();
+        assert_eq!(
+            (coco.num_joints(), coco.center, coco.shoulders),
+            (17, 0, (5, 6))
+        );
+        // left ankle -> left knee -> left hip -> left shoulder -> nose
+        assert_eq!(coco.bone_parent[15], 13);
+        assert_eq!(coco.bone_parent[11], 5);
+        assert_eq!(coco.bone_parent[0], 0);
+        let op = Layout::openpose18();
+        assert_eq!((op.num_joints(), op.center, op.shoulders), (18, 1, (5, 2)));
+        assert_eq!(op.bone_parent[4], 3);
+        assert_eq!(op.bone_parent[1], 1);
+        let pku = Layout::pku25();
+        assert_eq!(pku.name, "pku25");
+        assert_eq!(pku.edges, ntu.edges);
+        for name in ["coco17", "openpose18", "pku25"] {
+            assert_eq!(Layout::resolve(name).unwrap().name, name);
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod formats;
+pub mod generic;
 pub mod layout;
 pub mod loader;
 pub mod msr;
@@ -10,6 +11,8 @@ pub mod ntu;
 pub mod pickle;
 pub mod prepare;
 pub mod preprocess;
+pub mod pyobj;
+pub mod readers;
 pub mod synth;
 pub mod views;
 

@@ -980,9 +980,7 @@ struct LayoutToml<'a> {
 }
 
 fn is_builtin(layout: &Layout) -> bool {
-    [Layout::ntu25(), Layout::kinect20(), Layout::msr20()]
-        .iter()
-        .any(|b| b == layout)
+    Layout::builtins().iter().any(|b| b == layout)
 }
 
 /// Writes `train_data.npy`, `train_label.pkl`, `val_data.npy`, `val_label.pkl` (generic format),

@@ -16,7 +16,8 @@ pub struct DatasetArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// A folder with `train_data.npy`, `train_label.pkl`, `val_data.npy`, `val_label.pkl`
-    /// (e.g. written by `crossclr synth`); its `dataset.toml` names the layout.
+    /// (e.g. written by `crossclr synth`; `{train,val}_position.npy` when there is no
+    /// `_data.npy`, as `crossclr prepare generic` writes); its `dataset.toml` names the layout.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Training data (`.npy` N x C x T x V x M, `.npz`, or an MSR folder with --format msr).
@@ -147,15 +148,25 @@ impl DatasetArgs {
                 .clone()
                 .or_else(|| layout_from_dataset_toml(dir))
                 .unwrap_or_else(|| "ntu25".into());
+            // `<part>_data.npy`, else `<part>_position.npy` (what `prepare generic` writes).
+            let data = |part: &str| {
+                let d = dir.join(format!("{part}_data.npy"));
+                let p = dir.join(format!("{part}_position.npy"));
+                if !d.exists() && p.exists() {
+                    p
+                } else {
+                    d
+                }
+            };
             return Ok((
                 spec(
-                    &dir.join("train_data.npy"),
+                    &data("train"),
                     Some(dir.join("train_label.pkl")),
                     layout.clone(),
                     "train",
                 ),
                 spec(
-                    &dir.join("val_data.npy"),
+                    &data("val"),
                     Some(dir.join("val_label.pkl")),
                     layout,
                     "test",

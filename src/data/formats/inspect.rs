@@ -1,7 +1,9 @@
 //! Human-readable summaries of any file the tool reads (`crossclr inspect`): `.npy` (shape, dtype,
 //! per-channel min/max/mean, non-finite values, all-zero bodies, frames in use), `.pkl` labels
-//! (count, per-class counts), `.npz` members, raw NTU `.skeleton` and MSR `.txt` files, and dataset
-//! folders (every `*_data.npy`/`*_position.npy` + `*_label.pkl` pair, recursively one level).
+//! (count, per-class counts), `.npz` members, raw NTU `.skeleton` and MSR `.txt` files, the inputs
+//! of `prepare generic` (pyskl annotation `.pkl`, NW-UCLA and Kinetics-skeleton `.json`, PKU-MMD
+//! skeleton and label `.txt`), and dataset folders (every `*_data.npy`/`*_position.npy` +
+//! `*_label.pkl` pair, recursively one level; counts of `.json` / `.txt` sample files).
 use crate::data::dataset::F32Buf;
 use crate::data::{msr, npy, ntu, pickle};
 use crate::error::{Error, Result};
@@ -23,7 +25,13 @@ pub fn inspect(path: &Path, layout: Option<&str>) -> Result<String> {
     if name.ends_with(".npy") {
         inspect_npy(path, &mut out)?;
     } else if name.ends_with(".pkl") {
-        inspect_pkl(path, &mut out)?;
+        if let Err(e) = inspect_pkl(path, &mut out) {
+            if !inspect_pyskl(path, &mut out)? {
+                return Err(e);
+            }
+        }
+    } else if name.ends_with(".json") {
+        inspect_json(path, &mut out)?;
     } else if name.ends_with(".npz") {
         inspect_npz(path, &mut out)?;
     } else if name.ends_with(".skeleton") {
@@ -37,11 +45,13 @@ pub fn inspect(path: &Path, layout: Option<&str>) -> Result<String> {
             msr::MSR_JOINTS
         );
         channel_stats(&data, [1, 3, t, msr::MSR_JOINTS, 1], &mut out);
+    } else if name.ends_with(".txt") {
+        inspect_pku_txt(path, &mut out)?;
     } else {
         return Err(Error::input(
             path,
             "file name",
-            "unknown kind (expected .npy, .pkl, .npz, .skeleton, MSR .txt or a folder)",
+            "unknown kind (expected .npy, .pkl, .npz, .skeleton, .json, .txt or a folder)",
         ));
     }
     Ok(out)
@@ -66,6 +76,28 @@ fn inspect_dir(dir: &Path, layout: Option<&str>, out: &mut String, depth: usize)
         .filter(|n| msr::MsrName::parse(n).is_some())
         .count();
     let _ = writeln!(out, "== {}", dir.display());
+    for ext in [".json", ".txt"] {
+        let files: Vec<&String> = file_names.iter().filter(|n| n.ends_with(ext)).collect();
+        if !files.is_empty() && msr_files == 0 {
+            let first = dir.join(files[0]);
+            let mut d = String::new();
+            let kind = if ext == ".json" {
+                inspect_json(&first, &mut d)
+            } else {
+                inspect_pku_txt(&first, &mut d)
+            };
+            let _ = writeln!(
+                out,
+                "{} {ext} files; the first, {}: {}",
+                files.len(),
+                files[0],
+                match kind {
+                    Ok(()) => d.lines().next().unwrap_or("").to_string(),
+                    Err(e) => format!("not readable: {e}"),
+                }
+            );
+        }
+    }
     if skeletons > 0 {
         let bad = file_names
             .iter()
@@ -91,12 +123,14 @@ fn inspect_dir(dir: &Path, layout: Option<&str>, out: &mut String, depth: usize)
             let label = dir.join(format!("{part}_label.pkl"));
             let _ = writeln!(out, "-- {n} (+ {part}_label.pkl)");
             if label.exists() {
-                match crate::data::formats::open_generic(p, &label, layout.unwrap_or("ntu25")) {
+                let declared = dataset_toml_layout(dir);
+                let layout = layout.or(declared.as_deref()).unwrap_or("ntu25");
+                match crate::data::formats::open_generic(p, &label, layout) {
                     Ok(ds) => {
                         let _ = writeln!(
                             out,
-                            "dataset ok: {:?}, {} classes",
-                            ds.shape, ds.num_classes
+                            "dataset ok: {:?}, {} classes, layout {}",
+                            ds.shape, ds.num_classes, ds.layout.name
                         );
                     }
                     Err(e) => {
@@ -317,4 +351,182 @@ fn inspect_skeleton(path: &Path, out: &mut String) -> Result<()> {
         out,
     );
     Ok(())
+}
+
+/// A pyskl annotation pickle; `Ok(false)` when the file is not one.
+fn inspect_pyskl(path: &Path, out: &mut String) -> Result<bool> {
+    use crate::data::pyobj::{self, Value};
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let Ok(root) = pyobj::unpickle(&bytes) else {
+        return Ok(false);
+    };
+    let Some(ann) = root.get("annotations").and_then(|a| a.items()) else {
+        return Ok(false);
+    };
+    let _ = writeln!(
+        out,
+        "{}: pyskl annotation pickle, {} annotations",
+        path.display(),
+        ann.len()
+    );
+    if let Some(Value::Dict(d)) = root.get("split") {
+        let splits: Vec<String> = d
+            .borrow()
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{} ({})",
+                    k.as_str().unwrap_or_default(),
+                    v.items().map(|i| i.len()).unwrap_or(0)
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "splits: {}", splits.join(", "));
+    } else {
+        let _ = writeln!(out, "no 'split' dict (prepare needs --split-file)");
+    }
+    let mut labels = Vec::new();
+    let (mut tmin, mut tmax, mut tsum) = (usize::MAX, 0usize, 0usize);
+    let mut shapes = std::collections::BTreeMap::new();
+    let mut scores = 0;
+    for a in &ann {
+        if let Some(l) = a.get("label").and_then(|l| l.as_i64()) {
+            labels.push(l);
+        }
+        if let Some(Value::Array(k)) = a.get("keypoint") {
+            let k = k.borrow();
+            if k.shape.len() == 4 {
+                let t = k.shape[1];
+                tmin = tmin.min(t);
+                tmax = tmax.max(t);
+                tsum += t;
+                *shapes
+                    .entry(format!(
+                        "M={} V={} C={} {}",
+                        k.shape[0], k.shape[2], k.shape[3], k.dtype
+                    ))
+                    .or_insert(0usize) += 1;
+            }
+        }
+        if matches!(a.get("keypoint_score"), Some(Value::Array(_))) {
+            scores += 1;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "keypoint (M, T, V, C): {shapes:?}; frames min {}, mean {:.1}, max {tmax}; keypoint_score in {scores}",
+        if tmin == usize::MAX { 0 } else { tmin },
+        tsum as f64 / ann.len().max(1) as f64
+    );
+    label_counts(&labels, out);
+    Ok(true)
+}
+
+/// NW-UCLA sample, Kinetics-skeleton video or Kinetics label file.
+fn inspect_json(path: &Path, out: &mut String) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::input(path, format!("line {}", e.line()), format!("not JSON: {e}")))?;
+    if v.get("skeletons").is_some() {
+        let s = crate::data::readers::ucla::read_sample(path)?;
+        let name = path.file_stem().unwrap_or_default().to_string_lossy();
+        let _ = writeln!(
+            out,
+            "{}: NW-UCLA sample (CTR-GCN JSON), {} frames x {} joints, label {:?} (0-based), view {:?}",
+            path.display(),
+            s.shape[1],
+            s.shape[2],
+            s.label,
+            crate::data::readers::ucla::view_of(&name)
+        );
+        channel_stats(&s.data, [1, s.shape[0], s.shape[1], s.shape[2], 1], out);
+    } else if v.get("data").is_some() {
+        let s = crate::data::readers::kinetics::read_video(path, 5, true)?;
+        let persons = v["data"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .map(|x| x["skeleton"].as_array().map(|a| a.len()).unwrap_or(0))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{}: Kinetics-skeleton video, {} frames, up to {persons} persons per frame, label_index {:?}",
+            path.display(),
+            s.shape[1],
+            s.label
+        );
+        channel_stats(
+            &s.data,
+            [1, s.shape[0], s.shape[1], s.shape[2], s.shape[3]],
+            out,
+        );
+    } else if let Some(o) = v.as_object() {
+        let no_skel = o
+            .values()
+            .filter(|e| e.get("has_skeleton").and_then(|b| b.as_bool()) == Some(false))
+            .count();
+        let labels: Vec<i64> = o
+            .values()
+            .filter_map(|e| e.get("label_index").and_then(|l| l.as_i64()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}: Kinetics-skeleton label file, {} videos, {no_skel} without skeleton",
+            path.display(),
+            o.len()
+        );
+        label_counts(&labels, out);
+    } else {
+        return Err(Error::input(
+            path,
+            "top level",
+            "not an NW-UCLA sample, Kinetics-skeleton video or label file",
+        ));
+    }
+    Ok(())
+}
+
+/// PKU-MMD skeleton (150 values per line) or label file (`action,start,end,confidence`).
+fn inspect_pku_txt(path: &Path, out: &mut String) -> Result<()> {
+    use crate::data::readers::pkummd;
+    let head = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let first = head.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    if first.contains(',') {
+        let iv = pkummd::read_labels(path)?;
+        let labels: Vec<i64> = iv.iter().map(|i| i.label).collect();
+        let _ = writeln!(
+            out,
+            "{}: PKU-MMD label file, {} action intervals, lengths {:?}",
+            path.display(),
+            iv.len(),
+            iv.iter().map(|i| i.end + 1 - i.start).collect::<Vec<_>>()
+        );
+        label_counts(&labels, out);
+    } else {
+        let s = pkummd::read_skeleton(path)?;
+        let _ = writeln!(
+            out,
+            "{}: PKU-MMD skeleton file, {} frames x 25 joints x 2 bodies",
+            path.display(),
+            s.shape[1]
+        );
+        channel_stats(&s.data, [1, 3, s.shape[1], 25, 2], out);
+    }
+    Ok(())
+}
+
+/// The layout `<dir>/dataset.toml` names (a file name resolved against `dir`).
+fn dataset_toml_layout(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("dataset.toml")).ok()?;
+    let v: toml::Value = toml::from_str(&text).ok()?;
+    let l = v.get("layout")?.as_str()?;
+    let f = dir.join(l);
+    Some(if f.is_file() {
+        f.display().to_string()
+    } else {
+        l.to_string()
+    })
 }
