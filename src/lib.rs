@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod gpu;
 pub mod model;
 pub mod plot;

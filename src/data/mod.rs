@@ -3,6 +3,7 @@ pub mod augment;
 pub mod dataset;
 pub mod formats;
 pub mod layout;
+pub mod limits;
 pub mod loader;
 pub mod msr;
 pub mod npy;

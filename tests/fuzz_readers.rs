@@ -1,0 +1,290 @@
+//! Bounded, deterministic mutation fuzz of every reader of outside bytes (stable toolchain; the
+//! deep runs are the `cargo fuzz` targets under `fuzz/`).
+//!
+//! For each target of [`crossclr::fuzz::TARGETS`], seeds (built in memory, the test fixtures,
+//! and — when present — a few real files of `../shared/data`) are mutated a fixed number of
+//! times ([`ITERS`] per seed, `CROSSCLR_FUZZ_ITERS` overrides) by a seeded mutator. Property on
+//! every input: the reader returns `Ok` or an `Err` naming the file; it never panics (caught
+//! with `catch_unwind`), never hangs (a watchdog aborts with the input's id after 60 s) and never
+//! asks the allocator for more than [`ALLOC_LIMIT`] bytes at once (a guard allocator aborts with
+//! a message: that is how an allocation sized by an untrusted header shows up).
+//!
+//! Every input that once broke the property is kept under `tests/fixtures/fuzz/<target>/` and
+//! replayed by `fuzz_regressions`.
+use crossclr::fuzz::{run_on_file, run_target, seeds, Mutator, TARGETS};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// No single allocation of a reader may exceed this (inputs are at most a few MB).
+const ALLOC_LIMIT: usize = 1 << 30;
+
+/// Mutants per seed (per target there are 1 to 12 seeds).
+const ITERS: usize = 60;
+
+/// One input may take at most this long (a reader that is this slow on a small file is a hang
+/// waiting for a bigger one).
+const SLOW: Duration = Duration::from_secs(2);
+
+static INPUT_ID: AtomicU64 = AtomicU64::new(0);
+
+struct Guard;
+
+unsafe impl GlobalAlloc for Guard {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ALLOC_LIMIT {
+            report_big(layout.size());
+            return std::ptr::null_mut();
+        }
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > ALLOC_LIMIT {
+            report_big(layout.size());
+            return std::ptr::null_mut();
+        }
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > ALLOC_LIMIT {
+            report_big(new_size);
+            return std::ptr::null_mut();
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+/// Writes the offending input id to stderr without allocating.
+fn report_big(size: usize) {
+    use std::io::Write;
+    let mut buf = [0u8; 160];
+    let mut c = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(
+        c,
+        "\nFUZZ FINDING: allocation of {size} bytes (input id {:#x}, see CROSSCLR_FUZZ_KEEP)\n",
+        INPUT_ID.load(Ordering::Relaxed)
+    );
+    let n = c.position() as usize;
+    let _ = std::io::stderr().write_all(&buf[..n]);
+}
+
+#[global_allocator]
+static GLOBAL: Guard = Guard;
+
+fn iters() -> usize {
+    std::env::var("CROSSCLR_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(ITERS)
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Files of `dir` with extension `ext` (sorted), at most `max`.
+fn files(dir: &Path, ext: &str, max: usize) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == ext))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v.truncate(max);
+    v
+}
+
+/// Seeds from the repository fixtures and, when present, `../shared/data` (small files only).
+fn file_seeds(target: &str) -> Vec<Vec<u8>> {
+    let fx = fixtures();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = root.join("../shared/data");
+    let mut paths: Vec<PathBuf> = match target {
+        "skeleton" => files(&fx.join("ntu"), "skeleton", 16),
+        "npy" => vec![fx.join("official/stgcn_official_seed0_input.npy")],
+        "npz" => vec![fx.join("step_parity/skeletonclr.npz")],
+        "config_yaml" => {
+            let mut v = files(&root.join("configs/small"), "yaml", 4);
+            v.extend(files(&root.join("configs/crossclr"), "yaml", 2));
+            v
+        }
+        _ => Vec::new(),
+    };
+    match target {
+        "skeleton" => paths.extend(files(&shared.join("ntu/samples"), "skeleton", 3)),
+        "msr" => paths.extend(files(
+            &shared.join("msr-action3d/real_world_coordinates"),
+            "txt",
+            2,
+        )),
+        _ => {}
+    }
+    paths
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .filter(|b| b.len() <= 1 << 20)
+        .collect()
+}
+
+/// Runs one input under catch_unwind; `Err(description)` when the property is broken.
+fn check(target: &str, bytes: &[u8], dir: &Path) -> Result<bool, String> {
+    let r = std::panic::catch_unwind(|| run_target(target, bytes, dir));
+    let path = crossclr::fuzz::input_path(target, dir);
+    match r {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            if crossclr::fuzz::names_file(&msg, &path) {
+                Ok(false)
+            } else {
+                Err(format!("error does not name the file: {msg}"))
+            }
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(format!("panic: {what}"))
+        }
+    }
+}
+
+/// A watchdog that aborts the process when one input runs longer than `limit`.
+fn watchdog(limit: Duration) -> std::sync::Arc<AtomicBool> {
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let d = std::sync::Arc::clone(&done);
+    std::thread::spawn(move || {
+        let mut last = (INPUT_ID.load(Ordering::Relaxed), Instant::now());
+        while !d.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            let id = INPUT_ID.load(Ordering::Relaxed);
+            if id != last.0 {
+                last = (id, Instant::now());
+            } else if last.1.elapsed() > limit {
+                eprintln!("FUZZ FINDING: input id {id:#x} ran over {limit:?} (hang)");
+                std::process::abort();
+            }
+        }
+    });
+    done
+}
+
+#[test]
+fn fuzz_every_reader_bounded() {
+    // Panics are expected to be caught and reported here, not printed.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let done = watchdog(Duration::from_secs(60));
+    let tmp = tempfile::tempdir().unwrap();
+    let keep = std::env::var_os("CROSSCLR_FUZZ_KEEP").map(PathBuf::from);
+    let n = iters();
+    let mut findings = Vec::new();
+    let mut nfound = 0;
+    let mut report = Vec::new();
+    let started = Instant::now();
+    for (ti, (target, _)) in TARGETS.iter().enumerate() {
+        let t0 = Instant::now();
+        let mut all = seeds::of(target, tmp.path());
+        all.extend(file_seeds(target));
+        let (mut execs, mut ok) = (0usize, 0usize);
+        for (si, seed) in all.iter().enumerate() {
+            // The unmutated seed must be accepted or refused with a clean error.
+            let mut m = Mutator::new(0xF022 ^ ((ti as u64) << 32) ^ ((si as u64) << 16));
+            for i in 0..=n {
+                let input = if i == 0 { seed.clone() } else { m.mutate(seed) };
+                let id = ((ti as u64) << 48) | ((si as u64) << 32) | i as u64;
+                INPUT_ID.store(id, Ordering::Relaxed);
+                if let Some(k) = &keep {
+                    let _ = std::fs::create_dir_all(k);
+                    let _ = std::fs::write(k.join(format!("{target}-{id:x}")), &input);
+                }
+                execs += 1;
+                let t = Instant::now();
+                match check(target, &input, tmp.path()) {
+                    Ok(accepted) => ok += usize::from(accepted),
+                    Err(e) => findings.push(format!("{target} input {id:#x}: {e}")),
+                }
+                if t.elapsed() > SLOW {
+                    findings.push(format!(
+                        "{target} input {id:#x}: took {:.1} s ({} bytes)",
+                        t.elapsed().as_secs_f64(),
+                        input.len()
+                    ));
+                }
+                if findings.len() > nfound {
+                    nfound = findings.len();
+                    // Kept for a regression fixture.
+                    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-findings");
+                    let _ = std::fs::create_dir_all(&out);
+                    let _ = std::fs::write(out.join(format!("{target}-{id:x}")), &input);
+                }
+                if let Some(k) = &keep {
+                    let _ = std::fs::remove_file(k.join(format!("{target}-{id:x}")));
+                }
+            }
+        }
+        report.push(format!(
+            "{target}: {} seeds, {execs} inputs, {} refused, {:.1} s",
+            all.len(),
+            execs - ok,
+            t0.elapsed().as_secs_f64()
+        ));
+    }
+    done.store(true, Ordering::Relaxed);
+    std::panic::set_hook(hook);
+    eprintln!(
+        "fuzz ({n} mutants per seed, {:.1} s):\n  {}",
+        started.elapsed().as_secs_f64(),
+        report.join("\n  ")
+    );
+    assert!(
+        findings.is_empty(),
+        "{} findings:\n{}",
+        findings.len(),
+        findings.join("\n")
+    );
+}
+
+/// Replays every kept finding: an `Err` naming the file (or `Ok`), no panic.
+#[test]
+fn fuzz_regressions() {
+    let root = fixtures().join("fuzz");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    let mut bad = Vec::new();
+    for (target, ext) in TARGETS {
+        for p in files(&root.join(target), ext, usize::MAX) {
+            n += 1;
+            let bytes = std::fs::read(&p).unwrap();
+            let r = check(target, &bytes, tmp.path());
+            if let Err(e) = r.map(|_| ()) {
+                bad.push(format!("{}: {e}", p.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    eprintln!("{n} regression inputs replayed");
+}
+
+/// The hand-made hostile inputs of the issue: refused before any allocation, naming the file.
+#[test]
+fn hostile_headers_are_refused_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A .npy header claiming 10^12 float32 elements over 16 bytes of data.
+    let mut npy = crossclr::data::npy::header_bytes(
+        crossclr::data::npy::Dtype::F32,
+        &[1_000_000, 1_000_000],
+    );
+    npy.extend_from_slice(&[0u8; 16]);
+    let e = run_target("npy", &npy, tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("input_npy.npy") && e.contains("truncated"), "{e}");
+    let _ = run_on_file;
+}
