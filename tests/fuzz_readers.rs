@@ -3,7 +3,8 @@
 //!
 //! For each target of [`crossclr::fuzz::TARGETS`], seeds (built in memory, the test fixtures,
 //! and — when present — a few real files of `../shared/data`) are mutated a fixed number of
-//! times ([`ITERS`] per seed, `CROSSCLR_FUZZ_ITERS` overrides) by a seeded mutator. Property on
+//! times ([`ITERS`] per seed; `CROSSCLR_FUZZ_ITERS` and `CROSSCLR_FUZZ_SEED` override) by a
+//! seeded mutator. Property on
 //! every input: the reader returns `Ok` or an `Err` naming the file; it never panics (caught
 //! with `catch_unwind`), never hangs (a watchdog aborts with the input's id after 60 s) and never
 //! asks the allocator for more than [`ALLOC_LIMIT`] bytes at once (a guard allocator aborts with
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 const ALLOC_LIMIT: usize = 1 << 30;
 
 /// Mutants per seed (per target there are 1 to 12 seeds).
-const ITERS: usize = 60;
+const ITERS: usize = 500;
 
 /// One input may take at most this long (a reader that is this slow on a small file is a hang
 /// waiting for a bigger one).
@@ -186,6 +187,11 @@ fn fuzz_every_reader_bounded() {
     let tmp = tempfile::tempdir().unwrap();
     let keep = std::env::var_os("CROSSCLR_FUZZ_KEEP").map(PathBuf::from);
     let n = iters();
+    // `CROSSCLR_FUZZ_SEED` picks another deterministic stream (longer runs).
+    let base: u64 = std::env::var("CROSSCLR_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xF022);
     let mut findings = Vec::new();
     let mut nfound = 0;
     let mut report = Vec::new();
@@ -197,7 +203,7 @@ fn fuzz_every_reader_bounded() {
         let (mut execs, mut ok) = (0usize, 0usize);
         for (si, seed) in all.iter().enumerate() {
             // The unmutated seed must be accepted or refused with a clean error.
-            let mut m = Mutator::new(0xF022 ^ ((ti as u64) << 32) ^ ((si as u64) << 16));
+            let mut m = Mutator::new(base ^ ((ti as u64) << 32) ^ ((si as u64) << 16));
             for i in 0..=n {
                 let input = if i == 0 { seed.clone() } else { m.mutate(seed) };
                 let id = ((ti as u64) << 48) | ((si as u64) << 32) | i as u64;
@@ -287,4 +293,107 @@ fn hostile_headers_are_refused_cleanly() {
     let e = run_target("npy", &npy, tmp.path()).unwrap_err().to_string();
     assert!(e.contains("input_npy.npy") && e.contains("truncated"), "{e}");
     let _ = run_on_file;
+
+    let mut bad = Vec::new();
+    let mut expect_err = |target: &str, name: &str, bytes: &[u8]| {
+        let t = Instant::now();
+        match check(target, bytes, tmp.path()) {
+            Ok(false) => {}
+            Ok(true) => bad.push(format!("{name}: accepted")),
+            Err(e) => bad.push(format!("{name}: {e}")),
+        }
+        if t.elapsed() > SLOW {
+            bad.push(format!("{name}: took {:?}", t.elapsed()));
+        }
+    };
+    // Pickle nesting bomb inside a torch.save archive: 100k nested 1-tuples.
+    let mut deep = vec![0x80, 2, b')'];
+    deep.extend(std::iter::repeat_n(0x85u8, 100_000));
+    deep.push(b'.');
+    expect_err("torch_pt", "pt nesting bomb", &torch_pt_with(&deep));
+    // Pickle "billion laughs": a list memoized and duplicated 64 times over.
+    let mut laughs = vec![0x80, 2, b']', b'q', 0];
+    for _ in 0..64 {
+        laughs.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+    }
+    laughs.push(b'.');
+    expect_err("torch_pt", "pt billion laughs", &torch_pt_with(&laughs));
+    // The same against the label reader (serde-pickle).
+    expect_err("labels", "labels nesting bomb", &deep);
+    expect_err("labels", "labels billion laughs", &laughs);
+    let mut deep_list = vec![0x80, 3];
+    deep_list.extend(std::iter::repeat_n(b']', 100_000));
+    for _ in 0..100_000 {
+        deep_list.push(b'a');
+    }
+    deep_list.push(b'.');
+    expect_err("labels", "labels nested lists", &deep_list);
+    // A zip member whose local/central sizes claim 2^40 bytes.
+    let mut npz = seeds::npz(false);
+    let (cd, member_size_at) = find_central_sizes(&npz);
+    for at in member_size_at {
+        npz[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        npz[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    }
+    let _ = cd;
+    expect_err("npz", "npz huge member size", &npz);
+    // YAML alias bomb.
+    let mut y = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..12 {
+        let p = i - 1;
+        y.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    expect_err("config_yaml", "yaml alias bomb", y.as_bytes());
+    expect_err("layout_yaml", "layout alias bomb", y.as_bytes());
+    // A layout with 200k joints (an adjacency of V^2 would be 40e9 cells).
+    let mut l = String::from("name = \"x\"\njoints = [");
+    for i in 0..200_000 {
+        l.push_str(&format!("\"j{i}\","));
+    }
+    l.push_str("]\nedges = [[1, 2]]\ncenter = 1\nshoulders = [1, 2]\n");
+    let t = Instant::now();
+    let r = check("layout_toml", l.as_bytes(), tmp.path());
+    assert!(r.is_ok(), "{r:?}");
+    assert!(t.elapsed() < SLOW * 5, "huge layout took {:?}", t.elapsed());
+    // A safetensors header claiming a 2^62-byte header length.
+    let mut st = seeds::safetensors(tmp.path());
+    st[..8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    expect_err("safetensors", "safetensors huge header", &st);
+    // Deeply nested JSON in a checkpoint sidecar.
+    let j = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    expect_err("checkpoint_json", "json nesting", j.as_bytes());
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// A torch.save archive around pickle program `pkl`.
+fn torch_pt_with(pkl: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let o = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        z.start_file("archive/data.pkl", o).unwrap();
+        z.write_all(pkl).unwrap();
+        z.finish().unwrap();
+    }
+    buf.into_inner()
+}
+
+/// Offsets of the (compressed, uncompressed) size fields of every central-directory entry and
+/// local header of a zip.
+fn find_central_sizes(z: &[u8]) -> (usize, Vec<usize>) {
+    let mut out = Vec::new();
+    let mut n = 0;
+    for i in 0..z.len().saturating_sub(4) {
+        if &z[i..i + 4] == b"PK\x01\x02" {
+            out.push(i + 20);
+            n += 1;
+        } else if &z[i..i + 4] == b"PK\x03\x04" {
+            out.push(i + 18);
+        }
+    }
+    (n, out)
 }

@@ -9,6 +9,7 @@ pub mod msr;
 pub mod npy;
 pub mod ntu;
 pub mod pickle;
+pub mod pickle_bounds;
 pub mod prepare;
 pub mod preprocess;
 pub mod synth;

@@ -14,6 +14,7 @@ use std::path::Path;
 /// labels must be Python ints that fit in i64. Anything else is an error naming the file and the place.
 pub fn read_labels(path: &Path) -> Result<(Vec<String>, Vec<i64>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    crate::data::pickle_bounds::check(&bytes, path)?;
     let value = serde_pickle::value_from_slice(
         &bytes,
         serde_pickle::DeOptions::new()
