@@ -125,12 +125,18 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     let modes = step_engine::apply_numeric_modes(cfg, device)?;
     let dir = cfg.work_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    // issue 18: one writer per work_dir (held until this returns or the process dies).
+    let _lock = crate::train::lock::WorkDirLock::acquire(&dir)?;
     let existing = checkpoint::read_meta(&dir, LAST)?;
     if existing.is_some() && !opts.resume {
         return Err(Error::config(format!(
             "{} already holds a run (last.json); pass --resume to continue it or choose another work_dir",
             dir.display()
         )));
+    }
+    if opts.resume {
+        // issue 18: refuse a resume whose config changes the model, views, queue, seed, ...
+        crate::train::lock::check_resume_config(&dir, cfg)?;
     }
     let mut log = RunLogger::open(&dir, opts.echo)?;
     checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
