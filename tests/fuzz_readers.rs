@@ -397,3 +397,22 @@ fn find_central_sizes(z: &[u8]) -> (usize, Vec<usize>) {
     }
     (n, out)
 }
+
+/// Writes the built-in seeds to `$CROSSCLR_FUZZ_SEEDS_OUT/<target>/` (for the cargo-fuzz
+/// corpora; see fuzz/seed_corpus.sh).
+#[test]
+#[ignore]
+fn write_seed_corpus() {
+    let Some(out) = std::env::var_os("CROSSCLR_FUZZ_SEEDS_OUT") else {
+        eprintln!("CROSSCLR_FUZZ_SEEDS_OUT not set: nothing written");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    for (target, _) in TARGETS {
+        let dir = Path::new(&out).join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, s) in seeds::of(target, tmp.path()).iter().enumerate() {
+            std::fs::write(dir.join(format!("seed{i}")), s).unwrap();
+        }
+    }
+}
