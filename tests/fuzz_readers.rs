@@ -337,6 +337,16 @@ fn hostile_headers_are_refused_cleanly() {
     }
     let _ = cd;
     expect_err("npz", "npz huge member size", &npz);
+    // A zip full of end-of-central-directory signatures (the zip crate tries each one with a
+    // forward search: quadratic; found by the long fuzz run).
+    let mut eocds = seeds::npz(false);
+    let tail = eocds.split_off(eocds.len() - 22);
+    for _ in 0..200_000 {
+        eocds.extend_from_slice(b"PK\x05\x06");
+    }
+    eocds.extend_from_slice(&tail[..tail.len() - 1]);
+    expect_err("npz", "npz with 200k end records", &eocds);
+    expect_err("torch_pt", "pt with 200k end records", &eocds);
     // YAML alias bomb.
     let mut y = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 1..12 {

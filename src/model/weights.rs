@@ -99,6 +99,7 @@ fn storage_kind(type_name: &str) -> Option<Kind> {
 }
 
 fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    crate::data::limits::check_zip_tail(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;

@@ -67,8 +67,8 @@ impl WorkDirLock {
 }
 
 /// Config keys a resumed run must share with the run it continues (dotted; a key names its
-/// whole subtree). Others (epochs, lr schedule, device, workers, logging, diagnostics) may
-/// change on resume.
+/// whole subtree). Others (epochs, lr schedule, device, workers, logging, diagnostics, the
+/// dataset's path: data may move) may change on resume.
 pub const RESUME_KEYS: &[&str] = &[
     "model",
     "view",
@@ -76,8 +76,6 @@ pub const RESUME_KEYS: &[&str] = &[
     "batch_size",
     "seed",
     "layout",
-    "dataset",
-    "train_feeder",
     "shared_head",
     "context",
     "topk",
@@ -90,10 +88,7 @@ pub const RESUME_KEYS: &[&str] = &[
 
 /// First differing leaf under `key` of `old` vs `new`: `(dotted key, old, new)`.
 fn first_diff(key: &str, old: Option<&Value>, new: Option<&Value>) -> Option<(String, String, String)> {
-    let show = |v: Option<&Value>| match v {
-        None => "absent".to_string(),
-        Some(v) => v.to_string(),
-    };
+    let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_default();
     match (old, new) {
         (Some(Value::Object(a)), Some(Value::Object(b))) => {
             let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
@@ -103,6 +98,9 @@ fn first_diff(key: &str, old: Option<&Value>, new: Option<&Value>) -> Option<(St
                 .find_map(|k| first_diff(&format!("{key}.{k}"), a.get(k), b.get(k)))
         }
         (a, b) if a == b => None,
+        // A key the older config.yaml did not have yet (or this version no longer has): the
+        // checkpoint's own checks decide.
+        (None, _) | (_, None) => None,
         // A number written as 64 and read back as 64.0 is the same value.
         (Some(Value::Number(x)), Some(Value::Number(y))) if x.as_f64() == y.as_f64() => None,
         (a, b) => Some((key.to_string(), show(a), show(b))),
