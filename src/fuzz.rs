@@ -253,15 +253,8 @@ impl Mutator {
             9 => {
                 // A nesting bomb at a random place.
                 let p = self.pos(len + 1).min(len);
-                let opener: &[u8] = [
-                    &b"["[..],
-                    b"{a: ",
-                    b"(",
-                    b"- ",
-                    b"]\x85",
-                    b"(]",
-                    b"}(",
-                ][self.rng.gen_range(0..7)];
+                let opener: &[u8] = [&b"["[..], b"{a: ", b"(", b"- ", b"]\x85", b"(]", b"}("]
+                    [self.rng.gen_range(0..7)];
                 let times = self.rng.gen_range(100..50_000);
                 let mut ins = Vec::with_capacity(times * opener.len());
                 for _ in 0..times {

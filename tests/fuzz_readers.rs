@@ -285,13 +285,14 @@ fn fuzz_regressions() {
 fn hostile_headers_are_refused_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     // A .npy header claiming 10^12 float32 elements over 16 bytes of data.
-    let mut npy = crossclr::data::npy::header_bytes(
-        crossclr::data::npy::Dtype::F32,
-        &[1_000_000, 1_000_000],
-    );
+    let mut npy =
+        crossclr::data::npy::header_bytes(crossclr::data::npy::Dtype::F32, &[1_000_000, 1_000_000]);
     npy.extend_from_slice(&[0u8; 16]);
     let e = run_target("npy", &npy, tmp.path()).unwrap_err().to_string();
-    assert!(e.contains("input_npy.npy") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("input_npy.npy") && e.contains("truncated"),
+        "{e}"
+    );
     let _ = run_on_file;
 
     let mut bad = Vec::new();
@@ -323,9 +324,7 @@ fn hostile_headers_are_refused_cleanly() {
     expect_err("labels", "labels billion laughs", &laughs);
     let mut deep_list = vec![0x80, 3];
     deep_list.extend(std::iter::repeat_n(b']', 100_000));
-    for _ in 0..100_000 {
-        deep_list.push(b'a');
-    }
+    deep_list.extend(std::iter::repeat_n(b'a', 100_000));
     deep_list.push(b'.');
     expect_err("labels", "labels nested lists", &deep_list);
     // A zip member whose local/central sizes claim 2^40 bytes.

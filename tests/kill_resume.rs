@@ -138,11 +138,19 @@ fn outcome(work: &Path) -> Outcome {
 /// No duplicate or missing rows; nothing under a final name is torn.
 fn check_complete(work: &Path, trial: &str) {
     let steps = std::fs::read_to_string(work.join("steps.csv")).unwrap();
-    assert_eq!(steps.lines().count(), 1 + 4 * 2, "{trial}: steps.csv\n{steps}");
+    assert_eq!(
+        steps.lines().count(),
+        1 + 4 * 2,
+        "{trial}: steps.csv\n{steps}"
+    );
     let m = std::fs::read_to_string(work.join("metrics.jsonl")).unwrap();
     let epochs: Vec<u64> = m
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(epochs, vec![1, 2, 3, 4], "{trial}: metrics.jsonl epochs");
     for e in std::fs::read_dir(work).unwrap() {
@@ -177,7 +185,11 @@ fn kill_anywhere_then_resume_equals_unbroken_run() {
         ("atomic.tmp_synced", &[2, 5]),
     ] {
         for n in hits {
-            trials.push((format!("{point}:{n}"), Some(format!("{point}:{n}")), Duration::ZERO));
+            trials.push((
+                format!("{point}:{n}"),
+                Some(format!("{point}:{n}")),
+                Duration::ZERO,
+            ));
         }
     }
     // Then SIGKILL after seeded random delays over the whole run (start-up, steps, writes,
@@ -197,14 +209,20 @@ fn kill_anywhere_then_resume_equals_unbroken_run() {
             Some((n, c, d)) => (n.clone(), c.clone(), *d),
             None => {
                 let ms = rng.gen_range(0..window.as_millis().max(1) as u64);
-                (format!("random {i}: SIGKILL at {ms} ms"), None, Duration::from_millis(ms))
+                (
+                    format!("random {i}: SIGKILL at {ms} ms"),
+                    None,
+                    Duration::from_millis(ms),
+                )
             }
         };
         let work = root.path().join(format!("t{i}"));
         i += 1;
         ran += 1;
         let started = Instant::now();
-        let mut child = command(&cfg, &work, false, crash.as_deref()).spawn().unwrap();
+        let mut child = command(&cfg, &work, false, crash.as_deref())
+            .spawn()
+            .unwrap();
         if crash.is_none() {
             std::thread::sleep(delay);
             // SIGKILL (std's kill on Unix); a run that already finished is simply reaped.
@@ -297,7 +315,11 @@ fn disk_full_keeps_last_checkpoint_and_resume_continues() {
         .arg("num_epoch=2")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let last2 = std::fs::read(work.join("last.safetensors")).unwrap();
     // 200 KiB per file: the logs, metrics, loss.png (~125 kB) and the momentum file (~140 kB)
     // fit, the weights file (~320 kB) does not.
@@ -327,7 +349,10 @@ fn disk_full_keeps_last_checkpoint_and_resume_continues() {
         serde_json::from_str(&std::fs::read_to_string(work.join("last.json")).unwrap()).unwrap();
     assert_eq!(meta["epoch"], 2, "{meta}");
     for (f, b) in ["train_data.npy", "train_label.pkl"].iter().zip(&data) {
-        assert!(&std::fs::read(root.path().join("data").join(f)).unwrap() == b, "{f} changed");
+        assert!(
+            &std::fs::read(root.path().join("data").join(f)).unwrap() == b,
+            "{f} changed"
+        );
     }
     finish(&cfg, &work);
     check_complete(&work, "after disk full");

@@ -80,7 +80,8 @@ pub fn check_zip_tail(path: &Path) -> Result<()> {
         return bad("shorter than an end record");
     }
     let start = len - window;
-    f.seek(SeekFrom::Start(start)).map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| Error::io(path, e))?;
     let mut tail = vec![0u8; window as usize];
     f.read_exact(&mut tail).map_err(|e| Error::io(path, e))?;
     // The last end record whose comment fits in the file (the one the crate tries first).
@@ -135,7 +136,10 @@ mod tests {
         let e = check_yaml_text(&deep, Path::new("c.yaml"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("c.yaml") && e.contains("line 1") && e.contains("nesting"), "{e}");
+        assert!(
+            e.contains("c.yaml") && e.contains("line 1") && e.contains("nesting"),
+            "{e}"
+        );
         let block = format!("{}x\n", "- ".repeat(100));
         assert!(check_yaml_text(&block, Path::new("c.yaml")).is_err());
     }

@@ -27,7 +27,8 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
     let mut stack: Vec<Slot> = Vec::new();
     let mut memo: HashMap<u64, Slot> = HashMap::new();
     let mut pos = 0usize;
-    let fail = |pos: usize, what: String| Err(Error::input(file, format!("pickle byte {pos}"), what));
+    let fail =
+        |pos: usize, what: String| Err(Error::input(file, format!("pickle byte {pos}"), what));
     // Folds children into one container value.
     fn combine(children: &[Slot]) -> Slot {
         let (mut d, mut s) = (0u32, 1u64);
@@ -37,7 +38,10 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
                 s = s.saturating_add(*size);
             }
         }
-        Slot::V { depth: d.max(1), size: s }
+        Slot::V {
+            depth: d.max(1),
+            size: s,
+        }
     }
     fn pop_mark(stack: &mut Vec<Slot>) -> Option<Vec<Slot>> {
         let at = stack.iter().rposition(|s| matches!(s, Slot::Mark))?;
@@ -149,8 +153,13 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
                     let mut all = vec![*top];
                     all.extend(items);
                     // The container keeps its own depth/size and gains the children.
-                    if let (Slot::V { depth, size }, Slot::V { depth: d2, size: s2 }) =
-                        (all[0], combine(&all[1..]))
+                    if let (
+                        Slot::V { depth, size },
+                        Slot::V {
+                            depth: d2,
+                            size: s2,
+                        },
+                    ) = (all[0], combine(&all[1..]))
                     {
                         *top = Slot::V {
                             depth: depth.max(d2),

@@ -15,8 +15,8 @@
 //! re-derived at the start of each epoch, so resuming at an epoch boundary is exact.
 use crate::error::{Error, Result};
 use crate::ssl::trainer::Pretrainer;
-use crate::train::atomic::{checksum_file, commit, sync_file, tmp_of};
 pub use crate::train::atomic::write_atomic;
+use crate::train::atomic::{checksum_file, commit, sync_file, tmp_of};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};

@@ -56,7 +56,9 @@ impl WorkDirLock {
             crate::train::logger::utc_now()
         );
         // Best effort: the lock is what matters, the text is for the message.
-        let _ = file.set_len(0).and_then(|()| file.write_all(info.as_bytes()));
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.write_all(info.as_bytes()));
         Ok(WorkDirLock { _file: file, path })
     }
 
@@ -87,7 +89,11 @@ pub const RESUME_KEYS: &[&str] = &[
 ];
 
 /// First differing leaf under `key` of `old` vs `new`: `(dotted key, old, new)`.
-fn first_diff(key: &str, old: Option<&Value>, new: Option<&Value>) -> Option<(String, String, String)> {
+fn first_diff(
+    key: &str,
+    old: Option<&Value>,
+    new: Option<&Value>,
+) -> Option<(String, String, String)> {
     let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_default();
     match (old, new) {
         (Some(Value::Object(a)), Some(Value::Object(b))) => {
@@ -118,8 +124,8 @@ pub fn check_resume_config(dir: &Path, cfg: &PretrainConfig) -> Result<()> {
         Err(e) => return Err(Error::io(&path, e)),
     };
     crate::data::limits::check_yaml_text(&text, &path)?;
-    let old: Value = serde_yaml::from_str(&text)
-        .map_err(|e| Error::input(&path, "yaml", e.to_string()))?;
+    let old: Value =
+        serde_yaml::from_str(&text).map_err(|e| Error::input(&path, "yaml", e.to_string()))?;
     let new = serde_json::to_value(cfg).map_err(|e| Error::Other(format!("config: {e}")))?;
     for key in RESUME_KEYS {
         if let Some((k, was, now)) = first_diff(key, old.get(key), new.get(key)) {
@@ -143,7 +149,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = WorkDirLock::acquire(tmp.path()).unwrap();
         let e = WorkDirLock::acquire(tmp.path()).unwrap_err().to_string();
-        assert!(e.contains("in use by another run") && e.contains("pid"), "{e}");
+        assert!(
+            e.contains("in use by another run") && e.contains("pid"),
+            "{e}"
+        );
         drop(a);
         WorkDirLock::acquire(tmp.path()).unwrap();
     }
@@ -155,19 +164,60 @@ mod tests {
             let ov: Vec<String> = ov.iter().map(|s| s.to_string()).collect();
             PretrainConfig::from_text("", false, Path::new("<t>"), &ov).unwrap()
         };
-        let a = mk(&["model=skeletonclr", "view=joint", "model_args.queue_size=64", "batch_size=8"]);
+        let a = mk(&[
+            "model=skeletonclr",
+            "view=joint",
+            "model_args.queue_size=64",
+            "batch_size=8",
+        ]);
         std::fs::write(tmp.path().join("config.yaml"), a.to_yaml().unwrap()).unwrap();
         check_resume_config(tmp.path(), &a).unwrap();
         // More epochs and another lr: fine.
-        let more = ["model=skeletonclr", "view=joint", "model_args.queue_size=64", "batch_size=8", "num_epoch=9", "base_lr=0.5"];
+        let more = [
+            "model=skeletonclr",
+            "view=joint",
+            "model_args.queue_size=64",
+            "batch_size=8",
+            "num_epoch=9",
+            "base_lr=0.5",
+        ];
         check_resume_config(tmp.path(), &mk(&more)).unwrap();
         for (ov, key) in [
-            (["model=skeletonclr", "view=joint", "model_args.queue_size=128", "batch_size=8"], "model_args.queue_size"),
-            (["model=crossclr3", "view=all", "model_args.queue_size=64", "batch_size=8"], "model"),
-            (["model=skeletonclr", "view=motion", "model_args.queue_size=64", "batch_size=8"], "view"),
+            (
+                [
+                    "model=skeletonclr",
+                    "view=joint",
+                    "model_args.queue_size=128",
+                    "batch_size=8",
+                ],
+                "model_args.queue_size",
+            ),
+            (
+                [
+                    "model=crossclr3",
+                    "view=all",
+                    "model_args.queue_size=64",
+                    "batch_size=8",
+                ],
+                "model",
+            ),
+            (
+                [
+                    "model=skeletonclr",
+                    "view=motion",
+                    "model_args.queue_size=64",
+                    "batch_size=8",
+                ],
+                "view",
+            ),
         ] {
-            let e = check_resume_config(tmp.path(), &mk(&ov)).unwrap_err().to_string();
-            assert!(e.contains(&format!("'{key}'")) && e.contains("config.yaml"), "{e}");
+            let e = check_resume_config(tmp.path(), &mk(&ov))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("'{key}'")) && e.contains("config.yaml"),
+                "{e}"
+            );
         }
     }
 }
