@@ -363,3 +363,128 @@ fn disk_full_keeps_last_checkpoint_and_resume_continues() {
     assert_eq!(want.metrics, got.metrics);
     assert_eq!(want.csv_rows, got.csv_rows);
 }
+
+/// A `.skeleton` of `frames` frames and `bodies` bodies (valid for the NTU reader).
+fn skeleton_text(frames: usize, bodies: usize, seed: f32) -> String {
+    let mut s = format!("{frames}\n");
+    for t in 0..frames {
+        s += &format!("{bodies}\n");
+        for m in 0..bodies {
+            s += &format!(
+                "{} 0 1 1 1 1 0 0.1 0.1 2\n25\n",
+                72057594037931101u64 + m as u64
+            );
+            for v in 0..25 {
+                let a = seed + 0.05 * t as f32 + v as f32 * 0.3;
+                s += &format!(
+                    "{:.6} {:.6} {:.6} 1 2 3 4 0 0 0 0 2\n",
+                    0.5 * m as f32 + 0.05 * a.sin(),
+                    v as f32 * 0.05 + 0.02 * a.cos(),
+                    3.0 + 0.05 * a.cos()
+                );
+            }
+        }
+    }
+    s
+}
+
+/// `prepare` killed at seeded random moments and run again finishes with output identical to an
+/// unbroken run (every file of the output tree, byte for byte).
+#[test]
+fn prepare_killed_then_rerun_is_identical() {
+    let root = tempfile::tempdir().unwrap();
+    let raw = root.path().join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    for i in 0..40 {
+        let n = format!(
+            "S00{}C00{}P0{:02}R00{}A0{:02}",
+            1 + i % 3,
+            1 + i % 3,
+            1 + i % 40,
+            1 + i % 2,
+            1 + i % 20
+        );
+        std::fs::write(
+            raw.join(format!("{n}.skeleton")),
+            skeleton_text(40 + 7 * i, 1 + i % 2, i as f32),
+        )
+        .unwrap();
+    }
+    let run = |out: &Path| {
+        let mut c = Command::new(BIN);
+        c.args(["prepare", "ntu60", "--threads", "1", "--raw"])
+            .arg(&raw)
+            .arg("--out")
+            .arg(out)
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let tree = |out: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut todo = vec![out.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    todo.push(p);
+                } else {
+                    let rel = p.strip_prefix(out).unwrap().display().to_string();
+                    v.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        v.sort();
+        v
+    };
+    let reference = root.path().join("ref");
+    let t0 = Instant::now();
+    let o = run(&reference).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let full = t0.elapsed();
+    let want = tree(&reference);
+    assert!(
+        want.iter().any(|(n, _)| n.ends_with("train_data.npy")),
+        "{:?}",
+        want.iter().map(|x| &x.0).collect::<Vec<_>>()
+    );
+    // Seeded random kill moments until 6 runs were interrupted (the window shrinks to the
+    // duration of any run that finished before its kill).
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    let (mut killed, mut window, mut i) = (0, full, 0);
+    while killed < 6 && i < 20 {
+        i += 1;
+        let out = root.path().join(format!("p{i}"));
+        let ms = rng.gen_range(0..window.as_millis().max(1) as u64);
+        let started = Instant::now();
+        let mut child = run(&out).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        let _ = child.kill();
+        if child.wait().unwrap().success() {
+            window = window.min(started.elapsed());
+        } else {
+            killed += 1;
+        }
+        let o = run(&out).output().unwrap();
+        assert!(
+            o.status.success(),
+            "re-run {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let got = tree(&out);
+        assert_eq!(
+            want.iter().map(|x| &x.0).collect::<Vec<_>>(),
+            got.iter().map(|x| &x.0).collect::<Vec<_>>(),
+            "trial {i} (killed at {ms} ms): files"
+        );
+        for ((n, a), (_, b)) in want.iter().zip(&got) {
+            assert!(a == b, "trial {i} (killed at {ms} ms): {n} differs");
+        }
+    }
+    eprintln!(
+        "prepare: {i} trials, {killed} killed mid-run (unbroken {:.2} s), all identical",
+        full.as_secs_f64()
+    );
+    assert!(killed >= 6, "only {killed} prepare runs were interrupted");
+}
