@@ -7,6 +7,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::fs::create_dir_all(&dir);
     if let Err(e) = crossclr::fuzz::run_target("skeleton", data, &dir) {
         let path = crossclr::fuzz::input_path("skeleton", &dir);
-        assert!(crossclr::fuzz::names_file(&e.to_string(), &path), "error does not name the file: {e}");
+        assert!(
+            crossclr::fuzz::names_file(&e.to_string(), &path),
+            "error does not name the file: {e}"
+        );
     }
 });
