@@ -2,7 +2,8 @@
 //! `serde-pickle` (which has no nesting or size limit: a 200 kB pickle of nested tuples overflows
 //! the stack, and memo references can expand exponentially) sees it. Found by
 //! tests/fuzz_readers.rs. The scan follows the stack machine with only `(depth, size)` per
-//! value; it never allocates per byte of a length field.
+//! value; it never allocates per byte of a length field. Memo references to containers are
+//! refused (they share the container, whose later growth the scan cannot bound).
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,10 +16,24 @@ pub const MAX_VALUES: u64 = 50_000_000;
 #[derive(Clone, Copy)]
 enum Slot {
     Mark,
-    V { depth: u32, size: u64 },
+    /// `container`: a list/tuple/dict/set or the result of a call (it may be mutated later).
+    V {
+        depth: u32,
+        size: u64,
+        container: bool,
+    },
 }
 
-const LEAF: Slot = Slot::V { depth: 0, size: 1 };
+const LEAF: Slot = Slot::V {
+    depth: 0,
+    size: 1,
+    container: false,
+};
+const EMPTY: Slot = Slot::V {
+    depth: 0,
+    size: 1,
+    container: true,
+};
 
 /// Checks `bytes` (a pickle from `file`) against [`MAX_DEPTH`] and [`MAX_VALUES`]. Programs it
 /// cannot follow (unknown opcode, stack underflow, truncation) pass: the real decoder then
@@ -33,7 +48,7 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
     fn combine(children: &[Slot]) -> Slot {
         let (mut d, mut s) = (0u32, 1u64);
         for c in children {
-            if let Slot::V { depth, size } = c {
+            if let Slot::V { depth, size, .. } = c {
                 d = d.max(depth + 1);
                 s = s.saturating_add(*size);
             }
@@ -41,7 +56,17 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
         Slot::V {
             depth: d.max(1),
             size: s,
+            container: true,
         }
+    }
+    fn is_container(v: &Slot) -> bool {
+        matches!(
+            v,
+            Slot::V {
+                container: true,
+                ..
+            }
+        )
     }
     fn pop_mark(stack: &mut Vec<Slot>) -> Option<Vec<Slot>> {
         let at = stack.iter().rposition(|s| matches!(s, Slot::Mark))?;
@@ -113,15 +138,18 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
             _ => Some(0),
         };
         let Some(arg) = arg else { return Ok(()) };
+        // A memo reference (or DUP) to a container shares it: a later append grows every
+        // reference at once (found by cargo fuzz: a 271-byte pickle took more than 3 GB), which
+        // this scan cannot bound. Label files never share a container.
+        let mut shared = false;
         let ok: Option<()> = (|| {
             match op {
                 b'.' => return None,
                 b'(' => stack.push(Slot::Mark),
                 b'K' | b'M' | b'J' | b'G' | b'I' | b'L' | b'F' | b'S' | b'V' | b'X' | b'T'
                 | b'B' | b'U' | b'C' | 0x8c | 0x8d | 0x8e | 0x96 | 0x8a | 0x8b | b'N' | 0x88
-                | 0x89 | b'c' | 0x82 | 0x83 | 0x84 | b']' | b')' | b'}' | 0x8f | b'P' | 0x97 => {
-                    stack.push(LEAF)
-                }
+                | 0x89 | b'c' | 0x82 | 0x83 | 0x84 | b'P' | 0x97 => stack.push(LEAF),
+                b']' | b')' | b'}' | 0x8f => stack.push(EMPTY),
                 b't' | b'l' | b'd' | 0x91 | b'o' | b'i' => {
                     let items = pop_mark(&mut stack)?;
                     stack.push(combine(&items));
@@ -154,16 +182,18 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
                     all.extend(items);
                     // The container keeps its own depth/size and gains the children.
                     if let (
-                        Slot::V { depth, size },
+                        Slot::V { depth, size, .. },
                         Slot::V {
                             depth: d2,
                             size: s2,
+                            ..
                         },
                     ) = (all[0], combine(&all[1..]))
                     {
                         *top = Slot::V {
                             depth: depth.max(d2),
                             size: size.saturating_add(s2 - 1),
+                            container: true,
                         };
                     } else {
                         return None;
@@ -175,21 +205,41 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
                 b'1' => {
                     pop_mark(&mut stack)?;
                 }
-                b'2' => stack.push(*stack.last()?),
+                b'2' => {
+                    let v = *stack.last()?;
+                    if is_container(&v) {
+                        shared = true;
+                    }
+                    stack.push(v)
+                }
                 b'p' | b'q' | b'r' | 0x94 => {
                     let key = if op == 0x94 { memo.len() as u64 } else { arg };
                     memo.insert(key, *stack.last()?);
                 }
-                b'g' | b'h' | b'j' => stack.push(*memo.get(&arg)?),
+                b'g' | b'h' | b'j' => {
+                    let v = *memo.get(&arg)?;
+                    if is_container(&v) {
+                        shared = true;
+                    }
+                    stack.push(v)
+                }
                 0x80 | 0x95 | 0x98 => {}
                 _ => return None,
             }
             Some(())
         })();
+        if shared {
+            return fail(
+                at,
+                "a memo reference to a list, tuple or dict (shared containers are not \
+                 supported in a label file)"
+                    .into(),
+            );
+        }
         if ok.is_none() {
             return Ok(());
         }
-        if let Some(Slot::V { depth, size }) = stack.last() {
+        if let Some(Slot::V { depth, size, .. }) = stack.last() {
             if *depth > MAX_DEPTH {
                 return fail(at, format!("values nested deeper than {MAX_DEPTH} levels"));
             }
@@ -221,6 +271,10 @@ mod tests {
         }
         laughs.push(b'.');
         let e = check(&laughs, p).unwrap_err().to_string();
-        assert!(e.contains("bomb"), "{e}");
+        assert!(e.contains("shared"), "{e}");
+        // cargo fuzz finding: 271 bytes that made serde-pickle use more than 3 GB.
+        let oom = include_bytes!("../../tests/fixtures/fuzz/labels/oom_shared_list_growth.pkl");
+        let e = check(oom, p).unwrap_err().to_string();
+        assert!(e.contains("shared"), "{e}");
     }
 }
