@@ -12,6 +12,7 @@ pub mod device;
 pub mod dist;
 pub mod error;
 pub mod eval;
+pub mod fuzz;
 pub mod gpu;
 pub mod model;
 pub mod plot;

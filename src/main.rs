@@ -12,6 +12,10 @@ mod cli;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Fault injection for tests/kill_resume.rs: abort at the n-th pass of a crash point
+    /// (`<point>:<n>`, see `crossclr::train::fault`).
+    #[arg(long, global = true, hide = true)]
+    crash_at: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -45,6 +49,12 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(spec) = &cli.crash_at {
+        if let Err(e) = crossclr::train::fault::arm(spec) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     // Before any CUDA tensor exists and any thread starts: expandable segments unless the user
     // configured the CUDA allocator (less reserved memory with the step's side streams).
     crossclr::gpu::default_cuda_alloc_conf();

@@ -512,6 +512,14 @@ fn linear_end_to_end_on_demo_data() {
     let b = protocol::run_linear(&splits, &setup, &cfg, 0.25, tch::Device::Cpu, &opts).unwrap();
     assert_eq!(a.last.test, b.last.test);
     assert_eq!(a.last.test, s.last.test);
+    // A cache file that does not match the checksum its key recorded (torn, or left by another
+    // run) is recomputed, never read.
+    let f = cache.join("features_val_motion.npy");
+    let (shape, data) = crossclr::data::npy::read_f32(&f).unwrap();
+    crossclr::data::npy::write_f32(&f, &shape, &vec![0.0; data.len()]).unwrap();
+    let c = protocol::run_linear(&splits, &setup, &cfg, 0.25, tch::Device::Cpu, &opts).unwrap();
+    assert_eq!(a.last.test, c.last.test);
+    assert_eq!(crossclr::data::npy::read_f32(&f).unwrap().1, data);
 }
 
 #[test]

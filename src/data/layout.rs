@@ -398,6 +398,7 @@ impl Layout {
     /// Loads a layout from a TOML (`.toml`) or YAML (`.yaml`/`.yml`) file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        crate::data::limits::check_yaml_text(&text, path)?;
         let file: LayoutFile = match path.extension().and_then(|e| e.to_str()) {
             Some("yaml") | Some("yml") => serde_yaml::from_str(&text)
                 .map_err(|e| Error::input(path, yaml_place(&e), e.to_string()))?,

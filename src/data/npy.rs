@@ -796,6 +796,7 @@ impl Drop for NpyRowWriter {
 
 /// Names of the arrays in an `.npz` (member names without the `.npy` suffix).
 pub fn npz_members(path: &Path) -> Result<Vec<String>> {
+    crate::data::limits::check_zip_tail(path)?;
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let zip = zip::ZipArchive::new(std::io::BufReader::new(f))
         .map_err(|e| Error::input(path, "zip", format!("not a readable .npz: {e}")))?;
@@ -813,6 +814,7 @@ pub fn with_npz_member<T>(
     name: &str,
     f: impl FnOnce(&NpyHeader, &mut dyn Read, &Path) -> Result<T>,
 ) -> Result<T> {
+    crate::data::limits::check_zip_tail(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| Error::input(path, "zip", format!("not a readable .npz: {e}")))?;

@@ -14,13 +14,26 @@ use std::path::Path;
 /// labels must be Python ints that fit in i64. Anything else is an error naming the file and the place.
 pub fn read_labels(path: &Path) -> Result<(Vec<String>, Vec<i64>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let value = serde_pickle::value_from_slice(
-        &bytes,
-        serde_pickle::DeOptions::new()
-            .decode_strings()
-            .replace_unresolved_globals(),
-    )
-    .map_err(|e| Error::input(path, "pickle", format!("not a readable pickle: {e}")))?;
+    crate::data::pickle_bounds::check(&bytes, path)?;
+    // serde-pickle panics on some malformed inputs (e.g. sorting a set or dict keys holding NaN:
+    // found by cargo fuzz); such a file is an error like any other.
+    let decoded = std::panic::catch_unwind(|| {
+        serde_pickle::value_from_slice(
+            &bytes,
+            serde_pickle::DeOptions::new()
+                .decode_strings()
+                .replace_unresolved_globals(),
+        )
+    })
+    .map_err(|_| {
+        Error::input(
+            path,
+            "pickle",
+            "malformed pickle (the decoder failed on inconsistent values, e.g. NaN in a set or dict key)",
+        )
+    })?;
+    let value =
+        decoded.map_err(|e| Error::input(path, "pickle", format!("not a readable pickle: {e}")))?;
     let pair = match value {
         Value::Tuple(v) | Value::List(v) => v,
         other => {

@@ -116,6 +116,7 @@ impl DatasetArgs {
         };
         if let Some(cfg) = &self.config {
             let text = std::fs::read_to_string(cfg).map_err(|e| Error::io(cfg, e))?;
+            crate::data::limits::check_yaml_text(&text, cfg)?;
             if let Ok(mut s) = serde_yaml::from_str::<SplitConfig>(&text) {
                 if let Some(l) = &self.layout {
                     s.train.layout = l.clone();

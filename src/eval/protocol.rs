@@ -312,6 +312,18 @@ fn cache_key(splits: &Splits, setup: &EncoderSetup) -> serde_json::Value {
     })
 }
 
+/// Whether every file listed in the cache's `files` (name -> checksum) is there with that checksum.
+fn cache_files_intact(dir: &Path, files: Option<&serde_json::Value>) -> bool {
+    let Some(serde_json::Value::Object(files)) = files else {
+        return false;
+    };
+    !files.is_empty()
+        && files.iter().all(|(name, sum)| {
+            crate::train::atomic::checksum_file(&dir.join(name))
+                .is_ok_and(|got| Some(got.as_str()) == sum.as_str())
+        })
+}
+
 /// Features of one split from `dir` (`features_<split>_<stream>.npy`, `names_<split>.txt`), or
 /// `None` when a file is missing or does not match the dataset (sample count, names).
 fn load_cached(
@@ -361,8 +373,13 @@ pub fn features_of(
             std::fs::read_to_string(dir.join("features_key.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok());
-        if stored.as_ref() == Some(&key) {
-            if let (Some(train), Some(test)) = (
+        if stored.as_ref().map(|s| &s["key"]) == Some(&key) {
+            if !cache_files_intact(dir, stored.as_ref().map(|s| &s["files"])) {
+                eprintln!(
+                    "features: the cache in {} does not match its checksums (torn or mixed): recomputing",
+                    dir.display()
+                );
+            } else if let (Some(train), Some(test)) = (
                 load_cached(dir, "train", &splits.train, &setup.streams),
                 load_cached(dir, "val", &splits.val, &setup.streams),
             ) {
@@ -383,9 +400,32 @@ pub fn features_of(
         test.save(dir, "val")?;
     }
     if let Some(dir) = &opts.feature_cache {
+        // issue 18: the key goes first (a kill while the files are rewritten leaves no key, so
+        // nothing is reused), and comes back last with the checksum of every file it covers.
+        let key_path = dir.join("features_key.json");
+        match std::fs::remove_file(&key_path) {
+            Ok(()) => crate::train::atomic::sync_dir_of(&key_path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&key_path, e)),
+        }
         train.save(dir, "train")?;
         test.save(dir, "val")?;
-        report::write_json(&dir.join("features_key.json"), &key)?;
+        let mut files = serde_json::Map::new();
+        for split in ["train", "val"] {
+            let mut names: Vec<String> = setup
+                .streams
+                .iter()
+                .map(|s| format!("features_{split}_{}.npy", s.name()))
+                .collect();
+            names.push(format!("names_{split}.txt"));
+            for n in names {
+                let sum = crate::train::atomic::checksum_file(&dir.join(&n))?;
+                files.insert(n, serde_json::Value::String(sum));
+            }
+        }
+        let stored = serde_json::json!({"key": key, "files": files});
+        report::write_json(&key_path, &stored)?;
+        crate::train::atomic::sync_dir_of(&key_path)?;
     }
     Ok((train, test, start.elapsed().as_secs_f64()))
 }

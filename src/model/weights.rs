@@ -100,6 +100,7 @@ fn storage_kind(type_name: &str) -> Option<Kind> {
 }
 
 fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    crate::data::limits::check_zip_tail(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;
@@ -194,21 +195,20 @@ fn build_tensor(bytes: &[u8], t: &TensorRef) -> std::result::Result<Tensor, Stri
     if t.size.iter().any(|&s| s < 0) || t.offset < 0 {
         return Err(format!("negative size {:?} or offset {}", t.size, t.offset));
     }
-    let count: i64 = t.size.iter().product();
+    // i128: sizes, strides and offsets come from the file and may overflow i64 arithmetic.
+    let count: i128 = t.size.iter().map(|&s| s as i128).product();
     if count > 0 {
-        let last: i64 = t.offset
-            + t.size
-                .iter()
-                .zip(&t.stride)
-                .map(|(s, st)| (s - 1) * st)
-                .sum::<i64>();
-        let first: i64 = t.offset
-            + t.size
-                .iter()
-                .zip(&t.stride)
-                .map(|(s, st)| (s - 1) * st.min(&0))
-                .sum::<i64>();
-        if first < 0 || last >= numel as i64 {
+        let reach = |f: fn(i64) -> i64| -> i128 {
+            t.offset as i128
+                + t.size
+                    .iter()
+                    .zip(&t.stride)
+                    .map(|(&s, &st)| (s as i128 - 1) * f(st) as i128)
+                    .sum::<i128>()
+        };
+        let last = reach(|st| st);
+        let first = reach(|st| st.min(0));
+        if first < 0 || last >= numel as i128 {
             return Err(format!(
                 "size {:?}, stride {:?}, offset {} reach outside the storage of {numel} elements",
                 t.size, t.stride, t.offset

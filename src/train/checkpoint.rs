@@ -5,14 +5,18 @@
 //! - `<name>.state.safetensors`: SGD momentum buffers, named by parameter;
 //! - `<name>.json`: [`CheckpointMeta`] (epoch, step, pointer, seed, RNG scheme, file sizes).
 //!
-//! Every file is written to `<file>.tmp` and renamed; the JSON is renamed last and records the
-//! byte sizes of the other two, so a torn write is detected on load. The RNG state is a pure
+//! Saving (issue 18: kill -9 at any moment loses nothing): the weights and state go to
+//! `<file>.tmp` and are fsynced; then the JSON, which records their byte sizes and checksums, is
+//! written the same way and renamed into place (the commit point, directory fsynced); then the
+//! two `.tmp` files are renamed into place. Loading checks sizes and checksums; a file that does
+//! not match its JSON while its `.tmp` does (a kill between the commit and the last renames) is
+//! rolled forward; anything else is refused as a torn checkpoint, naming the file. The RNG state is a pure
 //! function of `(seed, epoch)`: the loader's order and augmentation and `tch::manual_seed` are
 //! re-derived at the start of each epoch, so resuming at an epoch boundary is exact.
 use crate::error::{Error, Result};
 use crate::ssl::trainer::Pretrainer;
-use crate::train::atomic::tmp_of;
 pub use crate::train::atomic::write_atomic;
+use crate::train::atomic::{checksum_file, commit, sync_file, tmp_of};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
@@ -44,6 +48,18 @@ pub struct CheckpointMeta {
     pub state_bytes: u64,
 }
 
+/// The checksums the JSON also records (kept out of [`CheckpointMeta`] so older checkpoints,
+/// which have none, still load: they are checked by size only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Checksums {
+    /// [`crate::train::atomic::checksum_file`] of the weights file.
+    #[serde(default)]
+    pub weights_checksum: String,
+    /// The same for the state file.
+    #[serde(default)]
+    pub state_checksum: String,
+}
+
 /// Paths of checkpoint `name` in `dir`.
 pub fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     (
@@ -53,22 +69,27 @@ pub fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<u64> {
+/// Writes `tensors` to `<path>.tmp` and fsyncs it: `(bytes, checksum)`. The caller renames it.
+fn write_tensors_tmp(path: &Path, tensors: &[(String, Tensor)]) -> Result<(u64, String)> {
     let tmp = tmp_of(path);
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous()))
         .collect();
-    Tensor::write_safetensors(&cpu, &tmp)
-        .map_err(|e| Error::Other(format!("{}: {e}", tmp.display())))?;
+    if let Err(e) = Tensor::write_safetensors(&cpu, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Other(format!("{}: {e}", tmp.display())));
+    }
+    sync_file(&tmp)?;
+    crate::train::fault::point("ckpt.tmp_written");
     let bytes = std::fs::metadata(&tmp)
         .map_err(|e| Error::io(&tmp, e))?
         .len();
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok(bytes)
+    Ok((bytes, checksum_file(&tmp)?))
 }
 
 /// Saves checkpoint `name` of `trainer` into `dir`. `meta`'s file fields are filled in here.
+/// A failure (e.g. a full disk) leaves the previous checkpoint `name` intact and loadable.
 pub fn save(
     dir: &Path,
     name: &str,
@@ -78,19 +99,69 @@ pub fn save(
     let (wp, sp, jp) = paths(dir, name);
     meta.format = FORMAT.into();
     meta.queue_ptr = trainer.model.queue_ptr();
-    meta.weights_bytes = write_tensors(&wp, &trainer.model.state_tensors())?;
+    let mut sums = Checksums::default();
+    (meta.weights_bytes, sums.weights_checksum) =
+        write_tensors_tmp(&wp, &trainer.model.state_tensors())?;
     let state: Vec<(String, Tensor)> = trainer
         .opt
         .state()
         .into_iter()
         .map(|(n, t)| (format!("momentum_buffer.{n}"), t))
         .collect();
-    meta.state_bytes = write_tensors(&sp, &state)?;
+    (meta.state_bytes, sums.state_checksum) = write_tensors_tmp(&sp, &state)?;
     meta.weights_file = file_name(&wp);
     meta.state_file = file_name(&sp);
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Other(e.to_string()))?;
+    let mut value = serde_json::to_value(&meta).map_err(|e| Error::Other(e.to_string()))?;
+    if let (Some(obj), serde_json::Value::Object(extra)) = (
+        value.as_object_mut(),
+        serde_json::to_value(&sums).map_err(|e| Error::Other(e.to_string()))?,
+    ) {
+        obj.extend(extra);
+    }
+    let json = serde_json::to_vec_pretty(&value).map_err(|e| Error::Other(e.to_string()))?;
+    // The commit point: from here on the new checkpoint is the one that loads.
     write_atomic(&jp, &json)?;
+    crate::train::fault::point("ckpt.committed");
+    commit(&tmp_of(&wp), &wp)?;
+    crate::train::fault::point("ckpt.weights_renamed");
+    commit(&tmp_of(&sp), &sp)?;
     Ok(wp)
+}
+
+/// Whether the file at `p` is the one `meta` describes (size, and checksum when recorded).
+fn matches(p: &Path, bytes: u64, checksum: &str) -> Result<bool> {
+    let got = match std::fs::metadata(p) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(p, e)),
+    };
+    Ok(got == bytes && (checksum.is_empty() || checksum_file(p)? == checksum))
+}
+
+/// Makes the file at `p` the one the JSON `jp` describes: as is, or by rolling its `.tmp`
+/// forward (a save interrupted after its commit point); otherwise a torn-checkpoint error.
+fn settle(p: &Path, bytes: u64, checksum: &str, jp: &Path) -> Result<()> {
+    if matches(p, bytes, checksum)? {
+        return Ok(());
+    }
+    let tmp = tmp_of(p);
+    if matches(&tmp, bytes, checksum)? {
+        return commit(&tmp, p);
+    }
+    let got = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    Err(Error::input(
+        p,
+        "size/checksum",
+        format!(
+            "{got} bytes, {} says {bytes} bytes{}: torn checkpoint",
+            jp.display(),
+            if checksum.is_empty() {
+                String::new()
+            } else {
+                format!(" with checksum {checksum}")
+            }
+        ),
+    ))
 }
 
 fn file_name(p: &Path) -> String {
@@ -126,16 +197,12 @@ pub fn load(dir: &Path, name: &str, trainer: &mut Pretrainer) -> Result<Checkpoi
         .ok_or_else(|| Error::input(&jp, "file", "no checkpoint to resume from"))?;
     let wp = dir.join(&meta.weights_file);
     let sp = dir.join(&meta.state_file);
-    for (p, want) in [(&wp, meta.weights_bytes), (&sp, meta.state_bytes)] {
-        let got = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
-        if got != want {
-            return Err(Error::input(
-                p,
-                "size",
-                format!("{got} bytes, {} says {want}: torn checkpoint", jp.display()),
-            ));
-        }
-    }
+    let sums: Checksums = std::fs::read_to_string(&jp)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    settle(&wp, meta.weights_bytes, &sums.weights_checksum, &jp)?;
+    settle(&sp, meta.state_bytes, &sums.state_checksum, &jp)?;
     let weights = Tensor::read_safetensors(&wp)
         .map_err(|e| Error::input(&wp, "safetensors", e.to_string()))?;
     trainer.model.load_state_tensors(&weights, &wp)?;

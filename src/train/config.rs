@@ -724,6 +724,7 @@ impl PretrainConfig {
         source: &Path,
         overrides: &[String],
     ) -> Result<Self> {
+        crate::data::limits::check_yaml_text(text, source)?;
         let mut tree: Value = if is_toml {
             toml::from_str(text).map_err(|e| Error::input(source, "toml", e.to_string()))?
         } else {
@@ -763,7 +764,16 @@ impl PretrainConfig {
             };
             Error::input(source, place, e.to_string())
         })?;
-        cfg.validate()?;
+        // Range errors name the file too (the key is the first word of the message).
+        cfg.validate().map_err(|e| match e {
+            Error::Config(msg) => match msg.split_once(": ") {
+                Some((key, what)) if !key.contains(' ') => {
+                    Error::input(source, format!("config key '{key}'"), what)
+                }
+                _ => Error::input(source, "config", msg),
+            },
+            other => other,
+        })?;
         Ok(cfg)
     }
 

@@ -101,6 +101,9 @@ pub struct RunLogger {
     /// `(fractional epoch, total loss)` of every step so far (for the curve).
     steps: Vec<(f64, f64)>,
     steps_file: Option<std::fs::File>,
+    /// The first failed `steps.csv` write (a full disk): reported by the next
+    /// [`RunLogger::write_metrics`], so the run stops before a checkpoint that rows are missing from.
+    steps_error: Option<std::io::Error>,
     /// Planned optional columns of `metrics.csv`.
     columns: MetricColumns,
 }
@@ -146,6 +149,7 @@ impl RunLogger {
             echo,
             steps: Vec::new(),
             steps_file: None,
+            steps_error: None,
             columns: MetricColumns::default(),
         })
     }
@@ -187,7 +191,10 @@ impl RunLogger {
     pub fn step(&mut self, position: f64, loss: f64) {
         self.steps.push((position, loss));
         if let Some(f) = &mut self.steps_file {
-            let _ = writeln!(f, "{position},{loss}");
+            // One write per row: a kill leaves whole rows (a resume drops the unfinished epoch's).
+            if let Err(e) = f.write_all(format!("{position},{loss}\n").as_bytes()) {
+                self.steps_error.get_or_insert(e);
+            }
         }
     }
 
@@ -230,6 +237,16 @@ impl RunLogger {
     /// Rewrites `metrics.jsonl`, `metrics.csv`, `loss.png` and (when any record has diagnostics
     /// or k-NN values) `diagnostics.png` from all records so far.
     pub fn write_metrics(&self, records: &[EpochRecord]) -> Result<()> {
+        let steps_path = self.dir.join("steps.csv");
+        if let Some(e) = &self.steps_error {
+            return Err(Error::io(
+                &steps_path,
+                std::io::Error::new(e.kind(), format!("writing a step row: {e}")),
+            ));
+        }
+        if let Some(f) = &self.steps_file {
+            f.sync_data().map_err(|e| Error::io(&steps_path, e))?;
+        }
         let mut jsonl = String::new();
         for r in records {
             jsonl.push_str(&serde_json::to_string(r).map_err(|e| Error::Other(e.to_string()))?);

@@ -3,6 +3,8 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod config;
 pub mod diagnostics;
+pub mod fault;
+pub mod lock;
 pub mod logger;
 pub mod pretrain;
 pub mod schedule;

@@ -159,6 +159,8 @@ struct Run {
     /// Whether this process writes the work_dir (rank 0); the others log to `_scratch`.
     writes: bool,
     _scratch: Option<tempfile::TempDir>,
+    /// The work_dir's writer lock, held for the whole run by the writing process.
+    _lock: Option<crate::train::lock::WorkDirLock>,
 }
 
 /// What changes as the run goes.
@@ -205,13 +207,23 @@ impl Run {
         let modes = step_engine::apply_numeric_modes(&cfg, device)?;
         let dir = cfg.work_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // One writer per work_dir (released when the run ends or the process dies).
+        let writes = shard.rank == 0;
+        let lock = if writes {
+            Some(crate::train::lock::WorkDirLock::acquire(&dir)?)
+        } else {
+            None
+        };
         if checkpoint::read_meta(&dir, LAST)?.is_some() && !opts.resume {
             return Err(Error::config(format!(
                 "{} already holds a run (last.json); pass --resume to continue it or choose another work_dir",
                 dir.display()
             )));
         }
-        let writes = shard.rank == 0;
+        if opts.resume {
+            // Refuse a resume whose config changes the model, views, queue, seed, ...
+            crate::train::lock::check_resume_config(&dir, &cfg)?;
+        }
         let scratch = if writes {
             None
         } else {
@@ -246,6 +258,7 @@ impl Run {
             shard,
             writes,
             _scratch: scratch,
+            _lock: lock,
             cfg,
         })
     }

@@ -62,17 +62,96 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Item>,
     memo: HashMap<u32, Value>,
+    /// Values that may still be created by copies (memo GET, DUP): bounds "billion laughs".
+    budget: usize,
+    /// Set when a pushed value nests too deeply or the copy budget ran out (checked every opcode).
+    limit_hit: Option<String>,
+}
+
+/// Deepest accepted nesting of containers (state dicts are 3-4 levels deep). Deeper values
+/// would overflow the stack when dropped or printed.
+pub const MAX_DEPTH: usize = 200;
+/// Most values that copies (memo GET, DUP) may create in one pickle.
+pub const MAX_COPIED_VALUES: usize = 1_000_000;
+
+/// Walks `v` (at `depth`) counting values into `count`; `Err` past [`MAX_DEPTH`] or `max`.
+fn measure(v: &Value, depth: usize, count: &mut usize, max: usize) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("values nested deeper than {MAX_DEPTH} levels"));
+    }
+    *count += 1;
+    if *count > max {
+        return Err(format!(
+            "more than {max} values created by memo copies (a pickle bomb?)"
+        ));
+    }
+    match v {
+        Value::Tuple(xs) | Value::List(xs) => {
+            for x in xs {
+                measure(x, depth + 1, count, max)?;
+            }
+        }
+        Value::Dict(kv) => {
+            for (k, x) in kv {
+                measure(k, depth + 1, count, max)?;
+                measure(x, depth + 1, count, max)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Drops a value without recursion (a value may nest [`MAX_DEPTH`] levels at most, but this
+/// keeps even a partially built one from overflowing the stack).
+fn drop_flat(v: Value) {
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Tuple(xs) | Value::List(xs) => todo.extend(xs),
+            Value::Dict(kv) => {
+                for (k, x) in kv {
+                    todo.push(k);
+                    todo.push(x);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl<'a> Machine<'a> {
     fn err<T>(&self, what: impl Into<String>) -> PResult<T> {
+        let mut what: String = what.into();
+        if what.len() > 400 {
+            let mut cut = 400;
+            while !what.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            what.truncate(cut);
+            what.push_str("...");
+        }
         Err(PickleError {
             offset: self.pos,
-            what: what.into(),
+            what,
         })
     }
+    /// Checks a value about to be stored at nesting `depth` (0 = on the stack); counts it
+    /// against the copy budget when `copied`.
+    fn admit(&mut self, v: &Value, depth: usize, copied: bool) {
+        if self.limit_hit.is_some() {
+            return;
+        }
+        let mut count = 0;
+        let max = if copied { self.budget } else { usize::MAX };
+        match measure(v, depth, &mut count, max) {
+            Ok(()) if copied => self.budget -= count,
+            Ok(()) => {}
+            Err(e) => self.limit_hit = Some(e),
+        }
+    }
     fn take(&mut self, n: usize) -> PResult<&'a [u8]> {
-        if self.pos + n > self.data.len() {
+        if n > self.data.len() - self.pos {
             return self.err(format!("truncated: need {n} more bytes"));
         }
         let s = &self.data[self.pos..self.pos + n];
@@ -116,6 +195,7 @@ impl<'a> Machine<'a> {
         }
     }
     fn push(&mut self, v: Value) {
+        self.admit(&v, 0, false);
         self.stack.push(Item::V(v));
     }
     fn pop(&mut self) -> PResult<Value> {
@@ -148,17 +228,20 @@ impl<'a> Machine<'a> {
         items.reverse();
         Ok(items)
     }
-    fn memo_get(&self, i: u32) -> PResult<Value> {
-        match self.memo.get(&i) {
-            Some(v) => Ok(v.clone()),
-            None => self.err(format!("memo entry {i} was never stored")),
-        }
+    fn memo_get(&mut self, i: u32) -> PResult<Value> {
+        let v = match self.memo.get(&i) {
+            Some(v) => v.clone(),
+            None => return self.err(format!("memo entry {i} was never stored")),
+        };
+        self.admit(&v, 0, true);
+        Ok(v)
     }
     fn memo_put(&mut self, i: u32) -> PResult<()> {
         let v = match self.stack.last() {
             Some(Item::V(v)) => v.clone(),
             _ => return self.err("PUT with no value on the stack"),
         };
+        self.admit(&v, 0, true);
         self.memo.insert(i, v);
         Ok(())
     }
@@ -254,8 +337,11 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn run(mut self) -> PResult<Value> {
+    fn run(&mut self) -> PResult<Value> {
         loop {
+            if let Some(what) = self.limit_hit.take() {
+                return self.err(what);
+            }
             let op = self.u8()?;
             match op {
                 0x80 => {
@@ -416,6 +502,7 @@ impl<'a> Machine<'a> {
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
+                    self.admit(&v, 1, false);
                     match self.top_mut()? {
                         Value::Dict(d) => d.push((k, v)),
                         _ => return self.err("SETITEM on a non-dict"),
@@ -425,6 +512,9 @@ impl<'a> Machine<'a> {
                     let items = self.pop_mark()?;
                     if items.len() % 2 != 0 {
                         return self.err("SETITEMS with an odd number of items");
+                    }
+                    for x in &items {
+                        self.admit(x, 1, false);
                     }
                     let pos = self.pos;
                     match self.top_mut()? {
@@ -444,6 +534,7 @@ impl<'a> Machine<'a> {
                 }
                 b'a' => {
                     let v = self.pop()?;
+                    self.admit(&v, 1, false);
                     match self.top_mut()? {
                         Value::List(l) => l.push(v),
                         _ => return self.err("APPEND on a non-list"),
@@ -451,6 +542,9 @@ impl<'a> Machine<'a> {
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
+                    for x in &items {
+                        self.admit(x, 1, false);
+                    }
                     let pos = self.pos;
                     match self.top_mut()? {
                         Value::List(l) => l.extend(items),
@@ -477,6 +571,7 @@ impl<'a> Machine<'a> {
                         Some(Item::V(v)) => v.clone(),
                         _ => return self.err("DUP with no value"),
                     };
+                    self.admit(&v, 0, true);
                     self.push(v)
                 }
                 other => {
@@ -490,13 +585,24 @@ impl<'a> Machine<'a> {
 
 /// Runs the pickle program `data` and returns the value it builds.
 pub fn unpickle(data: &[u8]) -> PResult<Value> {
-    Machine {
+    let mut m = Machine {
         data,
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        budget: MAX_COPIED_VALUES,
+        limit_hit: None,
+    };
+    let r = m.run();
+    for item in m.stack.drain(..) {
+        if let Item::V(v) = item {
+            drop_flat(v);
+        }
     }
-    .run()
+    for (_, v) in m.memo.drain() {
+        drop_flat(v);
+    }
+    r
 }
 
 #[cfg(test)]
