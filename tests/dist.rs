@@ -38,7 +38,7 @@ fn run_two_ranks(worker: &str) {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let exe = std::env::current_exe().unwrap();
-    let mut children: Vec<_> = (0..2)
+    let children: Vec<_> = (0..2)
         .map(|rank| {
             Command::new(&exe)
                 .args([worker, "--exact", "--nocapture", "--test-threads=1"])
@@ -51,31 +51,9 @@ fn run_two_ranks(worker: &str) {
                 .unwrap()
         })
         .collect();
-    let started = Instant::now();
-    let mut outputs = Vec::new();
-    for (rank, child) in children.iter_mut().enumerate() {
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                outputs.push((rank, status));
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(120) {
-                for c in children.iter_mut() {
-                    let _ = c.kill();
-                }
-                panic!("rank {rank} hung (no exit after 120 s)");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    for (child, (rank, status)) in children.into_iter().zip(outputs) {
-        let out = child.wait_with_output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(status.success(), "rank {rank} failed:\n{text}");
+    let limit = Duration::from_secs(120);
+    for (rank, (ok, text)) in wait_all(children, limit).into_iter().enumerate() {
+        assert!(ok, "rank {rank} failed:\n{text}");
         assert!(text.contains("rank worker ok"), "rank {rank}:\n{text}");
     }
 }
@@ -200,6 +178,33 @@ fn dist_train_worker() {
     println!("rank worker ok (rank {rank})");
 }
 
+/// Waits for every child (killing them all and failing when one is still running after
+/// `limit`); returns each one's (success, stdout + stderr) in order.
+fn wait_all(mut children: Vec<std::process::Child>, limit: Duration) -> Vec<(bool, String)> {
+    let started = Instant::now();
+    while children.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
+        if started.elapsed() > limit {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+            }
+            panic!("a rank hung (no exit after {} s)", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    children
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        })
+        .collect()
+}
+
 /// A free TCP port on 127.0.0.1 (asked from the OS; released just before the ranks bind it).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -213,7 +218,7 @@ fn free_port() -> u16 {
 /// (success, stdout + stderr).
 fn pretrain_ranks(world: usize, args: &[String]) -> Vec<(bool, String)> {
     let port = free_port().to_string();
-    let mut children: Vec<_> = (0..world)
+    let children: Vec<_> = (0..world)
         .map(|rank| {
             Command::new(env!("CARGO_BIN_EXE_crossclr"))
                 .arg("pretrain")
@@ -229,28 +234,7 @@ fn pretrain_ranks(world: usize, args: &[String]) -> Vec<(bool, String)> {
                 .unwrap()
         })
         .collect();
-    let started = Instant::now();
-    while children.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
-        if started.elapsed() > Duration::from_secs(300) {
-            for c in children.iter_mut() {
-                let _ = c.kill();
-            }
-            panic!("pretrain ranks hung (no exit after 300 s)");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    children
-        .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            (out.status.success(), text)
-        })
-        .collect()
+    wait_all(children, Duration::from_secs(300))
 }
 
 /// `crossclr pretrain` launched as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
