@@ -17,6 +17,7 @@ pub const TARGETS: &[(&str, &str)] = &[
     ("npy", "npy"),
     ("npz", "npz"),
     ("labels", "pkl"),
+    ("pyskl", "pkl"),
     ("torch_pt", "pt"),
     ("safetensors", "safetensors"),
     ("config_yaml", "yaml"),
@@ -91,6 +92,16 @@ pub fn run_on_file(target: &str, path: &Path) -> Result<()> {
             Ok(())
         }
         "labels" => pickle::read_labels(path).map(|_| ()),
+        "pyskl" => {
+            // The numpy-aware unpickler and the pyskl listing, then every sample's decoding.
+            use crate::data::generic::{Format, GenericConfig};
+            let cfg = GenericConfig::new(Format::Pyskl, path, path.with_extension("out"));
+            let listing = crate::data::readers::pyskl::list(&cfg)?;
+            for entry in listing.entries {
+                (entry.load)()?;
+            }
+            Ok(())
+        }
         "torch_pt" | "safetensors" => crate::model::weights::read_state_dict(path).map(|_| ()),
         "config_yaml" | "config_toml" => {
             crate::train::config::PretrainConfig::load(path, &[]).map(|_| ())
@@ -476,6 +487,7 @@ edges: [[1, 2], [2, 3], [2, 4], [2, 5]]\ncenter: 2\nshoulders: [4, 5]\nindex_bas
             "npy" => vec![npy(), npy_i64()],
             "npz" => vec![npz(false), npz(true)],
             "labels" => vec![labels(dir)],
+            // Seeds: the pyskl fixtures under tests/fixtures/generic (tests/fuzz_readers.rs).
             "torch_pt" => vec![torch_pt()],
             "safetensors" => vec![safetensors(dir)],
             "config_yaml" => vec![config_yaml()],

@@ -110,6 +110,7 @@ fn file_seeds(target: &str) -> Vec<Vec<u8>> {
         "skeleton" => files(&fx.join("ntu"), "skeleton", 16),
         "npy" => vec![fx.join("official/stgcn_official_seed0_input.npy")],
         "npz" => vec![fx.join("step_parity/skeletonclr.npz")],
+        "pyskl" => files(&fx.join("generic"), "pkl", 4),
         "config_yaml" => {
             let mut v = files(&root.join("configs/small"), "yaml", 4);
             v.extend(files(&root.join("configs/crossclr"), "yaml", 2));
@@ -327,6 +328,10 @@ fn hostile_headers_are_refused_cleanly() {
     deep_list.extend(std::iter::repeat_n(b'a', 100_000));
     deep_list.push(b'.');
     expect_err("labels", "labels nested lists", &deep_list);
+    // The same bombs against the pyskl reader's numpy-aware unpickler (src/data/pyobj.rs).
+    expect_err("pyskl", "pyskl nesting bomb", &deep);
+    expect_err("pyskl", "pyskl billion laughs", &laughs);
+    expect_err("pyskl", "pyskl nested lists", &deep_list);
     // A zip member whose local/central sizes claim 2^40 bytes.
     let mut npz = seeds::npz(false);
     let (cd, member_size_at) = find_central_sizes(&npz);

@@ -188,6 +188,41 @@ pub enum Value {
     Object(String),
 }
 
+/// Dropping a value frees nested containers with a work list instead of recursion, so a deeply
+/// nested pickle (100k nested lists: a few hundred bytes) cannot overflow the stack. Only
+/// containers this value owns alone are taken apart; shared ones are left to their other owners.
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut pending: Vec<Value> = Vec::new();
+        take_children(self, &mut pending);
+        while let Some(mut v) = pending.pop() {
+            take_children(&mut v, &mut pending);
+            // `v` now holds no nested container: its own drop does not recurse.
+        }
+    }
+}
+
+/// Moves the children of `v` into `out` when `v` is the only owner of its container.
+fn take_children(v: &mut Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(items) => {
+            if let Some(items) = Rc::get_mut(items) {
+                out.append(items);
+            }
+        }
+        Value::List(items) if Rc::strong_count(items) == 1 => {
+            out.append(&mut items.borrow_mut());
+        }
+        Value::Dict(pairs) if Rc::strong_count(pairs) == 1 => {
+            for (k, x) in pairs.borrow_mut().drain(..) {
+                out.push(k);
+                out.push(x);
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Value {
     /// A short description for error messages.
     pub fn kind(&self) -> String {
@@ -410,7 +445,7 @@ impl<'a> Machine<'a> {
             Value::Global(m, n) => (m.as_str(), n.as_str()),
             other => return self.err(format!("call of {}", other.kind())),
         };
-        let args = match args {
+        let args = match &args {
             Value::Tuple(a) => a.as_ref().clone(),
             other => return self.err(format!("call arguments are {}", other.kind())),
         };
@@ -543,7 +578,7 @@ impl<'a> Machine<'a> {
                 }
             }
             Value::Dict(d) => {
-                if let Value::Dict(src) = state {
+                if let Value::Dict(src) = &state {
                     d.borrow_mut().extend(src.borrow().iter().cloned());
                 }
             }
@@ -669,7 +704,7 @@ impl<'a> Machine<'a> {
                 0x93 => {
                     let n = self.pop()?;
                     let m = self.pop()?;
-                    match (m, n) {
+                    match (&m, &n) {
                         (Value::Str(m), Value::Str(n)) => {
                             self.push(Value::Global(m.to_string(), n.to_string()))
                         }
@@ -734,14 +769,14 @@ impl<'a> Machine<'a> {
                 b's' => {
                     let v = self.pop()?;
                     let k = self.pop()?;
-                    match self.top()? {
+                    match &self.top()? {
                         Value::Dict(d) => d.borrow_mut().push((k, v)),
                         other => return self.err(format!("SETITEM on {}", other.kind())),
                     }
                 }
                 b'u' => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
+                    match &self.top()? {
                         Value::Dict(d) => {
                             let mut d = d.borrow_mut();
                             for c in items.chunks(2) {
@@ -755,14 +790,14 @@ impl<'a> Machine<'a> {
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    match self.top()? {
+                    match &self.top()? {
                         Value::List(l) => l.borrow_mut().push(v),
                         other => return self.err(format!("APPEND on {}", other.kind())),
                     }
                 }
                 b'e' | 0x90 => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
+                    match &self.top()? {
                         Value::List(l) => l.borrow_mut().extend(items),
                         other => return self.err(format!("APPENDS on {}", other.kind())),
                     }

@@ -102,6 +102,7 @@ fn storage_kind(type_name: &str) -> Option<Kind> {
 fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
     crate::data::limits::check_zip_tail(path)?;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let archive_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| Error::input(path, "zip", e.to_string()))?;
     let pkl_name = zip
@@ -114,7 +115,9 @@ fn read_torch_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
         let mut e = zip
             .by_name(name)
             .map_err(|e| Error::input(path, name, e.to_string()))?;
-        let mut buf = Vec::with_capacity(e.size() as usize);
+        // The member's declared size is only a hint, capped by the archive's length: a header
+        // claiming gigabytes must not size an allocation (found by tests/fuzz_readers.rs).
+        let mut buf = Vec::with_capacity(e.size().min(archive_len) as usize);
         e.read_to_end(&mut buf)
             .map_err(|e| Error::input(path, name, e.to_string()))?;
         Ok(buf)

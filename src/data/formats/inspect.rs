@@ -369,7 +369,7 @@ fn inspect_pyskl(path: &Path, out: &mut String) -> Result<bool> {
         path.display(),
         ann.len()
     );
-    if let Some(Value::Dict(d)) = root.get("split") {
+    if let Some(Value::Dict(ref d)) = root.get("split") {
         let splits: Vec<String> = d
             .borrow()
             .iter()
@@ -393,7 +393,7 @@ fn inspect_pyskl(path: &Path, out: &mut String) -> Result<bool> {
         if let Some(l) = a.get("label").and_then(|l| l.as_i64()) {
             labels.push(l);
         }
-        if let Some(Value::Array(k)) = a.get("keypoint") {
+        if let Some(Value::Array(ref k)) = a.get("keypoint") {
             let k = k.borrow();
             if k.shape.len() == 4 {
                 let t = k.shape[1];

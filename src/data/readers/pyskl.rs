@@ -58,7 +58,7 @@ pub fn list(cfg: &GenericConfig) -> Result<Listing> {
     let coords = annotations
         .iter()
         .find_map(|a| match a.get("keypoint") {
-            Some(Value::Array(k)) => k.borrow().shape.get(3).copied(),
+            Some(Value::Array(ref k)) => k.borrow().shape.get(3).copied(),
             _ => None,
         })
         .unwrap_or(2);
@@ -209,7 +209,7 @@ struct Extracted {
 fn extract(a: &Value, coords: usize, score: bool) -> std::result::Result<Extracted, String> {
     // The arrays' bytes are moved out (not copied) and the tree is dropped after listing.
     let kp = match a.get("keypoint") {
-        Some(Value::Array(k)) => take_array(&k),
+        Some(Value::Array(ref k)) => take_array(k),
         Some(other) => {
             return Err(format!(
                 "'keypoint' is {}, expected a numpy array",
@@ -232,7 +232,7 @@ fn extract(a: &Value, coords: usize, score: bool) -> std::result::Result<Extract
     }
     let score = if score {
         let s = match a.get("keypoint_score") {
-            Some(Value::Array(s)) => take_array(&s),
+            Some(Value::Array(ref s)) => take_array(s),
             _ => return Err("--score-channel: no 'keypoint_score' array".into()),
         };
         if s.shape != [m, t, v] {
