@@ -39,8 +39,14 @@ impl Default for CpuCacheConfig {
     }
 }
 
-/// Half of the machine's memory (from /proc/meminfo), or 8 GiB when it cannot be read.
+/// Half of the machine's memory (from /proc/meminfo, read once per process), or 8 GiB when it
+/// cannot be read.
 fn default_cap() -> usize {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CAP.get_or_init(read_default_cap)
+}
+
+fn read_default_cap() -> usize {
     const FALLBACK: usize = 8 << 30;
     let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
         return FALLBACK;
