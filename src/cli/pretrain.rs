@@ -28,6 +28,10 @@ pub struct Args {
     /// collective) before the job ends with an error naming the operation.
     #[arg(long, default_value_t = 300)]
     pub dist_timeout: u64,
+    /// Fault injection for the numerics tests: NaN in the query batch (`input:<n>`) or the first
+    /// gradient (`grad:<n>`) of global step n.
+    #[arg(long, hide = true)]
+    pub inject_nan: Option<String>,
 }
 
 /// Overrides that make the config follow the data where the user left a setting implicit:
@@ -104,6 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device: args.device.clone(),
         progress: !args.quiet && rank0,
         echo: rank0,
+        inject_nan: args.inject_nan.as_deref().map(str::parse).transpose()?,
         ..Default::default()
     };
     let summary = run_with(&cfg, &opts)?;

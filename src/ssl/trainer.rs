@@ -5,7 +5,8 @@ use crate::data::views::View;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::ssl::model::{to_device, SslModel, SslSpec};
-use crate::train::config::PretrainConfig;
+use crate::train::config::{NonFinitePolicy, NumericsArgs, PretrainConfig};
+use crate::train::numerics::{self, StepSnapshot, NON_FINITE_GRAD};
 use crate::train::sgd::Sgd;
 use std::sync::Arc;
 use tch::{Device, Tensor};
@@ -21,10 +22,13 @@ pub struct StepStats {
     pub phase: u8,
     /// Samples in the batch.
     pub batch: usize,
+    /// With `numerics.non_finite: skip`: why this step was skipped (nothing of it was applied);
+    /// `loss` and `view_losses` are then the non-finite values.
+    pub skipped: Option<String>,
 }
 
 /// A non-finite loss: the step was not applied.
-pub const NON_FINITE: &str = "non-finite loss";
+pub const NON_FINITE: &str = crate::train::numerics::NON_FINITE_LOSS;
 
 /// The model and its optimizer (SGD on the query side only; keys and queues are not trained).
 pub struct Pretrainer {
@@ -32,6 +36,11 @@ pub struct Pretrainer {
     pub opt: Sgd,
     /// The data-parallel group this trainer is a rank of ([`Pretrainer::join_group`]).
     pub group: Option<Arc<ProcessGroup>>,
+    /// The non-finite guards (`numerics`: stop or skip, gradient check).
+    pub numerics: NumericsArgs,
+    /// Fault injection for tests (`--inject-nan grad:<n>`): the next `train_step` overwrites its
+    /// first gradient with NaN after the backward pass (and clears this flag).
+    pub poison_next_grad: bool,
 }
 
 impl Pretrainer {
@@ -48,6 +57,7 @@ impl Pretrainer {
             cfg.weight_decay,
         )?;
         trainer.model.set_kernels(cfg.kernels.resolved(device));
+        trainer.numerics = cfg.numerics.clone();
         Ok(trainer)
     }
 
@@ -66,6 +76,8 @@ impl Pretrainer {
             model,
             opt,
             group: None,
+            numerics: NumericsArgs::default(),
+            poison_next_grad: false,
         })
     }
 
@@ -112,13 +124,20 @@ impl Pretrainer {
     /// One training step on augmented joint batches `x_q`, `x_k` (B, C, T, V, M) (any device; moved
     /// to the model's). Order as the official code: queries, EMA, keys, logits with the current
     /// queues, loss, backward, SGD step; the keys are enqueued after (equivalent to the official
-    /// enqueue-before-backward, which reads a clone of the queues). A NaN/infinite loss returns an
-    /// error starting with [`NON_FINITE`] before the SGD step and the enqueue (the forward's EMA and
-    /// BN running statistics are already applied: stop the run, the checkpoints on disk are intact).
+    /// enqueue-before-backward, which reads a clone of the queues).
+    ///
+    /// A NaN/infinite loss, or (with `numerics.check_grads`) gradient, is found before the SGD
+    /// step and the enqueue. With `numerics.non_finite: stop` it returns an error starting with
+    /// [`NON_FINITE`] or [`NON_FINITE_GRAD`] that names the first non-finite tensor (the forward's
+    /// EMA and BN running statistics are already applied: stop the run, the checkpoints on disk
+    /// are intact). With `skip` the step is undone (key encoders and statistics restored from a
+    /// snapshot taken before the forward) and `Ok` reports it in [`StepStats::skipped`].
     pub fn train_step(&mut self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepStats> {
+        let skip = self.numerics.non_finite == NonFinitePolicy::Skip;
         let device = self.model.vs_q.device();
         let x_q = to_device(x_q, device);
         let x_k = to_device(x_k, device);
+        let snapshot = skip.then(|| StepSnapshot::take(&self.model));
         let out = self.model.forward(&x_q, &x_k, epoch);
         let mut host = vec![out.loss.double_value(&[])];
         host.extend(out.view_losses.iter().map(|l| l.double_value(&[])));
@@ -136,34 +155,81 @@ impl Pretrainer {
             .zip(&host[1..])
             .map(|(b, l)| (b.view, *l))
             .collect();
+        let batch = x_q.size()[0] as usize;
+        let stats = |skipped: Option<String>| StepStats {
+            loss,
+            view_losses: view_losses.clone(),
+            phase: out.phase,
+            batch,
+            skipped,
+        };
         if !loss.is_finite() {
             let per: Vec<String> = view_losses
                 .iter()
                 .map(|(v, l)| format!("{v} {l}"))
                 .collect();
-            return Err(Error::Other(format!(
-                "{NON_FINITE} {loss} (per view: {})",
+            let culprit = numerics::locate(&self.model, &[("x_q", &x_q), ("x_k", &x_k)], &out.keys)
+                .unwrap_or_else(|| {
+                    "none of the inputs, variables or keys: the loss computation overflowed".into()
+                });
+            let what = format!(
+                "{NON_FINITE} {loss} (per view: {}); first non-finite tensor: {culprit}",
                 per.join(", ")
-            )));
+            );
+            return match snapshot {
+                Some(s) => {
+                    s.restore();
+                    Ok(stats(Some(what)))
+                }
+                None => Err(Error::Other(what)),
+            };
         }
         self.opt.zero_grad();
         out.loss.backward();
-        let keys = match &self.group {
-            None => out.keys,
-            Some(g) => {
-                let grads: Vec<Tensor> = self
-                    .model
-                    .trainable()
-                    .iter()
-                    .map(|(_, p)| p.grad())
-                    .filter(Tensor::defined)
-                    .collect();
-                g.all_reduce_mean_(&grads)?;
-                out.keys
-                    .iter()
-                    .map(|k| g.all_gather(k))
-                    .collect::<Result<Vec<_>>>()?
+        let named_grads: Vec<(String, Tensor)> = self
+            .model
+            .trainable()
+            .into_iter()
+            .map(|(n, p)| (n, p.grad()))
+            .filter(|(_, g)| g.defined())
+            .collect();
+        if std::mem::take(&mut self.poison_next_grad) {
+            if let Some((_, g)) = named_grads.first() {
+                let _guard = tch::no_grad_guard();
+                let _ = g.shallow_clone().fill_(f64::NAN);
             }
+        }
+        let grads: Vec<Tensor> = named_grads.iter().map(|(_, g)| g.shallow_clone()).collect();
+        if let Some(g) = &self.group {
+            g.all_reduce_mean_(&grads)?;
+        }
+        // After the all-reduce: every rank decides on the same (averaged) gradients.
+        if self.numerics.check_grads && !numerics::all_finite(&grads) {
+            let culprit = numerics::first_non_finite(
+                named_grads
+                    .iter()
+                    .map(|(n, g)| (format!("the gradient of {n}"), g)),
+            )
+            .unwrap_or_else(|| "the gradient sums overflow".into());
+            let what = format!(
+                "{NON_FINITE_GRAD} (loss {loss} was finite): first non-finite tensor: {culprit}"
+            );
+            self.opt.zero_grad();
+            return match snapshot {
+                Some(s) => {
+                    s.restore();
+                    Ok(stats(Some(what)))
+                }
+                None => Err(Error::Other(what)),
+            };
+        }
+        let keys = match &self.group {
+            None => out.keys.iter().map(Tensor::shallow_clone).collect(),
+            Some(g) => out
+                .keys
+                .iter()
+                .map(|k| g.all_gather(k))
+                .collect::<Result<Vec<_>>>()?,
         };
         self.opt.step();
         if let Some(g) = &self.group {
@@ -172,11 +238,6 @@ impl Pretrainer {
             g.all_reduce_mean_(&self.running_statistics())?;
         }
         self.model.enqueue(&keys)?;
-        Ok(StepStats {
-            loss,
-            view_losses,
-            phase: out.phase,
-            batch: x_q.size()[0] as usize,
-        })
+        Ok(stats(None))
     }
 }

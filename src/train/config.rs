@@ -477,6 +477,62 @@ impl Default for DiagnosticsArgs {
     }
 }
 
+/// `numerics.non_finite`: what a non-finite loss or gradient does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Stop the run, naming the epoch, the step and the first non-finite tensor; the checkpoints
+    /// on disk are the last good ones and `--resume` continues from them.
+    #[default]
+    Stop,
+    /// Skip the step (no SGD update, no enqueue; the key encoders and batch-norm statistics the
+    /// forward pass changed are restored), log it and count it in the epoch's `skipped_steps`;
+    /// the run stops anyway after `max_skipped_steps` skips. Needs the reference step.
+    Skip,
+}
+
+/// `numerics.on_divergence`: what an epoch whose mean loss is above `numerics.max_loss` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DivergencePolicy {
+    /// Log a warning and go on.
+    #[default]
+    Warn,
+    /// Stop before the epoch's checkpoint (the previous one stays the last good one).
+    Stop,
+}
+
+/// `numerics`: the guards against non-finite values and divergence (ours; see
+/// `docs/reliability.md`). A non-finite loss always ends or skips the step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NumericsArgs {
+    /// `stop | skip`; see [`NonFinitePolicy`].
+    pub non_finite: NonFinitePolicy,
+    /// Check every gradient for NaN / Inf before the SGD step (reference step; one host sync).
+    pub check_grads: bool,
+    /// With `non_finite: skip`, the run stops after this many skipped steps in one invocation.
+    pub max_skipped_steps: usize,
+    /// Divergence bound on an epoch's mean loss: 0 = auto (twice the chance loss, the sum over
+    /// the views of ln(1 + negatives per query)); a negative value turns the check off.
+    #[serde(deserialize_with = "de_f64")]
+    pub max_loss: f64,
+    /// `warn | stop`; see [`DivergencePolicy`].
+    pub on_divergence: DivergencePolicy,
+}
+
+impl Default for NumericsArgs {
+    fn default() -> Self {
+        Self {
+            non_finite: NonFinitePolicy::Stop,
+            check_grads: true,
+            max_skipped_steps: 100,
+            max_loss: 0.0,
+            on_divergence: DivergencePolicy::Warn,
+        }
+    }
+}
+
 /// The full pre-training configuration. See the module docs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -575,6 +631,8 @@ pub struct PretrainConfig {
     pub warmup_epochs: usize,
     /// Collapse diagnostics; see [`DiagnosticsArgs`].
     pub diagnostics: DiagnosticsArgs,
+    /// Non-finite and divergence guards; see [`NumericsArgs`].
+    pub numerics: NumericsArgs,
     /// A labelled held-out split for the k-NN monitor, run every `eval_interval` epochs
     /// (official key; -1 = off).
     pub monitor: Option<DatasetSpec>,
@@ -631,6 +689,7 @@ impl Default for PretrainConfig {
             lr_schedule: LrSchedule::Step,
             warmup_epochs: 0,
             diagnostics: DiagnosticsArgs::default(),
+            numerics: NumericsArgs::default(),
             monitor: None,
             kernels: Default::default(),
         }
@@ -924,6 +983,24 @@ impl PretrainConfig {
         }
         if self.save_interval == 0 {
             return bad("save_interval", "must be > 0, or -1 to disable".into());
+        }
+        if self.numerics.max_loss.is_nan() {
+            return bad(
+                "numerics.max_loss",
+                "must be a number (0 = auto, negative = off)".into(),
+            );
+        }
+        if self.numerics.non_finite == NonFinitePolicy::Skip
+            && matches!(self.step_impl, StepImpl::Fast | StepImpl::Graph)
+        {
+            return bad(
+                "numerics.non_finite",
+                format!(
+                    "skip needs the reference step (the {} step applies its steps before it reads \
+                     their losses); use step_impl=reference or auto",
+                    self.step_impl.name()
+                ),
+            );
         }
         self.views()?;
         self.device.as_device_string()?;

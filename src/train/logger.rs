@@ -39,6 +39,9 @@ pub struct EpochRecord {
     /// Wall time of the diagnostics and the monitor after the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diag_seconds: Option<f64>,
+    /// Steps skipped for a non-finite loss or gradient (`numerics.non_finite: skip` runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<usize>,
 }
 
 impl EpochRecord {
@@ -275,6 +278,10 @@ impl RunLogger {
         if diag_any {
             csv.push_str(",diag_seconds");
         }
+        let skips = records.iter().any(|r| r.skipped_steps.is_some());
+        if skips {
+            csv.push_str(",skipped_steps");
+        }
         csv.push('\n');
         // Empty cell when absent or not finite.
         let cell = |v: Option<f64>| match v {
@@ -302,6 +309,9 @@ impl RunLogger {
             }
             if diag_any {
                 csv.push_str(&cell(r.diag_seconds.map(|s| (s * 1000.0).round() / 1000.0)));
+            }
+            if skips {
+                csv.push_str(&cell(r.skipped_steps.map(|n| n as f64)));
             }
             csv.push('\n');
         }

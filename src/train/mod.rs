@@ -6,6 +6,7 @@ pub mod diagnostics;
 pub mod fault;
 pub mod lock;
 pub mod logger;
+pub mod numerics;
 pub mod pretrain;
 pub mod schedule;
 pub mod sgd;

@@ -23,11 +23,12 @@ use crate::data::views::View;
 use crate::data::SkeletonDataset;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::ssl::trainer::{Pretrainer, NON_FINITE};
+use crate::ssl::trainer::Pretrainer;
 use crate::train::checkpoint::{self, CheckpointMeta};
-use crate::train::config::{PretrainConfig, StepImpl};
+use crate::train::config::{DivergencePolicy, NonFinitePolicy, PretrainConfig, StepImpl};
 use crate::train::diagnostics::Diagnostics;
 use crate::train::logger::{read_records, EpochRecord, MetricColumns, RunLogger};
+use crate::train::numerics;
 use crate::train::schedule::epoch_lr;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ pub struct RunOptions {
     pub dataset: Option<Arc<SkeletonDataset>>,
     /// Fault injection for tests: make the inputs NaN from this 1-based epoch on.
     pub inject_nan_from_epoch: Option<usize>,
+    /// Fault injection for tests (the binary's hidden `--inject-nan <input|grad>:<n>`): NaN in
+    /// the query batch, or the first gradient, of the n-th step of the run (1-based global step).
+    pub inject_nan: Option<NanInjection>,
     /// Tests: run `step_impl: graph` with an eager stand-in for the CUDA graph (any device), to
     /// check its warm-up / capture / replay bookkeeping without a GPU (see [`step_engine`]).
     pub emulate_graph: bool,
@@ -64,6 +68,44 @@ pub struct RunOptions {
     /// on its share of every batch (`batch_size / world` samples); only rank 0 writes the
     /// work_dir (the other ranks log to a temporary folder).
     pub group: Option<Arc<ProcessGroup>>,
+}
+
+/// Where [`RunOptions::inject_nan`] puts its NaN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NanTarget {
+    /// The step's query batch (as bad data would).
+    Input,
+    /// The step's first gradient, after the backward pass (reference step only).
+    Grad,
+}
+
+/// A NaN planted at one step ([`RunOptions::inject_nan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NanInjection {
+    pub target: NanTarget,
+    /// 1-based global step.
+    pub step: u64,
+}
+
+impl std::str::FromStr for NanInjection {
+    type Err = Error;
+
+    /// `input:<n>` or `grad:<n>`.
+    fn from_str(spec: &str) -> Result<Self> {
+        let bad = || {
+            Error::config(format!(
+                "--inject-nan {spec:?}: expected input:<n> or grad:<n>"
+            ))
+        };
+        let (what, n) = spec.split_once(':').ok_or_else(bad)?;
+        let target = match what {
+            "input" => NanTarget::Input,
+            "grad" => NanTarget::Grad,
+            _ => return Err(bad()),
+        };
+        let step = n.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+        Ok(NanInjection { target, step })
+    }
 }
 
 /// What a run did.
@@ -129,7 +171,11 @@ pub fn run_with(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     for epoch in state.start_epoch..=run.cfg.num_epoch {
         let record = run.one_epoch(&mut state, epoch, opts)?;
         let lr = record.lr;
+        let diverged = run.check_divergence(&record);
         run.record(&mut state, record)?;
+        if let Some(msg) = diverged {
+            return Err(run.stop(msg));
+        }
         run.checkpoint(&mut state, epoch, lr)?;
     }
     Ok(run.finish(state))
@@ -154,6 +200,9 @@ struct Run {
     bar: Option<ProgressBar>,
     /// The collapse diagnostics and k-NN monitor, when the config asks for them.
     diagnostics: Option<Diagnostics>,
+    /// The bound on an epoch's mean loss above which the run is diverging, and its origin
+    /// (`numerics.max_loss`; `None` = off).
+    divergence: Option<(f64, String)>,
     /// This process's share of every batch (`Shard::WHOLE` without data parallelism).
     shard: Shard,
     /// Whether this process writes the work_dir (rank 0); the others log to `_scratch`.
@@ -175,6 +224,8 @@ struct RunState {
     last_weights: PathBuf,
     /// The model's views, in branch order.
     views: Vec<View>,
+    /// Steps skipped (`numerics.non_finite: skip`) by this invocation.
+    skipped_total: usize,
 }
 
 /// One epoch's running counts.
@@ -187,6 +238,8 @@ struct EpochProgress {
     n_steps: usize,
     samples: usize,
     phase: u8,
+    /// Steps skipped this epoch (`numerics.non_finite: skip`).
+    skipped: usize,
 }
 
 impl Run {
@@ -202,8 +255,16 @@ impl Run {
         let mut cfg = cfg.clone();
         cfg.kernels = cfg.kernels.resolved(device);
         let shard = data_parallel_shard(&mut cfg, opts)?;
-        let (step_impl, step_why) =
-            step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?;
+        let (step_impl, step_why) = if cfg.numerics.non_finite == NonFinitePolicy::Skip
+            && cfg.step_impl == StepImpl::Auto
+        {
+            (
+                StepImpl::Reference,
+                "auto with numerics.non_finite=skip: skipping needs the reference step".into(),
+            )
+        } else {
+            step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?
+        };
         let modes = step_engine::apply_numeric_modes(&cfg, device)?;
         let dir = cfg.work_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -242,7 +303,16 @@ impl Run {
             cfg.kernels.summary()
         );
         let diagnostics = Diagnostics::new(&cfg, &dataset)?;
+        let divergence = numerics::divergence_bound(
+            cfg.numerics.max_loss,
+            cfg.negatives,
+            cfg.model_args.queue_size,
+            cfg.batch_size,
+            cfg.reverse_negatives,
+            cfg.views()?.len(),
+        );
         Ok(Run {
+            divergence,
             device,
             device_name,
             dir,
@@ -315,6 +385,21 @@ impl Run {
             ));
         }
         self.describe_diagnostics(&views);
+        let n = self.cfg.numerics.clone();
+        self.log.line(&format!(
+            "numerics: non-finite loss{} -> {:?}{}; divergence bound {}",
+            if n.check_grads { " or gradient" } else { "" },
+            n.non_finite,
+            if n.non_finite == NonFinitePolicy::Skip {
+                format!(" (at most {} steps)", n.max_skipped_steps)
+            } else {
+                String::new()
+            },
+            match &self.divergence {
+                Some((b, why)) => format!("{b:.3} ({why}) -> {:?}", n.on_divergence),
+                None => "off".into(),
+            }
+        ));
         self.start_progress_bar(start_epoch, opts.progress && self.writes);
         self.log.line(&self.step_line.clone());
         let engine = self.fast_engine(&trainer, opts)?;
@@ -326,6 +411,7 @@ impl Run {
             records,
             last_weights: checkpoint::paths(&self.dir, LAST).0,
             views,
+            skipped_total: 0,
         })
     }
 
@@ -415,6 +501,7 @@ impl Run {
             n_steps: 0,
             samples: 0,
             phase: if cross { 2 } else { 1 },
+            skipped: 0,
         };
         for batch in loader {
             let (mut x_q, x_k) = (
@@ -423,6 +510,13 @@ impl Run {
             );
             if opts.inject_nan_from_epoch.is_some_and(|e| epoch >= e) {
                 x_q *= f64::NAN;
+            }
+            match opts.inject_nan {
+                Some(i) if i.step == st.global_step + 1 => match i.target {
+                    NanTarget::Input => x_q *= f64::NAN,
+                    NanTarget::Grad => st.trainer.poison_next_grad = true,
+                },
+                _ => {}
             }
             if st.engine.is_some() {
                 self.fast_step(st, &mut ep, &x_q, &x_k)?;
@@ -446,7 +540,7 @@ impl Run {
     ) -> Result<()> {
         let stats = match st.trainer.train_step(x_q, x_k, ep.epoch) {
             Ok(s) => s,
-            Err(e) if e.to_string().starts_with(NON_FINITE) => {
+            Err(e) if numerics::is_non_finite(&e) => {
                 let msg = self.stop_message(st, &e.to_string(), ep, ep.n_steps + 1);
                 return Err(self.stop(msg));
             }
@@ -456,6 +550,27 @@ impl Run {
         ep.n_steps += 1;
         ep.samples += stats.batch * self.shard.world;
         ep.phase = stats.phase;
+        if let Some(why) = &stats.skipped {
+            ep.skipped += 1;
+            st.skipped_total += 1;
+            let limit = self.cfg.numerics.max_skipped_steps;
+            let line = format!(
+                "skipped epoch {}, step {} of {} (global step {}): {why} ({} skipped by this run, \
+                 numerics.max_skipped_steps {limit})",
+                ep.epoch, ep.n_steps, self.steps, st.global_step, st.skipped_total
+            );
+            self.log.line(&line);
+            if st.skipped_total > limit {
+                let msg = self.stop_message(
+                    st,
+                    &format!("{} steps skipped, more than numerics.max_skipped_steps {limit}; the last: {why}", st.skipped_total),
+                    ep,
+                    ep.n_steps,
+                );
+                return Err(self.stop(msg));
+            }
+            return Ok(());
+        }
         let losses = HostLosses {
             total: stats.loss,
             views: stats.view_losses.iter().map(|(_, l)| *l).collect(),
@@ -551,6 +666,12 @@ impl Run {
         )?;
         match read {
             Some((e, step)) => {
+                // The batch is gone; the model's variables may still name the culprit.
+                let culprit = numerics::locate(&st.trainer.model, &[], &[]).map_or_else(
+                    || "; the model's variables are finite now".to_string(),
+                    |c| format!("; first non-finite tensor now: {c}"),
+                );
+                let e = format!("{e}{culprit}");
                 let msg = fast_stop(&self.stop_message(st, &e, ep, step), ep.n_steps);
                 Err(self.stop(msg))
             }
@@ -571,6 +692,38 @@ impl Run {
         )
     }
 
+    /// Logs a warning when the epoch's mean loss is above the divergence bound (or not finite,
+    /// which only skipped steps can leave); returns the stop message with `on_divergence: stop`.
+    fn check_divergence(&mut self, record: &EpochRecord) -> Option<String> {
+        let (bound, why) = self.divergence.clone()?;
+        if record.loss <= bound {
+            return None;
+        }
+        let text = format!(
+            "epoch {} mean loss {:.4} is above the divergence bound {bound:.3} ({why}): the run is \
+             diverging (lower base_lr, or check the data)",
+            record.epoch, record.loss
+        );
+        match self.cfg.numerics.on_divergence {
+            DivergencePolicy::Warn => {
+                self.log.line(&format!("WARNING: {text}"));
+                None
+            }
+            DivergencePolicy::Stop => {
+                let last = checkpoint::paths(&self.dir, LAST).0;
+                let good = if last.exists() {
+                    format!("the last good checkpoint is {}", last.display())
+                } else {
+                    "no checkpoint was written yet".to_string()
+                };
+                Some(format!(
+                    "stopping: {text}; numerics.on_divergence=stop: this epoch's checkpoint was \
+                     not written, {good}"
+                ))
+            }
+        }
+    }
+
     /// Logs `msg`, abandons the progress bar and returns the run's error.
     fn stop(&mut self, msg: String) -> Error {
         self.log.line(&msg);
@@ -582,7 +735,8 @@ impl Run {
 
     /// The epoch's record from its tally, logged (with the fused CUDA choices after the first).
     fn epoch_record(&mut self, st: &RunState, ep: &EpochProgress, seconds: f64) -> EpochRecord {
-        let n = ep.n_steps as f64;
+        // Skipped steps have no loss: the means are over the recorded ones.
+        let n = ep.tally.recorded.max(1) as f64;
         let record = EpochRecord {
             epoch: ep.epoch,
             phase: ep.phase,
@@ -601,6 +755,8 @@ impl Run {
             knn1: None,
             knn20: None,
             diag_seconds: None,
+            skipped_steps: (self.cfg.numerics.non_finite == NonFinitePolicy::Skip)
+                .then_some(ep.skipped),
         };
         let views: Vec<String> = record
             .view_losses
