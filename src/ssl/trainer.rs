@@ -212,7 +212,7 @@ impl Pretrainer {
             )
             .unwrap_or_else(|| "the gradient sums overflow".into());
             let what = format!(
-                "{NON_FINITE_GRAD} (loss {loss} was finite): first non-finite tensor: {culprit}"
+                "{NON_FINITE_GRAD} (loss {loss:.4} was finite): first non-finite tensor: {culprit}"
             );
             self.opt.zero_grad();
             return match snapshot {

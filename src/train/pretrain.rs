@@ -387,16 +387,25 @@ impl Run {
         self.describe_diagnostics(&views);
         let n = self.cfg.numerics.clone();
         self.log.line(&format!(
-            "numerics: non-finite loss{} -> {:?}{}; divergence bound {}",
+            "numerics: non-finite loss{} -> {}{}; divergence bound {}",
             if n.check_grads { " or gradient" } else { "" },
-            n.non_finite,
+            match n.non_finite {
+                NonFinitePolicy::Stop => "stop",
+                NonFinitePolicy::Skip => "skip",
+            },
             if n.non_finite == NonFinitePolicy::Skip {
                 format!(" (at most {} steps)", n.max_skipped_steps)
             } else {
                 String::new()
             },
             match &self.divergence {
-                Some((b, why)) => format!("{b:.3} ({why}) -> {:?}", n.on_divergence),
+                Some((b, why)) => format!(
+                    "{b:.3} ({why}) -> {}",
+                    match n.on_divergence {
+                        DivergencePolicy::Warn => "warn",
+                        DivergencePolicy::Stop => "stop",
+                    }
+                ),
                 None => "off".into(),
             }
         ));
