@@ -5,6 +5,7 @@
 //! value; it never allocates per byte of a length field. Memo references to containers are
 //! refused (they share the container, whose later growth the scan cannot bound).
 use crate::error::{Error, Result};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -68,18 +69,24 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
             }
         )
     }
-    fn pop_mark(stack: &mut Vec<Slot>) -> Option<Vec<Slot>> {
+    // `marks` counts the marks on the stack (each open mark costs the real decoder a fresh stack).
+    fn pop_mark(stack: &mut Vec<Slot>, marks: &Cell<usize>) -> Option<Vec<Slot>> {
         let at = stack.iter().rposition(|s| matches!(s, Slot::Mark))?;
         let items = stack.split_off(at + 1);
         stack.pop();
+        marks.set(marks.get() - 1);
         Some(items)
     }
-    fn pop_n(stack: &mut Vec<Slot>, n: usize) -> Option<Vec<Slot>> {
+    fn pop_n(stack: &mut Vec<Slot>, n: usize, marks: &Cell<usize>) -> Option<Vec<Slot>> {
         if stack.len() < n {
             return None;
         }
-        Some(stack.split_off(stack.len() - n))
+        let items = stack.split_off(stack.len() - n);
+        let gone = items.iter().filter(|s| matches!(s, Slot::Mark)).count();
+        marks.set(marks.get() - gone);
+        Some(items)
     }
+    let marks = Cell::new(0usize);
     let rd = |pos: usize, n: usize| -> Option<&[u8]> { bytes.get(pos..pos.checked_add(n)?) };
     // Little-endian value of the first (up to) 8 bytes.
     let le = |b: &[u8]| -> u64 {
@@ -145,17 +152,20 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
         let ok: Option<()> = (|| {
             match op {
                 b'.' => return None,
-                b'(' => stack.push(Slot::Mark),
+                b'(' => {
+                    marks.set(marks.get() + 1);
+                    stack.push(Slot::Mark)
+                }
                 b'K' | b'M' | b'J' | b'G' | b'I' | b'L' | b'F' | b'S' | b'V' | b'X' | b'T'
                 | b'B' | b'U' | b'C' | 0x8c | 0x8d | 0x8e | 0x96 | 0x8a | 0x8b | b'N' | 0x88
                 | 0x89 | b'c' | 0x82 | 0x83 | 0x84 | b'P' | 0x97 => stack.push(LEAF),
                 b']' | b')' | b'}' | 0x8f => stack.push(EMPTY),
                 b't' | b'l' | b'd' | 0x91 | b'o' | b'i' => {
-                    let items = pop_mark(&mut stack)?;
+                    let items = pop_mark(&mut stack, &marks)?;
                     stack.push(combine(&items));
                 }
                 0x85..=0x87 => {
-                    let items = pop_n(&mut stack, (op - 0x84) as usize)?;
+                    let items = pop_n(&mut stack, (op - 0x84) as usize, &marks)?;
                     stack.push(combine(&items));
                 }
                 b'R' | 0x81 | b'Q' | 0x92 => {
@@ -164,18 +174,18 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
                         0x92 => 3,
                         _ => 2,
                     };
-                    let items = pop_n(&mut stack, n)?;
+                    let items = pop_n(&mut stack, n, &marks)?;
                     stack.push(combine(&items));
                 }
                 0x93 => {
-                    pop_n(&mut stack, 2)?;
+                    pop_n(&mut stack, 2, &marks)?;
                     stack.push(LEAF);
                 }
                 b'a' | b's' | b'b' | b'e' | b'u' | 0x90 => {
                     let items = match op {
-                        b'a' | b'b' => pop_n(&mut stack, 1)?,
-                        b's' => pop_n(&mut stack, 2)?,
-                        _ => pop_mark(&mut stack)?,
+                        b'a' | b'b' => pop_n(&mut stack, 1, &marks)?,
+                        b's' => pop_n(&mut stack, 2, &marks)?,
+                        _ => pop_mark(&mut stack, &marks)?,
                     };
                     let top = stack.last_mut()?;
                     let mut all = vec![*top];
@@ -200,10 +210,12 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
                     }
                 }
                 b'0' => {
-                    stack.pop()?;
+                    if matches!(stack.pop()?, Slot::Mark) {
+                        marks.set(marks.get() - 1);
+                    }
                 }
                 b'1' => {
-                    pop_mark(&mut stack)?;
+                    pop_mark(&mut stack, &marks)?;
                 }
                 b'2' => {
                     let v = *stack.last()?;
@@ -238,6 +250,12 @@ pub fn check(bytes: &[u8], file: &Path) -> Result<()> {
         }
         if ok.is_none() {
             return Ok(());
+        }
+        if marks.get() > MAX_DEPTH as usize {
+            return fail(
+                at,
+                format!("more than {MAX_DEPTH} marks open at once (a nesting bomb?)"),
+            );
         }
         if let Some(Slot::V { depth, size, .. }) = stack.last() {
             if *depth > MAX_DEPTH {
@@ -276,5 +294,17 @@ mod tests {
         let oom = include_bytes!("../../tests/fixtures/fuzz/labels/oom_shared_list_growth.pkl");
         let e = check(oom, p).unwrap_err().to_string();
         assert!(e.contains("shared"), "{e}");
+        // Bounded-fuzz finding: 1 MB of MARK opcodes made serde-pickle allocate a fresh stack per
+        // mark (2.5-4.5 GB, 2-3 s); the scan refuses the 101st open mark. Closed marks do not count.
+        let mut marks = vec![0x80, 2];
+        marks.extend(std::iter::repeat_n(b'(', 1 << 20));
+        let e = check(&marks, p).unwrap_err().to_string();
+        assert!(e.contains("byte 102") && e.contains("marks open"), "{e}");
+        let mut many = vec![0x80, 2, b']'];
+        for _ in 0..10_000 {
+            many.extend_from_slice(&[b'(', b'K', 1, b'K', 2, b'e']);
+        }
+        many.push(b'.');
+        check(&many, p).unwrap();
     }
 }
