@@ -287,3 +287,45 @@ fn divergence_is_reported_and_can_stop_the_run() {
     assert!(!dir.path().join("last.json").exists());
     assert_eq!(metrics(dir.path()).len(), 1);
 }
+
+/// NaN in the data itself (one sample of the training file): the stop names the dataset samples,
+/// their names and the file, so the user can fix or drop them.
+#[test]
+fn nan_in_the_data_file_names_the_samples() {
+    let _serial = serial();
+    let cfg = crossclr::data::synth::SynthConfig {
+        num_classes: 4,
+        train_per_class: 4,
+        val_per_class: 1,
+        frames: 20,
+        ..Default::default()
+    };
+    let mut ds = crossclr::data::synth::generate(&cfg).0;
+    let per_sample: usize = ds.sample_shape().iter().product();
+    if let crossclr::data::dataset::F32Buf::Owned(v) = &mut ds.data {
+        v[5 * per_sample + 7] = f32::NAN;
+    } else {
+        panic!("generated data is owned");
+    }
+    ds.source = "bad/train_data.npy".into();
+    let name5 = ds.names[5].clone();
+    let ds = std::sync::Arc::new(ds);
+    let dir = tempfile::tempdir().unwrap();
+    // No augmentation, so the NaN reaches the batch whatever the crop.
+    let cfg = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &[
+            "train_feeder_args.shear_amplitude=-1",
+            "train_feeder_args.temperal_padding_ratio=0",
+        ],
+    );
+    let e = run_with(&cfg, &opts(&ds)).unwrap_err().to_string();
+    assert!(
+        e.contains("the input batch x_q")
+            && e.contains(&format!(
+                "dataset samples [5 ({name5})] of bad/train_data.npy"
+            )),
+        "{e}"
+    );
+}

@@ -530,7 +530,7 @@ impl Run {
             if st.engine.is_some() {
                 self.fast_step(st, &mut ep, &x_q, &x_k)?;
             } else {
-                self.reference_step(st, &mut ep, &x_q, &x_k)?;
+                self.reference_step(st, &mut ep, &x_q, &x_k, &batch.indices)?;
             }
         }
         if st.engine.is_some() {
@@ -546,11 +546,13 @@ impl Run {
         ep: &mut EpochProgress,
         x_q: &Tensor,
         x_k: &Tensor,
+        indices: &[usize],
     ) -> Result<()> {
         let stats = match st.trainer.train_step(x_q, x_k, ep.epoch) {
             Ok(s) => s,
             Err(e) if numerics::is_non_finite(&e) => {
-                let msg = self.stop_message(st, &e.to_string(), ep, ep.n_steps + 1);
+                let e = format!("{e}{}", self.bad_samples(x_q, x_k, indices));
+                let msg = self.stop_message(st, &e, ep, ep.n_steps + 1);
                 return Err(self.stop(msg));
             }
             Err(e) => return Err(e),
@@ -560,6 +562,7 @@ impl Run {
         ep.samples += stats.batch * self.shard.world;
         ep.phase = stats.phase;
         if let Some(why) = &stats.skipped {
+            let why = &format!("{why}{}", self.bad_samples(x_q, x_k, indices));
             ep.skipped += 1;
             st.skipped_total += 1;
             let limit = self.cfg.numerics.max_skipped_steps;
@@ -686,6 +689,41 @@ impl Run {
             }
             None => Ok(()),
         }
+    }
+
+    /// `"; dataset samples [i (name), ...] of <file> hold NaN or Inf"` for the samples of the batch whose
+    /// (augmented) views hold non-finite values (`indices`: the batch's dataset indices), or "".
+    fn bad_samples(&self, x_q: &Tensor, x_k: &Tensor, indices: &[usize]) -> String {
+        let per_sample = |x: &Tensor| x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
+        let bad = per_sample(x_q).logical_or(&per_sample(x_k));
+        let Ok(flags) = Vec::<bool>::try_from(&bad) else {
+            return String::new();
+        };
+        let found: Vec<usize> = flags
+            .iter()
+            .zip(indices)
+            .filter(|(b, _)| **b)
+            .map(|(_, i)| *i)
+            .collect();
+        if found.is_empty() {
+            return String::new();
+        }
+        let shown: Vec<String> = found
+            .iter()
+            .take(8)
+            .map(
+                |&i| match self.dataset.names.get(i).filter(|n| !n.is_empty()) {
+                    Some(name) => format!("{i} ({name})"),
+                    None => i.to_string(),
+                },
+            )
+            .collect();
+        format!(
+            "; dataset samples [{}{}] of {} hold NaN or Inf",
+            shown.join(", "),
+            if found.len() > 8 { ", ..." } else { "" },
+            self.dataset.source.display()
+        )
     }
 
     /// The message of a non-finite-loss stop (same format for every step implementation).
