@@ -38,23 +38,33 @@ pub struct Args {
 /// `model_args.in_channels` = the data's C (2D data: 2, or 3 with a score channel) and the layout
 /// named by a `dataset.toml` next to the data (as `prepare generic` and `synth` write), each only
 /// when neither the config file nor the command line mentions it.
-fn follow_the_data(cfg: &PretrainConfig, text: &str, overrides: &[String]) -> Vec<String> {
-    let mentioned = |key: &str| text.contains(key) || overrides.iter().any(|o| o.contains(key));
+fn follow_the_data(
+    cfg: &PretrainConfig,
+    config: &std::path::Path,
+    overrides: &[String],
+    echo: bool,
+) -> Vec<String> {
+    let mentioned = |keys: &[&str]| {
+        keys.iter()
+            .any(|k| PretrainConfig::sets_key(config, overrides, k).unwrap_or(true))
+    };
     let spec = cfg.dataset_spec();
     let mut extra = Vec::new();
-    if spec.format == DatasetFormat::Npy && !mentioned("in_channels") {
+    if spec.format == DatasetFormat::Npy && !mentioned(&["model_args.in_channels"]) {
         if let Ok(h) = crossclr::data::npy::read_header(&spec.data) {
             if h.shape.len() == 5 && h.shape[1] as i64 != cfg.model_args.in_channels {
-                println!(
-                    "model_args.in_channels = {} from {} (C of the data)",
-                    h.shape[1],
-                    spec.data.display()
-                );
+                if echo {
+                    println!(
+                        "model_args.in_channels = {} from {} (C of the data)",
+                        h.shape[1],
+                        spec.data.display()
+                    );
+                }
                 extra.push(format!("model_args.in_channels={}", h.shape[1]));
             }
         }
     }
-    if !mentioned("layout") {
+    if !mentioned(&["layout", "dataset.layout", "model_args.graph_args.layout"]) {
         let toml_path = spec.data.parent().map(|d| d.join("dataset.toml"));
         let named = toml_path
             .as_ref()
@@ -69,7 +79,9 @@ fn follow_the_data(cfg: &PretrainConfig, text: &str, overrides: &[String]) -> Ve
             } else {
                 layout
             };
-            println!("layout {layout} from {}", p.display());
+            if echo {
+                println!("layout {layout} from {}", p.display());
+            }
             let key = if cfg.dataset.is_some() {
                 "dataset.layout"
             } else {
@@ -83,8 +95,9 @@ fn follow_the_data(cfg: &PretrainConfig, text: &str, overrides: &[String]) -> Ve
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = PretrainConfig::load(&args.config, &args.overrides)?;
-    let text = std::fs::read_to_string(&args.config).unwrap_or_default();
-    let extra = follow_the_data(&cfg, &text, &args.overrides);
+    // In a data-parallel job only rank 0 says what it took from the data.
+    let echo = std::env::var("RANK").map_or(true, |r| r.trim() == "0");
+    let extra = follow_the_data(&cfg, &args.config, &args.overrides, echo);
     if !extra.is_empty() {
         let mut all = extra;
         all.extend(args.overrides.iter().cloned());

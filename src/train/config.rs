@@ -776,6 +776,36 @@ impl PretrainConfig {
         Self::from_text(&text, is_toml, path, overrides)
     }
 
+    /// Whether the config file at `path` (YAML, or TOML by extension) or one of the `key=value`
+    /// overrides sets the dotted `key` (e.g. `model_args.in_channels`): comments and values that
+    /// merely contain the word do not count.
+    pub fn sets_key(path: &Path, overrides: &[String], key: &str) -> Result<bool> {
+        if overrides
+            .iter()
+            .any(|o| o.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+        {
+            return Ok(true);
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        crate::data::limits::check_yaml_text(&text, path)?;
+        let is_toml = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        let tree: Value = if is_toml {
+            toml::from_str(&text).map_err(|e| Error::input(path, "toml", e.to_string()))?
+        } else {
+            serde_yaml::from_str(&text).map_err(|e| Error::input(path, "yaml", e.to_string()))?
+        };
+        let mut node = &tree;
+        for part in key.split('.') {
+            match node.get(part) {
+                Some(child) if !child.is_null() => node = child,
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Parses config `text` (`is_toml` selects the syntax; `source` is for messages).
     pub fn from_text(
         text: &str,
@@ -1194,5 +1224,33 @@ mod tests {
         let y = c.to_yaml().unwrap();
         let back = PretrainConfig::from_text(&y, false, Path::new("r.yaml"), &[]).unwrap();
         assert_eq!(back, c);
+    }
+}
+
+#[cfg(test)]
+mod sets_key_tests {
+    use super::*;
+
+    #[test]
+    fn sets_key_reads_keys_not_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("c.yaml");
+        std::fs::write(
+            &yaml,
+            "# the layout and in_channels follow the data\nmodel_args:\n  graph_args:\n    layout: ntu25\nview: joint\n",
+        )
+        .unwrap();
+        let none: Vec<String> = Vec::new();
+        assert!(PretrainConfig::sets_key(&yaml, &none, "model_args.graph_args.layout").unwrap());
+        assert!(!PretrainConfig::sets_key(&yaml, &none, "model_args.in_channels").unwrap());
+        assert!(!PretrainConfig::sets_key(&yaml, &none, "layout").unwrap());
+        let ov = vec!["model_args.in_channels=2".to_string()];
+        assert!(PretrainConfig::sets_key(&yaml, &ov, "model_args.in_channels").unwrap());
+        let toml = dir.path().join("c.toml");
+        std::fs::write(&toml, "layout = \"coco17\" # in_channels\n").unwrap();
+        assert!(PretrainConfig::sets_key(&toml, &none, "layout").unwrap());
+        assert!(!PretrainConfig::sets_key(&toml, &none, "model_args.in_channels").unwrap());
+        let e = PretrainConfig::sets_key(&dir.path().join("missing.yaml"), &none, "layout");
+        assert!(e.unwrap_err().to_string().contains("missing.yaml"));
     }
 }
