@@ -137,21 +137,18 @@ impl Branch {
         normalize_rows_or_cols(&self.head_q.forward(&f, primary), 1)
     }
 
-    /// [`Branch::query`] of `x_view` and, from the same pooled feature, the loss of predicting
-    /// `target_view` (the other augmentation of the same samples: an unpredictable shear or crop
-    /// averages out, so the best prediction is the motion itself, not the query's augmentation):
+    /// [`Branch::query`] and the reconstruction loss of `x_view` from the same pooled feature:
     /// the mean squared error of the decoder's output over the mean square of the target (a
     /// scale-free number, 1 for a zero prediction), with grad; `None` without a decoder.
     pub fn query_reconstructing(
         &self,
         x_view: &Tensor,
-        target_view: &Tensor,
         primary: Option<&Head>,
     ) -> (Tensor, Option<Tensor>) {
         let f = self.encoder_q.forward(x_view, true);
         let q = normalize_rows_or_cols(&self.head_q.forward(&f, primary), 1);
         let loss = self.decoder.as_ref().map(|decoder| {
-            let target = reconstruction_target(target_view).to_kind(f.kind());
+            let target = reconstruction_target(x_view).to_kind(f.kind());
             let err = (f.apply(decoder) - &target).square().mean(f.kind());
             let scale = target.square().mean(f.kind()).detach() + 1e-8;
             err / scale

@@ -301,8 +301,7 @@ impl SslModel {
             .map(|b| {
                 let x = b.input(x_q, &self.layout);
                 if w_recon > 0.0 {
-                    let target = b.input(x_k, &self.layout);
-                    let (q, r) = b.query_reconstructing(&x, &target, Some(primary_q));
+                    let (q, r) = b.query_reconstructing(&x, Some(primary_q));
                     recon = match (recon.take(), r) {
                         (Some(acc), Some(r)) => Some(acc + r),
                         (acc, r) => acc.or(r),

@@ -627,12 +627,11 @@ pub struct PretrainConfig {
     pub negatives: Negatives,
     /// Weight of an auxiliary reconstruction loss (ours; 0 = off, official): a linear decoder
     /// (`decoder{suffix}.*`, trained with the query side, never used by the evaluations) maps each
-    /// view's pooled query feature to the same view of the KEY's augmentation of the sample (first
-    /// body, averaged into [`RECON_FRAMES`](crate::ssl::branch::RECON_FRAMES) frame spans), scored
-    /// by the mean squared error over the batch's mean square of the target; `weight x` that is
-    /// added to the loss. The other augmentation's shear and crop cannot be predicted, so the best
-    /// prediction is the motion itself: the pooled feature is asked to keep it (and its
-    /// direction), which instance discrimination alone lets it drop. Needs the reference step.
+    /// view's pooled query feature back to that view's input (first body, resampled to
+    /// [`RECON_FRAMES`](crate::ssl::branch::RECON_FRAMES) frames), scored by the mean squared
+    /// error over the batch's mean square of the target; `weight x` that is added to the loss.
+    /// It asks the pooled feature to keep what the input holds (the motion and its direction),
+    /// which instance discrimination alone lets it drop. Needs the reference step.
     #[serde(deserialize_with = "de_f64")]
     pub reconstruction: f64,
     /// `step | cosine`; see [`LrSchedule`].
