@@ -69,22 +69,6 @@ pub struct Branch {
     /// `(query parameter, key parameter)` pairs updated by this branch's EMA, including the shared
     /// head layers when the quirk is on. BN running statistics are not parameters: not included.
     pub ema_pairs: Vec<(String, Tensor, Tensor)>,
-    /// The reconstruction decoder (`decoder{suffix}`, query side), when the recipe asks for it:
-    /// pooled feature (N, hidden_dim) -> (N, C * RECON_FRAMES * V).
-    pub decoder: Option<nn::Linear>,
-}
-
-/// Frames of the reconstruction target (the view's input is resampled to this many frames).
-pub const RECON_FRAMES: i64 = 16;
-
-/// The reconstruction target of a view input `x` (N, C, T, V, M): the first body, averaged over
-/// time into [`RECON_FRAMES`] equal spans (adaptive average pooling), flattened to
-/// (N, C * RECON_FRAMES * V).
-pub fn reconstruction_target(x: &Tensor) -> Tensor {
-    let v = x.size()[3];
-    x.select(4, 0)
-        .adaptive_avg_pool2d([RECON_FRAMES, v])
-        .flatten(1, -1)
 }
 
 /// The state-dict suffix of a view inside a multi-view model.
@@ -135,25 +119,6 @@ impl Branch {
     pub fn query(&self, x_view: &Tensor, primary: Option<&Head>) -> Tensor {
         let f = self.encoder_q.forward(x_view, true);
         normalize_rows_or_cols(&self.head_q.forward(&f, primary), 1)
-    }
-
-    /// [`Branch::query`] and the reconstruction loss of `x_view` from the same pooled feature:
-    /// the mean squared error of the decoder's output over the mean square of the target (a
-    /// scale-free number, 1 for a zero prediction), with grad; `None` without a decoder.
-    pub fn query_reconstructing(
-        &self,
-        x_view: &Tensor,
-        primary: Option<&Head>,
-    ) -> (Tensor, Option<Tensor>) {
-        let f = self.encoder_q.forward(x_view, true);
-        let q = normalize_rows_or_cols(&self.head_q.forward(&f, primary), 1);
-        let loss = self.decoder.as_ref().map(|decoder| {
-            let target = reconstruction_target(x_view).to_kind(f.kind());
-            let err = (f.apply(decoder) - &target).square().mean(f.kind());
-            let scale = target.square().mean(f.kind()).detach() + 1e-8;
-            err / scale
-        });
-        (q, loss)
     }
 
     /// L2-normalised key (N, feature_dim), train mode as in the official code, no grad.

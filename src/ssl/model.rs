@@ -12,7 +12,6 @@ use crate::data::views::View;
 use crate::error::{Error, Result};
 use crate::model::kernels::Kernels;
 use crate::model::stgcn::StGcnConfig;
-use crate::ssl::branch::RECON_FRAMES;
 use crate::ssl::branch::{build_encoder, view_suffix, Branch, Head};
 use crate::ssl::loss::{
     cvc_km_losses_with, info_nce, mask_queue_logits, moco_logits_with, uniformity,
@@ -72,8 +71,6 @@ pub struct Recipe {
     pub uniformity: f64,
     /// Where the negatives come from.
     pub negatives: Negatives,
-    /// Weight of the auxiliary reconstruction loss (0 = off; see `PretrainConfig::reconstruction`).
-    pub reconstruction: f64,
 }
 
 pub use crate::train::config::Negatives;
@@ -118,7 +115,6 @@ impl SslSpec {
                 reverse_negatives: cfg.reverse_negatives,
                 uniformity: cfg.uniformity,
                 negatives: cfg.negatives,
-                reconstruction: cfg.reconstruction,
             },
         })
     }
@@ -188,14 +184,6 @@ impl SslModel {
                 shared_tail,
                 spec.recipe.head_bn,
             );
-            let decoder = (spec.recipe.reconstruction > 0.0).then(|| {
-                nn::linear(
-                    vs_q.root() / format!("decoder{suffix}"),
-                    spec.stgcn.hidden_dim,
-                    spec.stgcn.in_channels * RECON_FRAMES * layout.num_joints() as i64,
-                    Default::default(),
-                )
-            });
             let q = Queue::new(spec.feature_dim, spec.queue_size, device);
             let keys = vs_k.root().add(&format!("queue{suffix}"), q.keys, false);
             branches.push(Branch {
@@ -207,7 +195,6 @@ impl SslModel {
                 head_k,
                 queue: Queue::from_tensor(keys, 0),
                 ema_pairs: Vec::new(),
-                decoder,
             });
         }
         if spec.recipe.init == InitScheme::Pytorch {
@@ -293,24 +280,10 @@ impl SslModel {
         // generator before any dropout mask (the fast step draws it at the same point).
         let perm =
             (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (Kind::Int64, x_k.device())));
-        let w_recon = self.spec.recipe.reconstruction;
-        let mut recon: Option<Tensor> = None;
         let qs: Vec<Tensor> = self
             .branches
             .iter()
-            .map(|b| {
-                let x = b.input(x_q, &self.layout);
-                if w_recon > 0.0 {
-                    let (q, r) = b.query_reconstructing(&x, Some(primary_q));
-                    recon = match (recon.take(), r) {
-                        (Some(acc), Some(r)) => Some(acc + r),
-                        (acc, r) => acc.or(r),
-                    };
-                    q
-                } else {
-                    b.query_grouped(&x, Some(primary_q), groups)
-                }
-            })
+            .map(|b| b.query_grouped(&b.input(x_q, &self.layout), Some(primary_q), groups))
             .collect();
         for b in &self.branches {
             let motion_only = cross
@@ -341,10 +314,6 @@ impl SslModel {
             .iter()
             .skip(1)
             .fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
-        let loss = match recon {
-            Some(r) => loss + r * w_recon,
-            None => loss,
-        };
         StepOutput {
             loss,
             view_losses,

@@ -625,15 +625,6 @@ pub struct PretrainConfig {
     pub uniformity: f64,
     /// `queue | batch | both`; see [`Negatives`].
     pub negatives: Negatives,
-    /// Weight of an auxiliary reconstruction loss (ours; 0 = off, official): a linear decoder
-    /// (`decoder{suffix}.*`, trained with the query side, never used by the evaluations) maps each
-    /// view's pooled query feature back to that view's input (first body, resampled to
-    /// [`RECON_FRAMES`](crate::ssl::branch::RECON_FRAMES) frames), scored by the mean squared
-    /// error over the batch's mean square of the target; `weight x` that is added to the loss.
-    /// It asks the pooled feature to keep what the input holds (the motion and its direction),
-    /// which instance discrimination alone lets it drop. Needs the reference step.
-    #[serde(deserialize_with = "de_f64")]
-    pub reconstruction: f64,
     /// `step | cosine`; see [`LrSchedule`].
     pub lr_schedule: LrSchedule,
     /// Linear lr warm-up over this many epochs (from base_lr / warmup_epochs); 0 = off (official).
@@ -695,7 +686,6 @@ impl Default for PretrainConfig {
             reverse_negatives: false,
             uniformity: 0.0,
             negatives: Negatives::Queue,
-            reconstruction: 0.0,
             lr_schedule: LrSchedule::Step,
             warmup_epochs: 0,
             diagnostics: DiagnosticsArgs::default(),
@@ -1028,31 +1018,6 @@ impl PretrainConfig {
             return bad(
                 "numerics.max_loss",
                 "must be a number (0 = auto, negative = off)".into(),
-            );
-        }
-        if !(self.reconstruction.is_finite() && self.reconstruction >= 0.0) {
-            return bad(
-                "reconstruction",
-                format!(
-                    "{} must be a finite weight >= 0 (0 = off)",
-                    self.reconstruction
-                ),
-            );
-        }
-        if self.reconstruction > 0.0 && self.shuffle_bn > 1 {
-            return bad(
-                "reconstruction",
-                "is not implemented with shuffle_bn groups; use one of them".into(),
-            );
-        }
-        if self.reconstruction > 0.0 && matches!(self.step_impl, StepImpl::Fast | StepImpl::Graph) {
-            return bad(
-                "reconstruction",
-                format!(
-                    "needs the reference step (the {} step has no decoder); use \
-                     step_impl=reference or auto",
-                    self.step_impl.name()
-                ),
             );
         }
         if self.numerics.non_finite == NonFinitePolicy::Skip

@@ -255,19 +255,16 @@ impl Run {
         let mut cfg = cfg.clone();
         cfg.kernels = cfg.kernels.resolved(device);
         let shard = data_parallel_shard(&mut cfg, opts)?;
-        let reference_only = if cfg.numerics.non_finite == NonFinitePolicy::Skip {
-            Some("numerics.non_finite=skip: skipping needs the reference step")
-        } else if cfg.reconstruction > 0.0 {
-            Some("reconstruction: the decoder runs in the reference step only")
+        let (step_impl, step_why) = if cfg.numerics.non_finite == NonFinitePolicy::Skip
+            && cfg.step_impl == StepImpl::Auto
+        {
+            (
+                StepImpl::Reference,
+                "auto with numerics.non_finite=skip: skipping needs the reference step".into(),
+            )
         } else {
-            None
+            step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?
         };
-        let (step_impl, step_why) =
-            if let (Some(why), StepImpl::Auto) = (reference_only, cfg.step_impl) {
-                (StepImpl::Reference, format!("auto with {why}"))
-            } else {
-                step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?
-            };
         let modes = step_engine::apply_numeric_modes(&cfg, device)?;
         let dir = cfg.work_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
