@@ -258,6 +258,17 @@ impl SslModel {
         self.kernels = kernels;
     }
 
+    /// SyncBatchNorm over `group` for every batch norm of every encoder and head, query and key
+    /// side (`None`: each process's own batch); see [`crate::model::stgcn::StGcn::set_sync_bn`].
+    pub fn set_sync_bn(&mut self, group: Option<std::sync::Arc<crate::dist::ProcessGroup>>) {
+        for b in &mut self.branches {
+            b.encoder_q.set_sync_bn(group.clone());
+            b.encoder_k.set_sync_bn(group.clone());
+            b.head_q.set_sync_bn(group.clone());
+            b.head_k.set_sync_bn(group.clone());
+        }
+    }
+
     /// Whether 1-based `epoch` runs CVC-KM (phase 2).
     pub fn is_cross_epoch(&self, epoch: usize) -> bool {
         self.spec

@@ -4,7 +4,7 @@ use crate::data::layout::Layout;
 use crate::data::views::View;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::ssl::model::{to_device, SslModel, SslSpec};
+use crate::ssl::model::{to_device, SslModel, SslSpec, StepOutput};
 use crate::train::config::PretrainConfig;
 use crate::train::sgd::Sgd;
 use std::sync::Arc;
@@ -32,6 +32,9 @@ pub struct Pretrainer {
     pub opt: Sgd,
     /// The data-parallel group this trainer is a rank of ([`Pretrainer::join_group`]).
     pub group: Option<Arc<ProcessGroup>>,
+    /// SyncBatchNorm once a group is joined (the config's `sync_bn`; set before
+    /// [`Pretrainer::join_group`]).
+    pub sync_bn: bool,
 }
 
 impl Pretrainer {
@@ -48,6 +51,7 @@ impl Pretrainer {
             cfg.weight_decay,
         )?;
         trainer.model.set_kernels(cfg.kernels.resolved(device));
+        trainer.sync_bn = cfg.sync_bn;
         Ok(trainer)
     }
 
@@ -66,6 +70,7 @@ impl Pretrainer {
             model,
             opt,
             group: None,
+            sync_bn: false,
         })
     }
 
@@ -74,10 +79,15 @@ impl Pretrainer {
     /// averages the loss, the gradients and the batch-norm running statistics over the ranks and
     /// enqueues every rank's keys, in rank order (the queues advance by `B · world` and stay identical on every rank, so CVC-KM mines
     /// the same neighbours everywhere). The queue pointers must already agree (a fresh model, or
-    /// the same checkpoint on every rank).
+    /// the same checkpoint on every rank). With [`Pretrainer::sync_bn`] every batch norm becomes
+    /// a SyncBatchNorm over the group (the running statistics then stay identical without the
+    /// averaging).
     pub fn join_group(&mut self, group: Arc<ProcessGroup>) -> Result<()> {
         group.broadcast_vars(&self.model.vs_q)?;
         group.broadcast_vars(&self.model.vs_k)?;
+        if self.sync_bn {
+            self.model.set_sync_bn(Some(Arc::clone(&group)));
+        }
         self.group = Some(group);
         Ok(())
     }
@@ -95,6 +105,25 @@ impl Pretrainer {
             out.extend(vars.into_iter().map(|(_, t)| t));
         }
         out
+    }
+
+    /// The model's forward; with SyncBatchNorm a failed collective inside it (which panics, a
+    /// forward having no error path) becomes an error that names the failure.
+    fn forward(&self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepOutput> {
+        if self.group.is_none() || !self.sync_bn {
+            return Ok(self.model.forward(x_q, x_k, epoch));
+        }
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.model.forward(x_q, x_k, epoch)
+        }))
+        .map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic without a message".into());
+            Error::Other(format!("forward: {msg}"))
+        })
     }
 
     pub fn set_lr(&mut self, lr: f64) {
@@ -119,7 +148,7 @@ impl Pretrainer {
         let device = self.model.vs_q.device();
         let x_q = to_device(x_q, device);
         let x_k = to_device(x_k, device);
-        let out = self.model.forward(&x_q, &x_k, epoch);
+        let out = self.forward(&x_q, &x_k, epoch)?;
         let mut host = vec![out.loss.double_value(&[])];
         host.extend(out.view_losses.iter().map(|l| l.double_value(&[])));
         if let Some(g) = &self.group {
@@ -147,7 +176,10 @@ impl Pretrainer {
             )));
         }
         self.opt.zero_grad();
-        out.loss.backward();
+        // SyncBatchNorm's backward runs collectives: a dead rank is an error here, not a panic.
+        out.loss
+            .f_backward()
+            .map_err(|e| Error::Other(format!("backward: {e}")))?;
         let keys = match &self.group {
             None => out.keys,
             Some(g) => {
@@ -166,7 +198,7 @@ impl Pretrainer {
             }
         };
         self.opt.step();
-        if let Some(g) = &self.group {
+        if let (Some(g), false) = (&self.group, self.sync_bn) {
             // Each rank's batch norms saw only its share of the batch: their running statistics
             // are averaged, so that every rank keeps the same model (PyTorch's DDP keeps rank 0's).
             g.all_reduce_mean_(&self.running_statistics())?;

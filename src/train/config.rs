@@ -558,6 +558,12 @@ pub struct PretrainConfig {
     /// their own batch statistics, the query batch into the same number of groups in order, so a
     /// query and its key never share BN statistics (MoCo's shuffle BN). 0 or 1 = off (official).
     pub shuffle_bn: usize,
+    /// SyncBatchNorm in a data-parallel run (docs/distributed.md): every batch norm of the
+    /// encoders and heads, query and key side, normalises with the statistics of the global
+    /// batch (all ranks' samples together), forward and backward, as `torch.nn.SyncBatchNorm`;
+    /// the running statistics then agree on every rank without averaging. Off (the default):
+    /// each rank's batch norms see its own share of the batch. No effect in a single-process run.
+    pub sync_bn: bool,
     /// Time-reversed keys as extra negatives: each query also meets the key encoder's embedding
     /// of its own sample played backwards (one negative per sample and view), so the
     /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
@@ -625,6 +631,7 @@ impl Default for PretrainConfig {
             init: InitScheme::Official,
             head_bn: false,
             shuffle_bn: 0,
+            sync_bn: false,
             reverse_negatives: false,
             uniformity: 0.0,
             negatives: Negatives::Queue,
@@ -826,6 +833,16 @@ impl PretrainConfig {
                 format!(
                     "{} groups leave fewer than 2 samples per batch-norm group at batch_size {}",
                     self.shuffle_bn, self.batch_size
+                ),
+            );
+        }
+        if self.sync_bn && self.shuffle_bn > 1 {
+            return bad(
+                "sync_bn",
+                format!(
+                    "SyncBatchNorm normalises over the global batch, shuffle_bn {} over groups of it: \
+                     choose one",
+                    self.shuffle_bn
                 ),
             );
         }
