@@ -6,10 +6,10 @@
 //! every SkeletonCLR), `_motion`, `_bone`.
 use crate::data::layout::Layout;
 use crate::data::views::{apply_view, View};
+use crate::dist::ProcessGroup;
 use crate::model::head::{classifier, Mlp};
 use crate::model::stgcn::{StGcn, StGcnConfig};
 use crate::ssl::queue::{normalize_rows_or_cols, Queue};
-use crate::dist::ProcessGroup;
 use std::sync::Arc;
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
@@ -42,12 +42,7 @@ impl Head {
         match self {
             Head::Linear(l) => l.forward(feat),
             Head::Mlp(m) => m.forward(feat),
-            Head::MlpBn {
-                fc0,
-                bn,
-                fc2,
-                sync,
-            } => {
+            Head::MlpBn { fc0, bn, fc2, sync } => {
                 let h = fc0.forward(feat);
                 let h = match (sync, &bn.ws, &bn.bs) {
                     (Some(g), Some(w), Some(b)) => {

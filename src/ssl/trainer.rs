@@ -146,8 +146,15 @@ impl Pretrainer {
     /// BN running statistics are already applied: stop the run, the checkpoints on disk are intact).
     pub fn train_step(&mut self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepStats> {
         let device = self.model.vs_q.device();
-        let x_q = to_device(x_q, device);
-        let x_k = to_device(x_k, device);
+        // The model's floating dtype (float32, or float64 after `vs_q.double()`).
+        let kind = self.model.trainable().first().map(|(_, p)| p.kind());
+        let (x_q, x_k) = match kind {
+            Some(tch::Kind::Double) => (
+                x_q.to_kind(tch::Kind::Double).to_device(device),
+                x_k.to_kind(tch::Kind::Double).to_device(device),
+            ),
+            _ => (to_device(x_q, device), to_device(x_k, device)),
+        };
         let out = self.forward(&x_q, &x_k, epoch)?;
         let mut host = vec![out.loss.double_value(&[])];
         host.extend(out.view_losses.iter().map(|l| l.double_value(&[])));
