@@ -662,3 +662,247 @@ fn pretrain_resumes_a_one_process_run_on_two_ranks() {
     // 16 samples, global batch 8: 2 steps per epoch, 4 in all.
     assert_eq!(meta["global_step"], 4);
 }
+
+/// Synthetic data (2 classes x 8 training samples, 20 frames) and a SkeletonCLR config on it
+/// (batch 8, queue 32, `num_epoch` epochs, a log line every step, no epoch checkpoints) in `dir`;
+/// `extra` is appended to the YAML. Returns (config file, work_dir).
+fn synth_run(
+    dir: &std::path::Path,
+    num_epoch: usize,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = dir.join("synth");
+    let synth = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["synth", "--out"])
+        .arg(&data)
+        .args([
+            "--classes",
+            "2",
+            "--train-per-class",
+            "8",
+            "--val-per-class",
+            "1",
+            "--frames",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    let work = dir.join("work");
+    let config = dir.join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: skeletonclr\nview: joint\nwork_dir: {}\nbatch_size: 8\nnum_epoch: {num_epoch}\n\
+             workers: 1\nsave_interval: -1\nlog_interval: 1\nmodel_args:\n  queue_size: 32\n\
+             dataset:\n  format: npy\n  data: {}\n  label: {}\n  layout: ntu25\n{extra}",
+            work.display(),
+            data.join("train_data.npy").display(),
+            data.join("train_label.pkl").display()
+        ),
+    )
+    .unwrap();
+    (config, work)
+}
+
+/// Waits until `file` contains `text` (or panics after `limit`).
+fn wait_for_text(file: &std::path::Path, text: &str, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        if std::fs::read_to_string(file).is_ok_and(|t| t.contains(text)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{} never contained {text:?}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A rank killed (SIGKILL) in the middle of a 2-rank `crossclr pretrain` ends the job: the other
+/// rank exits non-zero within seconds (far below `--dist-timeout`) with an error that names the
+/// dead rank, instead of hanging.
+#[test]
+fn a_killed_rank_ends_the_job_with_an_error_naming_it() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1000, "");
+    let port = free_port().to_string();
+    let mut children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_crossclr"))
+                .args([
+                    "pretrain",
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    "--dist-timeout",
+                    "120",
+                    "-c",
+                ])
+                .arg(&config)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Mid-run: rank 0 has logged a step of epoch 2.
+    wait_for_text(
+        &work.join("log.txt"),
+        "epoch 2 step 1/",
+        Duration::from_secs(120),
+    );
+    let mut dead = children.pop().unwrap();
+    dead.kill().unwrap(); // SIGKILL
+    dead.wait().unwrap();
+    let killed_at = Instant::now();
+    let (ok, text) = wait_all(children, Duration::from_secs(60)).pop().unwrap();
+    let took = killed_at.elapsed();
+    println!("rank 0 ended {took:?} after rank 1 was killed:\n{text}");
+    assert!(!ok, "rank 0 succeeded without rank 1:\n{text}");
+    assert!(
+        text.contains("rank 1 of 2 stopped answering"),
+        "the error does not name the dead rank:\n{text}"
+    );
+    assert!(took < Duration::from_secs(30), "rank 0 took {took:?}");
+}
+
+/// `crossclr launch --nproc 2 -- pretrain ...` on the tiny synthetic set with `sync_bn`: both
+/// ranks succeed, their output comes back prefixed, rank 0 alone writes the work_dir, and the
+/// resolved config says `sync_bn: true`.
+#[test]
+fn launch_runs_two_ranks_of_pretrain() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1, "sync_bn: true\n");
+    let child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
+        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, text) = wait_all(vec![child], Duration::from_secs(300))
+        .pop()
+        .unwrap();
+    assert!(ok, "launch failed:\n{text}");
+    assert!(text.contains("[rank 0] pre-training done"), "{text}");
+    assert!(text.contains("launch: all 2 ranks succeeded"), "{text}");
+    let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
+    assert!(
+        log.contains("data parallel: rank 0 of 2 (Gloo), 4 samples per rank"),
+        "{log}"
+    );
+    let resolved = std::fs::read_to_string(work.join("config.yaml")).unwrap();
+    assert!(resolved.contains("sync_bn: true"), "{resolved}");
+}
+
+/// A rank of `crossclr launch` killed mid-run (SIGKILL): the launch exits non-zero within the
+/// grace period, naming the rank and how it ended; the surviving rank's own error (forwarded with
+/// its prefix) names the dead rank too.
+#[test]
+fn launch_fails_naming_a_killed_rank() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1000, "sync_bn: true\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--dist-timeout",
+            "120",
+            "--grace",
+            "30",
+            "--",
+        ])
+        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The launcher's stderr, line by line, collected by a thread.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let mut pid = None;
+    let started = Instant::now();
+    while pid.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("launch said nothing");
+        if let Some(p) = line.strip_prefix("launch: rank 1 is pid ") {
+            pid = Some(p.trim().to_string());
+        }
+        lines.push(line);
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+    wait_for_text(
+        &work.join("log.txt"),
+        "epoch 2 step 1/",
+        Duration::from_secs(120),
+    );
+    let pid = pid.unwrap();
+    let kill = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(kill.success(), "kill -9 {pid}");
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("launch still running 60 s after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    let text = lines.join("\n");
+    println!(
+        "launch ended {:?} after the kill:\n{text}",
+        killed_at.elapsed()
+    );
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("rank 1 of 2 failed first (killed by signal 9 (SIGKILL))"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("[rank 0]") && l.contains("rank 1 of 2 stopped answering")),
+        "rank 0 did not name the dead rank:\n{text}"
+    );
+}
