@@ -8,9 +8,11 @@
 //! `libgloo-dev`, installed by scripts/setup.sh; the torch wheel ships the Gloo library inside
 //! libtorch_cpu but not its headers). Without them every call returns an error that says so.
 //!
-//! `crossclr pretrain` uses it when started with torchrun's variables (docs/distributed.md):
-//! `ssl::Pretrainer::join_group` for the step, `data::loader::Shard` for the batches. Not built
-//! yet: NCCL, collectives in the fast / CUDA-graph step, SyncBatchNorm.
+//! `crossclr pretrain` uses it when started with torchrun's variables (docs/distributed.md;
+//! `crossclr launch` starts such ranks locally): `ssl::Pretrainer::join_group` for the step,
+//! `data::loader::Shard` for the batches, [`ProcessGroup::sync_batch_norm`] for `sync_bn: true`.
+//! A failed collective names the ranks whose heartbeat stopped (dead, killed or stopped). Not
+//! built yet: NCCL, collectives in the fast / CUDA-graph step, shuffle BN across ranks.
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::time::Duration;
