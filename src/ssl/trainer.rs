@@ -35,6 +35,8 @@ pub struct Pretrainer {
     /// SyncBatchNorm once a group is joined (the config's `sync_bn`; set before
     /// [`Pretrainer::join_group`]).
     pub sync_bn: bool,
+    /// Shuffle BN across the ranks once a group is joined (the config's `dist_shuffle_bn`).
+    pub dist_shuffle_bn: bool,
 }
 
 impl Pretrainer {
@@ -52,6 +54,7 @@ impl Pretrainer {
         )?;
         trainer.model.set_kernels(cfg.kernels.resolved(device));
         trainer.sync_bn = cfg.sync_bn;
+        trainer.dist_shuffle_bn = cfg.dist_shuffle_bn;
         Ok(trainer)
     }
 
@@ -71,6 +74,7 @@ impl Pretrainer {
             opt,
             group: None,
             sync_bn: false,
+            dist_shuffle_bn: false,
         })
     }
 
@@ -87,6 +91,9 @@ impl Pretrainer {
         group.broadcast_vars(&self.model.vs_k)?;
         if self.sync_bn {
             self.model.set_sync_bn(Some(Arc::clone(&group)));
+        }
+        if self.dist_shuffle_bn {
+            self.model.set_shuffle_group(Some(Arc::clone(&group)));
         }
         self.group = Some(group);
         Ok(())
@@ -107,10 +114,10 @@ impl Pretrainer {
         out
     }
 
-    /// The model's forward; with SyncBatchNorm a failed collective inside it (which panics, a
+    /// The model's forward; with SyncBatchNorm or shuffle BN across ranks a failed collective inside it (which panics, a
     /// forward having no error path) becomes an error that names the failure.
     fn forward(&self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepOutput> {
-        if self.group.is_none() || !self.sync_bn {
+        if self.group.is_none() || !(self.sync_bn || self.dist_shuffle_bn) {
             return Ok(self.model.forward(x_q, x_k, epoch));
         }
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

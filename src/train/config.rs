@@ -564,6 +564,12 @@ pub struct PretrainConfig {
     /// the running statistics then agree on every rank without averaging. Off (the default):
     /// each rank's batch norms see its own share of the batch. No effect in a single-process run.
     pub sync_bn: bool,
+    /// Shuffle BN across the ranks of a data-parallel run (MoCo's): the key inputs of every
+    /// rank are gathered, permuted (one permutation of the global batch per step, shared by the
+    /// views), each rank encodes its slice of the permuted batch, and the keys are gathered and
+    /// un-permuted, so a query and its key never share batch statistics. A 2-rank run equals a
+    /// 1-process run with `shuffle_bn: 2`. Off by default; no effect in a single process.
+    pub dist_shuffle_bn: bool,
     /// Time-reversed keys as extra negatives: each query also meets the key encoder's embedding
     /// of its own sample played backwards (one negative per sample and view), so the
     /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
@@ -632,6 +638,7 @@ impl Default for PretrainConfig {
             head_bn: false,
             shuffle_bn: 0,
             sync_bn: false,
+            dist_shuffle_bn: false,
             reverse_negatives: false,
             uniformity: 0.0,
             negatives: Negatives::Queue,
@@ -843,6 +850,16 @@ impl PretrainConfig {
                     "SyncBatchNorm normalises over the global batch, shuffle_bn {} over groups of it: \
                      choose one",
                     self.shuffle_bn
+                ),
+            );
+        }
+        if self.dist_shuffle_bn && (self.sync_bn || self.shuffle_bn > 1) {
+            return bad(
+                "dist_shuffle_bn",
+                format!(
+                    "shuffle BN across ranks goes with neither sync_bn ({}) nor shuffle_bn {} on \
+                     one process: choose one",
+                    self.sync_bn, self.shuffle_bn
                 ),
             );
         }
