@@ -95,7 +95,7 @@ fn run_two_ranks(worker: &str) {
                 .unwrap()
         })
         .collect();
-    let limit = Duration::from_secs(120);
+    let limit = Duration::from_secs(300);
     for (rank, (ok, text)) in wait_all(children, limit).into_iter().enumerate() {
         assert!(ok, "rank {rank} failed:\n{text}");
         assert!(text.contains("rank worker ok"), "rank {rank}:\n{text}");

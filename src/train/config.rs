@@ -1102,6 +1102,29 @@ mod tests {
     }
 
     #[test]
+    fn data_parallel_batch_norm_switches() {
+        let c = parse("", &[]).unwrap();
+        assert!(!c.sync_bn && !c.dist_shuffle_bn, "off by default");
+        let c = parse("sync_bn: true\n", &[]).unwrap();
+        assert!(c.sync_bn);
+        assert!(c.to_yaml().unwrap().contains("sync_bn: true"));
+        let c = parse("", &["dist_shuffle_bn=true"]).unwrap();
+        assert!(c.dist_shuffle_bn);
+        assert!(c.to_yaml().unwrap().contains("dist_shuffle_bn: true"));
+        for ov in [
+            &["sync_bn=true", "shuffle_bn=2"][..],
+            &["dist_shuffle_bn=true", "sync_bn=true"],
+            &["dist_shuffle_bn=true", "shuffle_bn=2"],
+        ] {
+            let e = parse("", ov).unwrap_err().to_string();
+            assert!(
+                e.contains("sync_bn") || e.contains("shuffle_bn"),
+                "{ov:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn official_yaml_keys_load() {
         let text = "work_dir: w\ntrain_feeder: feeder.ntu_feeder.Feeder_dual\ntrain_feeder_args:\n  data_path: a.npy\n  label_path: b.pkl\n  shear_amplitude: 0.5\n  temperal_padding_ratio: 6\n  mmap: True\nmodel: net.crossclr_3views.CrosSCLR\nmodel_args:\n  base_encoder: net.st_gcn.Model\n  pretrain: True\n  feature_dim: 128\n  queue_size: 32768\n  momentum: 0.999\n  Temperature: 0.07\n  mlp: True\n  in_channels: 3\n  hidden_channels: 16\n  hidden_dim: 256\n  num_class: 60\n  dropout: 0.5\n  graph_args:\n    layout: 'ntu-rgb+d'\n    strategy: 'spatial'\n  edge_importance_weighting: True\nnesterov: False\nweight_decay: 1e-4\nbase_lr: 0.1\noptimizer: SGD\nstep: [250]\ndevice: [0]\nbatch_size: 128\ntest_batch_size: 128\nnum_epoch: 300\nstart_epoch: 0\ntopk: 1\nview: 'all'\ncross_epoch: 150\ncontext: True\nsave_interval: 5\neval_interval: -1\n";
         let c = parse(text, &[]).unwrap();
