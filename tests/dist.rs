@@ -992,3 +992,68 @@ fn launch_fails_naming_a_killed_rank() {
         "rank 0 did not name the dead rank:\n{text}"
     );
 }
+
+/// A rank that hangs (SIGSTOP) in the middle of a 2-rank `crossclr pretrain`: the other rank's
+/// next collective times out after `--dist-timeout` (10 s) and it exits non-zero with an error
+/// naming the silent rank.
+#[test]
+fn a_stopped_rank_ends_the_job_after_the_timeout_naming_it() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1000, "");
+    let port = free_port().to_string();
+    let mut children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_crossclr"))
+                .args([
+                    "pretrain",
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    "--dist-timeout",
+                    "10",
+                    "-c",
+                ])
+                .arg(&config)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_for_text(
+        &work.join("log.txt"),
+        "epoch 2 step 1/",
+        Duration::from_secs(120),
+    );
+    let mut hung = children.pop().unwrap();
+    let pid = hung.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped_at = Instant::now();
+    let (ok, text) = wait_all(children, Duration::from_secs(90)).pop().unwrap();
+    let took = stopped_at.elapsed();
+    hung.kill().unwrap(); // SIGKILL ends a stopped process too
+    hung.wait().unwrap();
+    println!("rank 0 ended {took:?} after rank 1 was stopped:\n{text}");
+    assert!(!ok, "rank 0 succeeded without rank 1:\n{text}");
+    assert!(
+        text.contains("rank 1 of 2 stopped answering"),
+        "the error does not name the hung rank:\n{text}"
+    );
+    assert!(
+        took >= Duration::from_secs(5),
+        "no timeout was waited for: {took:?}"
+    );
+}
