@@ -1,29 +1,229 @@
 // Collectives of libtorch's own c10d for data-parallel training: a Gloo process group over a
-// FileStore or a TCPStore (torchrun's rendezvous), and the few collectives the training step needs
-// (broadcast, all-reduce SUM, all-gather into one flat tensor, barrier). Built only when the Gloo
-// headers are found (Debian's libgloo-dev; the torch wheel ships the Gloo library inside
-// libtorch_cpu but not its headers); see build.rs and src/dist.rs.
+// FileStore or a TCPStore (torchrun's rendezvous), the few collectives the training step needs
+// (broadcast, all-reduce SUM, all-gather into one flat tensor, barrier), and SyncBatchNorm (a
+// custom autograd function whose forward gathers the batch statistics of every rank and whose
+// backward all-reduces the gradient terms). Built only when the Gloo headers are found (Debian's
+// libgloo-dev; the torch wheel ships the Gloo library inside libtorch_cpu but not its headers);
+// see build.rs and src/dist.rs.
+//
+// Every rank beats a heartbeat into the store (a counter `alive/<rank>`, once a second, from a
+// thread of its own). When a collective fails (a peer closed its connection, or the timeout), the
+// error names the ranks whose heartbeat stopped: the dead or stopped ones, not only this rank.
 #include "ffi_util.h"
 
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
 
-struct Group {
+constexpr auto kBeat = std::chrono::milliseconds(1000);
+// How long a failed collective watches the heartbeats before naming the silent ranks.
+constexpr auto kProbe = std::chrono::milliseconds(3500);
+
+// The process group, its store and the heartbeat thread. Reference counted: the Rust side holds
+// one reference, and every SyncBatchNorm node of a live autograd graph one more (its backward
+// needs the group).
+struct Group : torch::CustomClassHolder {
+  c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  int rank = 0;
+  int world = 1;
+  std::thread beat;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stop = false;
+
+  static std::string alive_key(int r) { return "alive/" + std::to_string(r); }
+  static std::string done_key(int r) { return "done/" + std::to_string(r); }
+
+  void start_heartbeat() {
+    beat = std::thread([this] {
+      std::unique_lock<std::mutex> lock(mu);
+      while (!stop) {
+        lock.unlock();
+        try {
+          store->add(alive_key(rank), 1);
+        } catch (...) {
+          // The store is gone (its host died): nothing to report to; the failing collective
+          // says so.
+        }
+        lock.lock();
+        cv.wait_for(lock, kBeat, [this] { return stop; });
+      }
+    });
+  }
+
+  ~Group() override {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop = true;
+    }
+    cv.notify_all();
+    if (beat.joinable()) beat.join();
+    try {
+      store->set(done_key(rank), std::vector<uint8_t>{1});
+    } catch (...) {
+    }
+  }
+
+  // Which other ranks stopped beating (watched for kProbe), as a sentence for an error message.
+  std::string diagnose() {
+    std::ostringstream out;
+    try {
+      std::vector<int64_t> before(world);
+      for (int r = 0; r < world; ++r) before[r] = store->add(alive_key(r), 0);
+      std::this_thread::sleep_for(kProbe);
+      std::vector<int> silent, left;
+      for (int r = 0; r < world; ++r) {
+        if (r == rank) continue;
+        if (store->check({done_key(r)})) {
+          left.push_back(r);
+        } else if (store->add(alive_key(r), 0) == before[r]) {
+          silent.push_back(r);
+        }
+      }
+      auto list = [](const std::vector<int> &rs) {
+        std::ostringstream s;
+        for (size_t i = 0; i < rs.size(); ++i) s << (i == 0 ? "" : ", ") << rs[i];
+        return s.str();
+      };
+      if (!silent.empty()) {
+        out << "; rank " << list(silent) << " of " << world << " stopped answering (no heartbeat for "
+            << kProbe.count() / 1000.0 << " s: it died, was killed or is stopped)";
+      }
+      if (!left.empty()) out << "; rank " << list(left) << " of " << world << " already left the group";
+      if (silent.empty() && left.empty()) {
+        out << "; every other rank still beats its heartbeat (a rank hangs elsewhere, or the ranks "
+               "disagree on the order of the collectives)";
+      }
+    } catch (const std::exception &e) {
+      out << "; the rendezvous store is unreachable too (" << e.what()
+          << "): its host (rank 0, or torchrun's agent) has probably died";
+    }
+    return out.str();
+  }
+
+  // Runs one collective; a failure is rethrown with the silent ranks named.
+  template <typename F>
+  void run(F &&body) {
+    std::string msg;
+    try {
+      body();
+      return;
+    } catch (const c10::Error &e) {
+      msg = e.what_without_backtrace();
+    } catch (const std::exception &e) {
+      msg = e.what();
+    }
+    TORCH_CHECK(false, msg, diagnose());
+  }
 };
 
 Group *group(void *p, const char *op) {
   TORCH_CHECK(p != nullptr, op, ": null process group");
   return static_cast<Group *>(p);
 }
+
+// Every dimension but the channel dimension 1.
+std::vector<int64_t> reduce_dims(const at::Tensor &x) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (d != 1) dims.push_back(d);
+  return dims;
+}
+
+// (C,) -> (1, C, 1, ...) for x's rank.
+at::Tensor per_channel(const at::Tensor &t, const at::Tensor &x) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[1] = x.size(1);
+  return t.view(shape);
+}
+
+// SyncBatchNorm in training mode, as torch.nn.SyncBatchNorm: the statistics are those of the
+// global batch (every rank's x); the running statistics move with the global mean and the
+// unbiased global variance; backward all-reduces sum(dy) and sum(dy * (x - mean)) (one buffer)
+// and returns the input gradient of the global batch norm; the weight and bias gradients are this
+// rank's own terms (the caller averages the parameter gradients over the ranks, as DDP does).
+struct SyncBn : public torch::autograd::Function<SyncBn> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
+                            const at::Tensor &b, Group *g, at::Tensor running_mean, at::Tensor running_var,
+                            double momentum, double eps) {
+    const int64_t c = x.size(1);
+    const auto dims = reduce_dims(x);
+    const double n = static_cast<double>(x.numel() / std::max<int64_t>(c, 1));
+    // This rank's (mean, M2, count), in double, gathered from every rank and merged (Chan et al.).
+    auto vm = at::var_mean(x, dims, /*correction=*/0, /*keepdim=*/false);
+    auto mean_l = std::get<1>(vm).to(at::kDouble);
+    auto m2_l = std::get<0>(vm).to(at::kDouble) * n;
+    auto local = at::cat({mean_l, m2_l, at::full({1}, n, mean_l.options())}).view({1, 2 * c + 1}).contiguous();
+    auto all = at::empty({g->world, 2 * c + 1}, local.options());
+    g->run([&] { g->pg->_allgather_base(all, local)->wait(); });
+    auto means = all.narrow(1, 0, c);
+    auto m2s = all.narrow(1, c, c);
+    auto counts = all.narrow(1, 2 * c, 1);
+    const double total = counts.sum().item<double>();
+    TORCH_CHECK(total > 1, "sync batch norm: a global batch of ", total, " value(s) per channel has no variance");
+    auto mean = (means * counts).sum(0) / total;
+    auto m2 = (m2s + counts * (means - mean).square()).sum(0);
+    auto invstd = (m2 / total + eps).rsqrt();
+    {
+      at::NoGradGuard no_grad;
+      running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.scalar_type()), momentum);
+      running_var.mul_(1.0 - momentum).add_((m2 / (total - 1)).to(running_var.scalar_type()), momentum);
+    }
+    auto mean_x = mean.to(x.scalar_type());
+    auto invstd_x = invstd.to(x.scalar_type());
+    auto y = (x - per_channel(mean_x, x)) * per_channel(invstd_x * w, x) + per_channel(b, x);
+    ctx->save_for_backward({x, w, mean_x, invstd_x});
+    ctx->saved_data["total"] = total;
+    ctx->saved_data["group"] = c10::IValue::make_capsule(c10::intrusive_ptr<Group>::reclaim_copy(g));
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0];
+    const auto &w = saved[1];
+    const auto &mean = saved[2];
+    const auto &invstd = saved[3];
+    const double total = ctx->saved_data["total"].toDouble();
+    auto g = c10::static_intrusive_pointer_cast<Group>(ctx->saved_data["group"].toCapsule());
+    at::Tensor dy = grads[0];
+    const auto dims = reduce_dims(x);
+    const int64_t c = x.size(1);
+    auto xmu = x - per_channel(mean, x);
+    auto sum_dy = dy.sum(dims);
+    auto sum_dy_xmu = (dy * xmu).sum(dims);
+    at::Tensor dx;
+    // Every rank has the same graph, so every rank takes this branch or none (no lone collective).
+    if (ctx->needs_input_grad(0)) {
+      auto buf = at::cat({sum_dy, sum_dy_xmu}).to(at::kDouble).contiguous();
+      std::vector<at::Tensor> ts{buf};
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      g->run([&] { g->pg->allreduce(ts, o)->wait(); });
+      auto mean_dy = (buf.narrow(0, 0, c) / total).to(x.scalar_type());
+      auto mean_dy_xmu = (buf.narrow(0, c, c) / total).to(x.scalar_type());
+      dx = (dy - per_channel(mean_dy, x) - xmu * per_channel(invstd * invstd * mean_dy_xmu, x)) *
+           per_channel(invstd * w, x);
+    }
+    return {dx, sum_dy_xmu * invstd, sum_dy, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 
 }  // namespace
 
@@ -56,12 +256,20 @@ int crossclr_dist_new_gloo(const char *file, const char *host, int port, int hos
     auto opts = c10d::ProcessGroupGloo::Options::create();
     opts->timeout = timeout;
     opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host != nullptr ? host : "127.0.0.1"));
-    auto g = new Group{c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, opts)};
-    *out = g;
+    auto g = c10::make_intrusive<Group>();
+    g->store = prefixed;
+    g->rank = rank;
+    g->world = world;
+    g->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, opts);
+    g->start_heartbeat();
+    *out = g.release();
   });
 }
 
-void crossclr_dist_free(void *p) { delete static_cast<Group *>(p); }
+// Drops the Rust side's reference (the group lives on while an autograd graph still needs it).
+void crossclr_dist_free(void *p) {
+  if (p != nullptr) c10::intrusive_ptr<Group>::reclaim(static_cast<Group *>(p));
+}
 
 // Broadcasts `t` (in place) from `root`.
 int crossclr_dist_broadcast(void *p, void *t, int root, char **err) {
@@ -70,7 +278,7 @@ int crossclr_dist_broadcast(void *p, void *t, int root, char **err) {
     std::vector<at::Tensor> ts{crossclr::borrow_tensor(t, "broadcast", "tensor")};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    g->pg->broadcast(ts, o)->wait();
+    g->run([&] { g->pg->broadcast(ts, o)->wait(); });
   });
 }
 
@@ -81,7 +289,7 @@ int crossclr_dist_all_reduce_sum(void *p, void *t, char **err) {
     std::vector<at::Tensor> ts{crossclr::borrow_tensor(t, "all_reduce", "tensor")};
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
-    g->pg->allreduce(ts, o)->wait();
+    g->run([&] { g->pg->allreduce(ts, o)->wait(); });
   });
 }
 
@@ -91,12 +299,39 @@ int crossclr_dist_all_gather(void *p, void *out, void *in, char **err) {
     auto *g = group(p, "all_gather");
     auto o = crossclr::borrow_tensor(out, "all_gather", "output");
     auto i = crossclr::borrow_tensor(in, "all_gather", "input");
-    g->pg->_allgather_base(o, i)->wait();
+    g->run([&] { g->pg->_allgather_base(o, i)->wait(); });
   });
 }
 
 int crossclr_dist_barrier(void *p, char **err) {
-  return crossclr::guarded(err, [&] { group(p, "barrier")->pg->barrier()->wait(); });
+  return crossclr::guarded(err, [&] {
+    auto *g = group(p, "barrier");
+    g->run([&] { g->pg->barrier()->wait(); });
+  });
+}
+
+// Training-mode SyncBatchNorm of `x` (N, C, ...) over the ranks (see SyncBn): a new tensor in
+// `out`; `running_mean` / `running_var` (C,) are updated in place with the global statistics.
+// The autograd node keeps the group alive until it is freed.
+int crossclr_dist_sync_bn(void *p, void *x, void *w, void *b, void *running_mean, void *running_var, double momentum,
+                          double eps, void **out, char **err) {
+  return crossclr::guarded(err, [&] {
+    const char *op = "sync batch norm";
+    auto *g = group(p, op);
+    TORCH_CHECK(out != nullptr, op, ": null output pointer");
+    const auto &xt = crossclr::borrow_tensor(x, op, "input");
+    TORCH_CHECK(xt.dim() >= 2, op, ": the input must have rank >= 2, got ", xt.sizes());
+    const auto &wt = crossclr::borrow_tensor(w, op, "weight");
+    const auto &bt = crossclr::borrow_tensor(b, op, "bias");
+    const auto &rm = crossclr::borrow_tensor(running_mean, op, "running_mean");
+    const auto &rv = crossclr::borrow_tensor(running_var, op, "running_var");
+    const int64_t c = xt.size(1);
+    for (const auto *t : {&wt, &bt, &rm, &rv})
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == c, op, ": parameters and running statistics must be (", c,
+                  ",), got ", t->sizes());
+    auto y = SyncBn::apply(xt, wt, bt, g, rm, rv, momentum, eps);
+    *out = new at::Tensor(std::move(y));
+  });
 }
 
 }  // extern "C"

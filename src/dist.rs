@@ -8,9 +8,11 @@
 //! `libgloo-dev`, installed by scripts/setup.sh; the torch wheel ships the Gloo library inside
 //! libtorch_cpu but not its headers). Without them every call returns an error that says so.
 //!
-//! `crossclr pretrain` uses it when started with torchrun's variables (docs/distributed.md):
-//! `ssl::Pretrainer::join_group` for the step, `data::loader::Shard` for the batches. Not built
-//! yet: NCCL, collectives in the fast / CUDA-graph step, SyncBatchNorm.
+//! `crossclr pretrain` uses it when started with torchrun's variables (docs/distributed.md;
+//! `crossclr launch` starts such ranks locally): `ssl::Pretrainer::join_group` for the step,
+//! `data::loader::Shard` for the batches, [`ProcessGroup::sync_batch_norm`] for `sync_bn: true`.
+//! A failed collective names the ranks whose heartbeat stopped (dead, killed or stopped). Not
+//! built yet: NCCL, collectives in the fast / CUDA-graph step, shuffle BN across ranks.
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -119,6 +121,18 @@ extern "C" {
         pg: *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
+    fn crossclr_dist_sync_bn(
+        pg: *mut std::ffi::c_void,
+        x: *mut std::ffi::c_void,
+        w: *mut std::ffi::c_void,
+        b: *mut std::ffi::c_void,
+        running_mean: *mut std::ffi::c_void,
+        running_var: *mut std::ffi::c_void,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
 }
 
 /// Whether this build has the c10d Gloo process group.
@@ -126,7 +140,9 @@ pub fn available() -> bool {
     cfg!(crossclr_dist)
 }
 
-/// A c10d Gloo process group; dropped, it leaves the group.
+/// A c10d Gloo process group; dropped, it leaves the group. Every rank beats a heartbeat into
+/// the rendezvous store (once a second, from a thread of the C++ side): a collective that fails
+/// (a peer closed its connection, or the timeout passed) names the ranks whose heartbeat stopped.
 pub struct ProcessGroup {
     #[cfg_attr(not(crossclr_dist), allow(dead_code))]
     raw: *mut std::ffi::c_void,
@@ -139,6 +155,12 @@ pub struct ProcessGroup {
 unsafe impl Send for ProcessGroup {}
 // SAFETY: as above; the Rust side holds no state of its own besides the immutable rank and size.
 unsafe impl Sync for ProcessGroup {}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProcessGroup(rank {} of {})", self.rank, self.world_size)
+    }
+}
 
 #[cfg(not(crossclr_dist))]
 fn unavailable<T>(what: &str) -> Result<T> {
@@ -300,6 +322,59 @@ impl ProcessGroup {
         }
         #[cfg(not(crossclr_dist))]
         unavailable("barrier")
+    }
+
+    /// Training-mode SyncBatchNorm over channel dim 1 of `x` `(N, C, ...)` (any floating dtype,
+    /// CPU or CUDA; `weight`, `bias`, `running_mean`, `running_var` `(C,)`), as
+    /// `torch.nn.SyncBatchNorm`: normalises with the mean and biased variance of every rank's `x`
+    /// together (the global batch), moves the running statistics (momentum `momentum`) towards
+    /// the global mean and the unbiased global variance, and differentiates as the batch norm of
+    /// the global batch: backward all-reduces `sum(dy)` and `sum(dy · (x - mean))` and returns
+    /// the global input gradient; the weight and bias gradients are this rank's own terms (the
+    /// caller averages parameter gradients over the ranks, as DDP does). Every rank must call it
+    /// in the same order with the same `C`; the batch may differ in size between ranks.
+    /// `num_batches_tracked` is the caller's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sync_batch_norm(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        #[cfg(crossclr_dist)]
+        {
+            let mut out: *mut std::ffi::c_void = std::ptr::null_mut();
+            // SAFETY: live tch tensors borrowed for the call; `out` receives a fresh
+            // `at::Tensor*` that we own.
+            self.collective("sync batch norm", |err| unsafe {
+                crossclr_dist_sync_bn(
+                    self.raw,
+                    x.as_ptr() as *mut _,
+                    weight.as_ptr() as *mut _,
+                    bias.as_ptr() as *mut _,
+                    running_mean.as_ptr() as *mut _,
+                    running_var.as_ptr() as *mut _,
+                    momentum,
+                    eps,
+                    &mut out,
+                    err,
+                )
+            })?;
+            if out.is_null() {
+                return Err(Error::Other("sync batch norm: no output tensor".into()));
+            }
+            // SAFETY: `out` is a fresh `at::Tensor*` owned by us; tch's drop deletes it.
+            Ok(unsafe { Tensor::from_ptr(out as *mut _) })
+        }
+        #[cfg(not(crossclr_dist))]
+        {
+            let _ = (x, weight, bias, running_mean, running_var, momentum, eps);
+            unavailable("sync batch norm")
+        }
     }
 
     /// Averages `tensors` (e.g. every parameter's gradient) over the ranks, coalesced: one

@@ -29,6 +29,9 @@ enum Command {
     Synth(cli::synth::Args),
     /// Self-supervised pre-training (SkeletonCLR, CrosSCLR 2s/3s).
     Pretrain(cli::pretrain::Args),
+    /// Data-parallel pre-training on this machine: `launch --nproc N -- pretrain <args>` starts N
+    /// ranks with torchrun's variables, prefixes their output, and ends them all when one fails.
+    Launch(cli::launch::Args),
     /// Write pooled encoder features (or projection-head outputs) of a dataset to .npy.
     Embed(cli::embed::Args),
     /// Linear evaluation on frozen, cached features.
@@ -61,7 +64,10 @@ fn main() {
     // Before any tensor exists: reuse large CPU tensor blocks across steps (src/cpu_cache.rs).
     // `pretrain` and `bench` install it as their `kernels.cpu_cache*` keys say, after reading
     // them; the other commands with the defaults.
-    if !matches!(cli.command, Command::Pretrain(_) | Command::Bench(_)) {
+    if !matches!(
+        cli.command,
+        Command::Pretrain(_) | Command::Bench(_) | Command::Launch(_)
+    ) {
         cli::install_cpu_cache(&Default::default());
     }
     let result = match cli.command {
@@ -69,6 +75,7 @@ fn main() {
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Synth(a) => cli::synth::run(a),
         Command::Pretrain(a) => cli::pretrain::run(a),
+        Command::Launch(a) => cli::launch::run(a),
         Command::Embed(a) => cli::embed::run(a),
         Command::Linear(a) => cli::linear::run(a),
         Command::Knn(a) => cli::knn::run(a),

@@ -5,7 +5,9 @@
 mod common;
 use crossclr::data::loader::{try_epoch_shard_in, HostMemory, Shard};
 use crossclr::dist::{self, ProcessGroup, Rendezvous, Store};
+use crossclr::model::kernels::Switch;
 use crossclr::ssl::Pretrainer;
+use crossclr::train::config::PretrainConfig;
 use crossclr::train::pretrain::loader_config;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -27,6 +29,48 @@ fn two_processes_agree_after_broadcast_all_reduce_and_all_gather() {
 #[test]
 fn two_ranks_train_in_lockstep() {
     run_two_ranks("dist_train_worker");
+}
+
+/// SyncBatchNorm itself: 2 ranks holding 3 and 5 samples of a batch of 8 (uneven on purpose)
+/// give, on their rows, the output and input gradient of one plain batch norm over the whole
+/// batch; their weight and bias gradients sum to the whole batch's; the running statistics
+/// equal the whole batch's (global mean, unbiased global variance). Float64, 1e-10; rank-4
+/// (convolution) and rank-2 (projection head) inputs.
+#[test]
+fn sync_batch_norm_of_two_ranks_is_the_batch_norm_of_the_whole_batch() {
+    run_two_ranks("dist_sync_bn_worker");
+}
+
+/// One SkeletonCLR step with `sync_bn` on: 2 ranks x 4 samples equal 1 process x 8 samples
+/// (float64, dropout 0) to 1e-6 in the loss, every parameter, key parameter, batch-norm buffer
+/// and the queue. The loader's shards are the single-process batch draw for draw (the
+/// augmentation of a sample does not depend on how the batch is split; see
+/// `data::loader::Shard`), so augmentation stays on.
+#[test]
+fn two_rank_sync_bn_step_equals_the_one_process_step() {
+    run_two_ranks("dist_step_equality_worker");
+}
+
+/// Two epochs (4 steps, phase 1 and CVC-KM) of CrosSCLR-2 on the tiny config with `sync_bn` on
+/// (dropout 0): 2 ranks x 4 end where 1 process x 8 ends. Float64: losses and every variable to
+/// 1e-6 relative. Float32 (default kernels): the largest relative variable difference is at most
+/// 10 times the one between two 1-process runs that differ only in the batch-norm kernel (fused
+/// CPU op vs libtorch's), i.e. float32 rounding and nothing else.
+#[test]
+fn two_rank_sync_bn_epochs_equal_the_one_process_epochs() {
+    run_two_ranks("dist_epoch_equality_worker");
+}
+
+/// Shuffle BN across ranks (`dist_shuffle_bn`, MoCo's): two epochs of CrosSCLR-2 (float64,
+/// dropout 0) on 2 ranks x 4 equal 1 process x 8 with `shuffle_bn: 2` (the same permutation
+/// of the global batch, drawn by rank 0 from the same torch generator state), to 1e-6 relative
+/// in the losses, every parameter, key parameter and the queues; and differ from the run without
+/// shuffling. The batch-norm buffers differ by design: the 1-process run's two groups move the
+/// running statistics twice per step, in turn (and count two forwards), the ranks once each and
+/// then average them.
+#[test]
+fn two_rank_shuffle_bn_equals_one_process_shuffle_bn_in_two_groups() {
+    run_two_ranks("dist_shuffle_bn_worker");
 }
 
 /// Starts this test binary as rank 0 and rank 1 of `worker` and checks both succeed in time.
@@ -51,10 +95,11 @@ fn run_two_ranks(worker: &str) {
                 .unwrap()
         })
         .collect();
-    let limit = Duration::from_secs(120);
+    let limit = Duration::from_secs(300);
     for (rank, (ok, text)) in wait_all(children, limit).into_iter().enumerate() {
         assert!(ok, "rank {rank} failed:\n{text}");
         assert!(text.contains("rank worker ok"), "rank {rank}:\n{text}");
+        println!("--- rank {rank} ---\n{text}"); // shown with --nocapture
     }
 }
 
@@ -176,6 +221,383 @@ fn dist_train_worker() {
     }
     pg.barrier().unwrap();
     println!("rank worker ok (rank {rank})");
+}
+
+/// The process group of a test worker (rank and store from the parent test), or `None` when the
+/// test runs on its own.
+fn worker_group() -> Option<Arc<ProcessGroup>> {
+    let (Ok(rank), Ok(store)) = (std::env::var(RANK_VAR), std::env::var(STORE_VAR)) else {
+        return None;
+    };
+    tch::set_num_threads(1);
+    Some(Arc::new(
+        ProcessGroup::gloo(
+            &Rendezvous {
+                rank: rank.parse().unwrap(),
+                world_size: 2,
+                store: Store::File(store.into()),
+            },
+            Duration::from_secs(60),
+        )
+        .unwrap(),
+    ))
+}
+
+/// One rank of [`sync_batch_norm_of_two_ranks_is_the_batch_norm_of_the_whole_batch`].
+#[test]
+fn dist_sync_bn_worker() {
+    let Some(pg) = worker_group() else { return };
+    let rank = pg.rank();
+    let opts = (Kind::Double, Device::Cpu);
+    // Rows of the batch of 8 each rank holds.
+    let (start, len) = if rank == 0 { (0, 3) } else { (3, 5) };
+    for shape in [vec![8i64, 6, 5, 3], vec![8, 6]] {
+        // The same data on both ranks.
+        tch::manual_seed(11);
+        let x = Tensor::randn(shape.as_slice(), opts) * 3.0 + 1.5;
+        let v = Tensor::randn(shape.as_slice(), opts);
+        let w0 = Tensor::randn([6], opts);
+        let b0 = Tensor::randn([6], opts);
+        let (rm0, rv0) = (Tensor::randn([6], opts), Tensor::rand([6], opts) + 0.5);
+
+        // The whole batch on one process: plain batch norm.
+        let x_ref = x.copy().set_requires_grad(true);
+        let w_ref = w0.copy().set_requires_grad(true);
+        let b_ref = b0.copy().set_requires_grad(true);
+        let (rm_ref, rv_ref) = (rm0.copy(), rv0.copy());
+        let y_ref = x_ref.batch_norm(
+            Some(&w_ref),
+            Some(&b_ref),
+            Some(&rm_ref),
+            Some(&rv_ref),
+            true,
+            0.1,
+            1e-5,
+            false,
+        );
+        (&y_ref * &v).sum(Kind::Double).backward();
+
+        // This rank's rows through SyncBatchNorm.
+        let x_r = x.narrow(0, start, len).copy().set_requires_grad(true);
+        let w_r = w0.copy().set_requires_grad(true);
+        let b_r = b0.copy().set_requires_grad(true);
+        let (rm_r, rv_r) = (rm0.copy(), rv0.copy());
+        let y_r = pg
+            .sync_batch_norm(&x_r, &w_r, &b_r, &rm_r, &rv_r, 0.1, 1e-5)
+            .unwrap();
+        (&y_r * v.narrow(0, start, len))
+            .sum(Kind::Double)
+            .backward();
+
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        let what = format!("rank {rank}, shape {shape:?}");
+        assert!(
+            diff(&y_r, &y_ref.narrow(0, start, len)) < 1e-10,
+            "{what}: output"
+        );
+        assert!(
+            diff(&x_r.grad(), &x_ref.grad().narrow(0, start, len)) < 1e-10,
+            "{what}: input gradient"
+        );
+        let (gw, gb) = (w_r.grad().contiguous(), b_r.grad().contiguous());
+        pg.all_reduce_sum_(&gw).unwrap();
+        pg.all_reduce_sum_(&gb).unwrap();
+        assert!(diff(&gw, &w_ref.grad()) < 1e-10, "{what}: weight gradient");
+        assert!(diff(&gb, &b_ref.grad()) < 1e-10, "{what}: bias gradient");
+        assert!(diff(&rm_r, &rm_ref) < 1e-12, "{what}: running mean");
+        assert!(diff(&rv_r, &rv_ref) < 1e-12, "{what}: running variance");
+        // The cross-rank terms matter: the local batch norm of the rank's rows differs.
+        let local = x_r.detach().batch_norm(
+            Some(&w0),
+            Some(&b0),
+            None::<&Tensor>,
+            None::<&Tensor>,
+            true,
+            0.1,
+            1e-5,
+            false,
+        );
+        assert!(
+            diff(&local, &y_r) > 1e-3,
+            "{what}: the local statistics agree?"
+        );
+    }
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
+}
+
+/// Largest absolute difference per variable of two stores of the same names; the first
+/// `(name, difference, scale)` whose difference exceeds `tol` times `max(1, scale)`.
+fn first_difference(
+    a: &tch::nn::VarStore,
+    b: &tch::nn::VarStore,
+    tol: f64,
+) -> Option<(String, f64, f64)> {
+    let (va, vb) = (a.variables(), b.variables());
+    assert_eq!(va.len(), vb.len(), "different variable sets");
+    let mut names: Vec<&String> = va.keys().collect();
+    names.sort();
+    for name in names {
+        let x = va[name].detach().to_kind(Kind::Double);
+        let y = vb[name].detach().to_kind(Kind::Double);
+        let d = (&x - &y).abs().max().double_value(&[]);
+        let scale = x.abs().max().double_value(&[]);
+        if d > tol * scale.max(1.0) || d.is_nan() {
+            return Some((name.clone(), d, scale));
+        }
+    }
+    None
+}
+
+/// The tiny config of the equality tests: `model`, SyncBatchNorm on, dropout 0.
+fn equality_config(model: &str, dir: &std::path::Path) -> PretrainConfig {
+    common::tiny_config(
+        model,
+        dir,
+        &[
+            "sync_bn=true",
+            "model_args.dropout=0",
+            "step_impl=reference",
+        ],
+    )
+}
+
+/// One rank of [`two_rank_sync_bn_step_equals_the_one_process_step`]: computes the 1-process
+/// step itself, then its share of the 2-rank step, and compares.
+#[test]
+fn dist_step_equality_worker() {
+    let Some(pg) = worker_group() else { return };
+    let rank = pg.rank();
+    let ds = common::tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = equality_config("skeletonclr", dir.path());
+    let double = |t: &mut Pretrainer| {
+        t.model.vs_q.double();
+        t.model.vs_k.double();
+    };
+    let first_batch = |shard: Shard, batch: usize| {
+        let mut loader = loader_config(&cfg);
+        loader.batch_size = batch;
+        let mut it =
+            try_epoch_shard_in(Arc::clone(&ds), &loader, 1, shard, HostMemory::Pageable).unwrap();
+        let b = it.next().unwrap();
+        (
+            b.views[0].to_kind(Kind::Double),
+            b.views[1].to_kind(Kind::Double),
+        )
+    };
+
+    // 1 process x 8.
+    tch::manual_seed(7);
+    let mut one = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+    double(&mut one);
+    let (q, k) = first_batch(Shard::WHOLE, 8);
+    let s1 = one.train_step(&q, &k, 1).unwrap();
+
+    // 2 ranks x 4 (rank 1 starts from another init: the broadcast makes it rank 0's).
+    tch::manual_seed(7 + rank as i64);
+    let mut two = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+    double(&mut two);
+    two.join_group(Arc::clone(&pg)).unwrap();
+    let (q, k) = first_batch(Shard { rank, world: 2 }, 4);
+    let s2 = two.train_step(&q, &k, 1).unwrap();
+
+    let dl = (s1.loss - s2.loss).abs();
+    println!(
+        "rank {rank}: loss 1 process {} vs 2 ranks {} (|d| {dl:e})",
+        s1.loss, s2.loss
+    );
+    assert!(dl < 1e-6, "loss: {} vs {}", s1.loss, s2.loss);
+    assert_eq!(one.model.queue_ptr(), two.model.queue_ptr());
+    for (side, a, b) in [
+        ("query", &one.model.vs_q, &two.model.vs_q),
+        ("key", &one.model.vs_k, &two.model.vs_k),
+    ] {
+        if let Some((name, d, scale)) = first_difference(a, b, 1e-6) {
+            panic!("rank {rank}: {side} side {name} differs by {d:e} (scale {scale})");
+        }
+    }
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
+}
+
+/// One rank of [`two_rank_sync_bn_epochs_equal_the_one_process_epochs`]: float64 (to 1e-6
+/// relative), then float32 with the default kernels (within [`F32_EPOCH_FACTOR`] times the
+/// float32 drift of a change of batch-norm kernel).
+#[test]
+fn dist_epoch_equality_worker() {
+    let Some(pg) = worker_group() else { return };
+    let rank = pg.rank();
+    let ds = common::tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = equality_config("crossclr2", dir.path());
+    let run = |t: &mut Pretrainer, shard: Shard| -> Vec<f64> {
+        let mut loader = loader_config(&cfg);
+        loader.batch_size = cfg.batch_size / shard.world;
+        let mut losses = Vec::new();
+        for epoch in 1..=2 {
+            let batches =
+                try_epoch_shard_in(Arc::clone(&ds), &loader, epoch, shard, HostMemory::Pageable)
+                    .unwrap();
+            for b in batches {
+                losses.push(t.train_step(&b.views[0], &b.views[1], epoch).unwrap().loss);
+            }
+        }
+        losses
+    };
+    let build = |seed: i64, kind: Kind, cfg: &PretrainConfig| {
+        tch::manual_seed(seed);
+        let mut t = Pretrainer::from_config(cfg, &ds.layout, Device::Cpu).unwrap();
+        if kind == Kind::Double {
+            t.model.vs_q.double();
+            t.model.vs_k.double();
+        }
+        t
+    };
+    // Largest relative variable difference of two trainers (query and key side).
+    let worst = |a: &Pretrainer, b: &Pretrainer| {
+        let mut w = (String::new(), 0.0f64);
+        for (x, y) in [
+            (&a.model.vs_q, &b.model.vs_q),
+            (&a.model.vs_k, &b.model.vs_k),
+        ] {
+            for (name, d) in differences(x, y) {
+                if d > w.1 || d.is_nan() {
+                    w = (name, d);
+                }
+            }
+        }
+        w
+    };
+    for kind in [Kind::Double, Kind::Float] {
+        let mut one = build(3, kind, &cfg);
+        let l1 = run(&mut one, Shard::WHOLE);
+        let mut two = build(3 + rank as i64, kind, &cfg);
+        two.join_group(Arc::clone(&pg)).unwrap();
+        let l2 = run(&mut two, Shard { rank, world: 2 });
+        println!("rank {rank} {kind:?}: losses 1 process {l1:?}, 2 ranks {l2:?}");
+        assert_eq!(l1.len(), 4, "16 samples, global batch 8, 2 epochs");
+        assert_eq!(l1.len(), l2.len());
+        assert_eq!(one.model.queue_ptr(), two.model.queue_ptr());
+        let (name, d) = worst(&one, &two);
+        println!("rank {rank} {kind:?}: largest relative variable difference {d:e} ({name})");
+        if kind == Kind::Double {
+            for (a, b) in l1.iter().zip(&l2) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "loss {a} vs {b}");
+            }
+            assert!(d <= 1e-6, "rank {rank}: {name} differs by {d:e} (relative)");
+        } else {
+            // The float32 yardstick: the same 1-process run with the plain libtorch batch norm
+            // instead of the fused CPU one (nothing but float32 summation order changes).
+            let mut plain_cfg = cfg.clone();
+            plain_cfg.kernels.fused_bn = Switch::Off;
+            plain_cfg.kernels.fused_tail = Switch::Off;
+            let mut plain = build(3, kind, &plain_cfg);
+            run(&mut plain, Shard::WHOLE);
+            let (pname, pd) = worst(&one, &plain);
+            println!(
+                "rank {rank} {kind:?}: fused vs plain batch norm, 1 process: {pd:e} ({pname})"
+            );
+            assert!(
+                d <= F32_EPOCH_FACTOR * pd.max(1e-6),
+                "rank {rank}: 2 ranks differ by {d:e} ({name}), the batch-norm kernels by {pd:e}"
+            );
+        }
+    }
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
+}
+
+/// One rank of [`two_rank_shuffle_bn_equals_one_process_shuffle_bn_in_two_groups`].
+#[test]
+fn dist_shuffle_bn_worker() {
+    let Some(pg) = worker_group() else { return };
+    let rank = pg.rank();
+    let ds = common::tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        common::tiny_config(
+            "crossclr2",
+            dir.path(),
+            &["model_args.dropout=0", "step_impl=reference", extra],
+        )
+    };
+    let run = |cfg: &PretrainConfig, seed: i64, shard: Shard, group: Option<&Arc<ProcessGroup>>| {
+        tch::manual_seed(seed);
+        let mut t = Pretrainer::from_config(cfg, &ds.layout, Device::Cpu).unwrap();
+        t.model.vs_q.double();
+        t.model.vs_k.double();
+        if let Some(g) = group {
+            t.join_group(Arc::clone(g)).unwrap();
+        }
+        let mut loader = loader_config(cfg);
+        loader.batch_size = cfg.batch_size / shard.world;
+        let mut losses = Vec::new();
+        for epoch in 1..=2 {
+            let batches =
+                try_epoch_shard_in(Arc::clone(&ds), &loader, epoch, shard, HostMemory::Pageable)
+                    .unwrap();
+            for b in batches {
+                losses.push(t.train_step(&b.views[0], &b.views[1], epoch).unwrap().loss);
+            }
+        }
+        (t, losses)
+    };
+    let (one, l1) = run(&config("shuffle_bn=2"), 5, Shard::WHOLE, None);
+    let (_, l0) = run(&config("shuffle_bn=0"), 5, Shard::WHOLE, None);
+    let (two, l2) = run(
+        &config("dist_shuffle_bn=true"),
+        5 + rank as i64,
+        Shard { rank, world: 2 },
+        Some(&pg),
+    );
+    println!("rank {rank}: losses shuffle_bn 2 {l1:?}, 2 ranks {l2:?}, no shuffle {l0:?}");
+    assert_eq!(l1.len(), 4);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "loss {a} vs {b}");
+    }
+    assert!(
+        l1.iter().zip(&l0).any(|(a, b)| (a - b).abs() > 1e-3),
+        "shuffling changed nothing"
+    );
+    for (a, b) in [
+        (&one.model.vs_q, &two.model.vs_q),
+        (&one.model.vs_k, &two.model.vs_k),
+    ] {
+        for (name, d) in differences(a, b) {
+            let (x, y) = (&a.variables()[&name], &b.variables()[&name]);
+            if name.ends_with("num_batches_tracked") {
+                // A batch counter counts forwards: the 1-process run's 2 groups are 2 per step.
+                let (x, y) = (x.int64_value(&[]), y.int64_value(&[]));
+                assert_eq!(x, 2 * y, "rank {rank}: {name}");
+            } else if name.ends_with("running_mean") || name.ends_with("running_var") {
+                // Not the same by design (and unused in training): one process moves them once
+                // per group, in turn; the ranks once each, then average them.
+            } else {
+                assert!(d <= 1e-6, "rank {rank}: {name} differs by {d:e} (relative)");
+            }
+        }
+    }
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
+}
+
+/// How much further the float32 2-rank run may drift from the 1-process run than the 1-process
+/// run drifts when only its batch-norm kernel changes: float32 rounding, amplified by 4 SGD
+/// steps at lr 0.1 with momentum, is all that differs (float64 agrees to 1e-13).
+const F32_EPOCH_FACTOR: f64 = 10.0;
+
+/// Per variable, `max |a - b| / max(1, max |a|)`.
+fn differences(a: &tch::nn::VarStore, b: &tch::nn::VarStore) -> Vec<(String, f64)> {
+    let (va, vb) = (a.variables(), b.variables());
+    va.iter()
+        .map(|(name, x)| {
+            let x = x.detach().to_kind(Kind::Double);
+            let y = vb[name].detach().to_kind(Kind::Double);
+            let d = (&x - &y).abs().max().double_value(&[]);
+            (name.clone(), d / x.abs().max().double_value(&[]).max(1.0))
+        })
+        .collect()
 }
 
 /// Waits for every child (killing them all and failing when one is still running after
@@ -325,4 +747,313 @@ fn pretrain_resumes_a_one_process_run_on_two_ranks() {
     assert_eq!(meta["epoch"], 2);
     // 16 samples, global batch 8: 2 steps per epoch, 4 in all.
     assert_eq!(meta["global_step"], 4);
+}
+
+/// Synthetic data (2 classes x 8 training samples, 20 frames) and a SkeletonCLR config on it
+/// (batch 8, queue 32, `num_epoch` epochs, a log line every step, no epoch checkpoints) in `dir`;
+/// `extra` is appended to the YAML. Returns (config file, work_dir).
+fn synth_run(
+    dir: &std::path::Path,
+    num_epoch: usize,
+    extra: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = dir.join("synth");
+    let synth = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["synth", "--out"])
+        .arg(&data)
+        .args([
+            "--classes",
+            "2",
+            "--train-per-class",
+            "8",
+            "--val-per-class",
+            "1",
+            "--frames",
+            "20",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    let work = dir.join("work");
+    let config = dir.join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model: skeletonclr\nview: joint\nwork_dir: {}\nbatch_size: 8\nnum_epoch: {num_epoch}\n\
+             workers: 1\nsave_interval: -1\nlog_interval: 1\nmodel_args:\n  queue_size: 32\n\
+             dataset:\n  format: npy\n  data: {}\n  label: {}\n  layout: ntu25\n{extra}",
+            work.display(),
+            data.join("train_data.npy").display(),
+            data.join("train_label.pkl").display()
+        ),
+    )
+    .unwrap();
+    (config, work)
+}
+
+/// Waits until `file` contains `text` (or panics after `limit`).
+fn wait_for_text(file: &std::path::Path, text: &str, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        if std::fs::read_to_string(file).is_ok_and(|t| t.contains(text)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{} never contained {text:?}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A rank killed (SIGKILL) in the middle of a 2-rank `crossclr pretrain` ends the job: the other
+/// rank exits non-zero within seconds (far below `--dist-timeout`) with an error that names the
+/// dead rank, instead of hanging.
+#[test]
+fn a_killed_rank_ends_the_job_with_an_error_naming_it() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1000, "");
+    let port = free_port().to_string();
+    let mut children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_crossclr"))
+                .args([
+                    "pretrain",
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    "--dist-timeout",
+                    "120",
+                    "-c",
+                ])
+                .arg(&config)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Mid-run: rank 0 has logged a step of epoch 2.
+    wait_for_text(
+        &work.join("log.txt"),
+        "epoch 2 step 1/",
+        Duration::from_secs(120),
+    );
+    let mut dead = children.pop().unwrap();
+    dead.kill().unwrap(); // SIGKILL
+    dead.wait().unwrap();
+    let killed_at = Instant::now();
+    let (ok, text) = wait_all(children, Duration::from_secs(60)).pop().unwrap();
+    let took = killed_at.elapsed();
+    println!("rank 0 ended {took:?} after rank 1 was killed:\n{text}");
+    assert!(!ok, "rank 0 succeeded without rank 1:\n{text}");
+    assert!(
+        text.contains("rank 1 of 2 stopped answering"),
+        "the error does not name the dead rank:\n{text}"
+    );
+    assert!(took < Duration::from_secs(30), "rank 0 took {took:?}");
+}
+
+/// `crossclr launch --nproc 2 -- pretrain ...` on the tiny synthetic set with `sync_bn`: both
+/// ranks succeed, their output comes back prefixed, rank 0 alone writes the work_dir, and the
+/// resolved config says `sync_bn: true`.
+#[test]
+fn launch_runs_two_ranks_of_pretrain() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1, "sync_bn: true\n");
+    let child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
+        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, text) = wait_all(vec![child], Duration::from_secs(300))
+        .pop()
+        .unwrap();
+    assert!(ok, "launch failed:\n{text}");
+    assert!(text.contains("[rank 0] pre-training done"), "{text}");
+    assert!(text.contains("launch: all 2 ranks succeeded"), "{text}");
+    let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
+    assert!(
+        log.contains("data parallel: rank 0 of 2 (Gloo), 4 samples per rank"),
+        "{log}"
+    );
+    let resolved = std::fs::read_to_string(work.join("config.yaml")).unwrap();
+    assert!(resolved.contains("sync_bn: true"), "{resolved}");
+}
+
+/// A rank of `crossclr launch` killed mid-run (SIGKILL): the launch exits non-zero within the
+/// grace period, naming the rank and how it ended; the surviving rank's own error (forwarded with
+/// its prefix) names the dead rank too.
+#[test]
+fn launch_fails_naming_a_killed_rank() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1000, "sync_bn: true\n");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args([
+            "launch",
+            "--nproc",
+            "2",
+            "--dist-timeout",
+            "120",
+            "--grace",
+            "30",
+            "--",
+        ])
+        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The launcher's stderr, line by line, collected by a thread.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let mut pid = None;
+    let started = Instant::now();
+    while pid.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("launch said nothing");
+        if let Some(p) = line.strip_prefix("launch: rank 1 is pid ") {
+            pid = Some(p.trim().to_string());
+        }
+        lines.push(line);
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+    wait_for_text(
+        &work.join("log.txt"),
+        "epoch 2 step 1/",
+        Duration::from_secs(120),
+    );
+    let pid = pid.unwrap();
+    let kill = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(kill.success(), "kill -9 {pid}");
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("launch still running 60 s after rank 1 was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    let text = lines.join("\n");
+    println!(
+        "launch ended {:?} after the kill:\n{text}",
+        killed_at.elapsed()
+    );
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("rank 1 of 2 failed first (killed by signal 9 (SIGKILL))"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("[rank 0]") && l.contains("rank 1 of 2 stopped answering")),
+        "rank 0 did not name the dead rank:\n{text}"
+    );
+}
+
+/// A rank that hangs (SIGSTOP) in the middle of a 2-rank `crossclr pretrain`: the other rank's
+/// next collective times out after `--dist-timeout` (10 s) and it exits non-zero with an error
+/// naming the silent rank.
+#[test]
+fn a_stopped_rank_ends_the_job_after_the_timeout_naming_it() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1000, "");
+    let port = free_port().to_string();
+    let mut children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_crossclr"))
+                .args([
+                    "pretrain",
+                    "--quiet",
+                    "--device",
+                    "cpu",
+                    "--dist-timeout",
+                    "10",
+                    "-c",
+                ])
+                .arg(&config)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_for_text(
+        &work.join("log.txt"),
+        "epoch 2 step 1/",
+        Duration::from_secs(120),
+    );
+    let mut hung = children.pop().unwrap();
+    let pid = hung.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped_at = Instant::now();
+    let (ok, text) = wait_all(children, Duration::from_secs(90)).pop().unwrap();
+    let took = stopped_at.elapsed();
+    hung.kill().unwrap(); // SIGKILL ends a stopped process too
+    hung.wait().unwrap();
+    println!("rank 0 ended {took:?} after rank 1 was stopped:\n{text}");
+    assert!(!ok, "rank 0 succeeded without rank 1:\n{text}");
+    assert!(
+        text.contains("rank 1 of 2 stopped answering"),
+        "the error does not name the hung rank:\n{text}"
+    );
+    assert!(
+        took >= Duration::from_secs(5),
+        "no timeout was waited for: {took:?}"
+    );
 }

@@ -16,9 +16,9 @@
 //! keys), feeds the same batches with the same 1-based epochs, and compares after every step.
 //! Two steps x two precisions x two models:
 //! * reference step: `Pretrainer::train_step` in float32. In float64 its body is run by hand
-//!   (`SslModel::forward`, `Sgd::zero_grad`, backward, `Sgd::step`, `SslModel::enqueue`), because
-//!   `train_step` casts its inputs to float32 (`ssl::model::to_device`), which a float64 model
-//!   cannot take.
+//!   (`SslModel::forward`, `Sgd::zero_grad`, backward, `Sgd::step`, `SslModel::enqueue`), as it
+//!   was written when `train_step` cast every input to float32 (it now feeds a float64 model
+//!   float64 inputs; tests/dist.rs runs it in float64).
 //! * fast step: `gpu::FastStep::step_with_views` on the CPU (skipped without the C++ shim).
 //!
 //! Errors are relative: losses to the official float64 loss, each checksum to the entry's sum of

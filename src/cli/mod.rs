@@ -6,6 +6,7 @@ pub mod ensemble;
 pub mod finetune;
 pub mod inspect;
 pub mod knn;
+pub mod launch;
 pub mod linear;
 pub mod prepare;
 pub mod pretrain;

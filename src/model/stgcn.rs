@@ -194,6 +194,21 @@ impl StGcn {
         self.kernels = kernels;
     }
 
+    /// SyncBatchNorm: with a group, every batch norm of a train-mode forward uses the statistics
+    /// of all ranks' batches together (`crate::dist::ProcessGroup::sync_batch_norm`); `None`
+    /// (the default): this process's batch. Eval-mode forwards use the running statistics
+    /// either way.
+    pub fn set_sync_bn(&mut self, group: Option<std::sync::Arc<crate::dist::ProcessGroup>>) {
+        self.data_bn.sync = group.clone();
+        for b in &mut self.blocks {
+            b.bn1.sync = group.clone();
+            b.bn2.sync = group.clone();
+            if let Residual::Conv(_, bn) = &mut b.residual {
+                bn.sync = group.clone();
+            }
+        }
+    }
+
     /// The kernel choices forwards use.
     pub fn kernels(&self) -> &Kernels {
         &self.kernels

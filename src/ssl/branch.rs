@@ -6,9 +6,11 @@
 //! every SkeletonCLR), `_motion`, `_bone`.
 use crate::data::layout::Layout;
 use crate::data::views::{apply_view, View};
+use crate::dist::ProcessGroup;
 use crate::model::head::{classifier, Mlp};
 use crate::model::stgcn::{StGcn, StGcnConfig};
 use crate::ssl::queue::{normalize_rows_or_cols, Queue};
+use std::sync::Arc;
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
@@ -28,6 +30,8 @@ pub enum Head {
         fc0: nn::Linear,
         bn: nn::BatchNorm,
         fc2: nn::Linear,
+        /// SyncBatchNorm over this group (see [`crate::model::stgcn::StGcn::set_sync_bn`]).
+        sync: Option<Arc<ProcessGroup>>,
     },
 }
 
@@ -38,8 +42,26 @@ impl Head {
         match self {
             Head::Linear(l) => l.forward(feat),
             Head::Mlp(m) => m.forward(feat),
-            Head::MlpBn { fc0, bn, fc2 } => {
-                fc2.forward(&bn.forward_t(&fc0.forward(feat), true).relu())
+            Head::MlpBn { fc0, bn, fc2, sync } => {
+                let h = fc0.forward(feat);
+                let h = match (sync, &bn.ws, &bn.bs) {
+                    (Some(g), Some(w), Some(b)) => {
+                        // Defaults of `nn::batch_norm1d`, as built in `build_encoder`.
+                        let c = nn::BatchNormConfig::default();
+                        g.sync_batch_norm(
+                            &h,
+                            w,
+                            b,
+                            &bn.running_mean,
+                            &bn.running_var,
+                            c.momentum,
+                            c.eps,
+                        )
+                        .unwrap_or_else(|e| panic!("projection head: {e}"))
+                    }
+                    _ => bn.forward_t(&h, true),
+                };
+                fc2.forward(&h.relu())
             }
             Head::SharedTail(first) => {
                 let h = first.forward(feat).relu();
@@ -51,6 +73,15 @@ impl Head {
                     _ => panic!("shared projection head without a primary MLP head"),
                 }
             }
+        }
+    }
+}
+
+impl Head {
+    /// SyncBatchNorm for the head's batch norm (`head_bn: true`); other heads have none.
+    pub fn set_sync_bn(&mut self, group: Option<Arc<ProcessGroup>>) {
+        if let Head::MlpBn { sync, .. } = self {
+            *sync = group;
         }
     }
 }
@@ -100,6 +131,7 @@ pub fn build_encoder(
             fc0: classifier(&(&fc / "0"), hidden, hidden),
             bn: nn::batch_norm1d(&fc / "1", hidden, Default::default()),
             fc2: classifier(&(&fc / "2"), hidden, feature_dim),
+            sync: None,
         }
     } else if mlp {
         Head::Mlp(Mlp::new(&fc, hidden, hidden, feature_dim))

@@ -9,6 +9,7 @@
 //! [`SslModel::state_tensors`]), so checkpoints carry exactly the official 3-view key set.
 use crate::data::layout::Layout;
 use crate::data::views::View;
+use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
 use crate::model::kernels::Kernels;
 use crate::model::stgcn::StGcnConfig;
@@ -19,6 +20,7 @@ use crate::ssl::loss::{
 use crate::ssl::queue::Queue;
 use crate::train::config::{InitScheme, ModelKind, PretrainConfig};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 
 /// CrosSCLR's phase-2 settings.
@@ -142,6 +144,9 @@ pub struct SslModel {
     /// Which code computes the encoders and the fast step's streams (default: the measured best
     /// for the device; [`SslModel::set_kernels`]).
     pub kernels: Kernels,
+    /// Shuffle BN across the ranks of this group (`dist_shuffle_bn`; `None`: off); see
+    /// [`SslModel::forward`].
+    pub shuffle_group: Option<Arc<ProcessGroup>>,
 }
 
 impl SslModel {
@@ -246,6 +251,7 @@ impl SslModel {
             vs_k,
             branches,
             kernels: Kernels::for_device(device),
+            shuffle_group: None,
         })
     }
 
@@ -256,6 +262,17 @@ impl SslModel {
             b.encoder_k.set_kernels(kernels);
         }
         self.kernels = kernels;
+    }
+
+    /// SyncBatchNorm over `group` for every batch norm of every encoder and head, query and key
+    /// side (`None`: each process's own batch); see [`crate::model::stgcn::StGcn::set_sync_bn`].
+    pub fn set_sync_bn(&mut self, group: Option<std::sync::Arc<crate::dist::ProcessGroup>>) {
+        for b in &mut self.branches {
+            b.encoder_q.set_sync_bn(group.clone());
+            b.encoder_k.set_sync_bn(group.clone());
+            b.head_q.set_sync_bn(group.clone());
+            b.head_k.set_sync_bn(group.clone());
+        }
     }
 
     /// Whether 1-based `epoch` runs CVC-KM (phase 2).
@@ -280,6 +297,15 @@ impl SslModel {
         // generator before any dropout mask (the fast step draws it at the same point).
         let perm =
             (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (Kind::Int64, x_k.device())));
+        // Shuffle BN across ranks: the permutation of the global batch, drawn at the same point
+        // (every rank draws, rank 0's is used).
+        let rank_perm = self.shuffle_group.as_ref().map(|g| {
+            let n = x_k.size()[0] * g.world_size() as i64;
+            let p = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
+            g.broadcast_(&p, 0)
+                .unwrap_or_else(|e| panic!("shuffle BN permutation: {e}"));
+            p.to_device(x_k.device())
+        });
         let qs: Vec<Tensor> = self
             .branches
             .iter()
@@ -300,12 +326,12 @@ impl SslModel {
             .branches
             .iter()
             .map(|b| {
-                b.key_shuffled(
-                    &b.input(x_k, &self.layout),
-                    Some(primary_k),
-                    groups,
-                    perm.as_ref(),
-                )
+                let x_view = b.input(x_k, &self.layout);
+                match (&self.shuffle_group, &rank_perm) {
+                    (Some(g), Some(p)) => shuffled_key_across_ranks(b, &x_view, primary_k, g, p)
+                        .unwrap_or_else(|e| panic!("shuffle BN across ranks: {e}")),
+                    _ => b.key_shuffled(&x_view, Some(primary_k), groups, perm.as_ref()),
+                }
             })
             .collect();
         let reversed = self.reversed_keys(x_k, primary_k);
@@ -320,6 +346,11 @@ impl SslModel {
             keys: ks,
             phase: if cross { 2 } else { 1 },
         }
+    }
+
+    /// Shuffle BN across ranks for `dist_shuffle_bn` (see [`shuffled_key_across_ranks`]).
+    pub fn set_shuffle_group(&mut self, group: Option<Arc<ProcessGroup>>) {
+        self.shuffle_group = group;
     }
 
     /// `reverse_negatives`: per view, the keys (N, feature_dim) of the time-reversed key batch (`x_k` flipped along T), computed like the
@@ -585,6 +616,29 @@ pub fn pytorch_init(vs: &nn::VarStore) {
             }
         }
     });
+}
+
+/// MoCo's shuffle BN across ranks for one view: every rank's key inputs `x_view` `(B, ...)` are
+/// gathered into the global batch (rank order), permuted by `perm` `(B · W,)` (the same on every
+/// rank), and rank `r` encodes rows `r·B .. (r+1)·B` of the permuted batch (its batch norms see a
+/// random share of the global batch, not its own queries' samples); the keys are gathered again,
+/// un-permuted, and this rank's own rows `(B, D)` returned. With the queries encoded per rank,
+/// this is [`Branch::key_shuffled`] / [`Branch::query_grouped`] with `W` groups on one process.
+pub fn shuffled_key_across_ranks(
+    b: &Branch,
+    x_view: &Tensor,
+    primary_k: &Head,
+    group: &ProcessGroup,
+    perm: &Tensor,
+) -> Result<Tensor> {
+    let n = x_view.size()[0];
+    let rank = group.rank() as i64;
+    let all = group.all_gather(x_view)?;
+    let mine = all.index_select(0, perm).narrow(0, rank * n, n);
+    let k = b.key(&mine, Some(primary_k));
+    let keys = group.all_gather(&k)?;
+    let inverse = perm.argsort(0, false);
+    Ok(keys.index_select(0, &inverse).narrow(0, rank * n, n))
 }
 
 /// Moves a CPU batch to `device` as f32.

@@ -4,7 +4,7 @@ use crate::data::layout::Layout;
 use crate::data::views::View;
 use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::ssl::model::{to_device, SslModel, SslSpec};
+use crate::ssl::model::{to_device, SslModel, SslSpec, StepOutput};
 use crate::train::config::{NonFinitePolicy, NumericsArgs, PretrainConfig};
 use crate::train::numerics::{self, StepSnapshot, NON_FINITE_GRAD};
 use crate::train::sgd::Sgd;
@@ -41,6 +41,11 @@ pub struct Pretrainer {
     /// Fault injection for tests (`--inject-nan grad:<n>`): the next `train_step` overwrites its
     /// first gradient with NaN after the backward pass (and clears this flag).
     pub poison_next_grad: bool,
+    /// SyncBatchNorm once a group is joined (the config's `sync_bn`; set before
+    /// [`Pretrainer::join_group`]).
+    pub sync_bn: bool,
+    /// Shuffle BN across the ranks once a group is joined (the config's `dist_shuffle_bn`).
+    pub dist_shuffle_bn: bool,
 }
 
 impl Pretrainer {
@@ -58,6 +63,8 @@ impl Pretrainer {
         )?;
         trainer.model.set_kernels(cfg.kernels.resolved(device));
         trainer.numerics = cfg.numerics.clone();
+        trainer.sync_bn = cfg.sync_bn;
+        trainer.dist_shuffle_bn = cfg.dist_shuffle_bn;
         Ok(trainer)
     }
 
@@ -78,6 +85,8 @@ impl Pretrainer {
             group: None,
             numerics: NumericsArgs::default(),
             poison_next_grad: false,
+            sync_bn: false,
+            dist_shuffle_bn: false,
         })
     }
 
@@ -86,10 +95,18 @@ impl Pretrainer {
     /// averages the loss, the gradients and the batch-norm running statistics over the ranks and
     /// enqueues every rank's keys, in rank order (the queues advance by `B · world` and stay identical on every rank, so CVC-KM mines
     /// the same neighbours everywhere). The queue pointers must already agree (a fresh model, or
-    /// the same checkpoint on every rank).
+    /// the same checkpoint on every rank). With [`Pretrainer::sync_bn`] every batch norm becomes
+    /// a SyncBatchNorm over the group (the running statistics then stay identical without the
+    /// averaging).
     pub fn join_group(&mut self, group: Arc<ProcessGroup>) -> Result<()> {
         group.broadcast_vars(&self.model.vs_q)?;
         group.broadcast_vars(&self.model.vs_k)?;
+        if self.sync_bn {
+            self.model.set_sync_bn(Some(Arc::clone(&group)));
+        }
+        if self.dist_shuffle_bn {
+            self.model.set_shuffle_group(Some(Arc::clone(&group)));
+        }
         self.group = Some(group);
         Ok(())
     }
@@ -107,6 +124,25 @@ impl Pretrainer {
             out.extend(vars.into_iter().map(|(_, t)| t));
         }
         out
+    }
+
+    /// The model's forward; with SyncBatchNorm or shuffle BN across ranks a failed collective inside it (which panics, a
+    /// forward having no error path) becomes an error that names the failure.
+    fn forward(&self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepOutput> {
+        if self.group.is_none() || !(self.sync_bn || self.dist_shuffle_bn) {
+            return Ok(self.model.forward(x_q, x_k, epoch));
+        }
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.model.forward(x_q, x_k, epoch)
+        }))
+        .map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic without a message".into());
+            Error::Other(format!("forward: {msg}"))
+        })
     }
 
     pub fn set_lr(&mut self, lr: f64) {
@@ -135,10 +171,17 @@ impl Pretrainer {
     pub fn train_step(&mut self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepStats> {
         let skip = self.numerics.non_finite == NonFinitePolicy::Skip;
         let device = self.model.vs_q.device();
-        let x_q = to_device(x_q, device);
-        let x_k = to_device(x_k, device);
+        // The model's floating dtype (float32, or float64 after `vs_q.double()`).
+        let kind = self.model.trainable().first().map(|(_, p)| p.kind());
+        let (x_q, x_k) = match kind {
+            Some(tch::Kind::Double) => (
+                x_q.to_kind(tch::Kind::Double).to_device(device),
+                x_k.to_kind(tch::Kind::Double).to_device(device),
+            ),
+            _ => (to_device(x_q, device), to_device(x_k, device)),
+        };
         let snapshot = skip.then(|| StepSnapshot::take(&self.model));
-        let out = self.model.forward(&x_q, &x_k, epoch);
+        let out = self.forward(&x_q, &x_k, epoch)?;
         let mut host = vec![out.loss.double_value(&[])];
         host.extend(out.view_losses.iter().map(|l| l.double_value(&[])));
         if let Some(g) = &self.group {
@@ -185,7 +228,10 @@ impl Pretrainer {
             };
         }
         self.opt.zero_grad();
-        out.loss.backward();
+        // SyncBatchNorm's backward runs collectives: a dead rank is an error here, not a panic.
+        out.loss
+            .f_backward()
+            .map_err(|e| Error::Other(format!("backward: {e}")))?;
         let named_grads: Vec<(String, Tensor)> = self
             .model
             .trainable()
@@ -232,7 +278,7 @@ impl Pretrainer {
                 .collect::<Result<Vec<_>>>()?,
         };
         self.opt.step();
-        if let Some(g) = &self.group {
+        if let (Some(g), false) = (&self.group, self.sync_bn) {
             // Each rank's batch norms saw only its share of the batch: their running statistics
             // are averaged, so that every rank keeps the same model (PyTorch's DDP keeps rank 0's).
             g.all_reduce_mean_(&self.running_statistics())?;

@@ -614,6 +614,18 @@ pub struct PretrainConfig {
     /// their own batch statistics, the query batch into the same number of groups in order, so a
     /// query and its key never share BN statistics (MoCo's shuffle BN). 0 or 1 = off (official).
     pub shuffle_bn: usize,
+    /// SyncBatchNorm in a data-parallel run (docs/distributed.md): every batch norm of the
+    /// encoders and heads, query and key side, normalises with the statistics of the global
+    /// batch (all ranks' samples together), forward and backward, as `torch.nn.SyncBatchNorm`;
+    /// the running statistics then agree on every rank without averaging. Off (the default):
+    /// each rank's batch norms see its own share of the batch. No effect in a single-process run.
+    pub sync_bn: bool,
+    /// Shuffle BN across the ranks of a data-parallel run (MoCo's): the key inputs of every
+    /// rank are gathered, permuted (one permutation of the global batch per step, shared by the
+    /// views), each rank encodes its slice of the permuted batch, and the keys are gathered and
+    /// un-permuted, so a query and its key never share batch statistics. A 2-rank run equals a
+    /// 1-process run with `shuffle_bn: 2`. Off by default; no effect in a single process.
+    pub dist_shuffle_bn: bool,
     /// Time-reversed keys as extra negatives: each query also meets the key encoder's embedding
     /// of its own sample played backwards (one negative per sample and view), so the
     /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
@@ -683,6 +695,8 @@ impl Default for PretrainConfig {
             init: InitScheme::Official,
             head_bn: false,
             shuffle_bn: 0,
+            sync_bn: false,
+            dist_shuffle_bn: false,
             reverse_negatives: false,
             uniformity: 0.0,
             negatives: Negatives::Queue,
@@ -915,6 +929,26 @@ impl PretrainConfig {
                 format!(
                     "{} groups leave fewer than 2 samples per batch-norm group at batch_size {}",
                     self.shuffle_bn, self.batch_size
+                ),
+            );
+        }
+        if self.sync_bn && self.shuffle_bn > 1 {
+            return bad(
+                "sync_bn",
+                format!(
+                    "SyncBatchNorm normalises over the global batch, shuffle_bn {} over groups of it: \
+                     choose one",
+                    self.shuffle_bn
+                ),
+            );
+        }
+        if self.dist_shuffle_bn && (self.sync_bn || self.shuffle_bn > 1) {
+            return bad(
+                "dist_shuffle_bn",
+                format!(
+                    "shuffle BN across ranks goes with neither sync_bn ({}) nor shuffle_bn {} on \
+                     one process: choose one",
+                    self.sync_bn, self.shuffle_bn
                 ),
             );
         }
@@ -1172,6 +1206,29 @@ mod tests {
     fn parse(text: &str, ov: &[&str]) -> Result<PretrainConfig> {
         let ov: Vec<String> = ov.iter().map(|s| s.to_string()).collect();
         PretrainConfig::from_text(text, false, Path::new("t.yaml"), &ov)
+    }
+
+    #[test]
+    fn data_parallel_batch_norm_switches() {
+        let c = parse("", &[]).unwrap();
+        assert!(!c.sync_bn && !c.dist_shuffle_bn, "off by default");
+        let c = parse("sync_bn: true\n", &[]).unwrap();
+        assert!(c.sync_bn);
+        assert!(c.to_yaml().unwrap().contains("sync_bn: true"));
+        let c = parse("", &["dist_shuffle_bn=true"]).unwrap();
+        assert!(c.dist_shuffle_bn);
+        assert!(c.to_yaml().unwrap().contains("dist_shuffle_bn: true"));
+        for ov in [
+            &["sync_bn=true", "shuffle_bn=2"][..],
+            &["dist_shuffle_bn=true", "sync_bn=true"],
+            &["dist_shuffle_bn=true", "shuffle_bn=2"],
+        ] {
+            let e = parse("", ov).unwrap_err().to_string();
+            assert!(
+                e.contains("sync_bn") || e.contains("shuffle_bn"),
+                "{ov:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl BatchNorm {
     }
 
     fn forward_act(&self, x: &Tensor, train: bool, relu: bool, kernels: &Kernels) -> Tensor {
+        if let (true, Some(group)) = (train, &self.sync) {
+            let mut y = self.forward_sync(x, group);
+            if relu {
+                let _ = y.relu_(); // the SyncBatchNorm backward does not need its output
+            }
+            return y;
+        }
         if train {
             match bn_train(x, self, relu, kernels) {
                 Ok(y) => return y,
@@ -139,6 +146,10 @@ pub fn bn_dropout_add_relu(
     train: bool,
     kernels: &Kernels,
 ) -> Tensor {
+    if train && bn.sync.is_some() {
+        // SyncBatchNorm: the unfused sequence, its batch norm over every rank's batch.
+        return tail_native(y, bn, p, r, train, kernels);
+    }
     if train && y.device().is_cuda() {
         let r_fits = r.is_none_or(|r| {
             r.device() == y.device()

@@ -2,6 +2,8 @@
 //! running statistics as non-trainable buffers, convolution weights in the official shapes. The
 //! batch norm's dispatching forwards (fused ops or tch) are in `fused_bn.rs`, one level up: this
 //! module depends on nothing of the model.
+use crate::dist::ProcessGroup;
+use std::sync::Arc;
 use tch::nn::{Init, Path};
 use tch::{Kind, Tensor};
 
@@ -20,6 +22,9 @@ pub struct BatchNorm {
     pub running_mean: Tensor,
     pub running_var: Tensor,
     pub num_batches_tracked: Tensor,
+    /// SyncBatchNorm: with a group, train mode uses the statistics of every rank's batch
+    /// ([`ProcessGroup::sync_batch_norm`]); `None` (the default): this process's batch.
+    pub sync: Option<Arc<ProcessGroup>>,
 }
 
 impl BatchNorm {
@@ -47,6 +52,7 @@ impl BatchNorm {
             running_mean,
             running_var,
             num_batches_tracked,
+            sync: None,
         }
     }
 
@@ -67,6 +73,26 @@ impl BatchNorm {
             BN_EPS,
             true,
         )
+    }
+
+    /// Training-mode SyncBatchNorm over `group` (batch counter included). A failed collective
+    /// (a rank died, or the timeout) panics with the error, which names the silent ranks: a
+    /// forward has no error path, and the step cannot go on without the other ranks.
+    pub(crate) fn forward_sync(&self, x: &Tensor, group: &ProcessGroup) -> Tensor {
+        tch::no_grad(|| {
+            let _ = self.num_batches_tracked.shallow_clone().g_add_scalar_(1);
+        });
+        group
+            .sync_batch_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                &self.running_mean,
+                &self.running_var,
+                BN_MOMENTUM,
+                BN_EPS,
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -103,6 +129,7 @@ impl BatchNorm {
             running_mean: self.running_mean.shallow_clone(),
             running_var: self.running_var.shallow_clone(),
             num_batches_tracked: self.num_batches_tracked.shallow_clone(),
+            sync: self.sync.clone(),
         }
     }
 }
