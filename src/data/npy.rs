@@ -80,12 +80,12 @@ impl Dtype {
         !matches!(self, Dtype::F32 | Dtype::F64)
     }
     fn from_descr(descr: &str) -> Option<Dtype> {
-        let (order, code) = descr.split_at(descr.len().min(1));
-        let code = match order {
-            "<" | "|" | "=" => code,
+        // (Not `split_at(1)`: a descr may start with a multi-byte character; found by cargo fuzz.)
+        let code = match descr.strip_prefix(['<', '|', '=']) {
+            Some(code) => code,
             // Big-endian data is not supported (no producer of skeleton data writes it).
-            ">" => return None,
-            _ => descr,
+            None if descr.starts_with('>') => return None,
+            None => descr,
         };
         Some(match code {
             "f4" => Dtype::F32,
