@@ -51,6 +51,10 @@ pub struct AugmentConfig {
     /// resized to T by linear interpolation (applied first among the extras).
     #[serde(default)]
     pub crop_resize: f64,
+    /// Bone-length jitter amplitude (applied by the loader, which knows the skeleton: see
+    /// [`BoneTree`] and [`apply_bone_length`]).
+    #[serde(default)]
+    pub bone_length: f64,
 }
 
 impl Default for AugmentConfig {
@@ -65,6 +69,7 @@ impl Default for AugmentConfig {
             axis_mask: 0.0,
             joint_mask: 0.0,
             crop_resize: 0.0,
+            bone_length: 0.0,
         }
     }
 }
@@ -88,6 +93,7 @@ impl AugmentConfig {
             || self.axis_mask > 0.0
             || self.joint_mask > 0.0
             || self.crop_resize > 0.0
+            || self.bone_length > 0.0
     }
 
     /// Whether the shear step runs.
@@ -320,6 +326,80 @@ pub fn apply_extras(out: &mut [f32], shape: [usize; 4], cfg: &AugmentConfig, rng
                     for b in 0..m {
                         out[idx(ch, f, j, b)] = 0.0;
                     }
+                }
+            }
+        }
+    }
+}
+
+/// A layout's joints as a tree hanging from its centre joint, for [`apply_bone_length`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoneTree {
+    /// Parent of each joint towards the centre (the centre is its own parent; a joint the edges
+    /// do not reach also maps to itself and keeps its position).
+    pub parent: Vec<usize>,
+    /// The joints in breadth-first order from the centre (parents before children).
+    pub order: Vec<usize>,
+}
+
+impl BoneTree {
+    /// The tree of `num_joints` joints with `edges`, rooted at `center`.
+    pub fn new(num_joints: usize, edges: &[(usize, usize)], center: usize) -> Self {
+        let mut parent: Vec<usize> =
+            crate::data::layout::parents_towards(num_joints, edges, center);
+        let mut depth = vec![usize::MAX; num_joints];
+        for (j, p) in parent.iter_mut().enumerate() {
+            if *p == usize::MAX {
+                *p = j;
+            }
+        }
+        let mut order = vec![center];
+        depth[center] = 0;
+        let mut i = 0;
+        while i < order.len() {
+            let u = order[i];
+            for (w, &p) in parent.iter().enumerate() {
+                if p == u && w != u && depth[w] == usize::MAX {
+                    depth[w] = depth[u] + 1;
+                    order.push(w);
+                }
+            }
+            i += 1;
+        }
+        BoneTree { parent, order }
+    }
+}
+
+/// Bone-length jitter of one augmented view `out` (`C x T x V x M`): each bone `j -> parent(j)`
+/// gets a factor uniform in `[1 - amplitude, 1 + amplitude]` (one draw per joint, in joint order,
+/// shared by every frame and body), and every frame of every body is rebuilt from the centre
+/// outwards: `p'(j) = p'(parent) + factor_j (p(j) - p(parent))`. An absent (all-zero) body stays
+/// zero. Draws nothing when `amplitude` is 0.
+pub fn apply_bone_length(
+    out: &mut [f32],
+    shape: [usize; 4],
+    tree: &BoneTree,
+    amplitude: f64,
+    rng: &mut impl Rng,
+) {
+    if amplitude <= 0.0 {
+        return;
+    }
+    let [c, t, v, m] = shape;
+    let factor: Vec<f32> = (0..v)
+        .map(|_| (1.0 - amplitude + 2.0 * amplitude * rng.gen::<f64>()) as f32)
+        .collect();
+    let idx = |ch: usize, f: usize, j: usize, b: usize| ((ch * t + f) * v + j) * m + b;
+    let mut old = vec![0f32; v];
+    for ch in 0..c {
+        for f in 0..t {
+            for b in 0..m {
+                for (j, o) in old.iter_mut().enumerate() {
+                    *o = out[idx(ch, f, j, b)];
+                }
+                for &j in tree.order.iter().skip(1) {
+                    let p = tree.parent[j];
+                    out[idx(ch, f, j, b)] = out[idx(ch, f, p, b)] + factor[j] * (old[j] - old[p]);
                 }
             }
         }
@@ -683,5 +763,63 @@ mod tests {
         };
         let y = augment(&x, SHAPE, &blur, &mut rng);
         assert!(y.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn bone_length_scales_each_bone_and_keeps_the_centre() {
+        use crate::data::layout::Layout;
+        let layout = Layout::ntu25();
+        let tree = BoneTree::new(25, &layout.edges, layout.center);
+        assert_eq!(tree.order.len(), 25);
+        assert_eq!(tree.order[0], layout.center);
+        // Parents come before their children.
+        for (i, &j) in tree.order.iter().enumerate() {
+            let p = tree.parent[j];
+            assert!(j == layout.center || tree.order[..i].contains(&p));
+        }
+        let shape = [3, 4, 25, 2];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut x: Vec<f32> = (0..3 * 4 * 25 * 2)
+            .map(|_| rng.gen_range(-1.0..1.0))
+            .collect();
+        // Body 1 absent.
+        let idx = |ch: usize, f: usize, j: usize, b: usize| ((ch * 4 + f) * 25 + j) * 2 + b;
+        for ch in 0..3 {
+            for f in 0..4 {
+                for j in 0..25 {
+                    x[idx(ch, f, j, 1)] = 0.0;
+                }
+            }
+        }
+        let mut same = x.clone();
+        apply_bone_length(&mut same, shape, &tree, 0.0, &mut rng.clone());
+        assert_eq!(same, x);
+        let mut y = x.clone();
+        apply_bone_length(&mut y, shape, &tree, 0.3, &mut rng);
+        let bone = |d: &[f32], f: usize, j: usize| -> [f32; 3] {
+            let p = tree.parent[j];
+            [0, 1, 2].map(|ch| d[idx(ch, f, j, 0)] - d[idx(ch, f, p, 0)])
+        };
+        for j in 0..25 {
+            if j == layout.center {
+                for ch in 0..3 {
+                    assert_eq!(y[idx(ch, 0, j, 0)], x[idx(ch, 0, j, 0)]);
+                }
+                continue;
+            }
+            // One factor per bone, the same in every frame, in [0.7, 1.3]; direction kept.
+            let k0 = bone(&y, 0, j)[0] / bone(&x, 0, j)[0];
+            assert!((0.7..=1.3).contains(&k0), "{k0}");
+            for f in 0..4 {
+                let (a, b) = (bone(&x, f, j), bone(&y, f, j));
+                for ch in 0..3 {
+                    assert!((b[ch] - k0 * a[ch]).abs() < 1e-4, "joint {j} frame {f}");
+                }
+            }
+        }
+        assert!(
+            (0..3 * 4 * 25).all(|i| y[2 * i + 1] == 0.0),
+            "absent body stays zero"
+        );
     }
 }

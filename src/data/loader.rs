@@ -20,7 +20,7 @@
 //! a pinned block and hands the block out again only after that copy has finished, so dropping a
 //! batch right after starting its copy is safe. On a CPU target nothing is pinned (and no CUDA
 //! call is made).
-use crate::data::augment::{augment_into, AugmentConfig};
+use crate::data::augment::{apply_bone_length, augment_into, AugmentConfig, BoneTree};
 use crate::data::dataset::SkeletonDataset;
 use crate::error::{Error, Result};
 use rand::seq::SliceRandom;
@@ -315,6 +315,8 @@ pub fn shard_batches_per_epoch(n: usize, cfg: &LoaderConfig, shard: Shard) -> us
 
 /// What every worker shares.
 struct Plan {
+    /// The skeleton tree for the bone-length jitter (`None` when it is off).
+    bone_tree: Option<BoneTree>,
     dataset: Arc<SkeletonDataset>,
     cfg: LoaderConfig,
     epoch: usize,
@@ -363,6 +365,10 @@ impl Plan {
                         let mut rng = sample_rng(self.cfg.seed, self.epoch, start + row);
                         for buf in bufs.iter_mut() {
                             augment_into(x, shape, aug, &mut rng, &mut buf[span.clone()]);
+                            if let Some(tree) = &self.bone_tree {
+                                let view = &mut buf[span.clone()];
+                                apply_bone_length(view, shape, tree, aug.bone_length, &mut rng);
+                            }
                         }
                     }
                 }
@@ -483,7 +489,15 @@ fn start_loader(
     }
     let end = shard_batches_per_epoch(dataset.len(), cfg, shard);
     let order = epoch_order(dataset.len(), cfg, epoch);
+    let bone_tree = cfg.augment.filter(|a| a.bone_length > 0.0).map(|_| {
+        BoneTree::new(
+            dataset.layout.num_joints(),
+            &dataset.layout.edges,
+            dataset.layout.center,
+        )
+    });
     let plan = Arc::new(Plan {
+        bone_tree,
         dataset,
         cfg: cfg.clone(),
         epoch,

@@ -375,6 +375,12 @@ pub struct FeederArgs {
     /// it back to T by linear interpolation; 0 = off.
     #[serde(deserialize_with = "de_f64")]
     pub crop_resize: f64,
+    /// Bone-length jitter: every bone (joint to its parent towards the layout's centre) of a view
+    /// is scaled by its own factor, uniform in `[1 - bone_length, 1 + bone_length]`, for the
+    /// whole sequence, and the skeleton is rebuilt from the centre; changes the body proportions
+    /// that tell instances apart without telling classes apart. 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub bone_length: f64,
 }
 
 impl Default for FeederArgs {
@@ -392,6 +398,7 @@ impl Default for FeederArgs {
             axis_mask: 0.0,
             joint_mask: 0.0,
             crop_resize: 0.0,
+            bone_length: 0.0,
         }
     }
 }
@@ -409,6 +416,7 @@ impl FeederArgs {
             axis_mask: self.axis_mask,
             joint_mask: self.joint_mask,
             crop_resize: self.crop_resize,
+            bone_length: self.bone_length,
         }
     }
 }
@@ -962,6 +970,12 @@ impl PretrainConfig {
             if !(0.0..=1.0).contains(&v) {
                 return bad(k, format!("{v} must be a probability in [0, 1]"));
             }
+        }
+        if !(0.0..1.0).contains(&f.bone_length) {
+            return bad(
+                "train_feeder_args.bone_length",
+                format!("{} must be in [0, 1) (0 = off)", f.bone_length),
+            );
         }
         if !(0.0..=1.0).contains(&f.crop_resize) {
             return bad(
