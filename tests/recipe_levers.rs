@@ -13,7 +13,7 @@ use crossclr::train::config::{InitScheme, LrSchedule, Negatives, PretrainConfig}
 use crossclr::train::pretrain::run_with;
 use tch::{Device, Kind, Tensor};
 
-const ALL_LEVERS: [&str; 15] = [
+const ALL_LEVERS: [&str; 16] = [
     "init=pytorch",
     "negatives=both",
     "head_bn=true",
@@ -28,6 +28,7 @@ const ALL_LEVERS: [&str; 15] = [
     "train_feeder_args.axis_mask=0.3",
     "train_feeder_args.joint_mask=0.1",
     "train_feeder_args.crop_resize=0.5",
+    "train_feeder_args.bone_length=0.2",
     "diagnostics.interval=0",
 ];
 
@@ -51,6 +52,7 @@ fn invalid_lever_values_are_errors() {
         "train_feeder_args.flip=1.5",
         "train_feeder_args.crop_resize=-0.1",
         "train_feeder_args.rotation=-5",
+        "train_feeder_args.bone_length=1",
     ] {
         let ov = [
             format!("work_dir={}", dir.path().display()),
