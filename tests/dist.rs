@@ -811,6 +811,30 @@ fn wait_for_text(file: &std::path::Path, text: &str, limit: Duration) {
     }
 }
 
+/// Starts the 2 ranks of a `crossclr pretrain` of `config` on the CPU (torchrun variables, a free
+/// TCP port, 1 thread each, `--dist-timeout` seconds), their output piped.
+fn spawn_two_ranks(config: &std::path::Path, dist_timeout: u64) -> Vec<std::process::Child> {
+    let port = free_port().to_string();
+    (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_crossclr"))
+                .args(["pretrain", "--quiet", "--device", "cpu", "--dist-timeout"])
+                .arg(dist_timeout.to_string())
+                .arg("-c")
+                .arg(config)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("OMP_NUM_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// A rank killed (SIGKILL) in the middle of a 2-rank `crossclr pretrain` ends the job: the other
 /// rank exits non-zero within seconds (far below `--dist-timeout`) with an error that names the
 /// dead rank, instead of hanging.
@@ -822,31 +846,7 @@ fn a_killed_rank_ends_the_job_with_an_error_naming_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (config, work) = synth_run(dir.path(), 1000, "");
-    let port = free_port().to_string();
-    let mut children: Vec<_> = (0..2)
-        .map(|rank| {
-            Command::new(env!("CARGO_BIN_EXE_crossclr"))
-                .args([
-                    "pretrain",
-                    "--quiet",
-                    "--device",
-                    "cpu",
-                    "--dist-timeout",
-                    "120",
-                    "-c",
-                ])
-                .arg(&config)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut children = spawn_two_ranks(&config, 120);
     // Mid-run: rank 0 has logged a step of epoch 2.
     wait_for_text(
         &work.join("log.txt"),
@@ -1004,31 +1004,7 @@ fn a_stopped_rank_ends_the_job_after_the_timeout_naming_it() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (config, work) = synth_run(dir.path(), 1000, "");
-    let port = free_port().to_string();
-    let mut children: Vec<_> = (0..2)
-        .map(|rank| {
-            Command::new(env!("CARGO_BIN_EXE_crossclr"))
-                .args([
-                    "pretrain",
-                    "--quiet",
-                    "--device",
-                    "cpu",
-                    "--dist-timeout",
-                    "10",
-                    "-c",
-                ])
-                .arg(&config)
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("OMP_NUM_THREADS", "1")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut children = spawn_two_ranks(&config, 10);
     wait_for_text(
         &work.join("log.txt"),
         "epoch 2 step 1/",
