@@ -172,7 +172,7 @@ impl Pretrainer {
         let skip = self.numerics.non_finite == NonFinitePolicy::Skip;
         let device = self.model.vs_q.device();
         // The model's floating dtype (float32, or float64 after `vs_q.double()`).
-        let kind = self.model.trainable().first().map(|(_, p)| p.kind());
+        let kind = self.opt.params().first().map(|(_, p)| p.kind());
         let (x_q, x_k) = match kind {
             Some(tch::Kind::Double) => (
                 x_q.to_kind(tch::Kind::Double).to_device(device),
@@ -232,11 +232,13 @@ impl Pretrainer {
         out.loss
             .f_backward()
             .map_err(|e| Error::Other(format!("backward: {e}")))?;
-        let named_grads: Vec<(String, Tensor)> = self
-            .model
-            .trainable()
-            .into_iter()
-            .map(|(n, p)| (n, p.grad()))
+        // (parameter index in optimizer order, its gradient), for the parameters that have one.
+        let named_grads: Vec<(usize, Tensor)> = self
+            .opt
+            .params()
+            .iter()
+            .map(|(_, p)| p.grad())
+            .enumerate()
             .filter(|(_, g)| g.defined())
             .collect();
         if std::mem::take(&mut self.poison_next_grad) {
@@ -254,7 +256,7 @@ impl Pretrainer {
             let culprit = numerics::first_non_finite(
                 named_grads
                     .iter()
-                    .map(|(n, g)| (format!("the gradient of {n}"), g)),
+                    .map(|(i, g)| (format!("the gradient of {}", self.opt.params()[*i].0), g)),
             )
             .unwrap_or_else(|| "the gradient sums overflow".into());
             let what = format!(

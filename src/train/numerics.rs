@@ -37,6 +37,12 @@ pub fn count_non_finite(t: &Tensor) -> i64 {
     t.isfinite().logical_not().sum(Kind::Int64).int64_value(&[])
 }
 
+/// Per row of `x` (N, ...): whether it holds a NaN or Inf. One host sync.
+pub fn non_finite_rows(x: &Tensor) -> Vec<bool> {
+    let rows = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
+    Vec::<bool>::try_from(&rows).unwrap_or_default()
+}
+
 /// `"<name> (n of N values NaN or Inf)"` for the first of `named` holding a non-finite value.
 pub fn first_non_finite<'a>(
     named: impl IntoIterator<Item = (String, &'a Tensor)>,
@@ -73,11 +79,11 @@ pub fn locate(model: &SslModel, inputs: &[(&str, &Tensor)], keys: &[Tensor]) -> 
     let batch = inputs.iter().find_map(|(name, x)| {
         let n = count_non_finite(x);
         (n > 0).then(|| {
-            let per_sample = x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
-            let samples: Vec<i64> = Vec::<i64>::try_from(
-                per_sample.nonzero().flatten(0, -1).to_kind(Kind::Int64),
-            )
-            .unwrap_or_default();
+            let samples: Vec<usize> = non_finite_rows(x)
+                .iter()
+                .enumerate()
+                .filter_map(|(i, bad)| bad.then_some(i))
+                .collect();
             let shown: Vec<String> = samples.iter().take(8).map(|i| i.to_string()).collect();
             format!(
                 "the input batch {name} ({n} values NaN or Inf, in batch positions [{}{}]: the data \

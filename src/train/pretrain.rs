@@ -694,15 +694,15 @@ impl Run {
     /// `"; dataset samples [i (name), ...] of <file> hold NaN or Inf"` for the samples of the batch whose
     /// (augmented) views hold non-finite values (`indices`: the batch's dataset indices), or "".
     fn bad_samples(&self, x_q: &Tensor, x_k: &Tensor, indices: &[usize]) -> String {
-        let per_sample = |x: &Tensor| x.isfinite().logical_not().flatten(1, -1).any_dim(1, false);
-        let bad = per_sample(x_q).logical_or(&per_sample(x_k));
-        let Ok(flags) = Vec::<bool>::try_from(&bad) else {
-            return String::new();
-        };
-        let found: Vec<usize> = flags
+        let (q, k) = (
+            numerics::non_finite_rows(x_q),
+            numerics::non_finite_rows(x_k),
+        );
+        let found: Vec<usize> = q
             .iter()
+            .zip(&k)
             .zip(indices)
-            .filter(|(b, _)| **b)
+            .filter(|((bq, bk), _)| **bq || **bk)
             .map(|(_, i)| *i)
             .collect();
         if found.is_empty() {
