@@ -3,22 +3,13 @@
 //! resumes exactly; `non_finite: skip` skips the step without a trace in the model and counts it;
 //! a loss above the divergence bound is reported (or stops the run).
 mod common;
-use common::{opts, serial, tiny_config, tiny_data};
+use common::{batch_of as batch, opts, serial, tiny_config, tiny_data};
 use crossclr::data::SkeletonDataset;
 use crossclr::ssl::Pretrainer;
 use crossclr::train::config::PretrainConfig;
 use crossclr::train::pretrain::{run_with, NanInjection, RunOptions};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-fn batch(ds: &SkeletonDataset, from: usize, n: usize) -> Tensor {
-    let mut v = Vec::new();
-    for i in from..from + n {
-        v.extend_from_slice(ds.sample(i));
-    }
-    let s = ds.sample_shape();
-    Tensor::from_slice(&v).view([n as i64, s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64])
-}
 
 fn injected(ds: &std::sync::Arc<SkeletonDataset>, spec: &str) -> RunOptions {
     RunOptions {

@@ -14,12 +14,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 fn fixed_batch(ds: &SkeletonDataset, n: usize) -> Tensor {
-    let mut v = Vec::new();
-    for i in 0..n {
-        v.extend_from_slice(ds.sample(i));
-    }
-    let s = ds.sample_shape();
-    Tensor::from_slice(&v).view([n as i64, s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64])
+    common::batch_of(ds, 0, n)
 }
 
 /// With the queue held fixed, repeated SGD steps on one batch lower the loss (both phases).

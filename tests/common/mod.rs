@@ -63,3 +63,13 @@ pub fn opts(ds: &Arc<SkeletonDataset>) -> RunOptions {
         ..Default::default()
     }
 }
+
+/// Samples `from..from + n` of `ds` as one batch (n, C, T, V, M).
+pub fn batch_of(ds: &SkeletonDataset, from: usize, n: usize) -> tch::Tensor {
+    let mut v = Vec::new();
+    for i in from..from + n {
+        v.extend_from_slice(ds.sample(i));
+    }
+    let s = ds.sample_shape();
+    tch::Tensor::from_slice(&v).view([n as i64, s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64])
+}
