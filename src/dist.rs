@@ -12,7 +12,8 @@
 //! `crossclr launch` starts such ranks locally): `ssl::Pretrainer::join_group` for the step,
 //! `data::loader::Shard` for the batches, [`ProcessGroup::sync_batch_norm`] for `sync_bn: true`.
 //! A failed collective names the ranks whose heartbeat stopped (dead, killed or stopped). Not
-//! built yet: NCCL, collectives in the fast / CUDA-graph step, shuffle BN across ranks.
+//! The eager fast step joins the same collectives (`gpu::FastStep::join_group`). Not built yet:
+//! NCCL, collectives in the CUDA-graph step.
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -5,6 +5,7 @@
 mod common;
 use crossclr::data::loader::{try_epoch_shard_in, HostMemory, Shard};
 use crossclr::dist::{self, ProcessGroup, Rendezvous, Store};
+use crossclr::gpu::{FastStep, SgdConfig};
 use crossclr::model::kernels::Switch;
 use crossclr::ssl::Pretrainer;
 use crossclr::train::config::PretrainConfig;
@@ -71,6 +72,17 @@ fn two_rank_sync_bn_epochs_equal_the_one_process_epochs() {
 #[test]
 fn two_rank_shuffle_bn_equals_one_process_shuffle_bn_in_two_groups() {
     run_two_ranks("dist_shuffle_bn_worker");
+}
+
+/// The fast step (`gpu::FastStep`, `step_impl: fast`) under data parallelism: on 2 ranks it
+/// trains exactly as the reference step does on 2 ranks (float64, 2 epochs of CrosSCLR-2 across
+/// the phase switch, dropout on, the same torch seed per step): losses (the mean over the ranks),
+/// every parameter, key parameter and batch-norm buffer, the queues and their pointer, to 1e-10;
+/// with the running statistics averaged (default), with `sync_bn` and with `dist_shuffle_bn`.
+/// The queues are identical on both ranks.
+#[test]
+fn two_rank_fast_step_equals_two_rank_reference_step() {
+    run_two_ranks("dist_fast_step_worker");
 }
 
 /// Starts this test binary as rank 0 and rank 1 of `worker` and checks both succeed in time.
@@ -902,6 +914,57 @@ fn launch_runs_two_ranks_of_pretrain() {
     assert!(resolved.contains("sync_bn: true"), "{resolved}");
 }
 
+/// `crossclr launch --nproc 2 -- pretrain` with `step_impl: fast` (the eager fast step with its
+/// collectives) trains as the same launch with the reference step: the log names the fast step,
+/// and the epoch losses in metrics.jsonl agree to float32 rounding (1e-4 relative; the two steps
+/// differ only in float32 summation order).
+#[test]
+fn launch_trains_two_ranks_with_the_fast_step() {
+    if !dist::available() || crossclr::gpu::shim_status() == crossclr::gpu::ShimStatus::Missing {
+        eprintln!("skipping: built without the Gloo headers or the C++ shim");
+        return;
+    }
+    let losses = |step_impl: &str| -> (Vec<f64>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, work) = synth_run(dir.path(), 2, &format!("step_impl: {step_impl}\n"));
+        let child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+            .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
+            .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (ok, text) = wait_all(vec![child], Duration::from_secs(300))
+            .pop()
+            .unwrap();
+        assert!(ok, "launch ({step_impl}) failed:\n{text}");
+        let jsonl = std::fs::read_to_string(work.join("metrics.jsonl")).unwrap();
+        let losses = jsonl
+            .lines()
+            .map(|l| {
+                let row: serde_json::Value = serde_json::from_str(l).unwrap();
+                row["loss"].as_f64().unwrap()
+            })
+            .collect();
+        (
+            losses,
+            std::fs::read_to_string(work.join("log.txt")).unwrap(),
+        )
+    };
+    let (fast, log) = losses("fast");
+    let (reference, _) = losses("reference");
+    assert!(log.contains("step fast"), "{log}");
+    assert_eq!(fast.len(), 2, "{log}");
+    assert_eq!(fast.len(), reference.len());
+    for (a, b) in fast.iter().zip(&reference) {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "fast {fast:?} vs reference {reference:?}"
+        );
+    }
+}
+
 /// A rank of `crossclr launch` killed mid-run (SIGKILL): the launch exits non-zero within the
 /// grace period, naming the rank and how it ended; the surviving rank's own error (forwarded with
 /// its prefix) names the dead rank too.
@@ -1032,4 +1095,123 @@ fn a_stopped_rank_ends_the_job_after_the_timeout_naming_it() {
         took >= Duration::from_secs(5),
         "no timeout was waited for: {took:?}"
     );
+}
+
+/// One rank of [`two_rank_fast_step_equals_two_rank_reference_step`].
+#[test]
+fn dist_fast_step_worker() {
+    let Some(pg) = worker_group() else { return };
+    if crossclr::gpu::shim_status() == crossclr::gpu::ShimStatus::Missing {
+        // Both ranks see the same binary: both skip.
+        println!("skipping: built without the C++ shim; rank worker ok");
+        return;
+    }
+    let rank = pg.rank();
+    let shard = Shard { rank, world: 2 };
+    let ds = common::tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    for extra in ["sync_bn=false", "sync_bn=true", "dist_shuffle_bn=true"] {
+        let cfg = common::tiny_config("crossclr2", dir.path(), &[extra]);
+        let build = || {
+            tch::manual_seed(11 + rank as i64);
+            let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
+            t.model.vs_q.double();
+            t.model.vs_k.double();
+            t.join_group(Arc::clone(&pg)).unwrap();
+            t
+        };
+        let batches = |epoch: usize| {
+            let mut loader = loader_config(&cfg);
+            loader.batch_size = cfg.batch_size / 2;
+            try_epoch_shard_in(Arc::clone(&ds), &loader, epoch, shard, HostMemory::Pageable)
+                .unwrap()
+                .map(|b| {
+                    (
+                        b.views[0].to_kind(Kind::Double),
+                        b.views[1].to_kind(Kind::Double),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        // Reference step, 2 ranks.
+        let mut reference = build();
+        let mut want = Vec::new();
+        for epoch in 1..=2 {
+            for (i, (q, k)) in batches(epoch).iter().enumerate() {
+                tch::manual_seed(1000 * epoch as i64 + i as i64);
+                want.push(reference.train_step(q, k, epoch).unwrap().loss);
+            }
+        }
+        // Fast step, 2 ranks.
+        let trainer = build();
+        let sgd = SgdConfig {
+            momentum: cfg.sgd_momentum,
+            weight_decay: cfg.weight_decay,
+        };
+        let local = (cfg.batch_size / 2) as i64;
+        let mut fast = FastStep::new(&trainer.model, local, cfg.base_lr, sgd).unwrap();
+        fast.join_group(
+            &trainer.model,
+            Arc::clone(&pg),
+            trainer.sync_bn,
+            trainer.dist_shuffle_bn,
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        for epoch in 1..=2 {
+            let cross = trainer.model.is_cross_epoch(epoch);
+            for (i, (q, k)) in batches(epoch).iter().enumerate() {
+                tch::manual_seed(1000 * epoch as i64 + i as i64);
+                let l = fast.step_with_views(&trainer.model, q, k, cross).unwrap();
+                let total = l.total.to_kind(Kind::Double).reshape([1]);
+                pg.all_reduce_mean_(std::slice::from_ref(&total)).unwrap();
+                got.push(total.double_value(&[0]));
+            }
+        }
+        println!("rank {rank} {extra}: reference {want:?}, fast {got:?}");
+        assert_eq!(want.len(), 4, "16 samples, global batch 8, 2 epochs");
+        assert_eq!(want.len(), got.len());
+        for (a, b) in want.iter().zip(&got) {
+            assert!(
+                (a - b).abs() <= 1e-10 * a.abs().max(1.0),
+                "{extra}: loss {a} vs {b}"
+            );
+        }
+        for (side, a, b) in [
+            ("query", &reference.model.vs_q, &trainer.model.vs_q),
+            ("key", &reference.model.vs_k, &trainer.model.vs_k),
+        ] {
+            if let Some((name, d, scale)) = first_difference(a, b, 1e-10) {
+                panic!("rank {rank} {extra}: {side} side {name} differs by {d:e} (scale {scale})");
+            }
+        }
+        let ptr = fast.queue_ptr().int64_value(&[0]) as usize;
+        assert_eq!(ptr, reference.model.queue_ptr(), "{extra}: queue pointer");
+        assert_eq!(
+            ptr,
+            (4 * 8) % 64,
+            "{extra}: the queue advances by the global batch"
+        );
+        for (a, b) in reference.model.branches.iter().zip(&trainer.model.branches) {
+            let d = (&a.queue.keys - &b.queue.keys)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(
+                d <= 1e-10,
+                "rank {rank} {extra}: {} queue differs by {d:e}",
+                a.view
+            );
+            // Identical on both ranks.
+            let both = pg.all_gather(&b.queue.keys.unsqueeze(0)).unwrap();
+            let across = (both.get(0) - both.get(1)).abs().max().double_value(&[]);
+            assert_eq!(
+                across, 0.0,
+                "{extra}: {} queues differ across ranks",
+                a.view
+            );
+        }
+    }
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
 }

@@ -22,8 +22,10 @@
 use super::ops::{ema_, FusedSgd, SgdConfig};
 use super::streams::SideStreams;
 use crate::data::views::{motion, View};
+use crate::dist::ProcessGroup;
 use crate::error::{Error, Result};
-use crate::ssl::model::SslModel;
+use crate::ssl::model::{shuffled_key_across_ranks, SslModel};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// See the module docs. Built for one batch size (the queue pointer advances by it).
@@ -46,6 +48,22 @@ pub struct FastStep {
     /// Side streams for the query and key passes of each view (CUDA only; [`SideStreams`], as
     /// many as the model's `kernels.view_streams` asks).
     streams: Option<SideStreams>,
+    /// Data parallelism ([`FastStep::join_group`]); `None` in a single-process run.
+    data_parallel: Option<DataParallel>,
+}
+
+/// What a data-parallel [`FastStep`] adds to the step: the same collectives, in the same places,
+/// as the reference step (`ssl::trainer::Pretrainer::train_step`).
+struct DataParallel {
+    group: Arc<ProcessGroup>,
+    /// (B x world,) i64 `0..B x world` on the device: the gathered keys' queue offsets.
+    arange_global: Tensor,
+    /// The batch-norm running statistics (query and key encoders, name order) averaged over the
+    /// ranks after every step; empty with SyncBatchNorm (whose statistics agree already).
+    running_statistics: Vec<Tensor>,
+    /// Shuffle BN across the ranks (`dist_shuffle_bn`): the key passes run on a permutation of
+    /// the global batch ([`shuffled_key_across_ranks`]).
+    shuffle: bool,
 }
 
 /// The losses of one step, detached, on the model's device (no host sync).
@@ -106,7 +124,64 @@ impl FastStep {
             params,
             names,
             streams,
+            data_parallel: None,
         })
+    }
+
+    /// Makes this step one rank of a data-parallel job, as `Pretrainer::join_group` does for the
+    /// reference step (call that first: it broadcasts rank 0's variables and installs
+    /// SyncBatchNorm). Every step then averages the gradients over the ranks before the SGD
+    /// update (one coalesced all-reduce), all-gathers every view's keys before the enqueue (the
+    /// queue advances by B x world, identically on every rank) and, without `sync_bn`, averages
+    /// the batch-norm running statistics after the update. `dist_shuffle_bn`: the key passes see
+    /// a permutation of the global batch, drawn at the reference step's point.
+    ///
+    /// The collectives need the host (Gloo stages CUDA tensors through it): a data-parallel step
+    /// is not capture-safe, so the training loop runs it eagerly (`step_impl: fast`).
+    pub fn join_group(
+        &mut self,
+        model: &SslModel,
+        group: Arc<ProcessGroup>,
+        sync_bn: bool,
+        shuffle: bool,
+    ) -> Result<()> {
+        let global = self.batch * group.world_size() as i64;
+        if self.queue_size % global != 0 {
+            return Err(Error::config(format!(
+                "queue_size {} must be a multiple of the global batch {global} ({} per rank x {} \
+                 ranks): every rank enqueues the keys of all ranks",
+                self.queue_size,
+                self.batch,
+                group.world_size()
+            )));
+        }
+        let running_statistics = if sync_bn {
+            Vec::new()
+        } else {
+            let mut out = Vec::new();
+            for vs in [&model.vs_q, &model.vs_k] {
+                let mut vars: Vec<(String, Tensor)> = vs
+                    .variables()
+                    .into_iter()
+                    .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+                    .collect();
+                vars.sort_by(|a, b| a.0.cmp(&b.0));
+                out.extend(vars.into_iter().map(|(_, t)| t));
+            }
+            out
+        };
+        self.data_parallel = Some(DataParallel {
+            arange_global: Tensor::arange(global, (Kind::Int64, self.device)),
+            group,
+            running_statistics,
+            shuffle,
+        });
+        Ok(())
+    }
+
+    /// The data-parallel group this step is a rank of, if any.
+    pub fn group(&self) -> Option<&Arc<ProcessGroup>> {
+        self.data_parallel.as_ref().map(|d| &d.group)
     }
 
     /// Sets the learning rate (device-side; valid across graph replays).
@@ -248,25 +323,36 @@ impl FastStep {
         let groups = model.spec.recipe.shuffle_bn;
         let perm =
             (groups > 1).then(|| Tensor::randperm(x_k.size()[0], (tch::Kind::Int64, x_k.device())));
+        // Shuffle BN across ranks: a permutation of the global batch, drawn at the same point as
+        // the reference step's (every rank draws, rank 0's is used).
+        let rank_perm = match &self.data_parallel {
+            Some(dp) if dp.shuffle => {
+                let global = x_k.size()[0] * dp.group.world_size() as i64;
+                let p = Tensor::randperm(global, (Kind::Int64, Device::Cpu));
+                dp.group.broadcast_(&p, 0)?;
+                Some((&dp.group, p.to_device(self.device)))
+            }
+            _ => None,
+        };
         let pass = |i: usize| -> Result<Tensor> {
             Ok(if i < n {
                 let b = &branches[i];
                 b.query_grouped(&self.view_input(b.view, x_q), Some(primary_q), groups)
             } else {
                 let b = &branches[i - n];
-                b.key_shuffled(
-                    &self.view_input(b.view, x_k),
-                    Some(primary_k),
-                    groups,
-                    perm.as_ref(),
-                )
+                let x_view = self.view_input(b.view, x_k);
+                match &rank_perm {
+                    Some((g, p)) => shuffled_key_across_ranks(b, &x_view, primary_k, g, p)?,
+                    None => b.key_shuffled(&x_view, Some(primary_k), groups, perm.as_ref()),
+                }
             })
         };
         // Queries then keys, in view order (the reference's issue order, so the same dropout draws),
-        // each on its own side stream when the device has them.
+        // each on its own side stream when the device has them (not with collectives in the key
+        // passes: those run in order on the current stream).
         let mut passes = match &self.streams {
-            Some(streams) => streams.fork_join(2 * n, &[x_q, x_k], pass)?,
-            None => (0..2 * n).map(pass).collect::<Result<Vec<_>>>()?,
+            Some(streams) if rank_perm.is_none() => streams.fork_join(2 * n, &[x_q, x_k], pass)?,
+            _ => (0..2 * n).map(pass).collect::<Result<Vec<_>>>()?,
         };
         let ks = passes.split_off(n);
         let qs = passes;
@@ -282,16 +368,39 @@ impl FastStep {
             // Autograd ran each view's backward on its forward's stream; the update reads all grads.
             streams.join_all()?;
         }
+        if let Some(dp) = &self.data_parallel {
+            // The parameters that took part (a phase may leave some without a gradient).
+            let grads: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(Tensor::grad)
+                .filter(Tensor::defined)
+                .collect();
+            dp.group.all_reduce_mean_(&grads)?;
+        }
         self.opt.step()?;
+        if let Some(dp) = &self.data_parallel {
+            if !dp.running_statistics.is_empty() {
+                dp.group.all_reduce_mean_(&dp.running_statistics)?;
+            }
+        }
         tch::no_grad(|| -> Result<()> {
-            let idx = (&self.ptr + &self.arange_b).remainder(self.queue_size);
+            let (arange, advance) = match &self.data_parallel {
+                Some(dp) => (&dp.arange_global, self.batch * dp.group.world_size() as i64),
+                None => (&self.arange_b, self.batch),
+            };
+            let idx = (&self.ptr + arange).remainder(self.queue_size);
             for (b, k) in branches.iter().zip(&ks) {
+                let keys = match &self.data_parallel {
+                    Some(dp) => dp.group.all_gather(&k.detach())?,
+                    None => k.detach(),
+                };
                 let mut queue = b.queue.keys.shallow_clone();
-                let _ = queue.f_index_copy_(1, &idx, &k.detach().transpose(0, 1))?;
+                let _ = queue.f_index_copy_(1, &idx, &keys.transpose(0, 1))?;
             }
             let _ = self
                 .ptr
-                .f_add_scalar_(self.batch)?
+                .f_add_scalar_(advance)?
                 .f_remainder_(self.queue_size)?;
             Ok(())
         })?;

@@ -254,7 +254,7 @@ impl Run {
         let device = crate::device::parse_device(&device_name)?;
         let mut cfg = cfg.clone();
         cfg.kernels = cfg.kernels.resolved(device);
-        let shard = data_parallel_shard(&mut cfg, opts)?;
+        let shard = data_parallel_shard(&mut cfg, opts, device)?;
         let (step_impl, step_why) = if cfg.numerics.non_finite == NonFinitePolicy::Skip
             && cfg.step_impl == StepImpl::Auto
         {
@@ -457,7 +457,8 @@ impl Run {
 
     /// The fast step for `step_impl: fast | graph` (`None` for the reference step).
     fn fast_engine(&self, trainer: &Pretrainer, opts: &RunOptions) -> Result<Option<FastEngine>> {
-        let batch = self.cfg.batch_size as i64;
+        // This rank's share of the global batch (all of it without data parallelism).
+        let batch = (self.cfg.batch_size / self.shard.world) as i64;
         Ok(match self.step_impl {
             StepImpl::Fast => Some(FastEngine::new(trainer, &self.cfg, batch, None)?),
             StepImpl::Graph => {
@@ -934,10 +935,15 @@ fn open_dataset(
 }
 
 /// This process's share of every batch under data parallelism (`Shard::WHOLE` without): the
-/// global `batch_size` must split evenly over the ranks, and the step is the reference one (the
-/// fast and graph steps have no collectives yet; `auto` resolves to it, an explicit choice is
-/// refused).
-fn data_parallel_shard(cfg: &mut PretrainConfig, opts: &RunOptions) -> Result<Shard> {
+/// global `batch_size` must split evenly over the ranks. The step is the reference one or the
+/// eager fast step (`gpu::FastStep::join_group`); the CUDA graph cannot hold the host-side
+/// collectives, so `auto` resolves to `fast` on CUDA (with the shim) and to `reference` on CPU,
+/// and an explicit `graph` is refused.
+fn data_parallel_shard(
+    cfg: &mut PretrainConfig,
+    opts: &RunOptions,
+    device: tch::Device,
+) -> Result<Shard> {
     let Some(group) = &opts.group else {
         return Ok(Shard::WHOLE);
     };
@@ -949,13 +955,21 @@ fn data_parallel_shard(cfg: &mut PretrainConfig, opts: &RunOptions) -> Result<Sh
         )));
     }
     match cfg.step_impl {
-        StepImpl::Auto | StepImpl::Reference => cfg.step_impl = StepImpl::Reference,
-        other => {
-            return Err(Error::config(format!(
-                "step_impl {}: data-parallel runs use the reference step for now (the fast and \
-                 graph steps have no collectives yet); use step_impl=auto or reference",
-                other.name()
-            )))
+        StepImpl::Auto => {
+            let fast =
+                device.is_cuda() && crate::gpu::shim_status() != crate::gpu::ShimStatus::Missing;
+            cfg.step_impl = if fast {
+                StepImpl::Fast
+            } else {
+                StepImpl::Reference
+            };
+        }
+        StepImpl::Reference | StepImpl::Fast => {}
+        StepImpl::Graph => {
+            return Err(Error::config(
+                "step_impl graph: data-parallel runs cannot capture the step in a CUDA graph (the \
+                 Gloo collectives run on the host); use step_impl=fast, reference or auto",
+            ))
         }
     }
     Ok(Shard {

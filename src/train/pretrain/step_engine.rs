@@ -30,6 +30,7 @@ use crate::ssl::model::SslModel;
 use crate::ssl::trainer::{Pretrainer, NON_FINITE};
 use crate::train::config::{CudnnBenchmark, PretrainConfig, StepImpl, Tf32Mode};
 use crate::train::logger::RunLogger;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 /// Real steps run on the graph's side stream before each capture (PyTorch's recipe uses 3; they
@@ -221,6 +222,20 @@ impl FastEngine {
         };
         let mut step = FastStep::new(&trainer.model, batch, trainer.opt.lr, sgd)?;
         step.load_momentum_state(&trainer.opt.state())?;
+        if let Some(group) = &trainer.group {
+            if graph.is_some() {
+                return Err(Error::config(
+                    "step_impl: graph under data parallelism: the collectives (Gloo) run on the \
+                     host and cannot be captured in a CUDA graph; use step_impl=fast",
+                ));
+            }
+            step.join_group(
+                &trainer.model,
+                Arc::clone(group),
+                trainer.sync_bn,
+                trainer.dist_shuffle_bn,
+            )?;
+        }
         Ok(FastEngine {
             graph: graph.map(|o| GraphState {
                 captured: None,
@@ -334,15 +349,21 @@ impl FastEngine {
         if self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = Tensor::f_stack(&self.pending, 0)?.f_to_device(Device::Cpu)?;
+        let mut rows = Tensor::f_stack(&self.pending, 0)?.f_to_device(Device::Cpu)?;
         self.pending.clear();
+        if let Some(group) = self.step.group() {
+            // Every rank reads the mean over the ranks (what the reference step reports), so
+            // all see the same losses and stop together on a non-finite one.
+            rows = rows.f_to_kind(Kind::Double)?;
+            group.all_reduce_mean_(std::slice::from_ref(&rows))?;
+        }
         let width = rows.size()[1] as usize;
-        let values = Vec::<f32>::try_from(rows.f_flatten(0, -1)?)?;
+        let values = Vec::<f64>::try_from(rows.f_flatten(0, -1)?.f_to_kind(Kind::Double)?)?;
         Ok(values
             .chunks(width)
             .map(|r| HostLosses {
-                total: f64::from(r[0]),
-                views: r[1..].iter().map(|&v| f64::from(v)).collect(),
+                total: r[0],
+                views: r[1..].to_vec(),
             })
             .collect())
     }
