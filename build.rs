@@ -152,14 +152,30 @@ fn build_shim(libtorch: &Path, has_torch_cuda: bool) {
         println!("cargo:rustc-cfg=crossclr_no_shim");
         return;
     }
-    build_dist(&include);
+    build_dist(libtorch, &include, cuda.as_deref());
+}
+
+/// The NCCL headers of the wheel (`site-packages/nvidia/nccl/include`), else `$NCCL_HOME/include`,
+/// else the system's.
+fn nccl_include(libtorch: &Path) -> Option<PathBuf> {
+    let root = libtorch
+        .canonicalize()
+        .unwrap_or_else(|_| libtorch.to_path_buf());
+    let mut dirs = vec![root.join("..").join("nvidia").join("nccl").join("include")];
+    if let Ok(home) = std::env::var("NCCL_HOME") {
+        dirs.push(PathBuf::from(home).join("include"));
+    }
+    dirs.push(PathBuf::from("/usr/include"));
+    dirs.into_iter().find(|d| d.join("nccl.h").exists())
 }
 
 /// `csrc/dist.cpp` (c10d Gloo collectives for data-parallel training), as its own library so
 /// that a missing or unfitting Gloo header set disables only data parallelism: it needs the Gloo
 /// headers, which the torch wheel does not ship (Debian's `libgloo-dev`, installed by
 /// scripts/setup.sh, or a folder in `GLOO_INCLUDE`). Sets `--cfg crossclr_dist` when it builds.
-fn build_dist(include: &Path) {
+fn build_dist(libtorch: &Path, include: &Path, cuda: Option<&[PathBuf]>) {
+    println!("cargo:rerun-if-env-changed=NCCL_HOME");
+    println!("cargo:rerun-if-env-changed=CROSSCLR_NO_NCCL");
     let gloo = std::env::var_os("GLOO_INCLUDE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/include"));
@@ -170,26 +186,59 @@ fn build_dist(include: &Path) {
         );
         return;
     }
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .file("csrc/dist.cpp")
-        .include(include)
-        .include(include.join("torch/csrc/api/include"))
-        .include(&gloo)
-        .flag("-std=c++17")
-        .flag(format!(
-            "-D_GLIBCXX_USE_CXX11_ABI={}",
-            std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
-        ))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .flag("-DUSE_C10D_GLOO")
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false)
-        .opt_level(2)
-        .debug(false);
-    match build.try_compile("crossclr_dist") {
+    let build = |nccl: Option<(&[PathBuf], &Path)>| {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .file("csrc/dist.cpp")
+            .include(include)
+            .include(include.join("torch/csrc/api/include"))
+            .include(&gloo)
+            .flag("-std=c++17")
+            .flag(format!(
+                "-D_GLIBCXX_USE_CXX11_ABI={}",
+                std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into())
+            ))
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            .flag("-DUSE_C10D_GLOO")
+            .flag_if_supported("-Wno-unused-parameter")
+            .flag_if_supported("-Wno-deprecated-declarations")
+            .warnings(false)
+            .opt_level(2)
+            .debug(false);
+        if let Some((cuda, nccl)) = nccl {
+            build
+                .includes(cuda)
+                .include(nccl)
+                .define("USE_C10D_NCCL", None)
+                .define("CROSSCLR_DIST_NCCL", "1");
+        }
+        build.try_compile("crossclr_dist")
+    };
+    // NCCL (GPU collectives) when the CUDA runtime and NCCL headers are there; if that does not
+    // compile, Gloo alone (data parallelism on the CPU, and on CUDA through host staging).
+    let nccl = match (cuda, nccl_include(libtorch)) {
+        _ if std::env::var_os("CROSSCLR_NO_NCCL").is_some() => None,
+        (Some(cuda), Some(nccl)) => Some((cuda, nccl)),
+        _ => {
+            println!(
+                "cargo:warning=crossclr: CUDA runtime or NCCL headers not found: data parallelism without NCCL (Gloo only)"
+            );
+            None
+        }
+    };
+    if let Some((cuda, dir)) = &nccl {
+        match build(Some((cuda, dir))) {
+            Ok(()) => {
+                println!("cargo:rustc-cfg=crossclr_dist");
+                return;
+            }
+            Err(e) => println!(
+                "cargo:warning=crossclr: csrc/dist.cpp failed to compile with NCCL ({e}); building with Gloo only"
+            ),
+        }
+    }
+    match build(None) {
         Ok(()) => println!("cargo:rustc-cfg=crossclr_dist"),
         Err(e) => println!(
             "cargo:warning=crossclr: csrc/dist.cpp failed to compile ({e}); building without data parallelism"

@@ -1,5 +1,6 @@
-// Collectives of libtorch's own c10d for data-parallel training: a Gloo process group over a
-// FileStore or a TCPStore (torchrun's rendezvous), the few collectives the training step needs
+// Collectives of libtorch's own c10d for data-parallel training: a Gloo process group (or, when
+// built with NCCL, an NCCL one for CUDA tensors) over a FileStore or a TCPStore (torchrun's
+// rendezvous), the few collectives the training step needs
 // (broadcast, all-reduce SUM, all-gather into one flat tensor, barrier), and SyncBatchNorm (a
 // custom autograd function whose forward gathers the batch statistics of every rank and whose
 // backward all-reduces the gradient terms). Built only when the Gloo headers are found (Debian's
@@ -17,6 +18,12 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef CROSSCLR_DIST_NCCL
+// NCCL (GPU collectives): built when build.rs finds the CUDA runtime headers and the wheel's NCCL
+// headers (site-packages/nvidia/nccl/include) and the file compiles with them.
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -38,7 +45,8 @@ constexpr auto kProbe = std::chrono::milliseconds(3500);
 // needs the group).
 struct Group : torch::CustomClassHolder {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  // ProcessGroupGloo or ProcessGroupNCCL (the collectives used here are virtual on Backend).
+  c10::intrusive_ptr<c10d::Backend> pg;
   int rank = 0;
   int world = 1;
   std::thread beat;
@@ -227,32 +235,42 @@ struct SyncBn : public torch::autograd::Function<SyncBn> {
 
 }  // namespace
 
+namespace {
+
+// The rendezvous store, prefixed: a FileStore at `file` when it is non-null, else a TCPStore at
+// host:port (this process hosts it when `host_store` is non-zero: rank 0 without a torchrun agent).
+c10::intrusive_ptr<c10d::Store> open_store(const char *file, const char *host, int port, int host_store, int world,
+                                           std::chrono::milliseconds timeout, const char *op) {
+  c10::intrusive_ptr<c10d::Store> store;
+  if (file != nullptr) {
+    store = c10::make_intrusive<c10d::FileStore>(std::string(file), world);
+  } else {
+    TORCH_CHECK(host != nullptr, op, ": no FileStore path and no TCPStore host");
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<uint16_t>(port);
+    o.isServer = host_store != 0;
+    o.numWorkers = world;
+    o.waitWorkers = false;
+    o.timeout = timeout;
+    store = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
+  }
+  store->setTimeout(timeout);
+  return c10::make_intrusive<c10d::PrefixStore>("crossclr", store);
+}
+
+}  // namespace
+
 extern "C" {
 
-// A Gloo process group of `world` ranks, this one `rank`. Rendezvous: a FileStore at `file`
-// when it is non-null, else a TCPStore at host:port (this process hosts it when `host_store` is
-// non-zero: rank 0 without a torchrun agent). Collectives time out after `timeout_ms`.
+// A Gloo process group of `world` ranks, this one `rank`, meeting at the store of `open_store`.
+// Collectives time out after `timeout_ms`.
 int crossclr_dist_new_gloo(const char *file, const char *host, int port, int host_store, int rank, int world,
                            int64_t timeout_ms, void **out, char **err) {
   return crossclr::guarded(err, [&] {
     TORCH_CHECK(out != nullptr, "crossclr_dist_new_gloo: null output pointer");
     TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world);
     auto timeout = std::chrono::milliseconds(timeout_ms);
-    c10::intrusive_ptr<c10d::Store> store;
-    if (file != nullptr) {
-      store = c10::make_intrusive<c10d::FileStore>(std::string(file), world);
-    } else {
-      TORCH_CHECK(host != nullptr, "crossclr_dist_new_gloo: no FileStore path and no TCPStore host");
-      c10d::TCPStoreOptions o;
-      o.port = static_cast<uint16_t>(port);
-      o.isServer = host_store != 0;
-      o.numWorkers = world;
-      o.waitWorkers = false;
-      o.timeout = timeout;
-      store = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
-    }
-    store->setTimeout(timeout);
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("crossclr", store);
+    auto prefixed = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new_gloo");
     auto opts = c10d::ProcessGroupGloo::Options::create();
     opts->timeout = timeout;
     opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host != nullptr ? host : "127.0.0.1"));
@@ -263,6 +281,51 @@ int crossclr_dist_new_gloo(const char *file, const char *host, int port, int hos
     g->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, opts);
     g->start_heartbeat();
     *out = g.release();
+  });
+}
+
+// 1 when this library was built with NCCL.
+int crossclr_dist_has_nccl() {
+#ifdef CROSSCLR_DIST_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// An NCCL process group of `world` ranks, this one `rank`, for CUDA tensors on device
+// `cuda_index` (made the current device and the group's bound device: one GPU per rank). Store
+// as for Gloo; the collectives wait on the host (`work->wait()`) and time out after `timeout_ms`
+// (the NCCL watchdog aborts a hung communicator).
+int crossclr_dist_new_nccl(const char *file, const char *host, int port, int host_store, int rank, int world,
+                           int cuda_index, int64_t timeout_ms, void **out, char **err) {
+  return crossclr::guarded(err, [&] {
+    TORCH_CHECK(out != nullptr, "crossclr_dist_new_nccl: null output pointer");
+#ifdef CROSSCLR_DIST_NCCL
+    TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world);
+    const int devices = static_cast<int>(c10::cuda::device_count());
+    TORCH_CHECK(cuda_index >= 0 && cuda_index < devices, "NCCL: CUDA device ", cuda_index, " does not exist (",
+                devices, " visible)");
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_index));
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto prefixed = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new_nccl");
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = timeout;
+    auto g = c10::make_intrusive<Group>();
+    g->store = prefixed;
+    g->rank = rank;
+    g->world = world;
+    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world, opts);
+    pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_index)));
+    g->pg = pg;
+    g->start_heartbeat();
+    *out = g.release();
+#else
+    (void)file, (void)host, (void)port, (void)host_store, (void)rank, (void)world, (void)cuda_index,
+        (void)timeout_ms;
+    TORCH_CHECK(false, "this binary was built without NCCL (build.rs found no CUDA runtime or NCCL headers); "
+                       "use the Gloo backend (dist_backend: gloo)");
+#endif
   });
 }
 

@@ -11,6 +11,14 @@ if ! .venv/bin/python -c 'import torch, numpy; assert torch.__version__.split("+
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.11.0 numpy
 fi
+# The CCCL headers (libcu++'s nv/target) that the wheel's CUDA runtime headers include: needed to
+# compile the NCCL process group (csrc/dist.cpp); headers only, ~4 MB, the runtime's major.minor.
+# Optional: without them the build uses Gloo alone.
+CUDA_RT=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("nvidia-cuda-runtime"))' 2>/dev/null || true)
+if [ -n "$CUDA_RT" ] && ! .venv/bin/python -c 'import importlib.metadata as m; m.version("nvidia-cuda-cccl")' 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-deps "nvidia-cuda-cccl==${CUDA_RT%.*}.*" \
+    || echo "cccl headers: not installed (pip failed); building without NCCL (Gloo only)"
+fi
 TORCH_DIR=$(.venv/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 ln -sfn "$TORCH_DIR" .libtorch
 echo "libtorch: $(readlink .libtorch)"

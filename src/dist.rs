@@ -100,6 +100,20 @@ extern "C" {
         out: *mut *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
+    fn crossclr_dist_has_nccl() -> std::ffi::c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn crossclr_dist_new_nccl(
+        file: *const std::ffi::c_char,
+        host: *const std::ffi::c_char,
+        port: std::ffi::c_int,
+        host_store: std::ffi::c_int,
+        rank: std::ffi::c_int,
+        world: std::ffi::c_int,
+        cuda_index: std::ffi::c_int,
+        timeout_ms: i64,
+        out: *mut *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
     fn crossclr_dist_free(pg: *mut std::ffi::c_void);
     fn crossclr_dist_broadcast(
         pg: *mut std::ffi::c_void,
@@ -141,6 +155,36 @@ pub fn available() -> bool {
     cfg!(crossclr_dist)
 }
 
+/// Whether this build also has c10d's NCCL process group (CUDA tensors; build.rs compiles it
+/// when the CUDA runtime, CCCL and NCCL headers of the wheel are found).
+pub fn nccl_available() -> bool {
+    #[cfg(crossclr_dist)]
+    {
+        // SAFETY: a constant query without arguments.
+        unsafe { crossclr_dist_has_nccl() != 0 }
+    }
+    #[cfg(not(crossclr_dist))]
+    false
+}
+
+/// Which c10d process group carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Gloo: CPU tensors, and CUDA tensors through host staging.
+    Gloo,
+    /// NCCL on CUDA device `cuda_index` (one GPU per rank; host tensors are staged through it).
+    Nccl { cuda_index: usize },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Gloo => "Gloo",
+            Backend::Nccl { .. } => "NCCL",
+        }
+    }
+}
+
 /// A c10d Gloo process group; dropped, it leaves the group. Every rank beats a heartbeat into
 /// the rendezvous store (once a second, from a thread of the C++ side): a collective that fails
 /// (a peer closed its connection, or the timeout passed) names the ranks whose heartbeat stopped.
@@ -149,6 +193,7 @@ pub struct ProcessGroup {
     raw: *mut std::ffi::c_void,
     rank: usize,
     world_size: usize,
+    backend: Backend,
 }
 
 // SAFETY: a c10d process group may be used from any thread: its collectives enqueue work on the
@@ -159,7 +204,13 @@ unsafe impl Sync for ProcessGroup {}
 
 impl std::fmt::Debug for ProcessGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ProcessGroup(rank {} of {})", self.rank, self.world_size)
+        write!(
+            f,
+            "ProcessGroup({}, rank {} of {})",
+            self.backend.name(),
+            self.rank,
+            self.world_size
+        )
     }
 }
 
@@ -176,6 +227,14 @@ impl ProcessGroup {
     /// `timeout`). Collectives that wait longer than `timeout` fail with an error naming the
     /// operation: a dead or hung rank ends the job instead of hanging it.
     pub fn gloo(rendezvous: &Rendezvous, timeout: Duration) -> Result<Self> {
+        Self::join(rendezvous, timeout, Backend::Gloo)
+    }
+
+    /// Joins the process group of `rendezvous` on `backend` (see [`ProcessGroup::gloo`]). NCCL
+    /// makes `cuda_index` the current CUDA device; its collectives take CUDA tensors, host
+    /// tensors are staged through that device.
+    pub fn join(rendezvous: &Rendezvous, timeout: Duration, backend: Backend) -> Result<Self> {
+        let what = format!("joining the {} process group", backend.name());
         #[cfg(crossclr_dist)]
         {
             use std::ffi::CString;
@@ -195,21 +254,37 @@ impl ProcessGroup {
                     host_here,
                 } => (None, Some(cstr(host, "MASTER_ADDR")?), *port, *host_here),
             };
+            let file = file.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+            let host = host.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+            let (port, host_here) = (
+                std::ffi::c_int::from(port),
+                std::ffi::c_int::from(host_here),
+            );
+            let (rank, world) = (
+                rendezvous.rank as std::ffi::c_int,
+                rendezvous.world_size as std::ffi::c_int,
+            );
             let mut raw = std::ptr::null_mut();
             let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
             // SAFETY: the C strings live across the call; `raw` is a valid out-pointer.
-            crate::gpu::ffi::call("joining the Gloo process group", |err| unsafe {
-                crossclr_dist_new_gloo(
-                    file.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-                    host.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-                    std::ffi::c_int::from(port),
-                    std::ffi::c_int::from(host_here),
-                    rendezvous.rank as std::ffi::c_int,
-                    rendezvous.world_size as std::ffi::c_int,
-                    timeout_ms,
-                    &mut raw,
-                    err,
-                )
+            crate::gpu::ffi::call(&what, |err| unsafe {
+                match backend {
+                    Backend::Gloo => crossclr_dist_new_gloo(
+                        file, host, port, host_here, rank, world, timeout_ms, &mut raw, err,
+                    ),
+                    Backend::Nccl { cuda_index } => crossclr_dist_new_nccl(
+                        file,
+                        host,
+                        port,
+                        host_here,
+                        rank,
+                        world,
+                        cuda_index as std::ffi::c_int,
+                        timeout_ms,
+                        &mut raw,
+                        err,
+                    ),
+                }
             })
             .map_err(|e| {
                 Error::Other(format!(
@@ -221,12 +296,45 @@ impl ProcessGroup {
                 raw,
                 rank: rendezvous.rank,
                 world_size: rendezvous.world_size,
+                backend,
             })
         }
         #[cfg(not(crossclr_dist))]
         {
             let _ = (rendezvous, timeout);
-            unavailable("joining the Gloo process group")
+            unavailable(&what)
+        }
+    }
+
+    /// The backend carrying the collectives.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The device NCCL needs host tensors staged through (`None` for Gloo).
+    #[cfg(crossclr_dist)]
+    fn staging(&self, t: &Tensor) -> Option<tch::Device> {
+        match self.backend {
+            Backend::Nccl { cuda_index } => {
+                let dev = tch::Device::Cuda(cuda_index);
+                (t.device() != dev).then_some(dev)
+            }
+            Backend::Gloo => None,
+        }
+    }
+
+    /// Runs the in-place collective `op` on `t`; with NCCL and `t` off its device, on a copy
+    /// there, then copied back into `t`.
+    #[cfg(crossclr_dist)]
+    fn in_place(&self, t: &Tensor, op: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
+        match self.staging(t) {
+            None => op(t),
+            Some(dev) => {
+                let staged = t.detach().to_device(dev).contiguous();
+                op(&staged)?;
+                tch::no_grad(|| t.shallow_clone().copy_(&staged));
+                Ok(())
+            }
         }
     }
 
@@ -253,9 +361,11 @@ impl ProcessGroup {
     pub fn broadcast_(&self, t: &Tensor, root: usize) -> Result<()> {
         #[cfg(crossclr_dist)]
         {
-            // SAFETY: a live tch tensor borrowed for the call; the C side checks it.
-            self.collective("broadcast", |err| unsafe {
-                crossclr_dist_broadcast(self.raw, t.as_ptr() as *mut _, root as i32, err)
+            self.in_place(t, |t| {
+                // SAFETY: a live tch tensor borrowed for the call; the C side checks it.
+                self.collective("broadcast", |err| unsafe {
+                    crossclr_dist_broadcast(self.raw, t.as_ptr() as *mut _, root as i32, err)
+                })
             })
         }
         #[cfg(not(crossclr_dist))]
@@ -269,9 +379,11 @@ impl ProcessGroup {
     pub fn all_reduce_sum_(&self, t: &Tensor) -> Result<()> {
         #[cfg(crossclr_dist)]
         {
-            // SAFETY: as in `broadcast_`.
-            self.collective("all_reduce", |err| unsafe {
-                crossclr_dist_all_reduce_sum(self.raw, t.as_ptr() as *mut _, err)
+            self.in_place(t, |t| {
+                // SAFETY: as in `broadcast_`.
+                self.collective("all_reduce", |err| unsafe {
+                    crossclr_dist_all_reduce_sum(self.raw, t.as_ptr() as *mut _, err)
+                })
             })
         }
         #[cfg(not(crossclr_dist))]
@@ -291,9 +403,14 @@ impl ProcessGroup {
             ));
         }
         shape[0] *= self.world_size as i64;
-        let out = Tensor::empty(shape.as_slice(), (t.kind(), t.device()));
         #[cfg(crossclr_dist)]
         {
+            let home = t.device();
+            let (t, device) = match self.staging(&t) {
+                Some(dev) => (t.to_device(dev), dev),
+                None => (t, home),
+            };
+            let out = Tensor::empty(shape.as_slice(), (t.kind(), device));
             // SAFETY: two live tch tensors borrowed for the call.
             self.collective("all_gather", |err| unsafe {
                 crossclr_dist_all_gather(
@@ -303,11 +420,11 @@ impl ProcessGroup {
                     err,
                 )
             })?;
-            Ok(out)
+            Ok(out.to_device(home))
         }
         #[cfg(not(crossclr_dist))]
         {
-            let _ = out;
+            let _ = shape;
             unavailable("all_gather")
         }
     }

@@ -85,6 +85,55 @@ fn two_rank_fast_step_equals_two_rank_reference_step() {
     run_two_ranks("dist_fast_step_worker");
 }
 
+/// NCCL, where the binary has it: asking for a CUDA device the machine does not have is an error
+/// that names the device (never a crash or a hang); on a machine with a GPU, a 1-rank NCCL group
+/// on cuda:0 all-reduces, broadcasts and all-gathers CUDA tensors and host tensors (staged).
+#[test]
+fn nccl_group_names_a_missing_device_or_runs_on_one_gpu() {
+    if !dist::nccl_available() {
+        eprintln!("skipping: built without NCCL (no CUDA runtime, CCCL or NCCL headers)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rendezvous = Rendezvous {
+        rank: 0,
+        world_size: 1,
+        store: Store::File(dir.path().join("store")),
+    };
+    let devices = tch::Cuda::device_count() as usize;
+    let missing = dist::Backend::Nccl {
+        cuda_index: devices,
+    };
+    let e = ProcessGroup::join(&rendezvous, Duration::from_secs(30), missing).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("CUDA device {devices} does not exist")),
+        "{e}"
+    );
+    if devices == 0 {
+        return;
+    }
+    let pg = ProcessGroup::join(
+        &rendezvous,
+        Duration::from_secs(60),
+        dist::Backend::Nccl { cuda_index: 0 },
+    )
+    .unwrap();
+    for device in [Device::Cuda(0), Device::Cpu] {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(device);
+        pg.all_reduce_sum_(&t).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&t.to_device(Device::Cpu)).unwrap(),
+            [1.0, 2.0, 3.0]
+        );
+        pg.broadcast_(&t, 0).unwrap();
+        let g = pg.all_gather(&t.reshape([3, 1])).unwrap();
+        assert_eq!(g.device(), device);
+        assert_eq!(g.size(), [3, 1]);
+    }
+    pg.barrier().unwrap();
+}
+
 /// Starts this test binary as rank 0 and rank 1 of `worker` and checks both succeed in time.
 fn run_two_ranks(worker: &str) {
     if !dist::available() {

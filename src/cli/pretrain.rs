@@ -1,7 +1,7 @@
 //! `crossclr pretrain --config <file> [key=value ...] [--resume] [--device cpu|cuda|cuda:N]`.
 use crossclr::data::formats::DatasetFormat;
-use crossclr::dist::{ProcessGroup, Rendezvous};
-use crossclr::train::config::PretrainConfig;
+use crossclr::dist::{self, Backend, ProcessGroup, Rendezvous};
+use crossclr::train::config::{DistBackend, PretrainConfig};
 use crossclr::train::pretrain::{run_with, RunOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -107,18 +107,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = &args.device {
         crossclr::device::parse_device(d)?;
     }
+    let mut device = args.device.clone();
     let group = match Rendezvous::from_vars(|k| std::env::var(k).ok())? {
-        Some(r) if r.world_size > 1 => Some(Arc::new(ProcessGroup::gloo(
-            &r,
-            Duration::from_secs(args.dist_timeout),
-        )?)),
+        // One rank forms a group only when a backend is named (to try NCCL on one GPU).
+        Some(r) if r.world_size > 1 || cfg.dist_backend != DistBackend::Auto => {
+            let named = match &device {
+                Some(d) => d.clone(),
+                None => cfg.device.as_device_string()?,
+            };
+            let local_rank = std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(r.rank);
+            let (rank_device, backend) = rank_device(&named, local_rank, cfg.dist_backend)?;
+            device = Some(rank_device);
+            let timeout = Duration::from_secs(args.dist_timeout);
+            Some(Arc::new(ProcessGroup::join(&r, timeout, backend)?))
+        }
         _ => None,
     };
     let rank0 = group.as_ref().is_none_or(|g| g.rank() == 0);
     let opts = RunOptions {
         resume: args.resume,
         group,
-        device: args.device.clone(),
+        device,
         progress: !args.quiet && rank0,
         echo: rank0,
         inject_nan: args.inject_nan.as_deref().map(str::parse).transpose()?,
@@ -135,4 +147,78 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The device and the process-group backend of one rank of a data-parallel job. `device` is the
+/// configured one: `cuda` (or `gpu`) without an index becomes `cuda:<local_rank>` (one GPU per
+/// rank, as torchrun's LOCAL_RANK says); `cpu` and `cuda:N` stay. `dist_backend: auto` is NCCL
+/// on CUDA when this binary has it, else Gloo.
+fn rank_device(
+    device: &str,
+    local_rank: usize,
+    backend: DistBackend,
+) -> anyhow::Result<(String, Backend)> {
+    let name = device.trim().to_ascii_lowercase();
+    let name = if name == "cuda" || name == "gpu" {
+        format!("cuda:{local_rank}")
+    } else {
+        name
+    };
+    let cuda_index = match crossclr::device::parse_device(&name)? {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    let backend = match (backend, cuda_index) {
+        (DistBackend::Gloo, _) => Backend::Gloo,
+        (DistBackend::Auto, Some(i)) if dist::nccl_available() => Backend::Nccl { cuda_index: i },
+        (DistBackend::Auto, _) => Backend::Gloo,
+        (DistBackend::Nccl, None) => anyhow::bail!(
+            "dist_backend: nccl needs a CUDA device, but this rank runs on {name}; use \
+             dist_backend=gloo on the CPU"
+        ),
+        (DistBackend::Nccl, Some(_)) if !dist::nccl_available() => anyhow::bail!(
+            "dist_backend: nccl: this binary was built without NCCL (build.rs found no CUDA \
+             runtime, CCCL or NCCL headers; scripts/setup.sh installs them with the torch wheel); \
+             use dist_backend=gloo"
+        ),
+        (DistBackend::Nccl, Some(i)) => Backend::Nccl { cuda_index: i },
+    };
+    Ok((name, backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_on_the_cpu_uses_gloo_and_refuses_nccl() {
+        let (d, b) = rank_device("cpu", 3, DistBackend::Auto).unwrap();
+        assert_eq!((d.as_str(), b), ("cpu", Backend::Gloo));
+        let (d, b) = rank_device(" CPU ", 0, DistBackend::Gloo).unwrap();
+        assert_eq!((d.as_str(), b), ("cpu", Backend::Gloo));
+        let e = rank_device("cpu", 0, DistBackend::Nccl)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nccl needs a CUDA device"), "{e}");
+    }
+
+    #[test]
+    fn a_rank_on_cuda_takes_its_local_rank_as_the_device() {
+        if !tch::Cuda::is_available() {
+            let e = rank_device("cuda", 1, DistBackend::Auto)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("cuda:1"), "{e}");
+            return;
+        }
+        let (d, b) = rank_device("cuda", 0, DistBackend::Gloo).unwrap();
+        assert_eq!((d.as_str(), b), ("cuda:0", Backend::Gloo));
+        let (_, b) = rank_device("cuda:0", 5, DistBackend::Auto).unwrap();
+        let want = if dist::nccl_available() {
+            Backend::Nccl { cuda_index: 0 }
+        } else {
+            Backend::Gloo
+        };
+        assert_eq!(b, want);
+    }
 }

@@ -96,6 +96,40 @@ impl StepImpl {
     }
 }
 
+/// `dist_backend`: the c10d process group of a data-parallel run (docs/distributed.md). `auto`
+/// (the default): NCCL on a CUDA device when the binary was built with it, else Gloo; `gloo`:
+/// Gloo on any device (CUDA tensors staged through the host); `nccl`: NCCL (CUDA only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+impl DistBackend {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "auto" => Some(Self::Auto),
+            "gloo" => Some(Self::Gloo),
+            "nccl" => Some(Self::Nccl),
+            _ => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DistBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DistBackend::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "dist_backend: unknown value '{s}' (use auto, gloo or nccl)"
+            ))
+        })
+    }
+}
+
 /// `tf32`: TF32 for float32 matmuls and convolutions on CUDA. `default` leaves libtorch's defaults
 /// (cuBLAS matmul off, cuDNN conv on); `on` / `off` force both; `auto` (the default) is `on` on
 /// CUDA. Ignored on CPU.
@@ -634,6 +668,8 @@ pub struct PretrainConfig {
     /// un-permuted, so a query and its key never share batch statistics. A 2-rank run equals a
     /// 1-process run with `shuffle_bn: 2`. Off by default; no effect in a single process.
     pub dist_shuffle_bn: bool,
+    /// `auto | gloo | nccl`: the process group of a data-parallel run; see [`DistBackend`].
+    pub dist_backend: DistBackend,
     /// Time-reversed keys as extra negatives: each query also meets the key encoder's embedding
     /// of its own sample played backwards (one negative per sample and view), so the
     /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
@@ -705,6 +741,7 @@ impl Default for PretrainConfig {
             shuffle_bn: 0,
             sync_bn: false,
             dist_shuffle_bn: false,
+            dist_backend: DistBackend::Auto,
             reverse_negatives: false,
             uniformity: 0.0,
             negatives: Negatives::Queue,

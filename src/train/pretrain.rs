@@ -377,10 +377,11 @@ impl Run {
         if let Some(group) = &opts.group {
             trainer.join_group(Arc::clone(group))?;
             self.log.line(&format!(
-                "data parallel: rank {} of {} (Gloo), {} samples per rank and step; parameters, \
+                "data parallel: rank {} of {} ({}), {} samples per rank and step; parameters, \
                  statistics and queues broadcast from rank 0",
                 group.rank(),
                 group.world_size(),
+                group.backend().name(),
                 self.loader_cfg.batch_size
             ));
         }
@@ -936,7 +937,7 @@ fn open_dataset(
 
 /// This process's share of every batch under data parallelism (`Shard::WHOLE` without): the
 /// global `batch_size` must split evenly over the ranks. The step is the reference one or the
-/// eager fast step (`gpu::FastStep::join_group`); the CUDA graph cannot hold the host-side
+/// eager fast step (`gpu::FastStep::join_group`); the CUDA graph does not hold the
 /// collectives, so `auto` resolves to `fast` on CUDA (with the shim) and to `reference` on CPU,
 /// and an explicit `graph` is refused.
 fn data_parallel_shard(
@@ -967,8 +968,9 @@ fn data_parallel_shard(
         StepImpl::Reference | StepImpl::Fast => {}
         StepImpl::Graph => {
             return Err(Error::config(
-                "step_impl graph: data-parallel runs cannot capture the step in a CUDA graph (the \
-                 Gloo collectives run on the host); use step_impl=fast, reference or auto",
+                "step_impl graph: data-parallel runs do not capture the step in a CUDA graph (the \
+                 collectives run outside it: Gloo stages through the host, NCCL capture is not \
+                 built yet); use step_impl=fast, reference or auto",
             ))
         }
     }

@@ -225,8 +225,9 @@ impl FastEngine {
         if let Some(group) = &trainer.group {
             if graph.is_some() {
                 return Err(Error::config(
-                    "step_impl: graph under data parallelism: the collectives (Gloo) run on the \
-                     host and cannot be captured in a CUDA graph; use step_impl=fast",
+                    "step_impl: graph under data parallelism: the collectives are not captured in \
+                     the CUDA graph (Gloo stages through the host; NCCL capture is not built yet); \
+                     use step_impl=fast",
                 ));
             }
             step.join_group(
