@@ -737,3 +737,56 @@ fn kernels_are_resolved_written_and_used() {
         "{log}"
     );
 }
+
+/// `scale_to_data: true` replaces the queue size and the key momentum by the small-data rule
+/// (16 sequences, batch 8, 2 epochs of 2 steps: queue 8, momentum 0.99), says so in the log,
+/// writes the resolved values to the work_dir's config.yaml, and a resume re-derives the same.
+#[test]
+fn scale_to_data_sizes_queue_and_momentum_from_the_data() {
+    let _serial = serial();
+    let ds = tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &["scale_to_data=true", "num_epoch=1"],
+    );
+    assert_eq!(cfg.model_args.queue_size, 64);
+    run_with(&cfg, &opts(&ds)).unwrap();
+    let log = std::fs::read_to_string(dir.path().join("log.txt")).unwrap();
+    assert!(
+        log.contains(
+            "scale_to_data: 16 training sequences, 2 steps -> queue_size 8 (config 64), momentum \
+             0.9900"
+        ),
+        "{log}"
+    );
+    let written = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+    let resolved =
+        PretrainConfig::from_text(&written, false, Path::new("config.yaml"), &[]).unwrap();
+    assert_eq!(resolved.model_args.queue_size, 8);
+    assert!((resolved.model_args.momentum - 0.99).abs() < 1e-12);
+    // Off (the default): the config's values.
+    let off = tempfile::tempdir().unwrap();
+    run_with(
+        &tiny_config("skeletonclr", off.path(), &["num_epoch=1"]),
+        &opts(&ds),
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(off.path().join("log.txt")).unwrap();
+    assert!(!log.contains("scale_to_data"), "{log}");
+    // A resume of the scaled run (one more epoch) derives the same queue and goes on.
+    let more = tiny_config(
+        "skeletonclr",
+        dir.path(),
+        &["scale_to_data=true", "num_epoch=2"],
+    );
+    run_with(
+        &more,
+        &RunOptions {
+            resume: true,
+            ..opts(&ds)
+        },
+    )
+    .unwrap();
+}

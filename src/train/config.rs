@@ -670,6 +670,12 @@ pub struct PretrainConfig {
     pub dist_shuffle_bn: bool,
     /// `auto | gloo | nccl`: the process group of a data-parallel run; see [`DistBackend`].
     pub dist_backend: DistBackend,
+    /// Ours (default false, official): replace `model_args.queue_size` and `model_args.momentum`
+    /// by the small-data rule of `train::schedule::scaled_to_data`, from the training set's size
+    /// and the run's total steps (resolved when the run starts, logged and written to the
+    /// work_dir's config.yaml). The `configs/small` presets turn it on; set it false to choose
+    /// the two yourself.
+    pub scale_to_data: bool,
     /// Time-reversed keys as extra negatives: each query also meets the key encoder's embedding
     /// of its own sample played backwards (one negative per sample and view), so the
     /// representation must keep the direction of time (raise vs lower, sit down vs stand up).
@@ -742,6 +748,7 @@ impl Default for PretrainConfig {
             sync_bn: false,
             dist_shuffle_bn: false,
             dist_backend: DistBackend::Auto,
+            scale_to_data: false,
             reverse_negatives: false,
             uniformity: 0.0,
             negatives: Negatives::Queue,

@@ -29,7 +29,7 @@ use crate::train::config::{DivergencePolicy, NonFinitePolicy, PretrainConfig, St
 use crate::train::diagnostics::Diagnostics;
 use crate::train::logger::{read_records, EpochRecord, MetricColumns, RunLogger};
 use crate::train::numerics;
-use crate::train::schedule::epoch_lr;
+use crate::train::schedule::{epoch_lr, scaled_to_data};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -266,6 +266,25 @@ impl Run {
             step_engine::resolve(cfg.step_impl, device, opts.emulate_graph)?
         };
         let modes = step_engine::apply_numeric_modes(&cfg, device)?;
+        let (dataset, loader_cfg, steps) = open_dataset(&cfg, opts, shard)?;
+        let scaled = cfg.scale_to_data.then(|| {
+            let before = (cfg.model_args.queue_size, cfg.model_args.momentum);
+            let (queue, momentum) =
+                scaled_to_data(dataset.len(), cfg.batch_size, steps * cfg.num_epoch);
+            cfg.model_args.queue_size = queue as i64;
+            cfg.model_args.momentum = momentum;
+            format!(
+                "scale_to_data: {} training sequences, {} steps -> queue_size {queue} (config \
+                 {}), momentum {momentum:.4} (config {})",
+                dataset.len(),
+                steps * cfg.num_epoch,
+                before.0,
+                before.1
+            )
+        });
+        if scaled.is_some() {
+            cfg.validate()?;
+        }
         let dir = cfg.work_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         // One writer per work_dir (released when the run ends or the process dies).
@@ -291,11 +310,13 @@ impl Run {
             Some(tempfile::tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?)
         };
         let log_dir = scratch.as_ref().map_or(dir.as_path(), |t| t.path());
-        let log = RunLogger::open(log_dir, opts.echo && writes)?;
+        let mut log = RunLogger::open(log_dir, opts.echo && writes)?;
         if writes {
             checkpoint::write_atomic(&dir.join("config.yaml"), cfg.to_yaml()?.as_bytes())?;
         }
-        let (dataset, loader_cfg, steps) = open_dataset(&cfg, opts, shard)?;
+        if let Some(line) = &scaled {
+            log.line(line);
+        }
         let step_line = format!(
             "step {} (step_impl {}: {step_why}), {modes}; kernels: {}",
             step_impl.name(),

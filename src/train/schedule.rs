@@ -1,5 +1,6 @@
 //! Step learning-rate schedule (official `adjust_lr`): set at the start of every epoch to
-//! `base_lr * 0.1^#{s in step : epoch > s}` with a 1-based `epoch`; no warm-up.
+//! `base_lr * 0.1^#{s in step : epoch > s}` with a 1-based `epoch`; no warm-up. Also the
+//! small-data rule for the queue size and the key momentum ([`scaled_to_data`]).
 
 use crate::train::config::LrSchedule;
 
@@ -67,5 +68,41 @@ mod tests {
         assert!(lrs[5] < 1.0 && lrs[5] > 0.9);
         let last = epoch_lr(LrSchedule::Cosine, 1.0, &[], 4, 14, 14);
         assert!(last > 0.0 && last < 0.05, "{last}");
+    }
+}
+
+/// The queue size and key momentum that `scale_to_data: true` gives (docs/small-data.md, "What to
+/// use on a small dataset"), for `samples` training sequences, global batch `batch` and
+/// `total_steps` optimiser steps:
+///
+/// * queue K: the largest multiple of `batch` not above `samples / 4` (at least one batch), so a
+///   sample's own older keys do not sit in the queue as negatives;
+/// * momentum m = 1 - 1 / tau, tau = clamp(total_steps / 100, 100, 1000) steps (official NTU:
+///   ~94k steps give 0.999; 1,000-10,000 steps give 0.99).
+pub fn scaled_to_data(samples: usize, batch: usize, total_steps: usize) -> (usize, f64) {
+    let batch = batch.max(1);
+    let queue = ((samples / 4) / batch).max(1) * batch;
+    let tau = (total_steps as f64 / 100.0).clamp(100.0, 1000.0);
+    (queue, 1.0 - 1.0 / tau)
+}
+
+#[cfg(test)]
+mod scaled_tests {
+    use super::scaled_to_data;
+
+    #[test]
+    fn queue_and_momentum_follow_the_data() {
+        // MSR Action3D: 284 sequences, batch 16, 100 epochs of 17 steps.
+        assert_eq!(scaled_to_data(284, 16, 1_700), (64, 0.99));
+        // ~1,000 sequences, batch 64, 100 epochs of 15 steps.
+        let (k, m) = scaled_to_data(1_020, 64, 1_500);
+        assert_eq!(k, 192);
+        assert!((m - 0.99).abs() < 1e-12);
+        // NTU-60 scale: 40k sequences, batch 128, 300 epochs -> the official momentum.
+        let (k, m) = scaled_to_data(40_091, 128, 93_900);
+        assert_eq!(k, 9_984);
+        assert!((m - 0.999).abs() < 1e-3);
+        // Fewer samples than 4 batches: one batch.
+        assert_eq!(scaled_to_data(20, 16, 10).0, 16);
     }
 }
