@@ -26,6 +26,7 @@
 #endif
 
 #include <atomic>
+#include <cstdlib>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -258,6 +259,23 @@ c10::intrusive_ptr<c10d::Store> open_store(const char *file, const char *host, i
   return c10::make_intrusive<c10d::PrefixStore>("crossclr", store);
 }
 
+// The network device this rank's Gloo pairs bind to: the interface named by GLOO_SOCKET_IFNAME
+// (torch's variable; the first of a comma-separated list) when set; the loopback address when the
+// ranks meet over a FileStore or a loopback MASTER_ADDR (one machine); else this machine's
+// hostname, resolved (several machines; as torch.distributed's default).
+std::shared_ptr<::gloo::transport::Device> gloo_device(const char *master) {
+  if (const char *ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname != nullptr && *ifname != '\0') {
+    std::string first(ifname);
+    first = first.substr(0, first.find(','));
+    return c10d::ProcessGroupGloo::createDeviceForInterface(first);
+  }
+  const std::string m = master != nullptr ? master : "127.0.0.1";
+  if (m == "127.0.0.1" || m == "localhost" || m == "::1") {
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  }
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
 }  // namespace
 
 extern "C" {
@@ -273,7 +291,7 @@ int crossclr_dist_new_gloo(const char *file, const char *host, int port, int hos
     auto prefixed = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new_gloo");
     auto opts = c10d::ProcessGroupGloo::Options::create();
     opts->timeout = timeout;
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host != nullptr ? host : "127.0.0.1"));
+    opts->devices.push_back(gloo_device(host));
     auto g = c10::make_intrusive<Group>();
     g->store = prefixed;
     g->rank = rank;

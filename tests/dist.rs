@@ -1014,6 +1014,67 @@ fn launch_trains_two_ranks_with_the_fast_step() {
     }
 }
 
+/// `crossclr launch` on "two machines" (two launches on this one, `--nnodes 2 --node-rank 0|1
+/// --master-addr 127.0.0.1 --master-port P`, one rank each): together they form one 2-rank job
+/// that trains, node 0's rank 0 writes the work_dir, and each launch names its global ranks.
+/// Without --master-port, --nnodes 2 is refused with a message.
+#[test]
+fn launch_on_two_nodes_forms_one_job() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 1, "");
+    let port = free_port().to_string();
+    let node = |rank: &str| {
+        Command::new(env!("CARGO_BIN_EXE_crossclr"))
+            .args([
+                "launch",
+                "--nproc",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+            ])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .args(["--dist-timeout", "60", "--"])
+            .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let nodes = vec![node("0"), node("1")];
+    let results = wait_all(nodes, Duration::from_secs(300));
+    for (n, (ok, text)) in results.iter().enumerate() {
+        assert!(ok, "node {n} failed:\n{text}");
+        assert!(
+            text.contains(&format!("launch: ranks {n}..{n} of 2 (node {n} of 2)")),
+            "{text}"
+        );
+    }
+    assert!(
+        results[0].1.contains("[rank 0] pre-training done"),
+        "{}",
+        results[0].1
+    );
+    let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
+    assert!(log.contains("data parallel: rank 0 of 2 (Gloo)"), "{log}");
+    let refused = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args([
+            "launch", "--nproc", "1", "--nnodes", "2", "--", "pretrain", "-c",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(text.contains("--nnodes 2 needs --master-port"), "{text}");
+}
+
 /// A rank of `crossclr launch` killed mid-run (SIGKILL): the launch exits non-zero within the
 /// grace period, naming the rank and how it ended; the surviving rank's own error (forwarded with
 /// its prefix) names the dead rank too.

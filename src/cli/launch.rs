@@ -1,7 +1,10 @@
-//! `crossclr launch --nproc N [--dist-timeout S] -- pretrain <args>`: a small torchrun for one
-//! machine. Starts N ranks of this binary with torchrun's variables (`RANK`, `LOCAL_RANK`,
-//! `WORLD_SIZE`, `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR=127.0.0.1`, `MASTER_PORT` = a free
-//! port; rank 0 hosts the TCPStore), prefixes every line of their output with `[rank r]`, and
+//! `crossclr launch --nproc N [--dist-timeout S] -- pretrain <args>`: a small torchrun. Starts N
+//! ranks of this binary with torchrun's variables (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`,
+//! `LOCAL_WORLD_SIZE`, `GROUP_RANK`, `MASTER_ADDR=127.0.0.1`, `MASTER_PORT` = a free port; rank 0
+//! hosts the TCPStore). On several machines, one launch per machine with `--nnodes M
+//! --node-rank R --master-addr <node 0's address> --master-port P` (static rendezvous, as
+//! `torchrun --nnodes M --node-rank R --master-addr .. --master-port ..`): machine R runs the
+//! global ranks `R·N .. R·N + N - 1`. It prefixes every line of their output with `[rank r]`, and
 //! when a rank fails, gives the others a grace period to end on their own (they notice the dead
 //! rank in their next collective and say which rank stopped answering), then kills them; the
 //! launch then fails naming the first rank that failed and its exit status.
@@ -15,6 +18,18 @@ pub struct Args {
     /// Ranks to start on this machine.
     #[arg(long)]
     pub nproc: usize,
+    /// Machines in the job (one launch on each, every one with the same --nproc).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This machine's place among them, 0..nnodes (node 0 runs rank 0, which hosts the store).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, reachable from every machine (default 127.0.0.1: one machine).
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Port of the rendezvous store on node 0 (default: a free port; required with --nnodes > 1).
+    #[arg(long)]
+    pub master_port: Option<u16>,
     /// Passed to every rank's `pretrain --dist-timeout` (seconds a rank waits for the others).
     #[arg(long)]
     pub dist_timeout: Option<u64>,
@@ -96,8 +111,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.command
         );
     }
+    if args.node_rank >= args.nnodes {
+        bail!(
+            "--node-rank {} is not in 0..{} (--nnodes {})",
+            args.node_rank,
+            args.nnodes,
+            args.nnodes
+        );
+    }
+    let port = match (args.master_port, args.nnodes) {
+        (Some(p), _) => p,
+        (None, 1) => free_port()?,
+        (None, _) => bail!(
+            "--nnodes {} needs --master-port (and --master-addr, node 0's address): every machine \
+             must name the same rendezvous",
+            args.nnodes
+        ),
+    };
+    let master = args
+        .master_addr
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1".to_string());
+    if args.nnodes > 1 && args.master_addr.is_none() {
+        bail!(
+            "--nnodes {} needs --master-addr (node 0's address, reachable from every machine)",
+            args.nnodes
+        );
+    }
+    let world = args.nnodes * args.nproc;
+    let first_rank = args.node_rank * args.nproc;
     let exe = std::env::current_exe().context("locating the crossclr binary")?;
-    let port = free_port()?;
     let mut cmd_args = vec![args.command[0].clone()];
     if let Some(t) = args.dist_timeout {
         cmd_args.push("--dist-timeout".into());
@@ -110,22 +153,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (cores / args.nproc).max(1).to_string()
     });
     eprintln!(
-        "launch: {} ranks of {} {} (MASTER_ADDR 127.0.0.1, MASTER_PORT {port}, OMP_NUM_THREADS {threads})",
-        args.nproc,
+        "launch: ranks {}..{} of {world} (node {} of {}) of {} {} (MASTER_ADDR {master}, MASTER_PORT \
+         {port}, OMP_NUM_THREADS {threads})",
+        first_rank,
+        first_rank + args.nproc - 1,
+        args.node_rank,
+        args.nnodes,
         exe.display(),
         cmd_args.join(" ")
     );
     let mut children: Vec<Option<Child>> = Vec::with_capacity(args.nproc);
     let mut pumps = Vec::new();
-    for rank in 0..args.nproc {
+    for local in 0..args.nproc {
+        let rank = first_rank + local;
         let spawned = Command::new(&exe)
             .args(&cmd_args)
             .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", args.nproc.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_WORLD_SIZE", args.nproc.to_string())
-            .env("GROUP_RANK", "0")
-            .env("MASTER_ADDR", "127.0.0.1")
+            .env("GROUP_RANK", args.node_rank.to_string())
+            .env("MASTER_ADDR", &master)
             .env("MASTER_PORT", port.to_string())
             .env("OMP_NUM_THREADS", &threads)
             .env_remove("TORCHELASTIC_USE_AGENT_STORE")
@@ -157,10 +205,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut failed_at: Option<Instant> = None;
     let mut killed = Vec::new();
     loop {
-        for (rank, slot) in children.iter_mut().enumerate() {
+        for (local, slot) in children.iter_mut().enumerate() {
+            let rank = first_rank + local;
             if let Some(child) = slot {
                 if let Some(status) = child.try_wait().context("waiting for a rank")? {
-                    statuses[rank] = Some(status);
+                    statuses[local] = Some(status);
                     *slot = None;
                     if !status.success() && first_failure.is_none() {
                         eprintln!(
@@ -178,11 +227,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             break;
         }
         if failed_at.is_some_and(|t| t.elapsed() > Duration::from_secs(args.grace)) {
-            for (rank, slot) in children.iter_mut().enumerate() {
+            for (local, slot) in children.iter_mut().enumerate() {
+                let rank = first_rank + local;
                 if let Some(child) = slot {
                     eprintln!("launch: killing rank {rank} (pid {})", child.id());
                     let _ = child.kill();
-                    statuses[rank] = child.wait().ok();
+                    statuses[local] = child.wait().ok();
                     killed.push(rank);
                     *slot = None;
                 }
@@ -196,13 +246,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     match first_failure {
         None => {
-            eprintln!("launch: all {} ranks succeeded", args.nproc);
+            if args.nnodes == 1 {
+                eprintln!("launch: all {} ranks succeeded", args.nproc);
+            } else {
+                eprintln!(
+                    "launch: all {} ranks of node {} succeeded",
+                    args.nproc, args.node_rank
+                );
+            }
             Ok(())
         }
         Some((rank, status)) => {
             let others: Vec<String> = statuses
                 .iter()
                 .enumerate()
+                .map(|(local, s)| (first_rank + local, s))
                 .filter(|(r, _)| *r != rank)
                 .map(|(r, s)| {
                     let how = s.map_or("unknown".to_string(), describe);
@@ -214,8 +272,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 })
                 .collect();
             bail!(
-                "rank {rank} of {} failed first ({}); {}",
-                args.nproc,
+                "rank {rank} of {world} failed first ({}); {}",
                 describe(status),
                 if others.is_empty() {
                     "no other rank".to_string()
