@@ -1297,9 +1297,11 @@ fn dist_fast_step_worker() {
         }
         let ptr = fast.queue_ptr().int64_value(&[0]) as usize;
         assert_eq!(ptr, reference.model.queue_ptr(), "{extra}: queue pointer");
+        // 4 steps of the global batch 8 into a queue of 64 (a local batch of 4 would give 16).
+        let (steps, global, queue) = (4, 8, cfg.model_args.queue_size as usize);
         assert_eq!(
             ptr,
-            (4 * 8) % 64,
+            steps * global % queue,
             "{extra}: the queue advances by the global batch"
         );
         for (a, b) in reference.model.branches.iter().zip(&trainer.model.branches) {
