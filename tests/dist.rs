@@ -134,6 +134,16 @@ fn nccl_group_names_a_missing_device_or_runs_on_one_gpu() {
     pg.barrier().unwrap();
 }
 
+/// Dropout under data parallelism: each rank's masks are its rows of the mask one process draws
+/// for the global batch. Two epochs of CrosSCLR-2 with `sync_bn` and dropout 0.5 (the demo's),
+/// float64: 2 ranks x 4 end where 1 process x 8 ends (losses and every variable to 1e-6
+/// relative; the 1-process run with the unfused block tail, whose mask stream the ranks share).
+/// Before, every rank drew the same mask for its rows (the ranks' generators are in step).
+#[test]
+fn two_rank_dropout_masks_are_the_one_process_masks() {
+    run_two_ranks("dist_dropout_worker");
+}
+
 /// Starts this test binary as rank 0 and rank 1 of `worker` and checks both succeed in time.
 fn run_two_ranks(worker: &str) {
     if !dist::available() {
@@ -1322,6 +1332,68 @@ fn dist_fast_step_worker() {
                 "{extra}: {} queues differ across ranks",
                 a.view
             );
+        }
+    }
+    pg.barrier().unwrap();
+    println!("rank worker ok (rank {rank})");
+}
+
+/// One rank of [`two_rank_dropout_masks_are_the_one_process_masks`].
+#[test]
+fn dist_dropout_worker() {
+    let Some(pg) = worker_group() else { return };
+    let rank = pg.rank();
+    let ds = common::tiny_data();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::tiny_config(
+        "crossclr2",
+        dir.path(),
+        &[
+            "sync_bn=true",
+            "model_args.dropout=0.5",
+            "step_impl=reference",
+        ],
+    );
+    let run = |t: &mut Pretrainer, shard: Shard| -> Vec<f64> {
+        let mut loader = loader_config(&cfg);
+        loader.batch_size = cfg.batch_size / shard.world;
+        let mut losses = Vec::new();
+        for epoch in 1..=2 {
+            tch::manual_seed(100 + epoch as i64);
+            let batches =
+                try_epoch_shard_in(Arc::clone(&ds), &loader, epoch, shard, HostMemory::Pageable)
+                    .unwrap();
+            for b in batches {
+                losses.push(t.train_step(&b.views[0], &b.views[1], epoch).unwrap().loss);
+            }
+        }
+        losses
+    };
+    let build = |seed: i64, cfg: &PretrainConfig| {
+        tch::manual_seed(seed);
+        let mut t = Pretrainer::from_config(cfg, &ds.layout, Device::Cpu).unwrap();
+        t.model.vs_q.double();
+        t.model.vs_k.double();
+        t
+    };
+    let mut unfused = cfg.clone();
+    unfused.kernels.fused_tail = Switch::Off;
+    let mut one = build(3, &unfused);
+    let l1 = run(&mut one, Shard::WHOLE);
+    let mut two = build(3 + rank as i64, &cfg);
+    two.join_group(Arc::clone(&pg)).unwrap();
+    let l2 = run(&mut two, Shard { rank, world: 2 });
+    println!("rank {rank}: losses 1 process {l1:?}, 2 ranks {l2:?}");
+    assert_eq!(l1.len(), 4);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "loss {a} vs {b}");
+    }
+    for (a, b) in [
+        (&one.model.vs_q, &two.model.vs_q),
+        (&one.model.vs_k, &two.model.vs_k),
+    ] {
+        for (name, d) in differences(a, b) {
+            assert!(d <= 1e-6, "rank {rank}: {name} differs by {d:e} (relative)");
         }
     }
     pg.barrier().unwrap();

@@ -30,7 +30,7 @@ pub mod fused_cuda;
 mod fused_entry;
 pub mod layers;
 
-pub use dropout::dropout;
+pub use dropout::{dropout, dropout_rows, RankRows};
 use layers::{BatchNorm, Conv};
 
 /// Encoder hyper-parameters (official names). Default = the CrosSCLR 1/4-width ST-GCN.
@@ -83,6 +83,8 @@ struct Block {
     dropout: f64,
     /// Spatial kernel size K.
     k: i64,
+    /// This rank's rows of the global batch (data parallelism), for the dropout masks.
+    rows: Option<RankRows>,
 }
 
 /// The ST-GCN encoder: `(N, C, T, V, M) -> (N, hidden_dim)` pooled features.
@@ -158,6 +160,7 @@ impl StGcn {
                     stride,
                     dropout,
                     k,
+                    rows: None,
                 }
             })
             .collect::<Vec<_>>();
@@ -206,6 +209,15 @@ impl StGcn {
             if let Residual::Conv(_, bn) = &mut b.residual {
                 bn.sync = group.clone();
             }
+        }
+    }
+
+    /// Data parallelism: this process's rows of the global batch, so that the dropout masks are
+    /// the ranks' shares of one global draw (see [`dropout_rows`]) instead of the same mask on
+    /// every rank (the ranks' torch generators are in the same state). `None`: one process.
+    pub fn set_rank_rows(&mut self, rows: Option<RankRows>) {
+        for b in &mut self.blocks {
+            b.rows = rows;
         }
     }
 
@@ -314,7 +326,14 @@ impl Block {
             [1, 1],
             1,
         );
-        let y = dropout(&self.bn2.forward(&y, train, kernels), self.dropout, train);
+        // Rows of the (N·M, C, T, V) layout are dim 0.
+        let y = dropout_rows(
+            &self.bn2.forward(&y, train, kernels),
+            self.dropout,
+            train,
+            self.rows,
+            0,
+        );
         match res {
             Some(r) => (y + r).relu(),
             None => y.relu(),
@@ -465,9 +484,25 @@ impl Block {
         };
         if fold {
             let bn2 = self.bn2.folding(&self.conv.bias);
-            fused_bn::bn_dropout_add_relu(&y, &bn2, self.dropout, r.as_ref(), train, kernels)
+            fused_bn::bn_dropout_add_relu(
+                &y,
+                &bn2,
+                self.dropout,
+                r.as_ref(),
+                train,
+                kernels,
+                self.rows,
+            )
         } else {
-            fused_bn::bn_dropout_add_relu(&y, &self.bn2, self.dropout, r.as_ref(), train, kernels)
+            fused_bn::bn_dropout_add_relu(
+                &y,
+                &self.bn2,
+                self.dropout,
+                r.as_ref(),
+                train,
+                kernels,
+                self.rows,
+            )
         }
     }
 }

@@ -264,6 +264,15 @@ impl SslModel {
         self.kernels = kernels;
     }
 
+    /// Data parallelism: this rank's rows of the global batch, for every encoder's dropout masks
+    /// (see [`crate::model::stgcn::StGcn::set_rank_rows`]).
+    pub fn set_rank_rows(&mut self, rows: Option<crate::model::stgcn::RankRows>) {
+        for b in &mut self.branches {
+            b.encoder_q.set_rank_rows(rows);
+            b.encoder_k.set_rank_rows(rows);
+        }
+    }
+
     /// SyncBatchNorm over `group` for every batch norm of every encoder and head, query and key
     /// side (`None`: each process's own batch); see [`crate::model::stgcn::StGcn::set_sync_bn`].
     pub fn set_sync_bn(&mut self, group: Option<std::sync::Arc<crate::dist::ProcessGroup>>) {

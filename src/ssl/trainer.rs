@@ -101,6 +101,11 @@ impl Pretrainer {
     pub fn join_group(&mut self, group: Arc<ProcessGroup>) -> Result<()> {
         group.broadcast_vars(&self.model.vs_q)?;
         group.broadcast_vars(&self.model.vs_k)?;
+        self.model
+            .set_rank_rows(Some(crate::model::stgcn::RankRows {
+                rank: group.rank(),
+                world: group.world_size(),
+            }));
         if self.sync_bn {
             self.model.set_sync_bn(Some(Arc::clone(&group)));
         }

@@ -516,6 +516,15 @@ impl Run {
             f.set_lr(lr);
         }
         tch::manual_seed(epoch_seed(cfg.seed, epoch));
+        if self.shard.world > 1 && st.trainer.model.vs_q.device().is_cuda() {
+            // Every rank's generators are in the same state (the CPU one must be: the ranks draw
+            // the same dropout seeds and take their rows of one global mask); the CUDA one draws
+            // libtorch's dropout masks per rank, so it is seeded apart.
+            let rank = self.shard.rank as u64;
+            tch::Cuda::manual_seed_all(
+                (epoch_seed(cfg.seed, epoch) as u64).wrapping_add(rank.wrapping_mul(0x9E37_79B9)),
+            );
+        }
         let cross = st.trainer.model.is_cross_epoch(epoch);
         let started = Instant::now();
         let loader = try_epoch_shard_in(

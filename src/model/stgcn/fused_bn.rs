@@ -138,6 +138,12 @@ pub(crate) fn fused(x: &Tensor, bn: &BatchNorm, relu: bool) -> Result<Tensor> {
 /// `p > 0`, like [`super::dropout`]), so `tch::manual_seed` fixes it. Otherwise (eval, CUDA, other
 /// dtypes or layouts, no shim, `kernels.fused_tail=off`) the unfused sequence runs:
 /// `bn.forward` -> [`super::dropout`] -> `+ r` -> ReLU.
+///
+/// `rows` (data parallelism): on the CPU, the unfused path draws this rank's rows of the global
+/// mask ([`super::dropout_rows`], rows along dim 2 of `(1, C, N·M, T, V)`) and the fused tail
+/// mixes the rank into its seed, so ranks never share a mask; on CUDA each rank's generator is
+/// seeded apart by the training loop.
+#[allow(clippy::too_many_arguments)]
 pub fn bn_dropout_add_relu(
     y: &Tensor,
     bn: &BatchNorm,
@@ -145,10 +151,11 @@ pub fn bn_dropout_add_relu(
     r: Option<&Tensor>,
     train: bool,
     kernels: &Kernels,
+    rows: Option<super::RankRows>,
 ) -> Tensor {
     if train && bn.sync.is_some() {
         // SyncBatchNorm: the unfused sequence, its batch norm over every rank's batch.
-        return tail_native(y, bn, p, r, train, kernels);
+        return tail_native(y, bn, p, r, train, kernels, rows);
     }
     if train && y.device().is_cuda() {
         let r_fits = r.is_none_or(|r| {
@@ -178,7 +185,7 @@ pub fn bn_dropout_add_relu(
                 Err(e) => warn_tail_failed(&e),
             }
         }
-        return tail_native(y, bn, p, r, train, kernels);
+        return tail_native(y, bn, p, r, train, kernels, None);
     }
     let r_fits = match r {
         None => true,
@@ -191,14 +198,21 @@ pub fn bn_dropout_add_relu(
         && r_fits
         && fits(y, bn)
     {
-        let seed = if p > 0.0 { draw_seed() } else { 0 };
+        let seed = match (p > 0.0, rows) {
+            (false, _) => 0,
+            (true, None) => draw_seed(),
+            // Every rank draws the same seed (same generator state): mix the rank in.
+            (true, Some(rows)) => {
+                draw_seed() ^ (rows.rank as i64).wrapping_mul(0x5851_F42D_4C95_7F2D)
+            }
+        };
         match fused_tail(y, bn, p, r, seed) {
             Ok(out) => return out,
             // Only a broken invariant gets here (the op checks before it writes anything).
             Err(e) => warn_tail_failed(&e),
         }
     }
-    tail_native(y, bn, p, r, train, kernels)
+    tail_native(y, bn, p, r, train, kernels, rows)
 }
 
 /// A dropout seed from libtorch's CPU generator (as [`super::dropout`] draws its own).
@@ -220,8 +234,10 @@ pub(crate) fn tail_native(
     r: Option<&Tensor>,
     train: bool,
     kernels: &Kernels,
+    rows: Option<super::RankRows>,
 ) -> Tensor {
-    let mut z = super::dropout(&bn.forward(y, train, kernels), p, train);
+    // Rows of the (1, C, N·M, T, V) layout are dim 2.
+    let mut z = super::dropout_rows(&bn.forward(y, train, kernels), p, train, rows, 2);
     if let Some(r) = r {
         let _ = z.g_add_(r); // no backward pass needs the overwritten values
     }
@@ -692,14 +708,14 @@ mod tests {
         let r = Tensor::randn([1, 4, 6, 5], opts);
         let vs2 = VarStore::new(Device::Cpu);
         let bn2 = copy_bn(&vs2, &bn);
-        let a = bn_dropout_add_relu(&y, &bn, 0.5, Some(&r), false, &Kernels::default());
+        let a = bn_dropout_add_relu(&y, &bn, 0.5, Some(&r), false, &Kernels::default(), None);
         let b = (bn2.forward_native(&y, false) + &r).relu();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let mut vs64 = VarStore::new(Device::Cpu);
         let bn64 = random_bn(&vs64, 4);
         vs64.double();
         let y64 = y.to_kind(Kind::Double);
-        let out = bn_dropout_add_relu(&y64, &bn64, 0.5, None, true, &Kernels::default());
+        let out = bn_dropout_add_relu(&y64, &bn64, 0.5, None, true, &Kernels::default(), None);
         assert_eq!(out.kind(), Kind::Double);
         assert_eq!(bn64.num_batches_tracked.int64_value(&[]), 1);
     }
