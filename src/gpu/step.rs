@@ -158,17 +158,7 @@ impl FastStep {
         let running_statistics = if sync_bn {
             Vec::new()
         } else {
-            let mut out = Vec::new();
-            for vs in [&model.vs_q, &model.vs_k] {
-                let mut vars: Vec<(String, Tensor)> = vs
-                    .variables()
-                    .into_iter()
-                    .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
-                    .collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0));
-                out.extend(vars.into_iter().map(|(_, t)| t));
-            }
-            out
+            model.running_statistics()
         };
         self.data_parallel = Some(DataParallel {
             arange_global: Tensor::arange(global, (Kind::Int64, self.device)),

@@ -264,6 +264,23 @@ impl SslModel {
         self.kernels = kernels;
     }
 
+    /// The batch-norm running means and variances of the query and key sides (shallow clones
+    /// sharing storage), in name order: what a data-parallel step averages over the ranks when
+    /// each rank's batch norms saw only its share of the batch.
+    pub fn running_statistics(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for vs in [&self.vs_q, &self.vs_k] {
+            let mut vars: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
+                .collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            out.extend(vars.into_iter().map(|(_, t)| t));
+        }
+        out
+    }
+
     /// Data parallelism: this rank's rows of the global batch, for every encoder's dropout masks
     /// (see [`crate::model::stgcn::StGcn::set_rank_rows`]).
     pub fn set_rank_rows(&mut self, rows: Option<crate::model::stgcn::RankRows>) {

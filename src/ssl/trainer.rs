@@ -116,21 +116,6 @@ impl Pretrainer {
         Ok(())
     }
 
-    /// The batch-norm running means and variances of the query and key encoders, in name order.
-    fn running_statistics(&self) -> Vec<Tensor> {
-        let mut out = Vec::new();
-        for vs in [&self.model.vs_q, &self.model.vs_k] {
-            let mut vars: Vec<(String, Tensor)> = vs
-                .variables()
-                .into_iter()
-                .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
-                .collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            out.extend(vars.into_iter().map(|(_, t)| t));
-        }
-        out
-    }
-
     /// The model's forward; with SyncBatchNorm or shuffle BN across ranks a failed collective inside it (which panics, a
     /// forward having no error path) becomes an error that names the failure.
     fn forward(&self, x_q: &Tensor, x_k: &Tensor, epoch: usize) -> Result<StepOutput> {
@@ -288,7 +273,7 @@ impl Pretrainer {
         if let (Some(g), false) = (&self.group, self.sync_bn) {
             // Each rank's batch norms saw only its share of the batch: their running statistics
             // are averaged, so that every rank keeps the same model (PyTorch's DDP keeps rank 0's).
-            g.all_reduce_mean_(&self.running_statistics())?;
+            g.all_reduce_mean_(&self.model.running_statistics())?;
         }
         self.model.enqueue(&keys)?;
         Ok(stats(None))
