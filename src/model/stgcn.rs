@@ -43,6 +43,16 @@ pub struct StGcnConfig {
     pub dropout: f64,
     pub edge_importance: bool,
     pub temporal_kernel: i64,
+    /// The input batch norm over the V·C joint coordinates (`data_bn`; official: on). Off (ours,
+    /// `model_args.data_bn: false`): training skips it, so it keeps its initial identity
+    /// statistics and affine and eval-mode forwards pass the coordinates through unscaled (up to
+    /// `1/sqrt(1 + eps)`); the checkpoint keeps the official key set.
+    #[serde(default = "default_true")]
+    pub data_bn: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for StGcnConfig {
@@ -54,6 +64,7 @@ impl Default for StGcnConfig {
             dropout: 0.5,
             edge_importance: true,
             temporal_kernel: 9,
+            data_bn: true,
         }
     }
 }
@@ -251,10 +262,13 @@ impl StGcn {
             .contiguous()
             .view([n * m, v * c, t]);
         let kernels = &self.kernels;
-        let xb = self
-            .data_bn
-            .forward(&xb, train, kernels)
-            .view([n * m, v, c, t]);
+        let xb = if train && !self.cfg.data_bn {
+            xb.view([n * m, v, c, t])
+        } else {
+            self.data_bn
+                .forward(&xb, train, kernels)
+                .view([n * m, v, c, t])
+        };
         match kernels.stgcn {
             StGcnForm::Reference => {
                 let mut h = xb.permute([0, 2, 3, 1]).contiguous(); // (N·M, C, T, V)
@@ -552,6 +566,38 @@ mod tests {
             vec![768, 64, 1, 1]
         );
         assert_eq!(vars["data_bn.num_batches_tracked"].kind(), Kind::Int64);
+    }
+
+    #[test]
+    fn data_bn_off_skips_the_input_batch_norm() {
+        let layout = Layout::ntu25();
+        let x = Tensor::randn([4, 3, 12, 25, 2], (Kind::Float, Device::Cpu)) * 0.3 + 0.1;
+        let run = |data_bn: bool| {
+            tch::manual_seed(3);
+            let vs = VarStore::new(Device::Cpu);
+            let cfg = StGcnConfig {
+                data_bn,
+                ..tiny_cfg()
+            };
+            let net = StGcn::new(&vs.root(), &cfg, &layout);
+            let y = net.forward(&x, true);
+            y.sum(Kind::Float).backward();
+            let vars = vs.variables();
+            let stats = vars["data_bn.running_mean"].abs().max().double_value(&[]);
+            let weight_grad = vars["data_bn.weight"].grad();
+            (y, stats, weight_grad.defined())
+        };
+        let (on, stats_on, grad_on) = run(true);
+        let (off, stats_off, grad_off) = run(false);
+        assert!(
+            stats_on > 0.0 && grad_on,
+            "data_bn on: statistics move, weights learn"
+        );
+        // Off: statistics and affine stay at their identity init (no gradient), so an eval
+        // forward passes the coordinates through data_bn unchanged (up to 1/sqrt(1 + eps)).
+        assert_eq!(stats_off, 0.0);
+        assert!(!grad_off);
+        assert!(!on.allclose(&off, 1e-5, 1e-6, false));
     }
 
     #[test]

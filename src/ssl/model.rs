@@ -100,6 +100,7 @@ impl SslSpec {
                 hidden_dim: a.hidden_dim,
                 dropout: a.dropout,
                 edge_importance: a.edge_importance_weighting,
+                data_bn: a.data_bn,
                 ..StGcnConfig::default()
             },
             feature_dim: a.feature_dim,

@@ -348,6 +348,9 @@ pub struct ModelArgs {
     pub dropout: f64,
     pub graph_args: GraphArgs,
     pub edge_importance_weighting: bool,
+    /// Ours (official: true): the encoder's input batch norm over the joint coordinates; `false`
+    /// skips it in training (see `model::stgcn::StGcnConfig::data_bn`).
+    pub data_bn: bool,
 }
 
 impl Default for ModelArgs {
@@ -367,6 +370,7 @@ impl Default for ModelArgs {
             dropout: 0.5,
             graph_args: GraphArgs::default(),
             edge_importance_weighting: true,
+            data_bn: true,
         }
     }
 }

@@ -64,6 +64,8 @@ pub fn infer_config(
         dropout: 0.0,
         edge_importance: sd.contains_key("edge_importance.0"),
         temporal_kernel: last[2],
+        // A file's data_bn is applied with its statistics (identity for a run that skipped it).
+        data_bn: true,
     })
 }
 
