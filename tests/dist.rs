@@ -820,6 +820,55 @@ fn pretrain_resumes_a_one_process_run_on_two_ranks() {
     assert_eq!(meta["global_step"], 4);
 }
 
+/// The other direction, with the fast step: one epoch of `crossclr launch --nproc 2 -- pretrain
+/// step_impl=fast`, then `--resume` on one process (reference step) for the second; the
+/// checkpoint's queue pointer and step count are those of the global batch, and the resumed run
+/// ends at epoch 2 with 4 steps in all.
+#[test]
+fn pretrain_resumes_a_two_rank_fast_run_on_one_process() {
+    if !dist::available() || crossclr::gpu::shim_status() == crossclr::gpu::ShimStatus::Missing {
+        eprintln!("skipping: built without the Gloo headers or the C++ shim");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, work) = synth_run(dir.path(), 2, "");
+    let launch = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
+        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+        .arg(&config)
+        .args(["num_epoch=1", "step_impl=fast"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, text) = wait_all(vec![launch], Duration::from_secs(300))
+        .pop()
+        .unwrap();
+    assert!(ok, "launch failed:\n{text}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("last.json")).unwrap()).unwrap();
+    assert_eq!(meta["global_step"], 2, "16 samples, global batch 8: {meta}");
+    // The fast step's device pointer, written back: 2 steps of the global batch 8 (queue 32).
+    assert_eq!(meta["queue_ptr"], 16, "{meta}");
+    let one = Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .args(["pretrain", "--quiet", "--device", "cpu", "--resume", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("last.json")).unwrap()).unwrap();
+    assert_eq!(meta["epoch"], 2);
+    assert_eq!(meta["global_step"], 4);
+    assert_eq!(meta["queue_ptr"], 0, "4 x 8 into a queue of 32: {meta}");
+    let csv = std::fs::read_to_string(work.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header + 2 epochs: {csv}");
+}
+
 /// Synthetic data (2 classes x 8 training samples, 20 frames) and a SkeletonCLR config on it
 /// (batch 8, queue 32, `num_epoch` epochs, a log line every step, no epoch checkpoints) in `dir`;
 /// `extra` is appended to the YAML. Returns (config file, work_dir).
