@@ -7,7 +7,11 @@
 #      ranks on one GPU), step_impl fast and reference;
 #   4. the single-process run of the same config, for the samples/s and the loss curve.
 # Usage on the GPU machine (binaries built here, carried in .devbin):
-#   BIN=.devbin/crossclr DIST_TEST=.devbin/dist-test bash scripts/device_dist.sh
+#   here:  cargo build --release && mkdir -p .devbin && cp target/release/crossclr .devbin/ &&
+#          cp "$(cargo test --release --test dist --no-run --message-format=json 2>/dev/null |
+#                python3 -c 'import json,sys; print([json.loads(l).get("executable") for l in sys.stdin
+#                if "\"dist\"" in l and json.loads(l).get("executable")][-1])')" .devbin/dist-test
+#   there: BIN=.devbin/crossclr DIST_TEST=.devbin/dist-test bash scripts/device_dist.sh
 # Writes logs, metrics and a summary under $OUT.
 set -u -o pipefail
 BIN=${BIN:-.devbin/crossclr}
