@@ -869,6 +869,47 @@ fn pretrain_resumes_a_two_rank_fast_run_on_one_process() {
     assert_eq!(csv.lines().count(), 3, "header + 2 epochs: {csv}");
 }
 
+/// A 1-process job forms a group only when a backend is named: `WORLD_SIZE=1` with
+/// `dist_backend=gloo` trains as rank 0 of 1 (the path a world-size-1 NCCL job takes on a GPU);
+/// without the key it is a plain run; `dist_backend=nccl` on the CPU is refused with a message.
+#[test]
+fn a_named_backend_forms_a_one_rank_group() {
+    if !dist::available() {
+        eprintln!("skipping: built without the Gloo headers (apt-get install libgloo-dev)");
+        return;
+    }
+    for (extra, want) in [
+        (
+            "dist_backend: gloo\n",
+            Some("data parallel: rank 0 of 1 (Gloo)"),
+        ),
+        ("", None),
+        ("dist_backend: nccl\n", None),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, work) = synth_run(dir.path(), 1, extra);
+        let args = vec![
+            "--quiet".to_string(),
+            "--device".into(),
+            "cpu".into(),
+            "-c".into(),
+            config.display().to_string(),
+        ];
+        let (ok, text) = pretrain_ranks(1, &args).pop().unwrap();
+        if extra.contains("nccl") {
+            assert!(!ok, "{text}");
+            assert!(text.contains("nccl needs a CUDA device"), "{text}");
+            continue;
+        }
+        assert!(ok, "{extra}: {text}");
+        let log = std::fs::read_to_string(work.join("log.txt")).unwrap();
+        match want {
+            Some(line) => assert!(log.contains(line), "{log}"),
+            None => assert!(!log.contains("data parallel"), "{log}"),
+        }
+    }
+}
+
 /// Synthetic data (2 classes x 8 training samples, 20 frames) and a SkeletonCLR config on it
 /// (batch 8, queue 32, `num_epoch` epochs, a log line every step, no epoch checkpoints) in `dir`;
 /// `extra` is appended to the YAML. Returns (config file, work_dir).
