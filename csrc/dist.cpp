@@ -280,28 +280,6 @@ std::shared_ptr<::gloo::transport::Device> gloo_device(const char *master) {
 
 extern "C" {
 
-// A Gloo process group of `world` ranks, this one `rank`, meeting at the store of `open_store`.
-// Collectives time out after `timeout_ms`.
-int crossclr_dist_new_gloo(const char *file, const char *host, int port, int host_store, int rank, int world,
-                           int64_t timeout_ms, void **out, char **err) {
-  return crossclr::guarded(err, [&] {
-    TORCH_CHECK(out != nullptr, "crossclr_dist_new_gloo: null output pointer");
-    TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world);
-    auto timeout = std::chrono::milliseconds(timeout_ms);
-    auto prefixed = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new_gloo");
-    auto opts = c10d::ProcessGroupGloo::Options::create();
-    opts->timeout = timeout;
-    opts->devices.push_back(gloo_device(host));
-    auto g = c10::make_intrusive<Group>();
-    g->store = prefixed;
-    g->rank = rank;
-    g->world = world;
-    g->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world, opts);
-    g->start_heartbeat();
-    *out = g.release();
-  });
-}
-
 // 1 when this library was built with NCCL.
 int crossclr_dist_has_nccl() {
 #ifdef CROSSCLR_DIST_NCCL
@@ -311,39 +289,48 @@ int crossclr_dist_has_nccl() {
 #endif
 }
 
-// An NCCL process group of `world` ranks, this one `rank`, for CUDA tensors on device
-// `cuda_index` (made the current device and the group's bound device: one GPU per rank). Store
-// as for Gloo; the collectives wait on the host (`work->wait()`) and time out after `timeout_ms`
-// (the NCCL watchdog aborts a hung communicator).
-int crossclr_dist_new_nccl(const char *file, const char *host, int port, int host_store, int rank, int world,
-                           int cuda_index, int64_t timeout_ms, void **out, char **err) {
+// A process group of `world` ranks, this one `rank`, meeting at the store of `open_store`:
+// Gloo when `cuda_index` < 0; else NCCL for CUDA tensors on device `cuda_index` (made the current
+// device and the group's bound device: one GPU per rank; the NCCL watchdog aborts a hung
+// communicator). Collectives time out after `timeout_ms`.
+int crossclr_dist_new(const char *file, const char *host, int port, int host_store, int rank, int world,
+                      int cuda_index, int64_t timeout_ms, void **out, char **err) {
   return crossclr::guarded(err, [&] {
-    TORCH_CHECK(out != nullptr, "crossclr_dist_new_nccl: null output pointer");
-#ifdef CROSSCLR_DIST_NCCL
+    TORCH_CHECK(out != nullptr, "crossclr_dist_new: null output pointer");
     TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, "rank ", rank, " is not in a world of ", world);
-    const int devices = static_cast<int>(c10::cuda::device_count());
-    TORCH_CHECK(cuda_index >= 0 && cuda_index < devices, "NCCL: CUDA device ", cuda_index, " does not exist (",
-                devices, " visible)");
-    c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_index));
     auto timeout = std::chrono::milliseconds(timeout_ms);
-    auto prefixed = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new_nccl");
-    auto opts = c10d::ProcessGroupNCCL::Options::create();
-    opts->timeout = timeout;
+    c10::intrusive_ptr<c10d::Backend> pg;
+    c10::intrusive_ptr<c10d::Store> store;
+    if (cuda_index < 0) {
+      store = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new");
+      auto opts = c10d::ProcessGroupGloo::Options::create();
+      opts->timeout = timeout;
+      opts->devices.push_back(gloo_device(host));
+      pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    } else {
+#ifdef CROSSCLR_DIST_NCCL
+      const int devices = static_cast<int>(c10::cuda::device_count());
+      TORCH_CHECK(cuda_index < devices, "NCCL: CUDA device ", cuda_index, " does not exist (", devices,
+                  " visible)");
+      c10::cuda::set_device(static_cast<c10::DeviceIndex>(cuda_index));
+      store = open_store(file, host, port, host_store, world, timeout, "crossclr_dist_new");
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+      nccl->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_index)));
+      pg = nccl;
+#else
+      TORCH_CHECK(false, "this binary was built without NCCL (build.rs found no CUDA runtime or NCCL headers); "
+                         "use the Gloo backend (dist_backend: gloo)");
+#endif
+    }
     auto g = c10::make_intrusive<Group>();
-    g->store = prefixed;
+    g->store = store;
     g->rank = rank;
     g->world = world;
-    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world, opts);
-    pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_index)));
     g->pg = pg;
     g->start_heartbeat();
     *out = g.release();
-#else
-    (void)file, (void)host, (void)port, (void)host_store, (void)rank, (void)world, (void)cuda_index,
-        (void)timeout_ms;
-    TORCH_CHECK(false, "this binary was built without NCCL (build.rs found no CUDA runtime or NCCL headers); "
-                       "use the Gloo backend (dist_backend: gloo)");
-#endif
   });
 }
 

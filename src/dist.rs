@@ -89,20 +89,10 @@ impl Rendezvous {
 
 #[cfg(crossclr_dist)]
 extern "C" {
-    fn crossclr_dist_new_gloo(
-        file: *const std::ffi::c_char,
-        host: *const std::ffi::c_char,
-        port: std::ffi::c_int,
-        host_store: std::ffi::c_int,
-        rank: std::ffi::c_int,
-        world: std::ffi::c_int,
-        timeout_ms: i64,
-        out: *mut *mut std::ffi::c_void,
-        err: *mut *mut std::ffi::c_char,
-    ) -> std::ffi::c_int;
     fn crossclr_dist_has_nccl() -> std::ffi::c_int;
+    /// Gloo when `cuda_index` < 0, else NCCL on that CUDA device.
     #[allow(clippy::too_many_arguments)]
-    fn crossclr_dist_new_nccl(
+    fn crossclr_dist_new(
         file: *const std::ffi::c_char,
         host: *const std::ffi::c_char,
         port: std::ffi::c_int,
@@ -266,25 +256,15 @@ impl ProcessGroup {
             );
             let mut raw = std::ptr::null_mut();
             let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+            let cuda_index = match backend {
+                Backend::Gloo => -1,
+                Backend::Nccl { cuda_index } => cuda_index as std::ffi::c_int,
+            };
             // SAFETY: the C strings live across the call; `raw` is a valid out-pointer.
             crate::gpu::ffi::call(&what, |err| unsafe {
-                match backend {
-                    Backend::Gloo => crossclr_dist_new_gloo(
-                        file, host, port, host_here, rank, world, timeout_ms, &mut raw, err,
-                    ),
-                    Backend::Nccl { cuda_index } => crossclr_dist_new_nccl(
-                        file,
-                        host,
-                        port,
-                        host_here,
-                        rank,
-                        world,
-                        cuda_index as std::ffi::c_int,
-                        timeout_ms,
-                        &mut raw,
-                        err,
-                    ),
-                }
+                crossclr_dist_new(
+                    file, host, port, host_here, rank, world, cuda_index, timeout_ms, &mut raw, err,
+                )
             })
             .map_err(|e| {
                 Error::Other(format!(
@@ -544,7 +524,7 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         #[cfg(crossclr_dist)]
-        // SAFETY: `raw` came from crossclr_dist_new_gloo and is freed once.
+        // SAFETY: `raw` came from crossclr_dist_new and is freed once.
         unsafe {
             crossclr_dist_free(self.raw)
         };

@@ -832,18 +832,11 @@ fn pretrain_resumes_a_two_rank_fast_run_on_one_process() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (config, work) = synth_run(dir.path(), 2, "");
-    let launch = Command::new(env!("CARGO_BIN_EXE_crossclr"))
-        .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
-        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
-        .arg(&config)
-        .args(["num_epoch=1", "step_impl=fast"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (ok, text) = wait_all(vec![launch], Duration::from_secs(300))
-        .pop()
-        .unwrap();
+    let (ok, text) = run_launch(
+        &["--nproc", "2"],
+        &config,
+        &["num_epoch=1", "step_impl=fast"],
+    );
     assert!(ok, "launch failed:\n{text}");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(work.join("last.json")).unwrap()).unwrap();
@@ -956,6 +949,30 @@ fn synth_run(
     (config, work)
 }
 
+/// Starts `crossclr launch <launch> --dist-timeout 60 -- pretrain --quiet --device cpu -c
+/// <config> <extra>` with its output piped.
+fn spawn_launch(launch: &[&str], config: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_crossclr"))
+        .arg("launch")
+        .args(launch)
+        .args(["--dist-timeout", "60", "--"])
+        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
+        .arg(config)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// [`spawn_launch`] run to the end (5 minutes at most): (success, stdout + stderr).
+fn run_launch(launch: &[&str], config: &std::path::Path, extra: &[&str]) -> (bool, String) {
+    let child = spawn_launch(launch, config, extra);
+    wait_all(vec![child], Duration::from_secs(300))
+        .pop()
+        .unwrap()
+}
+
 /// Waits until `file` contains `text` (or panics after `limit`).
 fn wait_for_text(file: &std::path::Path, text: &str, limit: Duration) {
     let started = Instant::now();
@@ -1040,17 +1057,7 @@ fn launch_runs_two_ranks_of_pretrain() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (config, work) = synth_run(dir.path(), 1, "sync_bn: true\n");
-    let child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
-        .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
-        .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (ok, text) = wait_all(vec![child], Duration::from_secs(300))
-        .pop()
-        .unwrap();
+    let (ok, text) = run_launch(&["--nproc", "2"], &config, &[]);
     assert!(ok, "launch failed:\n{text}");
     assert!(text.contains("[rank 0] pre-training done"), "{text}");
     assert!(text.contains("launch: all 2 ranks succeeded"), "{text}");
@@ -1076,17 +1083,7 @@ fn launch_trains_two_ranks_with_the_fast_step() {
     let losses = |step_impl: &str| -> (Vec<f64>, String) {
         let dir = tempfile::tempdir().unwrap();
         let (config, work) = synth_run(dir.path(), 2, &format!("step_impl: {step_impl}\n"));
-        let child = Command::new(env!("CARGO_BIN_EXE_crossclr"))
-            .args(["launch", "--nproc", "2", "--dist-timeout", "60", "--"])
-            .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (ok, text) = wait_all(vec![child], Duration::from_secs(300))
-            .pop()
-            .unwrap();
+        let (ok, text) = run_launch(&["--nproc", "2"], &config, &[]);
         assert!(ok, "launch ({step_impl}) failed:\n{text}");
         let jsonl = std::fs::read_to_string(work.join("metrics.jsonl")).unwrap();
         let losses = jsonl
@@ -1128,24 +1125,9 @@ fn launch_on_two_nodes_forms_one_job() {
     let (config, work) = synth_run(dir.path(), 1, "");
     let port = free_port().to_string();
     let node = |rank: &str| {
-        Command::new(env!("CARGO_BIN_EXE_crossclr"))
-            .args([
-                "launch",
-                "--nproc",
-                "1",
-                "--nnodes",
-                "2",
-                "--node-rank",
-                rank,
-            ])
-            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
-            .args(["--dist-timeout", "60", "--"])
-            .args(["pretrain", "--quiet", "--device", "cpu", "-c"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        let launch = ["--nproc", "1", "--nnodes", "2", "--node-rank", rank];
+        let master = ["--master-addr", "127.0.0.1", "--master-port", &port];
+        spawn_launch(&[&launch[..], &master[..]].concat(), &config, &[])
     };
     let nodes = vec![node("0"), node("1")];
     let results = wait_all(nodes, Duration::from_secs(300));
