@@ -46,6 +46,9 @@ pub struct Pretrainer {
     pub sync_bn: bool,
     /// Shuffle BN across the ranks once a group is joined (the config's `dist_shuffle_bn`).
     pub dist_shuffle_bn: bool,
+    /// The batch-norm running statistics averaged over the ranks after every step (taken once
+    /// when the group is joined; empty without a group or with `sync_bn`).
+    averaged_statistics: Vec<Tensor>,
 }
 
 impl Pretrainer {
@@ -87,6 +90,7 @@ impl Pretrainer {
             poison_next_grad: false,
             sync_bn: false,
             dist_shuffle_bn: false,
+            averaged_statistics: Vec::new(),
         })
     }
 
@@ -108,6 +112,8 @@ impl Pretrainer {
             }));
         if self.sync_bn {
             self.model.set_sync_bn(Some(Arc::clone(&group)));
+        } else {
+            self.averaged_statistics = self.model.running_statistics();
         }
         if self.dist_shuffle_bn {
             self.model.set_shuffle_group(Some(Arc::clone(&group)));
@@ -270,10 +276,11 @@ impl Pretrainer {
                 .collect::<Result<Vec<_>>>()?,
         };
         self.opt.step();
-        if let (Some(g), false) = (&self.group, self.sync_bn) {
-            // Each rank's batch norms saw only its share of the batch: their running statistics
-            // are averaged, so that every rank keeps the same model (PyTorch's DDP keeps rank 0's).
-            g.all_reduce_mean_(&self.model.running_statistics())?;
+        if let Some(g) = &self.group {
+            // Without sync_bn each rank's batch norms saw only its share of the batch: their
+            // running statistics are averaged, so that every rank keeps the same model (PyTorch's
+            // DDP keeps rank 0's).
+            g.all_reduce_mean_(&self.averaged_statistics)?;
         }
         self.model.enqueue(&keys)?;
         Ok(stats(None))
