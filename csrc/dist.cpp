@@ -25,7 +25,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <atomic>
+#include <memory>
 #include <cstdlib>
 #include <chrono>
 #include <condition_variable>
@@ -234,6 +236,89 @@ struct SyncBn : public torch::autograd::Function<SyncBn> {
   }
 };
 
+// Gradient all-reduce overlapped with backward, as DDP's reducer does it on c10d: the parameters
+// are packed into buckets of about `cap` bytes in reverse order (backward produces the gradients
+// of the last layers first); a hook on every parameter copies its gradient into its bucket's flat
+// buffer as soon as autograd has it (a leaf's hooks run once per backward, on the summed
+// gradient), and a bucket whose gradients are all in starts its all-reduce (SUM, asynchronous,
+// c10d Work) while backward goes on. Buckets start strictly in bucket order, so every rank issues
+// the same collectives in the same order. `finish` (after backward) starts the buckets still
+// waiting (parameters without a gradient this pass contribute zeros and get none), waits for all,
+// and writes each averaged slice into its parameter's `.grad`. Hooks do nothing unless the
+// bucketer was armed for this backward (any other backward through the parameters is left alone).
+struct GradBuckets {
+  c10::intrusive_ptr<Group> group;
+  std::vector<at::Tensor> params;
+  std::vector<unsigned> hook_ids;
+  std::vector<std::vector<size_t>> members;  // parameter indices per bucket
+  std::vector<at::Tensor> flats;             // one flat buffer per bucket
+  std::vector<size_t> bucket_of;             // per parameter
+  std::vector<int64_t> offset_of;            // per parameter, in its bucket
+  std::vector<size_t> pending;               // per bucket: gradients still to come this pass
+  std::vector<char> arrived;                 // per parameter, this pass
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  size_t next = 0;  // next bucket to start
+  bool armed = false;
+  std::mutex mu;
+
+  void reset_pass() {
+    for (size_t b = 0; b < members.size(); ++b) pending[b] = members[b].size();
+    std::fill(arrived.begin(), arrived.end(), 0);
+    works.clear();
+    next = 0;
+  }
+
+  // Starts every bucket that is complete, in order (caller holds `mu`).
+  void start_ready() {
+    while (next < flats.size() && pending[next] == 0) {
+      std::vector<at::Tensor> ts{flats[next]};
+      c10d::AllreduceOptions o;
+      o.reduceOp = c10d::ReduceOp::SUM;
+      works.push_back(group->pg->allreduce(ts, o));
+      ++next;
+    }
+  }
+
+  void on_grad(size_t i, const at::Tensor &grad) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!armed || arrived[i]) return;
+    arrived[i] = 1;
+    const size_t b = bucket_of[i];
+    at::NoGradGuard no_grad;
+    flats[b].narrow(0, offset_of[i], grad.numel()).copy_(grad.reshape({-1}));
+    --pending[b];
+    start_ready();
+  }
+
+  void finish() {
+    std::lock_guard<std::mutex> lock(mu);
+    TORCH_CHECK(armed, "gradient buckets: finish without arm");
+    armed = false;
+    at::NoGradGuard no_grad;
+    for (size_t b = next; b < flats.size(); ++b) {
+      if (pending[b] == 0) continue;
+      for (size_t i : members[b])
+        if (!arrived[i]) flats[b].narrow(0, offset_of[i], params[i].numel()).zero_();
+      pending[b] = 0;
+    }
+    group->run([&] {
+      start_ready();
+      for (auto &w : works) w->wait();
+    });
+    const double world = static_cast<double>(group->world);
+    for (size_t b = 0; b < flats.size(); ++b) {
+      flats[b].div_(world);
+      for (size_t i : members[b]) {
+        if (!arrived[i]) continue;
+        at::Tensor g = params[i].grad();
+        TORCH_CHECK(g.defined(), "gradient buckets: parameter ", i, " had a gradient in backward but has no .grad");
+        g.copy_(flats[b].narrow(0, offset_of[i], g.numel()).view(g.sizes()));
+      }
+    }
+    works.clear();
+  }
+};
+
 }  // namespace
 
 namespace {
@@ -400,6 +485,111 @@ int crossclr_dist_sync_bn(void *p, void *x, void *w, void *b, void *running_mean
     auto y = SyncBn::apply(xt, wt, bt, g, rm, rv, momentum, eps);
     *out = new at::Tensor(std::move(y));
   });
+}
+
+
+// A gradient bucketer (GradBuckets) over `n` parameters `params` (tch tensor pointers, leaves
+// that require grad, in optimiser order), buckets of about `cap_bytes` (at least one parameter
+// each; one dtype and device per bucket). Freed with crossclr_dist_buckets_free, which removes
+// the hooks.
+int crossclr_dist_buckets_new(void *p, void **params, int64_t n, int64_t cap_bytes, void **out, char **err) {
+  return crossclr::guarded(err, [&] {
+    const char *op = "gradient buckets";
+    auto *g = group(p, op);
+    TORCH_CHECK(out != nullptr && (params != nullptr || n == 0), op, ": null pointer");
+    auto gb = std::make_unique<GradBuckets>();
+    gb->group = c10::intrusive_ptr<Group>::reclaim_copy(g);
+    for (int64_t i = 0; i < n; ++i) {
+      const auto &t = crossclr::borrow_tensor(params[i], op, "parameter");
+      TORCH_CHECK(t.requires_grad() && t.is_leaf(), op, ": parameter ", i, " is not a leaf that requires grad");
+      gb->params.push_back(t);
+    }
+    // Reverse order; a new bucket when the cap is reached or the dtype / device changes.
+    std::vector<int64_t> bytes;
+    for (int64_t k = n - 1; k >= 0; --k) {
+      const auto &t = gb->params[k];
+      const int64_t sz = t.numel() * static_cast<int64_t>(t.element_size());
+      bool fresh = gb->members.empty() || bytes.back() >= cap_bytes;
+      if (!fresh) {
+        const auto &first = gb->params[gb->members.back().front()];
+        fresh = first.scalar_type() != t.scalar_type() || first.device() != t.device();
+      }
+      if (fresh) {
+        gb->members.emplace_back();
+        bytes.push_back(0);
+      }
+      gb->members.back().push_back(static_cast<size_t>(k));
+      bytes.back() += sz;
+    }
+    gb->bucket_of.resize(n);
+    gb->offset_of.resize(n);
+    for (size_t b = 0; b < gb->members.size(); ++b) {
+      int64_t off = 0;
+      for (size_t i : gb->members[b]) {
+        gb->bucket_of[i] = b;
+        gb->offset_of[i] = off;
+        off += gb->params[i].numel();
+      }
+      const auto &first = gb->params[gb->members[b].front()];
+      gb->flats.push_back(at::zeros({off}, first.options().requires_grad(false)));
+    }
+    gb->pending.resize(gb->members.size());
+    gb->arrived.resize(n);
+    gb->reset_pass();
+    GradBuckets *raw = gb.get();
+    for (int64_t i = 0; i < n; ++i) {
+      const size_t idx = static_cast<size_t>(i);
+      gb->hook_ids.push_back(gb->params[i].register_hook([raw, idx](const at::TensorBase &grad) {
+        raw->on_grad(idx, at::Tensor(grad));
+      }));
+    }
+    *out = gb.release();
+  });
+}
+
+// How many buckets `b` has.
+int64_t crossclr_dist_buckets_count(void *b) {
+  return b == nullptr ? 0 : static_cast<int64_t>(static_cast<GradBuckets *>(b)->flats.size());
+}
+
+// Arms the hooks for the next backward.
+int crossclr_dist_buckets_arm(void *b, char **err) {
+  return crossclr::guarded(err, [&] {
+    TORCH_CHECK(b != nullptr, "gradient buckets: null pointer");
+    auto *gb = static_cast<GradBuckets *>(b);
+    std::lock_guard<std::mutex> lock(gb->mu);
+    if (gb->armed) {
+      // A previous pass failed between arm and finish: drain what it started.
+      for (auto &w : gb->works) {
+        try {
+          w->wait();
+        } catch (...) {
+        }
+      }
+    }
+    gb->reset_pass();
+    gb->armed = true;
+  });
+}
+
+// After backward: every bucket all-reduced, averaged, written into the parameters' `.grad`.
+int crossclr_dist_buckets_finish(void *b, char **err) {
+  return crossclr::guarded(err, [&] {
+    TORCH_CHECK(b != nullptr, "gradient buckets: null pointer");
+    static_cast<GradBuckets *>(b)->finish();
+  });
+}
+
+void crossclr_dist_buckets_free(void *b) {
+  if (b == nullptr) return;
+  std::unique_ptr<GradBuckets> gb(static_cast<GradBuckets *>(b));
+  for (size_t i = 0; i < gb->hook_ids.size(); ++i) gb->params[i].remove_hook(gb->hook_ids[i]);
+  for (auto &w : gb->works) {
+    try {
+      w->wait();
+    } catch (...) {
+    }
+  }
 }
 
 }  // extern "C"

@@ -2,7 +2,8 @@
 # The data-parallel GPU checks of docs/distributed.md in one device call (one GPU):
 #   1. the NCCL test of tests/dist.rs (a 1-rank NCCL group on cuda:0: all-reduce, broadcast,
 #      all-gather of CUDA and host tensors);
-#   2. `crossclr pretrain` as a world-size-1 NCCL job (dist_backend=nccl, step_impl fast);
+#   2. `crossclr pretrain` as a world-size-1 NCCL job (dist_backend=nccl, step_impl fast; and the
+#      reference step with gradient buckets all-reduced during backward, bucket_cap_mb=1);
 #   3. `crossclr launch --nproc 2` with Gloo on CUDA, both ranks on cuda:0 (NCCL refuses two
 #      ranks on one GPU), step_impl fast and reference;
 #   4. the single-process run of the same config, for the samples/s and the loss curve.
@@ -46,6 +47,9 @@ run() { # name, timeout, command...
 echo "== 2. world-size-1 NCCL job"
 RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
     run nccl1 150 "$BIN" pretrain "${ARGS[@]}" --device cuda work_dir=/tmp/nccl1 dist_backend=nccl step_impl=fast
+RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29512 \
+    run nccl1_buckets 120 "$BIN" pretrain "${ARGS[@]}" --device cuda work_dir=/tmp/nccl1_buckets dist_backend=nccl \
+    step_impl=reference bucket_cap_mb=1
 echo "== 3. 2 ranks, Gloo on CUDA (both on cuda:0)"
 run gloo2_fast 200 "$BIN" launch --nproc 2 --dist-timeout 120 -- pretrain "${ARGS[@]}" --device cuda:0 \
     work_dir=/tmp/gloo2_fast dist_backend=gloo step_impl=fast
@@ -53,6 +57,6 @@ run gloo2_reference 200 "$BIN" launch --nproc 2 --dist-timeout 120 -- pretrain "
     work_dir=/tmp/gloo2_reference dist_backend=gloo step_impl=reference
 echo "== 4. one process, same config (graph step, the single-GPU default)"
 run single 150 "$BIN" pretrain "${ARGS[@]}" --device cuda work_dir=/tmp/single
-for n in nccl1 gloo2_fast gloo2_reference single; do
+for n in nccl1 nccl1_buckets gloo2_fast gloo2_reference single; do
     [ -f "$OUT/$n.csv" ] && { echo "-- $n"; cat "$OUT/$n.csv"; }
 done | tee "$OUT/summary.txt"

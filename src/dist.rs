@@ -16,6 +16,7 @@
 //! NCCL, collectives in the CUDA-graph step.
 use crate::error::{Error, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tch::Tensor;
 
@@ -126,6 +127,24 @@ extern "C" {
         pg: *mut std::ffi::c_void,
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
+    fn crossclr_dist_buckets_new(
+        pg: *mut std::ffi::c_void,
+        params: *mut *mut std::ffi::c_void,
+        n: i64,
+        cap_bytes: i64,
+        out: *mut *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_buckets_count(b: *mut std::ffi::c_void) -> i64;
+    fn crossclr_dist_buckets_arm(
+        b: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_buckets_finish(
+        b: *mut std::ffi::c_void,
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
+    fn crossclr_dist_buckets_free(b: *mut std::ffi::c_void);
     fn crossclr_dist_sync_bn(
         pg: *mut std::ffi::c_void,
         x: *mut std::ffi::c_void,
@@ -518,6 +537,113 @@ impl ProcessGroup {
             }
         }
         Ok(())
+    }
+}
+
+/// Gradient averaging overlapped with backward (DDP's bucketing, on this group's c10d backend):
+/// the parameters are packed into buckets of about `bucket_cap_mb` in reverse order, and a hook
+/// on every parameter copies its gradient into its bucket as soon as autograd produces it; a
+/// complete bucket starts its all-reduce while backward goes on (buckets start in bucket order,
+/// the same on every rank). Use: [`GradBuckets::arm`] before `backward`, [`GradBuckets::finish`]
+/// after it (waits, averages, writes every `.grad`; a parameter that got no gradient in this pass
+/// keeps none). The result equals [`ProcessGroup::all_reduce_mean_`] of the same gradients.
+pub struct GradBuckets {
+    #[cfg_attr(not(crossclr_dist), allow(dead_code))]
+    raw: *mut std::ffi::c_void,
+    group: Arc<ProcessGroup>,
+    buckets: usize,
+}
+
+// SAFETY: the C++ side guards its state with a mutex; the hooks run on autograd's threads.
+unsafe impl Send for GradBuckets {}
+
+impl GradBuckets {
+    /// Buckets over `params` (leaves that require grad, in optimiser order) of about
+    /// `cap_bytes` each. `None` when the group would have to stage the parameters through another
+    /// device (NCCL with parameters off its GPU): those keep the coalesced all-reduce.
+    pub fn new(
+        group: &Arc<ProcessGroup>,
+        params: &[Tensor],
+        cap_bytes: usize,
+    ) -> Result<Option<GradBuckets>> {
+        #[cfg(crossclr_dist)]
+        {
+            if params.iter().any(|p| group.staging(p).is_some()) {
+                return Ok(None);
+            }
+            let mut ptrs: Vec<*mut std::ffi::c_void> =
+                params.iter().map(|p| p.as_ptr() as *mut _).collect();
+            let mut raw = std::ptr::null_mut();
+            // SAFETY: live tch tensors borrowed for the call (the C side keeps its own
+            // references); `raw` receives a new bucketer owned by the returned value.
+            group.collective("gradient buckets", |err| unsafe {
+                crossclr_dist_buckets_new(
+                    group.raw,
+                    ptrs.as_mut_ptr(),
+                    ptrs.len() as i64,
+                    cap_bytes.max(1) as i64,
+                    &mut raw,
+                    err,
+                )
+            })?;
+            // SAFETY: `raw` is the live bucketer just made.
+            let buckets = unsafe { crossclr_dist_buckets_count(raw) } as usize;
+            Ok(Some(GradBuckets {
+                raw,
+                group: Arc::clone(group),
+                buckets,
+            }))
+        }
+        #[cfg(not(crossclr_dist))]
+        {
+            let _ = (group, params, cap_bytes);
+            unavailable("gradient buckets")
+        }
+    }
+
+    /// How many buckets (all-reduces per step).
+    pub fn len(&self) -> usize {
+        self.buckets
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets == 0
+    }
+
+    /// Arms the hooks for the next backward.
+    pub fn arm(&self) -> Result<()> {
+        #[cfg(crossclr_dist)]
+        {
+            // SAFETY: `raw` is live for `self`'s lifetime.
+            self.group.collective("gradient buckets", |err| unsafe {
+                crossclr_dist_buckets_arm(self.raw, err)
+            })
+        }
+        #[cfg(not(crossclr_dist))]
+        unavailable("gradient buckets")
+    }
+
+    /// After backward: waits for every bucket's all-reduce and writes the averaged gradients.
+    pub fn finish(&self) -> Result<()> {
+        #[cfg(crossclr_dist)]
+        {
+            // SAFETY: as in `arm`.
+            self.group.collective("gradient all-reduce", |err| unsafe {
+                crossclr_dist_buckets_finish(self.raw, err)
+            })
+        }
+        #[cfg(not(crossclr_dist))]
+        unavailable("gradient buckets")
+    }
+}
+
+impl Drop for GradBuckets {
+    fn drop(&mut self) {
+        #[cfg(crossclr_dist)]
+        // SAFETY: `raw` came from crossclr_dist_buckets_new and is freed once (hooks removed).
+        unsafe {
+            crossclr_dist_buckets_free(self.raw)
+        };
     }
 }
 

@@ -1304,11 +1304,14 @@ fn dist_fast_step_worker() {
     let dir = tempfile::tempdir().unwrap();
     for extra in ["sync_bn=false", "sync_bn=true", "dist_shuffle_bn=true"] {
         let cfg = common::tiny_config("crossclr2", dir.path(), &[extra]);
-        let build = || {
+        // `bucket_cap_mb`: 0 = one all-reduce after backward; 0.01 MiB = dozens of buckets
+        // all-reduced during backward (dist::GradBuckets).
+        let build = |bucket_cap_mb: f64| {
             tch::manual_seed(11 + rank as i64);
             let mut t = Pretrainer::from_config(&cfg, &ds.layout, Device::Cpu).unwrap();
             t.model.vs_q.double();
             t.model.vs_k.double();
+            t.bucket_cap_mb = bucket_cap_mb;
             t.join_group(Arc::clone(&pg)).unwrap();
             t
         };
@@ -1325,17 +1328,42 @@ fn dist_fast_step_worker() {
                 })
                 .collect::<Vec<_>>()
         };
-        // Reference step, 2 ranks.
-        let mut reference = build();
-        let mut want = Vec::new();
-        for epoch in 1..=2 {
-            for (i, (q, k)) in batches(epoch).iter().enumerate() {
-                tch::manual_seed(1000 * epoch as i64 + i as i64);
-                want.push(reference.train_step(q, k, epoch).unwrap().loss);
+        // Reference step, 2 ranks, without and with gradient buckets.
+        let reference_run = |bucket_cap_mb: f64| {
+            let mut reference = build(bucket_cap_mb);
+            let mut losses = Vec::new();
+            for epoch in 1..=2 {
+                for (i, (q, k)) in batches(epoch).iter().enumerate() {
+                    tch::manual_seed(1000 * epoch as i64 + i as i64);
+                    losses.push(reference.train_step(q, k, epoch).unwrap().loss);
+                }
+            }
+            (reference, losses)
+        };
+        let (reference, want) = reference_run(0.0);
+        let (bucketed, bucketed_losses) = reference_run(0.01);
+        assert_eq!(reference.gradient_buckets(), 0);
+        assert!(
+            bucketed.gradient_buckets() > 10,
+            "{extra}: {} gradient buckets of 0.01 MiB",
+            bucketed.gradient_buckets()
+        );
+        assert_eq!(
+            want, bucketed_losses,
+            "{extra}: losses with gradient buckets"
+        );
+        for (side, a, b) in [
+            ("query", &reference.model.vs_q, &bucketed.model.vs_q),
+            ("key", &reference.model.vs_k, &bucketed.model.vs_k),
+        ] {
+            if let Some((name, d, scale)) = first_difference(a, b, 1e-14) {
+                panic!("rank {rank} {extra}: buckets: {side} side {name} differs by {d:e} (scale {scale})");
             }
         }
-        // Fast step, 2 ranks.
-        let trainer = build();
+        // Fast step, 2 ranks, with gradient buckets in the sync_bn case (its backward runs
+        // SyncBatchNorm's all-reduces between the buckets').
+        let fast_cap = if extra == "sync_bn=true" { 0.01 } else { 0.0 };
+        let trainer = build(fast_cap);
         let sgd = SgdConfig {
             momentum: cfg.sgd_momentum,
             weight_decay: cfg.weight_decay,
@@ -1347,6 +1375,7 @@ fn dist_fast_step_worker() {
             Arc::clone(&pg),
             trainer.sync_bn,
             trainer.dist_shuffle_bn,
+            fast_cap,
         )
         .unwrap();
         let mut got = Vec::new();

@@ -32,6 +32,10 @@ pub struct Args {
     /// Sensor noise standard deviation (metres).
     #[arg(long, default_value_t = 0.01)]
     pub noise: f32,
+    /// Skip the per-frame rotation that puts the shoulders on +x: the camera viewpoint (-45 / 0 /
+    /// +45 degrees of yaw) stays in the data.
+    #[arg(long)]
+    pub no_view_normalization: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -44,6 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         layout: Layout::resolve(&args.layout)?,
         seed: args.seed,
         noise: args.noise,
+        view_normalize: !args.no_view_normalization,
     };
     let started = std::time::Instant::now();
     let (train, val) = synth::try_generate(&cfg)?;

@@ -22,7 +22,7 @@
 use super::ops::{ema_, FusedSgd, SgdConfig};
 use super::streams::SideStreams;
 use crate::data::views::{motion, View};
-use crate::dist::ProcessGroup;
+use crate::dist::{GradBuckets, ProcessGroup};
 use crate::error::{Error, Result};
 use crate::ssl::model::{shuffled_key_across_ranks, SslModel};
 use std::sync::Arc;
@@ -64,6 +64,8 @@ struct DataParallel {
     /// Shuffle BN across the ranks (`dist_shuffle_bn`): the key passes run on a permutation of
     /// the global batch ([`shuffled_key_across_ranks`]).
     shuffle: bool,
+    /// Gradient buckets all-reduced during backward (`bucket_cap_mb` > 0, no side streams).
+    buckets: Option<GradBuckets>,
 }
 
 /// The losses of one step, detached, on the model's device (no host sync).
@@ -144,6 +146,7 @@ impl FastStep {
         group: Arc<ProcessGroup>,
         sync_bn: bool,
         shuffle: bool,
+        bucket_cap_mb: f64,
     ) -> Result<()> {
         let global = self.batch * group.world_size() as i64;
         if self.queue_size % global != 0 {
@@ -160,11 +163,21 @@ impl FastStep {
         } else {
             model.running_statistics()
         };
+        // Side streams run each view's backward on its own stream: a bucket spanning two views
+        // would start its all-reduce ordered after one of them only, so they keep the coalesced
+        // all-reduce after backward.
+        let buckets = if bucket_cap_mb > 0.0 && self.streams.is_none() {
+            let cap = (bucket_cap_mb * 1024.0 * 1024.0) as usize;
+            GradBuckets::new(&group, &self.params, cap)?
+        } else {
+            None
+        };
         self.data_parallel = Some(DataParallel {
             arange_global: Tensor::arange(global, (Kind::Int64, self.device)),
             group,
             running_statistics,
             shuffle,
+            buckets,
         });
         Ok(())
     }
@@ -353,12 +366,21 @@ impl FastStep {
             .skip(1)
             .fold(view_losses[0].shallow_clone(), |acc, l| acc + l);
         self.opt.zero_grad(true)?;
+        let buckets = self
+            .data_parallel
+            .as_ref()
+            .and_then(|dp| dp.buckets.as_ref());
+        if let Some(b) = buckets {
+            b.arm()?;
+        }
         loss.f_backward()?;
         if let Some(streams) = &self.streams {
             // Autograd ran each view's backward on its forward's stream; the update reads all grads.
             streams.join_all()?;
         }
-        if let Some(dp) = &self.data_parallel {
+        if let Some(b) = buckets {
+            b.finish()?;
+        } else if let Some(dp) = &self.data_parallel {
             // The parameters that took part (a phase may leave some without a gradient).
             let grads: Vec<Tensor> = self
                 .params

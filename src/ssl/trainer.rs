@@ -2,7 +2,7 @@
 //! backward, SGD step, EMA, enqueue.
 use crate::data::layout::Layout;
 use crate::data::views::View;
-use crate::dist::ProcessGroup;
+use crate::dist::{GradBuckets, ProcessGroup};
 use crate::error::{Error, Result};
 use crate::ssl::model::{to_device, SslModel, SslSpec, StepOutput};
 use crate::train::config::{NonFinitePolicy, NumericsArgs, PretrainConfig};
@@ -49,6 +49,12 @@ pub struct Pretrainer {
     /// The batch-norm running statistics averaged over the ranks after every step (taken once
     /// when the group is joined; empty without a group or with `sync_bn`).
     averaged_statistics: Vec<Tensor>,
+    /// Gradient buckets of about this many MiB, all-reduced during backward once a group is
+    /// joined (the config's `bucket_cap_mb`; 0 = one all-reduce after backward).
+    pub bucket_cap_mb: f64,
+    /// The bucketer, made by the first step after joining a group with `bucket_cap_mb` > 0
+    /// (`Some(None)`: the group cannot bucket these parameters; a fast step makes its own).
+    buckets: Option<Option<GradBuckets>>,
 }
 
 impl Pretrainer {
@@ -68,6 +74,7 @@ impl Pretrainer {
         trainer.numerics = cfg.numerics.clone();
         trainer.sync_bn = cfg.sync_bn;
         trainer.dist_shuffle_bn = cfg.dist_shuffle_bn;
+        trainer.bucket_cap_mb = cfg.bucket_cap_mb;
         Ok(trainer)
     }
 
@@ -91,6 +98,8 @@ impl Pretrainer {
             sync_bn: false,
             dist_shuffle_bn: false,
             averaged_statistics: Vec::new(),
+            bucket_cap_mb: 0.0,
+            buckets: None,
         })
     }
 
@@ -118,8 +127,18 @@ impl Pretrainer {
         if self.dist_shuffle_bn {
             self.model.set_shuffle_group(Some(Arc::clone(&group)));
         }
+        self.buckets = None;
         self.group = Some(group);
         Ok(())
+    }
+
+    /// How many gradient buckets the steps all-reduce during backward (0: one all-reduce after
+    /// backward, or no group; known after the first step).
+    pub fn gradient_buckets(&self) -> usize {
+        self.buckets
+            .as_ref()
+            .and_then(Option::as_ref)
+            .map_or(0, GradBuckets::len)
     }
 
     /// The model's forward; with SyncBatchNorm or shuffle BN across ranks a failed collective inside it (which panics, a
@@ -224,10 +243,33 @@ impl Pretrainer {
             };
         }
         self.opt.zero_grad();
+        // Gradient buckets all-reduce during backward (not when a gradient is to be poisoned:
+        // that test hook needs the gradients before the all-reduce).
+        if let (None, Some(g), true) = (&self.buckets, &self.group, self.bucket_cap_mb > 0.0) {
+            let params: Vec<Tensor> = self
+                .opt
+                .params()
+                .iter()
+                .map(|(_, p)| p.shallow_clone())
+                .collect();
+            let cap = (self.bucket_cap_mb * 1024.0 * 1024.0) as usize;
+            self.buckets = Some(GradBuckets::new(g, &params, cap)?);
+        }
+        let buckets = self
+            .buckets
+            .as_ref()
+            .and_then(Option::as_ref)
+            .filter(|_| !self.poison_next_grad);
+        if let Some(b) = buckets {
+            b.arm()?;
+        }
         // SyncBatchNorm's backward runs collectives: a dead rank is an error here, not a panic.
         out.loss
             .f_backward()
             .map_err(|e| Error::Other(format!("backward: {e}")))?;
+        if let Some(b) = buckets {
+            b.finish()?;
+        }
         // (parameter index in optimizer order, its gradient), for the parameters that have one.
         let named_grads: Vec<(usize, Tensor)> = self
             .opt
@@ -244,7 +286,7 @@ impl Pretrainer {
             }
         }
         let grads: Vec<Tensor> = named_grads.iter().map(|(_, g)| g.shallow_clone()).collect();
-        if let Some(g) = &self.group {
+        if let (Some(g), None) = (&self.group, buckets) {
             g.all_reduce_mean_(&grads)?;
         }
         // After the all-reduce: every rank decides on the same (averaged) gradients.

@@ -674,6 +674,13 @@ pub struct PretrainConfig {
     pub dist_shuffle_bn: bool,
     /// `auto | gloo | nccl`: the process group of a data-parallel run; see [`DistBackend`].
     pub dist_backend: DistBackend,
+    /// Gradient averaging in a data-parallel run (DDP's `bucket_cap_mb`): above 0, the
+    /// gradients are packed into buckets of about this many MiB (in reverse parameter order) and
+    /// each bucket's all-reduce starts while backward is still running (`dist::GradBuckets`);
+    /// 0 (the default): one coalesced all-reduce after backward. Both give the same gradients;
+    /// the measured rates are in docs/distributed.md. Not with side streams on CUDA (those keep
+    /// the coalesced all-reduce).
+    pub bucket_cap_mb: f64,
     /// Ours (default false, official): replace `model_args.queue_size` and `model_args.momentum`
     /// by the small-data rule of `train::schedule::scaled_to_data`, from the training set's size
     /// and the run's total steps (resolved when the run starts, logged and written to the
@@ -752,6 +759,7 @@ impl Default for PretrainConfig {
             sync_bn: false,
             dist_shuffle_bn: false,
             dist_backend: DistBackend::Auto,
+            bucket_cap_mb: 0.0,
             scale_to_data: false,
             reverse_negatives: false,
             uniformity: 0.0,
@@ -995,6 +1003,15 @@ impl PretrainConfig {
                     "SyncBatchNorm normalises over the global batch, shuffle_bn {} over groups of it: \
                      choose one",
                     self.shuffle_bn
+                ),
+            );
+        }
+        if !(self.bucket_cap_mb.is_finite() && self.bucket_cap_mb >= 0.0) {
+            return bad(
+                "bucket_cap_mb",
+                format!(
+                    "{} is not a size in MiB (0 = one all-reduce after backward)",
+                    self.bucket_cap_mb
                 ),
             );
         }
@@ -1280,6 +1297,12 @@ mod tests {
         let c = parse("", &["dist_shuffle_bn=true"]).unwrap();
         assert!(c.dist_shuffle_bn);
         assert!(c.to_yaml().unwrap().contains("dist_shuffle_bn: true"));
+        assert_eq!(parse("", &[]).unwrap().bucket_cap_mb, 0.0, "off by default");
+        let c = parse("bucket_cap_mb: 25\n", &[]).unwrap();
+        assert_eq!(c.bucket_cap_mb, 25.0);
+        assert!(c.to_yaml().unwrap().contains("bucket_cap_mb: 25"));
+        let e = parse("", &["bucket_cap_mb=-1"]).unwrap_err().to_string();
+        assert!(e.contains("bucket_cap_mb"), "{e}");
         for ov in [
             &["sync_bn=true", "shuffle_bn=2"][..],
             &["dist_shuffle_bn=true", "sync_bn=true"],

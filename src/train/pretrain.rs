@@ -405,6 +405,12 @@ impl Run {
                 group.backend().name(),
                 self.loader_cfg.batch_size
             ));
+            if cfg.bucket_cap_mb > 0.0 {
+                self.log.line(&format!(
+                    "gradients: all-reduced in buckets of about {} MiB while backward runs                      (bucket_cap_mb)",
+                    cfg.bucket_cap_mb
+                ));
+            }
         }
         self.describe_diagnostics(&views);
         let n = self.cfg.numerics.clone();

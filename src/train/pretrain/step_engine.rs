@@ -235,6 +235,7 @@ impl FastEngine {
                 Arc::clone(group),
                 trainer.sync_bn,
                 trainer.dist_shuffle_bn,
+                trainer.bucket_cap_mb,
             )?;
         }
         Ok(FastEngine {
