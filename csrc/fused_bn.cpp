@@ -105,6 +105,17 @@ void bwd_apply_portable(const float *x, const float *g, float *dx, int64_t n, fl
   }
 }
 
+// libtorch's own switch, ATEN_CPU_CAPABILITY (default | avx2 | avx512), caps our kernels too:
+// set to anything but avx512 it selects the portable kernels, so one variable makes an AVX-512
+// machine run the code paths of a machine without it (how the fallback is measured).
+[[maybe_unused]] bool avx512_allowed() {
+  static const bool yes = [] {
+    const char *cap = std::getenv("ATEN_CPU_CAPABILITY");
+    return cap == nullptr || *cap == '\0' || std::string(cap) == "avx512";
+  }();
+  return yes;
+}
+
 #ifdef CROSSCLR_BN_AVX512
 #define AVX512 __attribute__((target("avx512f,fma")))
 
@@ -219,7 +230,8 @@ AVX512 void bwd_apply_avx512(const float *x, const float *g, float *dx, int64_t 
 }
 
 bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  static const bool yes =
+      avx512_allowed() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   return yes;
 }
 #else
@@ -436,8 +448,8 @@ DropMask drop_mask(double p, int64_t seed) {
 #define AVX512_BW_DQ __attribute__((target("avx512f,avx512bw,avx512dq")))
 
 bool has_avx512_bw_dq() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq");
+  static const bool yes = avx512_allowed() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   return yes;
 }
 

@@ -32,6 +32,10 @@ pub struct AugmentConfig {
     /// Random rotation about x, y, z, each uniform in `[-rotation_degrees, rotation_degrees]`.
     #[serde(default)]
     pub rotation_degrees: f64,
+    /// Random rotation about the vertical axis y only (a camera viewpoint change), uniform in
+    /// `[-yaw_degrees, yaw_degrees]`, applied after `rotation_degrees`.
+    #[serde(default)]
+    pub yaw_degrees: f64,
     /// Probability of mirroring the x coordinate.
     #[serde(default)]
     pub flip: f64,
@@ -63,6 +67,7 @@ impl Default for AugmentConfig {
             shear_amplitude: OFFICIAL_SHEAR_AMPLITUDE,
             temporal_padding_ratio: OFFICIAL_PADDING_RATIO,
             rotation_degrees: 0.0,
+            yaw_degrees: 0.0,
             flip: 0.0,
             gaussian_blur: 0.0,
             gaussian_noise: 0.0,
@@ -87,6 +92,7 @@ impl AugmentConfig {
     /// Whether any of the extra (non-official) augmentations is on.
     pub fn extras_enabled(&self) -> bool {
         self.rotation_degrees > 0.0
+            || self.yaw_degrees > 0.0
             || self.flip > 0.0
             || self.gaussian_blur > 0.0
             || self.gaussian_noise > 0.0
@@ -115,7 +121,7 @@ impl AugmentConfig {
                 self.shear_amplitude
             )));
         }
-        if self.rotation_degrees > 0.0 && sample_shape[0] != 3 {
+        if (self.rotation_degrees > 0.0 || self.yaw_degrees > 0.0) && sample_shape[0] != 3 {
             return Err(Error::config(format!(
                 "rotation needs 3 coordinates per joint, the data has C = {} (shape {:?})",
                 sample_shape[0], sample_shape
@@ -210,7 +216,7 @@ pub fn augment_into(
 }
 
 /// The extra augmentations of `cfg` on `out` (`C x T x V x M`, flat), in place: crop-resize,
-/// rotation, flip, blur, noise, axis mask, joint mask. Draws only for the enabled ones.
+/// rotation, yaw, flip, blur, noise, axis mask, joint mask. Draws only for the enabled ones.
 pub fn apply_extras(out: &mut [f32], shape: [usize; 4], cfg: &AugmentConfig, rng: &mut impl Rng) {
     let [c, t, v, m] = shape;
     let idx = |ch: usize, f: usize, j: usize, b: usize| ((ch * t + f) * v + j) * m + b;
@@ -264,6 +270,17 @@ pub fn apply_extras(out: &mut [f32], shape: [usize; 4], cfg: &AugmentConfig, rng
             for (row, r) in rot.iter().enumerate() {
                 out[row * plane + k] = (r[0] * p[0] + r[1] * p[1] + r[2] * p[2]) as f32;
             }
+        }
+    }
+    if cfg.yaw_degrees > 0.0 && c == 3 {
+        let r = cfg.yaw_degrees.to_radians();
+        let ay = -r + 2.0 * r * rng.gen::<f64>();
+        let (sin, cos) = ay.sin_cos();
+        let plane = t * v * m;
+        for k in 0..plane {
+            let (x, z) = (out[k] as f64, out[2 * plane + k] as f64);
+            out[k] = (cos * x - sin * z) as f32;
+            out[2 * plane + k] = (sin * x + cos * z) as f32;
         }
     }
     if cfg.flip > 0.0 && rng.gen::<f64>() < cfg.flip {
@@ -686,6 +703,32 @@ mod tests {
         let b = augment(&x, SHAPE, &AugmentConfig { ..official }, &mut r2);
         assert_eq!(a, b);
         assert_eq!(r1.gen::<u64>(), r2.gen::<u64>());
+    }
+
+    #[test]
+    fn yaw_rotates_about_y_only() {
+        let x = sample();
+        let yaw = AugmentConfig {
+            yaw_degrees: 90.0,
+            ..AugmentConfig::none()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let y = augment(&x, SHAPE, &yaw, &mut rng);
+        let [_, t, v, m] = SHAPE;
+        let mut moved = false;
+        for f in 0..t {
+            for j in 0..v {
+                for b in 0..m {
+                    // y untouched, the horizontal length kept.
+                    assert_eq!(at(&x, 1, f, j, b), at(&y, 1, f, j, b));
+                    let h0 = at(&x, 0, f, j, b).hypot(at(&x, 2, f, j, b));
+                    let h1 = at(&y, 0, f, j, b).hypot(at(&y, 2, f, j, b));
+                    assert!((h0 - h1).abs() < 1e-4 * h0.max(1.0), "{h0} vs {h1}");
+                    moved |= (at(&x, 0, f, j, b) - at(&y, 0, f, j, b)).abs() > 1e-3;
+                }
+            }
+        }
+        assert!(moved, "a draw of +-90 degrees moves x");
     }
 
     #[test]

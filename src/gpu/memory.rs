@@ -109,7 +109,44 @@ fn cuda_name(index: i32) -> Result<String> {
     }
 }
 
-/// `"cpu: <model name> (<n> threads)"` from /proc/cpuinfo, or `"cpu"`.
+#[cfg(not(crossclr_no_shim))]
+extern "C" {
+    fn crossclr_fused_bn_uses_avx512() -> std::ffi::c_int;
+}
+
+/// Whether our fused CPU kernels (csrc/fused_bn.cpp) run their AVX-512 paths here: the CPU has
+/// AVX-512F (and FMA) and `ATEN_CPU_CAPABILITY` does not cap it. Their portable paths lose to
+/// the tch ops (measured in docs/cpu.md), so `kernels.fused_bn` / `fused_tail: auto` follow this.
+pub fn cpu_avx512_kernels() -> bool {
+    #[cfg(not(crossclr_no_shim))]
+    {
+        // SAFETY: a query without arguments (reads a cached CPU-feature flag).
+        unsafe { crossclr_fused_bn_uses_avx512() != 0 }
+    }
+    #[cfg(crossclr_no_shim)]
+    false
+}
+
+/// Which CPU kernels this process runs: `"AVX-512"` when our fused CPU kernels
+/// (csrc/fused_bn.cpp) use their AVX-512 paths, else `"portable"`; with `ATEN_CPU_CAPABILITY`
+/// set (libtorch's switch, which also caps ours: `avx2` or `default` make an AVX-512 machine
+/// run the paths of one without it), its value is appended.
+pub fn cpu_kernels() -> String {
+    let ours = if cfg!(crossclr_no_shim) {
+        "no shim"
+    } else if cpu_avx512_kernels() {
+        "AVX-512"
+    } else {
+        "portable"
+    };
+    match std::env::var("ATEN_CPU_CAPABILITY") {
+        Ok(cap) if !cap.is_empty() => format!("{ours} kernels, ATEN_CPU_CAPABILITY={cap}"),
+        _ => format!("{ours} kernels"),
+    }
+}
+
+/// `"cpu: <model name> (<n> threads, <kernels>)"` from /proc/cpuinfo (see [`cpu_kernels`]), or
+/// `"cpu (<kernels>)"`.
 pub fn cpu_name() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
         s.lines()
@@ -120,9 +157,10 @@ pub fn cpu_name() -> String {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let kernels = cpu_kernels();
     match model {
-        Some(m) => format!("cpu: {m} ({threads} threads)"),
-        None => "cpu".to_string(),
+        Some(m) => format!("cpu: {m} ({threads} threads, {kernels})"),
+        None => format!("cpu ({kernels})"),
     }
 }
 

@@ -46,8 +46,8 @@ pub mod streams;
 
 pub use graph::{CaptureMode, CapturedStep, CudaGraph};
 pub use memory::{
-    cpu_name, cuda_memory, device_name, empty_cache, peak_rss_bytes, reset_peak, reset_peak_rss,
-    CudaMemory,
+    cpu_avx512_kernels, cpu_kernels, cpu_name, cuda_memory, device_name, empty_cache,
+    peak_rss_bytes, reset_peak, reset_peak_rss, CudaMemory,
 };
 pub use ops::{
     ema_, fused_sgd_, set_cudnn_benchmark, set_tf32, tf32_state, zero_grad_, FusedSgd, Lr,

@@ -178,6 +178,13 @@ impl ViewStreams {
     }
 }
 
+/// `auto` for the fused CPU batch norm and block tail: on where their AVX-512 paths run
+/// ([`crate::gpu::cpu_avx512_kernels`]); their portable paths are slower than the tch ops
+/// (1.17 s vs 0.94 s per SkeletonCLR step, batch 16, one thread, docs/cpu.md), so off elsewhere.
+pub fn fused_cpu_default() -> bool {
+    crate::gpu::cpu_avx512_kernels()
+}
+
 /// The kernel levers; see the module docs for what each does and the figures behind its default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -193,9 +200,9 @@ pub struct Kernels {
     /// Pack 4 rows of the graph product into one 16-byte-aligned row for cuBLAS
     /// (`aggregate::packed`). Auto: on CUDA.
     pub agg_pack: Switch,
-    /// The fused CPU training batch norm (+ ReLU) (csrc/fused_bn.cpp). Auto: on.
+    /// The fused CPU training batch norm (+ ReLU) (csrc/fused_bn.cpp). Auto: on where its AVX-512 path runs ([`fused_cpu_default`]).
     pub fused_bn: Switch,
-    /// The fused CPU block tail `relu(dropout(bn(y)) + r)`. Auto: on.
+    /// The fused CPU block tail `relu(dropout(bn(y)) + r)`. Auto: as `fused_bn`.
     pub fused_tail: Switch,
     /// The fused CUDA kernels; see [`FusedCuda`].
     pub fused_cuda: FusedCuda,
@@ -241,8 +248,8 @@ impl Kernels {
             fold_bias: self.fold_bias.resolve(device.is_cuda()),
             agg_op: self.agg_op.resolve(true),
             agg_pack: self.agg_pack.resolve(device.is_cuda()),
-            fused_bn: self.fused_bn.resolve(true),
-            fused_tail: self.fused_tail.resolve(true),
+            fused_bn: self.fused_bn.resolve(fused_cpu_default()),
+            fused_tail: self.fused_tail.resolve(fused_cpu_default()),
             cpu_cache: self.cpu_cache.resolve(true),
             cpu_cache_mb: Some(self.cpu_cache_mb.unwrap_or(
                 (crate::cpu_cache::CpuCacheConfig::default().max_cached_bytes >> 20) as u64,
@@ -269,12 +276,12 @@ impl Kernels {
 
     /// Whether the fused CPU batch norm may be used.
     pub fn fused_bn_on(&self) -> bool {
-        self.fused_bn.on_or(true)
+        self.fused_bn.on_or(fused_cpu_default())
     }
 
     /// Whether the fused CPU block tail may be used.
     pub fn fused_tail_on(&self) -> bool {
-        self.fused_tail.on_or(true)
+        self.fused_tail.on_or(fused_cpu_default())
     }
 
     /// The caching CPU allocator's settings, `None` when it is off.
@@ -330,7 +337,14 @@ mod tests {
         assert_eq!(cpu.fold_bias, Switch::Off);
         assert_eq!(cpu.agg_pack, Switch::Off);
         assert_eq!(cpu.agg_op, Switch::On);
-        assert_eq!(cpu.fused_bn, Switch::On);
+        // On where our fused CPU kernels have their AVX-512 paths (the portable ones lose to tch).
+        let fused = if crate::gpu::cpu_avx512_kernels() {
+            Switch::On
+        } else {
+            Switch::Off
+        };
+        assert_eq!(cpu.fused_bn, fused);
+        assert_eq!(cpu.fused_tail, fused);
         assert!(cpu.cpu_cache_mb.is_some());
         let cuda = Kernels::for_device(Device::Cuda(0));
         assert_eq!(cuda.fold_bias, Switch::On);

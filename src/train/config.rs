@@ -394,6 +394,10 @@ pub struct FeederArgs {
     /// Random rotation about each axis, uniform in `[-rotation, rotation]` degrees; 0 = off.
     #[serde(deserialize_with = "de_f64")]
     pub rotation: f64,
+    /// Random rotation about the vertical axis only (a viewpoint change), uniform in
+    /// `[-yaw, yaw]` degrees, after `rotation`; 0 = off.
+    #[serde(deserialize_with = "de_f64")]
+    pub yaw: f64,
     /// Probability of mirroring the x coordinate; 0 = off.
     #[serde(deserialize_with = "de_f64")]
     pub flip: f64,
@@ -430,6 +434,7 @@ impl Default for FeederArgs {
             temperal_padding_ratio: 6,
             mmap: true,
             rotation: 0.0,
+            yaw: 0.0,
             flip: 0.0,
             gaussian_noise: 0.0,
             gaussian_blur: 0.0,
@@ -448,6 +453,7 @@ impl FeederArgs {
             shear_amplitude: self.shear_amplitude,
             temporal_padding_ratio: self.temperal_padding_ratio,
             rotation_degrees: self.rotation,
+            yaw_degrees: self.yaw,
             flip: self.flip,
             gaussian_noise: self.gaussian_noise,
             gaussian_blur: self.gaussian_blur,
@@ -1050,6 +1056,7 @@ impl PretrainConfig {
         }
         for (k, v) in [
             ("train_feeder_args.rotation", f.rotation),
+            ("train_feeder_args.yaw", f.yaw),
             ("train_feeder_args.gaussian_noise", f.gaussian_noise),
         ] {
             if !v.is_finite() || v < 0.0 {
