@@ -559,13 +559,18 @@ fn dist_epoch_equality_worker() {
             assert!(d <= 1e-6, "rank {rank}: {name} differs by {d:e} (relative)");
         } else {
             // The float32 yardstick: the same 1-process run with the plain libtorch batch norm
-            // instead of the fused CPU one (nothing but float32 summation order changes).
-            let mut plain_cfg = cfg.clone();
-            plain_cfg.kernels.fused_bn = Switch::Off;
-            plain_cfg.kernels.fused_tail = Switch::Off;
-            let mut plain = build(3, kind, &plain_cfg);
-            run(&mut plain, Shard::WHOLE);
-            let (pname, pd) = worst(&one, &plain);
+            // and with the fused CPU one (nothing but float32 summation order changes; forced
+            // both ways, since `auto` picks one of them by the CPU's features).
+            let with_kernels = |fused: Switch| {
+                let mut c = cfg.clone();
+                c.kernels.fused_bn = fused;
+                c.kernels.fused_tail = fused;
+                let mut t = build(3, kind, &c);
+                run(&mut t, Shard::WHOLE);
+                t
+            };
+            let (plain, fused) = (with_kernels(Switch::Off), with_kernels(Switch::On));
+            let (pname, pd) = worst(&fused, &plain);
             println!(
                 "rank {rank} {kind:?}: fused vs plain batch norm, 1 process: {pd:e} ({pname})"
             );
