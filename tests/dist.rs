@@ -1028,7 +1028,10 @@ fn a_killed_rank_ends_the_job_with_an_error_naming_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (config, work) = synth_run(dir.path(), 1000, "");
+    // With gradient buckets on (all-reduces started from autograd hooks, waited for after
+    // backward: more places where the dead peer can surface); the launch test below runs the
+    // coalesced path.
+    let (config, work) = synth_run(dir.path(), 1000, "bucket_cap_mb: 0.01\n");
     let mut children = spawn_two_ranks(&config, 120);
     // Mid-run: rank 0 has logged a step of epoch 2.
     wait_for_text(
