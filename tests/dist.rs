@@ -420,6 +420,21 @@ fn first_difference(
     None
 }
 
+/// Panics naming `what`, the side and the variable when `a` and `b` differ in any query- or
+/// key-side variable by more than `tol` (relative, see [`first_difference`]).
+fn assert_same_sides(
+    what: &str,
+    a: &crossclr::ssl::model::SslModel,
+    b: &crossclr::ssl::model::SslModel,
+    tol: f64,
+) {
+    for (side, x, y) in [("query", &a.vs_q, &b.vs_q), ("key", &a.vs_k, &b.vs_k)] {
+        if let Some((name, d, scale)) = first_difference(x, y, tol) {
+            panic!("{what}: {side} side {name} differs by {d:e} (scale {scale})");
+        }
+    }
+}
+
 /// The tiny config of the equality tests: `model`, SyncBatchNorm on, dropout 0.
 fn equality_config(model: &str, dir: &std::path::Path) -> PretrainConfig {
     common::tiny_config(
@@ -480,14 +495,7 @@ fn dist_step_equality_worker() {
     );
     assert!(dl < 1e-6, "loss: {} vs {}", s1.loss, s2.loss);
     assert_eq!(one.model.queue_ptr(), two.model.queue_ptr());
-    for (side, a, b) in [
-        ("query", &one.model.vs_q, &two.model.vs_q),
-        ("key", &one.model.vs_k, &two.model.vs_k),
-    ] {
-        if let Some((name, d, scale)) = first_difference(a, b, 1e-6) {
-            panic!("rank {rank}: {side} side {name} differs by {d:e} (scale {scale})");
-        }
-    }
+    assert_same_sides(&format!("rank {rank}"), &one.model, &two.model, 1e-6);
     pg.barrier().unwrap();
     println!("rank worker ok (rank {rank})");
 }
@@ -1360,14 +1368,12 @@ fn dist_fast_step_worker() {
             want, bucketed_losses,
             "{extra}: losses with gradient buckets"
         );
-        for (side, a, b) in [
-            ("query", &reference.model.vs_q, &bucketed.model.vs_q),
-            ("key", &reference.model.vs_k, &bucketed.model.vs_k),
-        ] {
-            if let Some((name, d, scale)) = first_difference(a, b, 1e-14) {
-                panic!("rank {rank} {extra}: buckets: {side} side {name} differs by {d:e} (scale {scale})");
-            }
-        }
+        assert_same_sides(
+            &format!("rank {rank} {extra}: buckets"),
+            &reference.model,
+            &bucketed.model,
+            1e-14,
+        );
         // Fast step, 2 ranks, with gradient buckets in the sync_bn case (its backward runs
         // SyncBatchNorm's all-reduces between the buckets').
         let fast_cap = if extra == "sync_bn=true" { 0.01 } else { 0.0 };
@@ -1406,14 +1412,12 @@ fn dist_fast_step_worker() {
                 "{extra}: loss {a} vs {b}"
             );
         }
-        for (side, a, b) in [
-            ("query", &reference.model.vs_q, &trainer.model.vs_q),
-            ("key", &reference.model.vs_k, &trainer.model.vs_k),
-        ] {
-            if let Some((name, d, scale)) = first_difference(a, b, 1e-10) {
-                panic!("rank {rank} {extra}: {side} side {name} differs by {d:e} (scale {scale})");
-            }
-        }
+        assert_same_sides(
+            &format!("rank {rank} {extra}"),
+            &reference.model,
+            &trainer.model,
+            1e-10,
+        );
         let ptr = fast.queue_ptr().int64_value(&[0]) as usize;
         assert_eq!(ptr, reference.model.queue_ptr(), "{extra}: queue pointer");
         // 4 steps of the global batch 8 into a queue of 64 (a local batch of 4 would give 16).
